@@ -1,0 +1,93 @@
+"""OpenCLIP backbone: global image embedding and raw patch tokens of chosen blocks (sec. 1)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError, DetectorConfig
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class BackboneOutput:
+    image_embedding: torch.Tensor  # B x D, L2-normalized, float32
+    patch_tokens: dict[int, torch.Tensor]  # 1-indexed block -> B x M x C, raw residual stream, float32
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"detector.device is {name!r} but no CUDA device is visible; use 'auto' or 'cpu'")
+    return device
+
+
+def create_clip_model(config: DetectorConfig) -> torch.nn.Module:
+    """The full CLIP model (text tower included) with the configured weights.
+
+    `pretrained`: 'openai' (downloads where a network exists), a local checkpoint file, or
+    None for random weights drawn from `seed` (without touching the global RNG).
+    """
+    if config.model not in open_clip.list_models():
+        raise ConfigError(
+            f"detector.model {config.model!r} is not an OpenCLIP model name "
+            f"(e.g. 'ViT-L-14-336', or 'rareclip-tiny' for the small test model)"
+        )
+    pretrained = config.pretrained
+    if pretrained is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            return open_clip.create_model(config.model, pretrained=None, force_image_size=config.image_size)
+    looks_like_path = os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    if looks_like_path and not Path(pretrained).expanduser().is_file():
+        raise ConfigError(
+            f"detector.pretrained points to {pretrained!r}, which does not exist; set it to the "
+            f"path of a downloaded {config.model} checkpoint, 'openai', or null for random weights"
+        )
+    try:
+        return open_clip.create_model(
+            config.model,
+            pretrained=str(Path(pretrained).expanduser()) if looks_like_path else pretrained,
+            force_image_size=config.image_size,
+        )
+    except Exception as err:  # noqa: BLE001 - open_clip raises many types for missing weights
+        raise ConfigError(
+            f"could not load pretrained weights {pretrained!r} for {config.model}: {err}\n"
+            f"Without network access, download the checkpoint on a connected machine and set "
+            f"detector.pretrained to its local file path (or null for random weights, tests only)."
+        ) from None
+
+
+class ClipBackbone(torch.nn.Module):
+    """The vision tower of a CLIP model, returning what the detector needs in one pass."""
+
+    def __init__(self, visual: torch.nn.Module, blocks: list[int], device: torch.device, precision: str):
+        super().__init__()
+        self.visual = visual.to(device=device, dtype=_DTYPES[precision]).eval().requires_grad_(False)
+        self.blocks = sorted(set(blocks))
+        self.device = device
+        self.dtype = _DTYPES[precision]
+        self.width = self.visual.transformer.width
+        self.grid = self.visual.grid_size[0]
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> BackboneOutput:
+        """images: B x 3 x S x S, already normalized."""
+        out = self.visual.forward_intermediates(
+            images.to(self.device, self.dtype),
+            indices=[b - 1 for b in self.blocks],
+            output_fmt="NLC",
+        )
+        tokens = {b: t.float() for b, t in zip(self.blocks, out["image_intermediates"])}
+        embedding = F.normalize(out["image_features"].float(), dim=-1)
+        return BackboneOutput(embedding, tokens)

@@ -1,0 +1,262 @@
+"""OnlineDetector: RareCLIP for one product line, step by step (ALGORITHM.md sec. 1-6)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from .backbone import ClipBackbone, create_clip_model, resolve_device
+from .config import ConfigError, DetectorConfig
+from .image_memory import ImageMemory
+from .images import to_rgb_image
+from .maps import neighbourhood_mean, normalize01, upsample_and_blur
+from .memory import DirectPatchRarityBank, PatchRarityBank, loose_similarity, sequential_coreset_indices
+from .text_branch import cached_state_embeddings, init_text_projection, text_anomaly_map, text_image_score
+
+_BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class FrameFeatures:
+    """Backbone output for one frame; independent of the line's state, so it can be batched."""
+
+    embedding: torch.Tensor  # D, L2-normalized
+    tokens: dict[int, torch.Tensor]  # 1-indexed block -> M x C
+
+
+@dataclass
+class DetectionResult:
+    score: float  # final image score (after re-scoring, Eq. 22)
+    anomaly_map: np.ndarray  # S x S float32 at the model input resolution
+    preliminary_score: float  # c_test = max(A) + c_text
+    text_score: float  # c_text (Eq. 2)
+    image_rarity: Optional[float]  # c_rare (Eq. 19); None before any history
+    text_map: np.ndarray  # g x g, A^_text (Eq. 3)
+    rarity_map: Optional[np.ndarray]  # g x g, A^_rare (Eq. 20); None before any history
+    images_seen: int  # t: images this line had processed before this one
+
+
+class OnlineDetector:
+    """One line's RareCLIP detector: `step`, `state_dict`, `load_state_dict`.
+
+    Online mode memorizes every image after scoring it; offline mode freezes all memories, so
+    results do not depend on order. `add_normal_references` gives the k-shot variant.
+    """
+
+    def __init__(self, config: DetectorConfig | dict | None = None):
+        if config is None:
+            config = DetectorConfig()
+        elif isinstance(config, dict):
+            config = DetectorConfig.from_dict(config)
+        self.config = config
+        self.device = resolve_device(config.device)
+        model = create_clip_model(config)
+        n_layers = len(model.visual.transformer.resblocks)
+        for name in ("rarity_blocks", "text_blocks"):
+            if max(getattr(config, name)) > n_layers:
+                raise ConfigError(
+                    f"detector.{name} = {getattr(config, name)} but {config.model} has {n_layers} blocks"
+                )
+        self.text_features = cached_state_embeddings(config, model).to(self.device)  # D x 2
+        self.backbone = ClipBackbone(
+            model.visual, config.rarity_blocks + config.text_blocks, self.device, config.precision
+        )
+        del model  # the text tower is not needed once the text embeddings exist
+        self.text_projection = init_text_projection(config, self.backbone.width, self.text_features.shape[0]).to(
+            self.device
+        )
+        self.preprocess = open_clip.image_transform(config.image_size, is_train=False)
+        self.grid = self.backbone.grid
+        self.n_patches = self.grid * self.grid
+        self.bank_keys = [(b, r) for b in config.rarity_blocks for r in config.scales]
+        self.model_id = f"{config.model}:{config.pretrained or 'random'}:{config.fingerprint()}"
+        self.reset()
+
+    # ---- state -------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget everything this line has seen (e.g. after a product changeover)."""
+        cfg = self.config
+        self.images_seen = 0
+        self.text_map_sum: torch.Tensor | None = None  # M, float64: running sum of A_text
+        self.image_memory = ImageMemory(cfg.image_memory_size)
+        self.banks = {key: self._new_bank() for key in self.bank_keys}
+        self.references: dict[tuple[int, int], torch.Tensor] = {}  # k-shot features per bank
+        self.n_references = 0
+
+    def _new_bank(self, max_protected: int = 0):
+        cfg = self.config
+        dtype = _BANK_DTYPES[cfg.bank_dtype]
+        if cfg.rarity_branch == "dprb":
+            return DirectPatchRarityBank(cfg.max_images, cfg.dprb_alpha, cfg.rarity_ratio, dtype)
+        return PatchRarityBank(
+            cfg.max_features,
+            cfg.max_images,
+            cfg.k_neighbors,
+            cfg.rarity_ratio,
+            cfg.loose_ratio,
+            cfg.sampler,
+            max_protected,
+            cfg.seed,
+            dtype,
+        )
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything the line has learned, as a flat dict of CPU tensors (safetensors-ready)."""
+        state = {"images_seen": torch.tensor(self.images_seen), "n_references": torch.tensor(self.n_references)}
+        if self.text_map_sum is not None:
+            state["text_map_sum"] = self.text_map_sum
+        parts = {"image_memory": self.image_memory.state_dict()}
+        parts.update({f"bank.{b}.{r}": bank.state_dict() for (b, r), bank in self.banks.items()})
+        for prefix, part in parts.items():
+            state.update({f"{prefix}.{k}": v for k, v in part.items()})
+        state.update({f"reference.{b}.{r}": v for (b, r), v in self.references.items()})
+        if any(isinstance(b, PatchRarityBank) for b in self.banks.values()):
+            state["max_protected"] = torch.tensor(next(iter(self.banks.values())).max_protected)
+        return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore a `state_dict()` of a detector with the same config (checked by shapes)."""
+        if "text_map_sum" in state and state["text_map_sum"].shape[0] != self.n_patches:
+            raise ValueError(
+                f"state has {state['text_map_sum'].shape[0]} patches per image, this detector "
+                f"{self.n_patches}: it was saved with another model or image_size"
+            )
+        self.reset()
+        self.images_seen = int(state["images_seen"])
+        self.n_references = int(state["n_references"])
+        max_protected = int(state.get("max_protected", torch.tensor(0)))
+        self.banks = {key: self._new_bank(max_protected) for key in self.bank_keys}
+        if "text_map_sum" in state:
+            self.text_map_sum = state["text_map_sum"].to(self.device)
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+        self.image_memory.load_state_dict(part("image_memory"), self.device)
+        for (b, r), bank in self.banks.items():
+            bank.load_state_dict(part(f"bank.{b}.{r}"), self.device)
+        self.references = {
+            key: state[f"reference.{key[0]}.{key[1]}"].to(self.device)
+            for key in self.bank_keys
+            if f"reference.{key[0]}.{key[1]}" in state
+        }
+
+    # ---- scoring -----------------------------------------------------------------------------
+    def encode(self, images: list) -> list[FrameFeatures]:
+        """Preprocess and run the backbone on a batch of frames (no state involved)."""
+        batch = torch.stack([self.preprocess(to_rgb_image(im)) for im in images])
+        out = self.backbone(batch)
+        return [
+            FrameFeatures(out.image_embedding[i], {b: t[i] for b, t in out.patch_tokens.items()})
+            for i in range(len(images))
+        ]
+
+    def step(self, image, update: Optional[bool] = None) -> DetectionResult:
+        """Score one frame (PIL image or H x W x 3 uint8 array). `update` defaults to the mode:
+        online memorizes the frame, offline does not."""
+        return self.step_features(self.encode([image])[0], update)
+
+    def add_normal_references(self, images: list) -> None:
+        """k-shot (sec. 6): k normal images go through first; their features are protected from
+        SCS eviction (at most min(M k / 4, N_F) of them) and give a k-shot map blended in with
+        weight k / 8. Memories are updated whatever the mode."""
+        k = self.n_references + len(images)
+        n_protected = min(self.n_patches * k // 4, self.config.max_features)
+        for bank in self.banks.values():
+            if isinstance(bank, PatchRarityBank):
+                bank.max_protected = n_protected
+        frames = self.encode(images)
+        collected = {key: [] if key not in self.references else [self.references[key]] for key in self.bank_keys}
+        for frame in frames:
+            features = self._bank_features(frame.tokens)
+            for key in self.bank_keys:
+                collected[key].append(features[key])
+            self.step_features(frame, update=True, protect=True)
+        for key, parts in collected.items():
+            stacked = torch.cat(parts)
+            self.references[key] = stacked[sequential_coreset_indices(stacked, n_protected)].contiguous()
+        self.n_references = k
+
+    def _bank_features(self, tokens: dict[int, torch.Tensor]) -> dict[tuple[int, int], torch.Tensor]:
+        """Per (block, scale): r x r neighbourhood mean on the grid, then L2-normalized; M x C."""
+        return {
+            (b, r): F.normalize(neighbourhood_mean(tokens[b][None], self.grid, r)[0], dim=-1)
+            for b, r in self.bank_keys
+        }
+
+    def _kshot_map(self, features: dict[tuple[int, int], torch.Tensor]) -> torch.Tensor:
+        """1 - LS(max similarity to the reference features), mean over banks; M."""
+        maps = [
+            1 - loose_similarity((features[key] @ self.references[key].T).float().max(1).values, self.config.loose_ratio)
+            for key in self.bank_keys
+        ]
+        return torch.stack(maps).mean(0)
+
+    @torch.inference_mode()
+    def step_features(self, frame: FrameFeatures, update: Optional[bool] = None, protect: bool = False) -> DetectionResult:
+        cfg = self.config
+        if update is None:
+            update = cfg.mode == "online"
+        t = self.images_seen
+        tokens = {b: v.to(self.device) for b, v in frame.tokens.items()}
+        embedding = frame.embedding.to(self.device)
+
+        # Text prompt branch, Eq. 1-3 (the cumulative mean includes the current image)
+        projected = self.text_projection([tokens[b][None].float() for b in cfg.text_blocks])
+        a_text = text_anomaly_map(projected, self.text_features, cfg.text_temperature)[0]  # M
+        c_text = float(text_image_score(embedding[None], self.text_features, cfg.text_temperature)[0])
+        text_sum = a_text.double() if self.text_map_sum is None else self.text_map_sum + a_text.double()
+        mean_text = (text_sum / (t + 1)).float()
+        a_text_hat = torch.maximum(a_text, mean_text)
+
+        # Patch rarity banks (sec. 3) and LAIFs (sec. 4) on the top half of the mean text map
+        features = self._bank_features(tokens)
+        rarities = [self.banks[key].score(features[key], update=update, protect=protect) for key in self.bank_keys]
+        foreground = mean_text.topk(math.ceil(cfg.foreground_ratio * self.n_patches)).indices
+        laifs = torch.stack(
+            [F.normalize(F.normalize(tokens[b], dim=-1)[foreground].mean(0), dim=0) for b in cfg.rarity_blocks]
+        )  # n_blocks x C
+
+        c_rare = rarity_map = None
+        if rarities[0] is None:
+            a_map = a_text_hat
+        else:
+            a_rare = torch.stack(rarities).mean(0)
+            if self.references:
+                weight = min(self.n_references / 8, 1.0)
+                a_rare = (1 - weight) * a_rare + weight * self._kshot_map(features)
+            c_rare = self.image_memory.image_rarity(laifs, cfg.rarity_ratio)
+            rarity_map = a_rare + (c_rare or 0.0) * (1 + normalize01(mean_text))  # Eq. 20
+            lam_rare, lam_text = (2 / 3, 2 / 3) if t <= 3 else (4 / 3, 1 / 3)  # Eq. 21
+            a_map = lam_rare * rarity_map + lam_text * a_text_hat
+
+        full = upsample_and_blur(a_map.view(1, self.grid, self.grid), cfg.image_size, cfg.blur_sigma, cfg.blur_kernel)[0]
+        c_test = float(full.max()) + c_text
+        score = self.image_memory.rescore(
+            embedding,
+            laifs,
+            c_test,
+            cfg.rescore_min_images,
+            cfg.rescore_divisor,
+            cfg.rescore_max_neighbors,
+            cfg.rescore_temperature,
+        )
+        if update:
+            self.image_memory.add(embedding, laifs, c_test)
+            self.text_map_sum = text_sum
+            self.images_seen = t + 1
+        return DetectionResult(
+            score=score,
+            anomaly_map=full.cpu().numpy().astype(np.float32),
+            preliminary_score=c_test,
+            text_score=c_text,
+            image_rarity=c_rare,
+            text_map=a_text_hat.view(self.grid, self.grid).cpu().numpy(),
+            rarity_map=None if rarity_map is None else rarity_map.view(self.grid, self.grid).cpu().numpy(),
+            images_seen=t,
+        )

@@ -1,0 +1,39 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "detector-tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tmp_path_factory):
+    from rareclip_core.config import DetectorConfig
+
+    cfg = DetectorConfig.from_yaml(TINY_CONFIG)
+    return cfg.model_copy(update={"text_cache_dir": str(tmp_path_factory.mktemp("text-cache"))})
+
+
+def textured_frames(n: int, seed: int = 0, size=(150, 180)) -> list[np.ndarray]:
+    """Similar frames (a stripe pattern with noise and small shifts), some with a bright blob."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    frames = []
+    for i in range(n):
+        shift = rng.integers(0, 6)
+        base = 120 + 60 * np.sin((xx + shift) / 5.0)
+        img = np.stack([base, base * 0.8, base * 0.6], axis=-1) + rng.normal(0, 6, (h, w, 3))
+        if i % 7 == 3:
+            cy, cx = rng.integers(30, h - 30), rng.integers(30, w - 30)
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 < 100] = [250, 20, 20]
+        frames.append(np.clip(img, 0, 255).astype(np.uint8))
+    return frames
+
+
+@pytest.fixture(scope="session")
+def frames():
+    return textured_frames(24)

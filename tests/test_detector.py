@@ -1,0 +1,160 @@
+"""The OnlineDetector end to end on the tiny random-weight model (CPU)."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from rareclip_core.config import ConfigError, DetectorConfig
+from rareclip_core.detector import OnlineDetector
+from rareclip_core.text_branch import TPB_CHECKPOINT_KEY
+
+
+def run(detector, frames, **kw):
+    return [detector.step(f, **kw) for f in frames]
+
+
+def test_tiny_model_steps_end_to_end(tiny_config, frames):
+    det = OnlineDetector(tiny_config)
+    results = run(det, frames[:6])
+    first, later = results[0], results[-1]
+    assert first.anomaly_map.shape == (224, 224) and first.anomaly_map.dtype == np.float32
+    assert first.rarity_map is None and first.image_rarity is None and first.images_seen == 0
+    assert later.rarity_map.shape == (14, 14) and later.images_seen == 5
+    assert all(np.isfinite(r.score) for r in results)
+    assert det.images_seen == 6
+    # a PIL image of another size and mode goes through the same preprocessing
+    gray = Image.fromarray(frames[0][:, :, 0]).resize((90, 70))
+    assert det.step(gray).anomaly_map.shape == (224, 224)
+
+
+def test_score_is_rescored_preliminary_until_enough_images(tiny_config, frames):
+    # more than 3 images remembered (itself included): the top min(ceil(n / 2), 9) neighbours
+    det = OnlineDetector(tiny_config.model_copy(update={"rescore_min_images": 3, "rescore_divisor": 2}))
+    results = run(det, frames[:5])
+    assert [r.score == r.preliminary_score for r in results[:3]] == [True, True, True]
+    assert results[-1].score != results[-1].preliminary_score
+    scores = [r.preliminary_score for r in results]
+    assert min(scores) <= results[-1].score <= max(scores)
+
+
+def test_state_round_trip_is_bitwise(tiny_config, frames, tmp_path):
+    uninterrupted = run(OnlineDetector(tiny_config), frames[:20])
+    first = OnlineDetector(tiny_config)
+    run(first, frames[:10])
+    save_file(first.state_dict(), str(tmp_path / "state.safetensors"))
+    second = OnlineDetector(tiny_config)
+    second.load_state_dict(load_file(str(tmp_path / "state.safetensors")))
+    resumed = run(second, frames[10:20])
+    for a, b in zip(uninterrupted[10:], resumed):
+        assert a.score == b.score
+        assert np.array_equal(a.anomaly_map, b.anomaly_map)
+
+
+def test_offline_mode_is_order_free(tiny_config, frames):
+    online = OnlineDetector(tiny_config)
+    run(online, frames[:8])
+    state = online.state_dict()
+    offline = OnlineDetector(tiny_config.model_copy(update={"mode": "offline"}))
+    offline.load_state_dict(state)
+    batch = frames[8:16]
+    forward = run(offline, batch)
+    order = [5, 2, 7, 0, 3, 6, 1, 4]
+    permuted = run(offline, [batch[i] for i in order])
+    for j, i in enumerate(order):
+        assert permuted[j].score == forward[i].score
+        assert np.array_equal(permuted[j].anomaly_map, forward[i].anomaly_map)
+    after = offline.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+
+
+def test_fresh_offline_detector_is_text_only(tiny_config, frames):
+    det = OnlineDetector(tiny_config.model_copy(update={"mode": "offline"}))
+    a, b = run(det, frames[:2])
+    assert a.rarity_map is None and b.rarity_map is None and det.images_seen == 0
+
+
+def test_tpb_checkpoint_in_authors_format_changes_text_maps(tiny_config, frames, tmp_path):
+    det = OnlineDetector(tiny_config)
+    state = {k: torch.randn_like(v) for k, v in det.text_projection.state_dict().items()}
+    assert sorted(state) == sorted(f"fc.{i}.{p}" for i in range(4) for p in ("weight", "bias"))
+    assert state["fc.0.weight"].shape == (64, 64)  # D x C
+    path = tmp_path / "tpb.pth"
+    torch.save({TPB_CHECKPOINT_KEY: state}, path)
+    trained = OnlineDetector(tiny_config.model_copy(update={"tpb_weights": str(path)}))
+    assert torch.equal(trained.text_projection.fc[2].weight, state["fc.2.weight"])
+    plain, loaded = det.step(frames[0]), trained.step(frames[0])
+    assert not np.allclose(plain.text_map, loaded.text_map)
+    assert plain.text_score == loaded.text_score  # c_text does not use the layers
+
+
+def test_tpb_checkpoint_errors_name_the_problem(tiny_config, tmp_path):
+    with pytest.raises(ConfigError, match="tpb_weights"):
+        OnlineDetector(tiny_config.model_copy(update={"tpb_weights": str(tmp_path / "nope.pth")}))
+    bad = tmp_path / "bad.pth"
+    torch.save({TPB_CHECKPOINT_KEY: {"fc.0.weight": torch.zeros(3, 3)}}, bad)
+    with pytest.raises(ConfigError, match="do not fit"):
+        OnlineDetector(tiny_config.model_copy(update={"tpb_weights": str(bad)}))
+
+
+def test_kshot_references_protect_features_and_blend_map(tiny_config, frames):
+    det = OnlineDetector(tiny_config)
+    det.add_normal_references(frames[:2])
+    assert det.n_references == 2 and det.images_seen == 2
+    bank = det.banks[(1, 1)]
+    assert int(bank.protected.sum()) == min(196 * 2 // 4, 588)
+    protected = bank.features[bank.protected].clone()
+    run(det, frames[2:14])
+    assert torch.equal(bank.features[bank.protected], protected)
+    assert det.references[(1, 1)].shape == (98, 64)
+
+
+@pytest.mark.parametrize("variant", [{"rarity_branch": "dprb"}, {"sampler": "greedy"}, {"sampler": "random"}])
+def test_variants_run_and_round_trip(tiny_config, frames, variant):
+    cfg = tiny_config.model_copy(update=variant)
+    det = OnlineDetector(cfg)
+    run(det, frames[:5])
+    copy = OnlineDetector(cfg)
+    copy.load_state_dict(det.state_dict())
+    assert det.step(frames[5]).score == copy.step(frames[5]).score
+
+
+def test_config_rejects_bad_values_naming_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="rarity_ratio"):
+        DetectorConfig.from_dict({"rarity_ratio": 1.5})
+    with pytest.raises(ConfigError, match="max_featurs"):
+        DetectorConfig.from_dict({"max_featurs": 10})
+    path = tmp_path / "d.yaml"
+    path.write_text("detector:\n  blur_kernel: 4\n")
+    with pytest.raises(ConfigError, match="blur_kernel"):
+        DetectorConfig.from_yaml(path, section="detector")
+    assert DetectorConfig().max_features == 4107 and DetectorConfig().image_size == 518
+
+
+def test_missing_weights_give_a_clear_error(tiny_config, monkeypatch, tmp_path):
+    with pytest.raises(ConfigError, match="detector.pretrained"):
+        OnlineDetector(tiny_config.model_copy(update={"pretrained": str(tmp_path / "vit.pt")}))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="detector.pretrained"):
+        OnlineDetector(tiny_config.model_copy(update={"model": "ViT-B-32", "pretrained": "openai"}))
+
+
+def test_blocks_beyond_the_model_are_rejected(tiny_config):
+    with pytest.raises(ConfigError, match="rarity_blocks"):
+        OnlineDetector(tiny_config.model_copy(update={"rarity_blocks": [6]}))
+
+
+@pytest.mark.parametrize(
+    "image,message",
+    [
+        (np.zeros((10, 10, 3), dtype=np.float32), "uint8"),
+        (np.zeros((10, 10, 5), dtype=np.uint8), "shape"),
+        (Image.new("I;16", (20, 20)), "16-bit"),
+        ("frame.png", "PIL image"),
+    ],
+)
+def test_bad_images_are_rejected_with_a_reason(tiny_config, image, message):
+    det = OnlineDetector(tiny_config)
+    with pytest.raises((ValueError, TypeError), match=message):
+        det.step(image)
+    assert det.images_seen == 0

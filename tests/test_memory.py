@@ -1,0 +1,181 @@
+"""Hand-computed cases for the rarity memory (Eq. 6, 8-9, 13-18) and the incremental SCS."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rareclip_core.memory import (
+    DirectPatchRarityBank,
+    PatchRarityBank,
+    loose_similarity,
+    rarity_score,
+    sequential_coreset_indices,
+)
+
+
+def unit(*xy):
+    return torch.tensor(xy, dtype=torch.float64)
+
+
+def test_loose_similarity_divides_by_quantile_and_caps():
+    s = torch.arange(1, 11, dtype=torch.float64) / 10  # 0.1 ... 1.0
+    # Y = 10%: k = floor(10 * 0.9) = 9, the 9th smallest is 0.9
+    expected = torch.clamp(s / 0.9, max=1.0)
+    assert torch.allclose(loose_similarity(s, 0.1), expected)
+    assert loose_similarity(s, 0.1)[-2:].tolist() == [1.0, 1.0]
+    # Y = 0: divide by the max
+    assert torch.allclose(loose_similarity(s, 0.0), s)
+    # applied to all values of a matrix at once: 2 x 5, k = floor(10 * 0.8) = 8 -> 0.8
+    assert torch.allclose(loose_similarity(s.view(2, 5), 0.2), torch.clamp(s / 0.8, max=1).view(2, 5))
+
+
+def test_loose_similarity_rank_is_robust_to_binary_rounding():
+    # 100 * (1 - 0.01) is 98.99999999999999 in binary; the rank must still be 99
+    s = torch.arange(1, 101, dtype=torch.float64)
+    assert loose_similarity(s, 0.01)[98] == 1.0 and loose_similarity(s, 0.01)[97] == 98 / 99
+
+
+def test_rarity_is_one_minus_mean_of_top_x_share():
+    s = torch.tensor([[0.1], [0.9], [0.5], [0.7], [0.3], [0.2], [0.8], [0.4], [0.6], [1.0]])
+    # 10 images, X = 30%: top 3 = 1.0, 0.9, 0.8
+    assert rarity_score(s, 0.3, dim=0).item() == pytest.approx(1 - 0.9)
+    # ceil(0.3 * 4) = 2 of 4 images
+    assert rarity_score(s[:4], 0.3, dim=0).item() == pytest.approx(1 - 0.8)
+    assert rarity_score(s[:1], 0.3, dim=0).item() == pytest.approx(0.9)
+
+
+def test_sequential_coreset_keeps_first_preserves_order_and_floors_negatives():
+    feats = torch.stack([unit(1, 0), unit(0.6, 0.8), unit(-1, 0), unit(0.8, 0.6)])
+    # s = [0, 0.6, max(-1, -0.6) -> floored to 0, max(0.8, 0.96, -0.8) = 0.96]
+    assert sequential_coreset_indices(feats, 3).tolist() == [0, 1, 2]
+    # with the floor, feature 2 ties feature 1 at 0 and the earlier one wins
+    assert sequential_coreset_indices(feats, 1).tolist() == [0]
+    assert sequential_coreset_indices(feats, 2).tolist() == [0, 2]
+    assert sequential_coreset_indices(feats, 9).tolist() == [0, 1, 2, 3]
+
+
+def test_psm_update_eq16_three_steps():
+    bank = PatchRarityBank(max_features=100, max_images=10, k=1, rarity_ratio=0.3, loose_ratio=0.0, dtype=torch.float64)
+    a, b, c, d = unit(1, 0), unit(0, 1), unit(1, 0), unit(0.6, 0.8)
+    e, f = unit(0, 1), unit(0.8, 0.6)
+    assert bank.score(torch.stack([a, b])) is None
+    assert bank.image_similarity.tolist() == [[1.0, 1.0]]
+    # step 1: sim = [[1, 0], [.6, .8]], 1-NN v = [1, .8], LS(Y=0) divides by 1
+    rarity = bank.score(torch.stack([c, d]))
+    assert rarity.tolist() == pytest.approx([0.0, 0.2])
+    assert np.allclose(bank.image_similarity.numpy(), [[1, 1, 1, 0.8], [1, 0.8, 1, 1]])
+    # step 2: e's NN is b (1.0), f's NN is d (0.96); S_t2H = [[1, .8 * .96], [.8, .96]]
+    rarity = bank.score(torch.stack([e, f]))
+    assert rarity.tolist() == pytest.approx([0.0, 0.04])
+    assert bank.image_similarity.shape == (3, 6)
+    expected = [[1, 1, 1, 0.8, 1, 0.768], [1, 0.8, 1, 1, 0.8, 0.96], [0.8, 1, 0.8, 0.96, 1, 1]]
+    assert np.allclose(bank.image_similarity.numpy(), expected)
+    assert bank.features.shape == (6, 2)
+
+
+def test_bank_respects_sizes_and_newest_images():
+    torch.manual_seed(0)
+    bank = PatchRarityBank(max_features=20, max_images=4, k=3)
+    for _ in range(12):
+        bank.score(torch.nn.functional.normalize(torch.randn(8, 5), dim=1))
+    assert bank.features.shape == (20, 5)
+    assert bank.image_similarity.shape == (4, 20)
+    # the last row holds the newest image: ones on its own memorized features
+    assert bank.image_similarity[-1].max() == 1.0
+
+
+def test_offline_scoring_leaves_bank_untouched():
+    torch.manual_seed(1)
+    bank = PatchRarityBank(max_features=20, max_images=4)
+    for _ in range(5):
+        bank.score(torch.nn.functional.normalize(torch.randn(8, 5), dim=1))
+    before = {k: v.clone() for k, v in bank.state_dict().items()}
+    bank.score(torch.nn.functional.normalize(torch.randn(8, 5), dim=1), update=False)
+    assert all(torch.equal(before[k], v) for k, v in bank.state_dict().items())
+
+
+@pytest.mark.parametrize("n_keep,m", [(12, 5), (30, 8)])
+def test_incremental_scs_keeps_the_direct_definitions_set(n_keep, m):
+    """500 steps: the bank's incremental SCS keeps exactly what exact SCS on [PFM; F_test] keeps."""
+    gen = torch.Generator().manual_seed(n_keep)
+    bank = PatchRarityBank(max_features=n_keep, max_images=5, dtype=torch.float64)
+    reference = torch.zeros(0, 6, dtype=torch.float64)
+    for _ in range(500):
+        centers = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+        x = centers[torch.randint(0, 3, (m,), generator=gen)] + 0.7 * torch.randn(m, 6, generator=gen, dtype=torch.float64)
+        x = torch.nn.functional.normalize(x, dim=1)
+        bank.score(x)
+        reference = torch.cat([reference, x])
+        reference = reference[sequential_coreset_indices(reference, n_keep)]
+        assert torch.equal(bank.features, reference)
+
+
+def test_kshot_protection_keeps_reference_features():
+    torch.manual_seed(2)
+    bank = PatchRarityBank(max_features=10, max_images=5, max_protected=4)
+    refs = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)
+    bank.score(refs, protect=True)
+    assert int(bank.protected.sum()) == 4
+    kept_refs = bank.features[bank.protected].clone()
+    for _ in range(30):
+        bank.score(torch.nn.functional.normalize(torch.randn(6, 4), dim=1))
+    assert torch.equal(bank.features[bank.protected], kept_refs)
+
+
+@pytest.mark.parametrize("sampler", ["random", "kmeans", "greedy"])
+def test_ablation_samplers_keep_sizes_and_protected(sampler):
+    torch.manual_seed(3)
+    bank = PatchRarityBank(max_features=15, max_images=5, sampler=sampler, max_protected=3)
+    bank.score(torch.nn.functional.normalize(torch.randn(3, 4), dim=1), protect=True)
+    refs = bank.features.clone()
+    for _ in range(10):
+        bank.score(torch.nn.functional.normalize(torch.randn(6, 4), dim=1))
+    assert bank.features.shape == (15, 4)
+    assert torch.equal(bank.features[:3], refs)
+
+
+def test_direct_bank_eq5_max_similarity_per_image():
+    bank = DirectPatchRarityBank(max_images=2, alpha=1.0, rarity_ratio=0.5)
+    a, b, c = unit(1, 0), unit(0, 1), unit(0.6, 0.8)
+    assert bank.score(torch.stack([a, b])) is None
+    bank.score(torch.stack([a, a]))
+    # per test patch, similarity to image 1 {a, b} and image 2 {a}: c -> [.8, .6]; top ceil(.5*2)=1
+    rarity = bank.score(torch.stack([c, b]), update=False)
+    assert rarity.tolist() == pytest.approx([0.2, 0.0])
+    bank.score(torch.stack([b, b]))
+    assert bank.n_images == 2
+
+
+def auroc(labels, scores):
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    return ((pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean())
+
+
+def test_rare_cluster_patches_get_high_rarity():
+    """5% of all patches come from rare, image-specific clusters (20% of images hold 25% rare
+    patches): after 20 images the bank's rarity separates them, better than at the start."""
+    gen = torch.Generator().manual_seed(0)
+    m, c = 64, 32
+    normal_centers = torch.nn.functional.normalize(torch.randn(30, c, generator=gen), dim=1)
+    bank = PatchRarityBank(max_features=3 * m, max_images=200)
+    per_image = []
+    for i in range(60):
+        labels = torch.zeros(m, dtype=torch.long)
+        # each image shows 12 of the 30 normal patterns, so a short history knows few of them
+        seen = torch.randperm(30, generator=gen)[:12]
+        x = normal_centers[seen[torch.randint(0, 12, (m,), generator=gen)]]
+        if i % 5 == 2:
+            labels[: m // 4] = 1
+            x[: m // 4] = torch.nn.functional.normalize(torch.randn(c, generator=gen), dim=0)
+        x = torch.nn.functional.normalize(x + 0.15 * torch.randn(m, c, generator=gen), dim=1)
+        rarity = bank.score(x)
+        if rarity is not None:
+            per_image.append((labels.numpy(), rarity.numpy()))
+    def window_auroc(lo, hi):
+        return auroc(np.concatenate([l for l, _ in per_image[lo:hi]]), np.concatenate([r for _, r in per_image[lo:hi]]))
+    late = window_auroc(19, 59)
+    early = window_auroc(0, 10)
+    assert late >= 0.95
+    assert late > early
