@@ -82,12 +82,24 @@ class ClipBackbone(torch.nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> BackboneOutput:
-        """images: B x 3 x S x S, already normalized."""
+        """images: B x 3 x S x S, already normalized.
+
+        The global embedding is projected one row at a time so that a frame gets bitwise the
+        same features alone or inside a batch (replay batches frames; CPU results must match).
+        """
+        last = len(self.visual.transformer.resblocks)
+        blocks = sorted(set(self.blocks) | {last})
         out = self.visual.forward_intermediates(
             images.to(self.device, self.dtype),
-            indices=[b - 1 for b in self.blocks],
+            indices=[b - 1 for b in blocks],
+            intermediates_only=True,
             output_fmt="NLC",
+            output_extra_tokens=True,
         )
-        tokens = {b: t.float() for b, t in zip(self.blocks, out["image_intermediates"])}
-        embedding = F.normalize(out["image_features"].float(), dim=-1)
-        return BackboneOutput(embedding, tokens)
+        by_block = dict(zip(blocks, out["image_intermediates"]))
+        final = torch.cat([out["image_intermediates_prefix"][-1], by_block[last]], dim=1)
+        pooled, _ = self.visual._pool(final)  # ln_post + class-token pooling, as encode_image
+        if self.visual.proj is not None:
+            pooled = torch.cat([row[None] @ self.visual.proj for row in pooled])
+        tokens = {b: by_block[b].float() for b in self.blocks}
+        return BackboneOutput(F.normalize(pooled.float(), dim=-1), tokens)

@@ -158,3 +158,12 @@ def test_bad_images_are_rejected_with_a_reason(tiny_config, image, message):
     with pytest.raises((ValueError, TypeError), match=message):
         det.step(image)
     assert det.images_seen == 0
+
+
+def test_batched_backbone_equals_frame_by_frame(tiny_config, frames):
+    det = OnlineDetector(tiny_config)
+    single = [det.encode([f])[0] for f in frames[:5]]
+    batch = det.encode(frames[:5])
+    for a, b in zip(single, batch):
+        assert torch.equal(a.embedding, b.embedding)
+        assert all(torch.equal(a.tokens[k], b.tokens[k]) for k in a.tokens)
