@@ -7,6 +7,14 @@ import sys
 # subcommand -> (pipelines module, one-line help). Each module exposes
 # `add_arguments(parser)` and `main(args) -> int`.
 COMMANDS = {
+    "demo": ("pipelines.demo", "run the demo: local Ray, synthetic lines, tiny model on CPU"),
+    "live": ("pipelines.live", "stream the configured lines until stopped"),
+    "replay": ("pipelines.replay", "score a finite stream as fast as possible (same results as live)"),
+    "query": ("pipelines.query", "run SQL over the result dataset (view `results`)"),
+    "lines": ("pipelines.lines", "per-line summary: frames, errors, anomaly rate, score and latency percentiles"),
+    "anomalies": ("pipelines.anomalies", "a line's anomalous frames (or its top N scores), highest first"),
+    "report": ("pipelines.report", "HTML report of one line: score timeline, histogram, top frames with maps"),
+    "train-tpb": ("pipelines.train_tpb", "train the text branch's linear layers (Eq. 4)"),
 }
 
 

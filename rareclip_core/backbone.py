@@ -1,6 +1,7 @@
 """OpenCLIP backbone: global image embedding and raw patch tokens of chosen blocks (sec. 1)."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +46,15 @@ def create_clip_model(config: DetectorConfig) -> torch.nn.Module:
         )
     pretrained = config.pretrained
     if pretrained is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            return open_clip.create_model(config.model, pretrained=None, force_image_size=config.image_size)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # open_clip warns that no weights were loaded: that is the intent
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                return open_clip.create_model(config.model, pretrained=None, force_image_size=config.image_size)
+        finally:
+            root.setLevel(level)
     looks_like_path = os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
     if looks_like_path and not Path(pretrained).expanduser().is_file():
         raise ConfigError(

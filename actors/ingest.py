@@ -1,0 +1,81 @@
+"""IngestActor: reads a source for some lines, decodes and validates frames, feeds line actors
+in order with a bounded number of frames in flight per line."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import ray
+
+from configs.pipeline import open_source
+from rareclip_core.frames import FrameError, decode_frame
+from rareclip_core.sources import FrameRef, read_uri
+
+from .frames import Frame
+
+log = logging.getLogger(__name__)
+
+
+def load_frame(ref: FrameRef) -> Frame:
+    """Read and decode one frame; any failure becomes a refused Frame with the reason."""
+    now = time.time()
+    try:
+        return Frame(ref.line_id, ref.seq, ref.uri, now, decode_frame(read_uri(ref.uri)))
+    except FrameError as err:
+        return Frame(ref.line_id, ref.seq, ref.uri, now, None, str(err))
+    except OSError as err:
+        return Frame(ref.line_id, ref.seq, ref.uri, now, None, f"cannot read {ref.uri}: {err.strerror or err}")
+
+
+@ray.remote(num_cpus=0, max_concurrency=2, max_restarts=-1)
+class IngestActor:
+    def __init__(self, source_config, lines: list[str], line_actors: dict, max_in_flight: int, chunk: int, poll_s: float = 1.0):
+        self.source = open_source(source_config)
+        self.lines = lines
+        self.line_actors = line_actors
+        self.chunk = chunk
+        self.max_chunks_in_flight = max(1, max_in_flight // chunk)
+        self.poll_s = poll_s
+        self.stopped = threading.Event()
+        self.next_seq: dict[str, int] = {}
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def set_line_actor(self, line_id: str, actor) -> None:
+        """Point a line at a re-created actor (after a failover)."""
+        self.line_actors[line_id] = actor
+
+    def run(self, start_seqs: dict[str, int] | None = None) -> dict[str, int]:
+        """Feed every line from its start seq (default 0) until the source ends (or, for a live
+        source, until `stop`). Lines are interleaved chunk by chunk. Returns next seq per line."""
+        self.next_seq = {line: (start_seqs or {}).get(line, 0) for line in self.lines}
+        iterators = {line: self.source.frames(line, self.next_seq[line]) for line in self.lines}
+        listed_at = {line: time.monotonic() for line in self.lines}
+        in_flight: dict[str, list] = {line: [] for line in self.lines}
+        while not self.stopped.is_set():
+            progressed = False
+            for line in self.lines:
+                refs = []
+                for ref in iterators[line]:
+                    refs.append(ref)
+                    if len(refs) == self.chunk:
+                        break
+                if not refs:
+                    if self.source.live and time.monotonic() - listed_at[line] >= self.poll_s:
+                        iterators[line] = self.source.frames(line, self.next_seq[line])  # look for new files
+                        listed_at[line] = time.monotonic()
+                    continue
+                progressed = True
+                frames = [load_frame(r) for r in refs]
+                while len(in_flight[line]) >= self.max_chunks_in_flight:
+                    _, in_flight[line] = ray.wait(in_flight[line], num_returns=1)
+                in_flight[line].append(self.line_actors[line].submit.remote(frames))
+                self.next_seq[line] = refs[-1].seq + 1
+            if not progressed:
+                if not self.source.live:
+                    break
+                time.sleep(min(0.2, self.poll_s))
+        ray.get([r for refs in in_flight.values() for r in refs])
+        return dict(self.next_seq)

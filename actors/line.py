@@ -1,0 +1,168 @@
+"""LineActor: one product line's detector, scoring frames strictly in sequence order, once each."""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from typing import Optional
+
+import numpy as np
+import ray
+import torch
+import torch.nn.functional as F
+
+from rareclip_core.config import DetectorConfig
+from rareclip_core.detector import OnlineDetector
+
+from .frames import Frame
+from .result_schema import STATUS_ERROR, STATUS_OK
+
+log = logging.getLogger(__name__)
+
+
+def utc(ts: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc)
+
+
+class LineSequencer:
+    """The ordering and scoring logic of a line, without Ray: frames are buffered by seq and
+    scored when contiguous; a frame whose seq was already scored is skipped; refused frames
+    become error rows without touching the detector."""
+
+    def __init__(
+        self,
+        line_id: str,
+        detector: OnlineDetector,
+        threshold: Optional[float] = None,
+        map_resolution: Optional[int] = 64,
+        backbone_batch: int = 1,
+        next_seq: int = 0,
+    ):
+        self.line_id = line_id
+        self.detector = detector
+        self.threshold = threshold
+        self.map_resolution = map_resolution
+        self.backbone_batch = backbone_batch
+        self.next_seq = next_seq
+        self.pending: dict[int, Frame] = {}
+
+    def add(self, frames: list[Frame]) -> list[dict]:
+        """Buffer frames and score every contiguous one; returns their result rows in order."""
+        for frame in frames:
+            if frame.seq >= self.next_seq:
+                self.pending.setdefault(frame.seq, frame)
+        rows = []
+        while self.next_seq in self.pending:
+            batch = []
+            while self.next_seq + len(batch) in self.pending and len(batch) < self.backbone_batch:
+                batch.append(self.pending.pop(self.next_seq + len(batch)))
+            rows.extend(self._score(batch))
+            self.next_seq += len(batch)
+        return rows
+
+    def skip_missing(self, reason: str) -> list[dict]:
+        """Give up on the missing next seq: an error row for it, then score what is ready."""
+        row = self._row(Frame(self.line_id, self.next_seq, "", time.time(), None, reason))
+        self.next_seq += 1
+        return [row] + self.add([])
+
+    def _score(self, frames: list[Frame]) -> list[dict]:
+        valid = [f for f in frames if f.image is not None]
+        features = iter(self.detector.encode([f.image for f in valid]) if valid else [])
+        rows = []
+        for frame in frames:
+            if frame.image is None:
+                rows.append(self._row(frame))
+                continue
+            result = self.detector.step_features(next(features))
+            rows.append(self._row(frame, result.score, self._stored_map(result.anomaly_map)))
+        return rows
+
+    def _stored_map(self, anomaly_map: np.ndarray) -> Optional[np.ndarray]:
+        if self.map_resolution is None:
+            return None
+        m = torch.from_numpy(anomaly_map)[None, None]
+        return F.interpolate(m, size=(self.map_resolution,) * 2, mode="area")[0, 0].numpy().astype(np.float16)
+
+    def _row(self, frame: Frame, score: Optional[float] = None, anomaly_map=None) -> dict:
+        scored = time.time()
+        ok = frame.image is not None
+        return {
+            "line_id": self.line_id,
+            "seq": frame.seq,
+            "uri": frame.uri,
+            "ingest_time": utc(frame.ingest_time),
+            "scored_time": utc(scored),
+            "latency_ms": (scored - frame.ingest_time) * 1000,
+            "score": score,
+            "is_anomaly": None if (score is None or self.threshold is None) else bool(score >= self.threshold),
+            "threshold": self.threshold,
+            "status": STATUS_OK if ok else STATUS_ERROR,
+            "error": frame.error,
+            "model_id": self.detector.model_id,
+            "map_uri": None,
+            "anomaly_map": anomaly_map,
+            "date": utc(scored).date().isoformat(),
+        }
+
+
+@ray.remote(max_restarts=-1)
+class LineActor:
+    """Ray wrapper of a LineSequencer; rows go to the ResultWriter. A gap (a missing seq while
+    later ones wait) lasting `gap_timeout_s` ends in an error row for the missing frame."""
+
+    def __init__(
+        self,
+        line_id: str,
+        detector_config: dict,
+        writer,
+        threshold: Optional[float] = None,
+        map_resolution: Optional[int] = 64,
+        backbone_batch: int = 1,
+        gap_timeout_s: float = 60.0,
+    ):
+        detector = OnlineDetector(DetectorConfig.from_dict(detector_config))
+        self.sequencer = LineSequencer(line_id, detector, threshold, map_resolution, backbone_batch)
+        self.writer = writer
+        self.gap_timeout_s = gap_timeout_s
+        self.gap_since: Optional[float] = None
+        self.writes: list = []
+        self.watcher = None
+
+    async def submit(self, frames: list[Frame]) -> int:
+        if self.watcher is None:
+            self.watcher = asyncio.get_running_loop().create_task(self._watch_gaps())
+        self._send(self.sequencer.add(frames))
+        return self.sequencer.next_seq
+
+    def _send(self, rows: list[dict]) -> None:
+        if rows:
+            self.writes.append(self.writer.write.remote(rows))
+        if not self.sequencer.pending:
+            self.gap_since = None
+        elif rows or self.gap_since is None:
+            self.gap_since = time.monotonic()  # a gap starts (or restarts after progress)
+
+    async def _watch_gaps(self) -> None:
+        while True:
+            await asyncio.sleep(min(0.25, self.gap_timeout_s / 4))
+            if self.gap_since is not None and time.monotonic() - self.gap_since >= self.gap_timeout_s:
+                seq = self.sequencer.next_seq
+                log.warning("line %s: frame %d did not arrive within %.1fs", self.sequencer.line_id, seq, self.gap_timeout_s)
+                self._send(self.sequencer.skip_missing(f"frame {seq} never arrived within {self.gap_timeout_s}s"))
+
+    async def wait_until(self, seq: int) -> int:
+        """Return once every frame before `seq` is scored and its row handed to the writer."""
+        while self.sequencer.next_seq < seq:
+            await asyncio.sleep(0.02)
+        writes, self.writes = self.writes, []
+        await asyncio.gather(*writes)
+        return self.sequencer.next_seq
+
+    def progress(self) -> dict:
+        return {
+            "next_seq": self.sequencer.next_seq,
+            "pending": len(self.sequencer.pending),
+            "images_seen": self.sequencer.detector.images_seen,
+        }

@@ -1,0 +1,103 @@
+"""ResultWriter: batches result rows into the Hive-partitioned Parquet dataset, atomically."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import ray
+
+from .result_schema import FILE_SCHEMA
+
+MAPS_DIR = "_maps"  # inside the results root; '_' keeps it out of the Parquet dataset
+log = logging.getLogger(__name__)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through `write(tmp_path)` to a hidden temporary name, fsync, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{uuid.uuid4().hex}{path.suffix}"
+    write(tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def persisted_last_seqs(results_dir: Path) -> dict[str, int]:
+    """Highest seq per line already in the dataset (visible files only)."""
+    if not results_dir.is_dir() or not any(results_dir.glob("line_id=*")):
+        return {}
+    table = pads.dataset(str(results_dir), format="parquet", partitioning="hive").to_table(columns=["line_id", "seq"])
+    if table.num_rows == 0:
+        return {}
+    grouped = table.group_by("line_id").aggregate([("seq", "max")]).to_pylist()
+    return {str(r["line_id"]): int(r["seq_max"]) for r in grouped}
+
+
+class ResultWriterCore:
+    """Accepts each line's rows in sequence order only: a row whose seq is already written (a
+    replay after a restore) is dropped, and so is one past a hole (it comes again with the
+    replay that fills the hole). So the table never holds a (line_id, seq) twice or a gap."""
+
+    def __init__(self, results_dir: str, batch_rows: int = 256, flush_s: float = 2.0):
+        self.root = Path(results_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.batch_rows = batch_rows
+        self.flush_s = flush_s
+        self.last_seq = persisted_last_seqs(self.root)  # written or buffered
+        self.buffer: list[dict] = []
+        self.oldest = None
+        self.dropped = 0
+
+    def write(self, rows: list[dict]) -> dict[str, int]:
+        """Buffer rows; returns the highest accepted seq per line touched."""
+        for row in rows:
+            line, seq = row["line_id"], row["seq"]
+            expected = self.last_seq.get(line, -1) + 1
+            if seq != expected:
+                self.dropped += 1
+                if seq > expected:
+                    log.warning("line %s: row %d arrived before %d; dropped until replayed", line, seq, expected)
+                continue
+            self.buffer.append(row)
+            self.last_seq[line] = seq
+            self.oldest = self.oldest or time.monotonic()
+        if len(self.buffer) >= self.batch_rows or (self.oldest and time.monotonic() - self.oldest >= self.flush_s):
+            self.flush()
+        return {r["line_id"]: self.last_seq[r["line_id"]] for r in rows}
+
+    def flush(self) -> int:
+        """Write buffered rows: maps first, then one Parquet file per (line_id, date)."""
+        rows, self.buffer, self.oldest = self.buffer, [], None
+        groups: dict[tuple[str, str], list[dict]] = {}
+        for row in rows:
+            image_map = row.pop("anomaly_map", None)
+            if image_map is not None:
+                rel = f"{MAPS_DIR}/line_id={row['line_id']}/{row['seq']:010d}.npy"
+                atomic_write(self.root / rel, lambda p, m=image_map: np.save(p, m.astype(np.float16), allow_pickle=False))
+                row["map_uri"] = rel
+            groups.setdefault((row["line_id"], row["date"]), []).append(row)
+        for (line, date), group in groups.items():
+            table = pa.Table.from_pylist(
+                [{k: r.get(k) for k in FILE_SCHEMA.names} for r in group], schema=FILE_SCHEMA
+            )
+            name = f"part-{group[0]['seq']:010d}-{uuid.uuid4().hex[:8]}.parquet"
+            atomic_write(self.root / f"line_id={line}" / f"date={date}" / name, lambda p, t=table: pq.write_table(t, p))
+        return len(rows)
+
+    def status(self) -> dict:
+        return {"last_seq": dict(self.last_seq), "buffered": len(self.buffer), "dropped": self.dropped}
+
+
+ResultWriter = ray.remote(num_cpus=0, max_restarts=-1)(ResultWriterCore)
+
+
+def row_date(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).date().isoformat()

@@ -1,0 +1,123 @@
+"""Pipeline configuration: YAML validated by pydantic before any actor starts."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import Field
+
+from rareclip_core.config import ConfigError, DetectorConfig, StrictModel
+
+CONFIG_DIR = Path(__file__).parent
+
+
+class FolderSourceConfig(StrictModel):
+    """`<root>/<line_id>/<frames sorted by name>`; `watch` keeps polling for new files (live)."""
+
+    kind: Literal["folder"]
+    root: str
+    lines: Optional[list[str]] = None
+    watch: bool = False
+    poll_s: float = Field(1.0, gt=0)
+
+
+class ManifestSourceConfig(StrictModel):
+    """A CSV or Parquet file with columns line_id, uri[, timestamp]."""
+
+    kind: Literal["manifest"]
+    path: str
+    lines: Optional[list[str]] = None
+
+
+class DatasetSourceConfig(StrictModel):
+    """An MVTec AD / VisA / generic-layout dataset: each category is a line (test split)."""
+
+    kind: Literal["dataset"]
+    dataset: Literal["mvtec", "visa", "folder"]
+    root: str
+    lines: Optional[list[str]] = None
+    shuffle_seed: Optional[int] = None
+
+
+class SyntheticSourceConfig(StrictModel):
+    """Generated line images with known defects, written under `<out>/frames/<line_id>/`."""
+
+    kind: Literal["synthetic"]
+    lines: dict[str, Literal["object", "texture"]] = Field(min_length=1)
+    frames: int = Field(30, ge=1)
+    seed: int = 0
+    size: int = Field(128, ge=16)
+    defect_rate: float = Field(0.1, ge=0, le=1)
+
+
+SourceConfig = Annotated[
+    Union[FolderSourceConfig, ManifestSourceConfig, DatasetSourceConfig, SyntheticSourceConfig],
+    Field(discriminator="kind"),
+]
+
+
+class SnapshotConfig(StrictModel):
+    every_frames: Optional[int] = Field(25, ge=1, description="snapshot a line after this many frames")
+    every_s: Optional[float] = Field(None, gt=0, description="and/or after this many seconds")
+    keep: int = Field(3, ge=1, description="newest snapshots kept per line")
+    root: Optional[str] = Field(None, description="local path or object-store URI; default <out>/snapshots")
+
+
+class PipelineConfig(StrictModel):
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    source: SourceConfig
+    out: str = Field("out", description="results in <out>/results, snapshots in <out>/snapshots")
+    threshold: Optional[float] = Field(None, description="is_anomaly = score >= threshold; null leaves it empty")
+    thresholds: dict[str, float] = Field(default_factory=dict, description="per-line thresholds")
+    lines_per_gpu: int = Field(4, ge=1, description="each line actor takes 1/lines_per_gpu of a GPU")
+    line_num_cpus: float = Field(0.5, gt=0, description="CPU share reserved per line actor")
+    ingest_actors: int = Field(1, ge=1)
+    max_in_flight: int = Field(8, ge=1, description="frames submitted but not yet scored, per line")
+    gap_timeout_s: float = Field(60.0, gt=0, description="wait this long for a missing seq, then an error row")
+    map_resolution: Optional[int] = Field(64, ge=8, description="stored anomaly map side; null stores none")
+    backbone_batch: int = Field(1, ge=1, description="frames per backbone call (replay); scores unchanged")
+    writer_batch_rows: int = Field(256, ge=1)
+    writer_flush_s: float = Field(2.0, gt=0)
+    snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
+
+    @property
+    def results_dir(self) -> Path:
+        return Path(self.out) / "results"
+
+    @property
+    def snapshot_root(self) -> str:
+        return self.snapshot.root or str(Path(self.out).resolve() / "snapshots")
+
+    def threshold_for(self, line_id: str) -> Optional[float]:
+        return self.thresholds.get(line_id, self.threshold)
+
+
+def load_pipeline_config(path: str | Path, **overrides) -> PipelineConfig:
+    """Load and validate a pipeline YAML; `overrides` replace top-level keys (e.g. out=...)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if isinstance(data.get("detector"), str):
+        # `detector: detector-tiny.yaml` refers to a detector YAML next to this file
+        data["detector"] = DetectorConfig.from_yaml(path.parent / data["detector"]).model_dump()
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return PipelineConfig.from_dict(data, source=str(path))
+
+
+def open_source(source: SourceConfig):
+    """The frame source a (materialized) source config describes."""
+    from rareclip_core.sources import DatasetSource, FolderSource, ManifestSource
+
+    if isinstance(source, FolderSourceConfig):
+        return FolderSource(source.root, source.lines, live=source.watch)
+    if isinstance(source, ManifestSourceConfig):
+        return ManifestSource(source.path, source.lines)
+    if isinstance(source, DatasetSourceConfig):
+        return DatasetSource(source.dataset, source.root, source.lines, source.shuffle_seed)
+    raise ValueError("synthetic sources are written to folders first (pipelines.line_cluster.materialize_source)")

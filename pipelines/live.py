@@ -1,0 +1,33 @@
+"""live: stream the configured lines until stopped (Ctrl-C); folder sources are watched for new files."""
+from __future__ import annotations
+
+import ray
+
+from configs.pipeline import FolderSourceConfig
+
+from .common import add_cluster_arguments, load_config_or_exit, quiet_logs
+from .line_cluster import LineCluster, start_ray
+
+
+def add_arguments(parser) -> None:
+    add_cluster_arguments(parser)
+    parser.add_argument("--lines", nargs="+", help="only these lines (default: every line of the source)")
+
+
+def main(args) -> int:
+    cfg = load_config_or_exit(args.config, out=args.out)
+    if cfg is None:
+        return 2
+    if isinstance(cfg.source, FolderSourceConfig) and not cfg.source.watch:
+        cfg = cfg.model_copy(update={"source": cfg.source.model_copy(update={"watch": True})})
+    quiet_logs()
+    start_ray(args.address)
+    cluster = LineCluster(cfg, args.lines)
+    print(f"live: {len(cluster.lines)} lines -> {cfg.results_dir} (Ctrl-C to stop)")
+    try:
+        counts = cluster.run(progress=not args.no_progress, flush_every_s=cfg.writer_flush_s)
+    finally:
+        cluster.shutdown()
+    print(f"stopped after {sum(counts.values())} frames")
+    ray.shutdown()
+    return 0
