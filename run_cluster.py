@@ -5,7 +5,7 @@ import importlib
 import sys
 
 # subcommand -> (pipelines module, one-line help). Each module exposes
-# `add_arguments(parser)` and `main(args) -> int`.
+# `add_arguments(parser)` and `main(args) -> int`; only the chosen one is imported.
 COMMANDS = {
     "demo": ("pipelines.demo", "run the demo: local Ray, synthetic lines, tiny model on CPU"),
     "live": ("pipelines.live", "stream the configured lines until stopped"),
@@ -18,18 +18,22 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run_cluster.py", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
-        sub.choices[name].set_defaults(_module=module)
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            module = importlib.import_module(module_name)
+            module.add_arguments(command_parser)
+            command_parser.set_defaults(_module=module)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(command).parse_args(argv)
     return int(args._module.main(args) or 0)
 
 
