@@ -1,0 +1,268 @@
+"""`report`: a self-contained HTML page about one line, with its PNG figures beside it.
+
+The page shows the line's summary figures, its score timeline and histogram (threshold drawn),
+the top-N frames by score with their stored anomaly maps overlaid, and the latest error rows.
+Maps are read as stored (never recomputed); a map covers the frame's centered min(H, W) square.
+"""
+import datetime as dt
+import html
+import sys
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw
+
+from actors.result_schema import STATUS_ERROR, STATUS_OK
+from pipelines import query
+
+DEFAULT_TOP = 8
+ERRORS_SHOWN = 50
+HEAT_ALPHA = (0.15, 0.65)  # opacity of the heat map where the map is lowest, highest
+HEAT_COLORMAP = "jet"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--line", required=True, help="line id")
+    parser.add_argument("--out", required=True, help="directory for index.html and its PNG files")
+    parser.add_argument("--results", default=query.DEFAULT_RESULTS, help="result dataset directory (default: results)")
+    parser.add_argument("--top", type=int, default=DEFAULT_TOP, help="frames shown, highest scores first (default: 8)")
+
+
+def main(args) -> int:
+    try:
+        page = write_report(args.results, args.line, args.out, top=args.top)
+    except (query.QueryError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(page)
+    return 0
+
+
+def write_report(results_dir, line: str, out_dir, top: int = DEFAULT_TOP) -> Path:
+    """Write `out_dir/index.html` and its PNG files for `line`; return the page's path."""
+    query.require_line(results_dir, line)
+    rows = query.query_table(
+        "SELECT seq, status, score, is_anomaly, threshold, scored_time, error, model_id "
+        "FROM results WHERE line_id = $line ORDER BY seq",
+        results_dir,
+        {"line": line},
+    ).to_pylist()
+    summary = next(row for row in query.lines_summary(results_dir).to_pylist() if row["line_id"] == line)
+    top_rows = query.top_anomalies(results_dir, line, top=top).to_pylist() if top > 0 else []
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("frame-*.png"):  # frames of an earlier report in the same directory
+        stale.unlink()
+    plot_timeline(rows, out / "timeline.png")
+    plot_histogram(rows, out / "histogram.png")
+    maps = {row["seq"]: _load_map(Path(results_dir), row["map_uri"]) for row in top_rows}
+    loaded = [m for m in maps.values() if isinstance(m, np.ndarray)]
+    scale = (min(float(np.nanmin(m)) for m in loaded), max(float(np.nanmax(m)) for m in loaded)) if loaded else (0, 1)
+    frames = [_render_frame(row, maps[row["seq"]], scale, out) for row in top_rows]
+
+    page = out / "index.html"
+    page.write_text(_page(line, summary, rows, frames, scale), encoding="utf-8")
+    return page
+
+
+def overlay_map(frame: Image.Image, anomaly_map: np.ndarray, scale) -> Image.Image:
+    """The frame (RGB, same size) with the map as a heat map over its centered min(W, H) square."""
+    frame = frame.convert("RGB")
+    width, height = frame.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    low, high = scale
+    values = np.nan_to_num(anomaly_map.astype(np.float32), nan=low, posinf=high, neginf=low)
+    resized = np.asarray(Image.fromarray(values).resize((side, side), Image.Resampling.BILINEAR))
+    normalized = np.clip((resized - low) / max(high - low, 1e-12), 0.0, 1.0)
+    heat = colormaps[HEAT_COLORMAP](normalized)[..., :3] * 255
+    opacity = (HEAT_ALPHA[0] + (HEAT_ALPHA[1] - HEAT_ALPHA[0]) * normalized)[..., None]
+    box = (left, top, left + side, top + side)
+    blended = (1 - opacity) * np.asarray(frame.crop(box), dtype=np.float32) + opacity * heat
+    result = frame.copy()
+    result.paste(Image.fromarray(np.round(blended).astype(np.uint8)), box[:2])
+    if side != max(width, height):  # show where the map stops
+        ImageDraw.Draw(result).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), outline=(255, 255, 255))
+    return result
+
+
+def plot_timeline(rows: list, path: Path) -> None:
+    """Score against seq; anomalies in red, the threshold as a dashed step line, errors as grey crosses."""
+    figure = Figure(figsize=(11, 3.4), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    scored = [r for r in rows if r["status"] == STATUS_OK and r["score"] is not None]
+    anomalous = [r for r in scored if r["is_anomaly"]]
+    with_threshold = [r for r in rows if r["threshold"] is not None]
+    errors = [r for r in rows if r["status"] == STATUS_ERROR]
+    axes.plot([r["seq"] for r in scored], [r["score"] for r in scored], color="#4a78b5", lw=0.8,
+              marker=".", ms=3, label="score")
+    axes.scatter([r["seq"] for r in anomalous], [r["score"] for r in anomalous], color="#d62728", s=22,
+                 zorder=3, label=f"anomaly ({len(anomalous)})")
+    if with_threshold:
+        axes.step([r["seq"] for r in with_threshold], [r["threshold"] for r in with_threshold], where="post",
+                  color="#ff7f0e", ls="--", lw=1.2, label="threshold")
+    if errors:
+        bottom = min([r["score"] for r in scored] + [r["threshold"] for r in with_threshold] + [0.0])
+        axes.scatter([r["seq"] for r in errors], [bottom] * len(errors), marker="x", color="grey", s=22,
+                     zorder=3, label=f"error ({len(errors)})")
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.set_xlabel("seq")
+    axes.set_ylabel("score")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower left", bbox_to_anchor=(0, 1), fontsize=8, ncols=4, frameon=False)
+    figure.savefig(path)
+
+
+def plot_histogram(rows: list, path: Path) -> None:
+    """Histogram of ok scores, normal and anomalous stacked, the latest threshold as a vertical line."""
+    figure = Figure(figsize=(6, 3.4), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    scored = [r for r in rows if r["status"] == STATUS_OK and r["score"] is not None]
+    if scored:
+        scores = np.array([r["score"] for r in scored])
+        bins = np.histogram_bin_edges(scores, bins=min(40, max(10, int(np.sqrt(len(scores))))))
+        anomalous = np.array([bool(r["is_anomaly"]) for r in scored])
+        axes.hist([scores[~anomalous], scores[anomalous]], bins=bins, stacked=True,
+                  color=["#4a78b5", "#d62728"], label=["normal", "anomaly"])
+    else:
+        axes.text(0.5, 0.5, "no scored frames", ha="center", va="center", transform=axes.transAxes)
+    thresholds = [r["threshold"] for r in rows if r["threshold"] is not None]
+    if thresholds:
+        axes.axvline(thresholds[-1], color="#ff7f0e", ls="--", lw=1.2, label=f"threshold {thresholds[-1]:.4g}")
+    axes.set_xlabel("score")
+    axes.set_ylabel("frames")
+    axes.grid(alpha=0.3)
+    if scored or thresholds:
+        axes.legend(fontsize=8)
+    figure.savefig(path)
+
+
+def _load_map(results_dir: Path, map_uri):
+    """The stored map as a 2-D array, or a note saying why there is none."""
+    if not map_uri:
+        return "no anomaly map stored for this frame"
+    path = results_dir / map_uri
+    try:
+        anomaly_map = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        return f"anomaly map file not found: {path}"
+    except (OSError, ValueError) as exc:
+        return f"anomaly map unreadable ({path}): {exc}"
+    if anomaly_map.ndim != 2 or 0 in anomaly_map.shape:
+        return f"anomaly map has shape {anomaly_map.shape}, expected a 2-D array"
+    return anomaly_map
+
+
+def _render_frame(row: dict, anomaly_map, scale, out: Path) -> dict:
+    """Write frame-<seq>.png (overlay, or the bare frame when there is no map); return the card's data."""
+    card = {"row": row, "image": None, "note": None if isinstance(anomaly_map, np.ndarray) else anomaly_map}
+    if not row["uri"]:
+        card["note"] = "no frame image path stored"
+        return card
+    try:
+        with Image.open(row["uri"]) as frame:
+            frame.load()
+    except FileNotFoundError:
+        card["note"] = f"frame image not found: {row['uri']}"
+        return card
+    except (OSError, ValueError) as exc:
+        card["note"] = f"frame image unreadable ({row['uri']}): {exc}"
+        return card
+    shown = overlay_map(frame, anomaly_map, scale) if card["note"] is None else frame.convert("RGB")
+    card["image"] = f"frame-{row['seq']}.png"
+    shown.save(out / card["image"])
+    return card
+
+
+def _page(line: str, summary: dict, rows: list, frames: list, scale) -> str:
+    """The report's HTML, referring only to PNG files written beside it."""
+    e = html.escape
+    times = [r["scored_time"] for r in rows if r["scored_time"] is not None]
+    models = sorted({r["model_id"] for r in rows if r["model_id"]})
+    thresholds = [r["threshold"] for r in rows if r["threshold"] is not None]
+    figures = [
+        ("frames", summary["frames"]),
+        ("ok", summary["ok"]),
+        ("errors", summary["errors"]),
+        ("anomalies", summary["anomalies"]),
+        ("anomaly rate", _percent(summary["anomaly_rate"])),
+        ("last seq", summary["last_seq"]),
+        ("threshold (latest)", _number(thresholds[-1] if thresholds else None)),
+        ("score p05 / p50 / p95", " / ".join(_number(summary[k]) for k in ("score_p05", "score_p50", "score_p95"))),
+        ("score max", _number(summary["score_max"])),
+        ("latency p50 / p99", f"{_number(summary['latency_p50_ms'])} / {_number(summary['latency_p99_ms'])} ms"),
+        ("scored (UTC)", f"{_time(min(times))} – {_time(max(times))}" if times else "–"),
+        ("model", ", ".join(models) or "–"),
+    ]
+    summary_html = "".join(f"<div class=fig><span>{e(k)}</span><b>{e(str(v))}</b></div>" for k, v in figures)
+
+    cards = []
+    for card in frames:
+        row = card["row"]
+        picture = f'<img src="{e(card["image"])}" alt="frame {row["seq"]}">' if card["image"] else ""
+        note = f'<p class=note>{e(card["note"])}</p>' if card["note"] else ""
+        flag = "anomaly" if row["is_anomaly"] else "normal"
+        cards.append(
+            f'<figure class={flag}>{picture}{note}<figcaption><b>seq {row["seq"]}</b> · score '
+            f'{_number(row["score"])} · {flag}<br><small>{e(_time(row["scored_time"]))}<br>'
+            f'{e(str(row["uri"]))}</small></figcaption></figure>'
+        )
+    frames_html = "".join(cards) or "<p>No scored frames.</p>"
+
+    errors = [r for r in rows if r["status"] == STATUS_ERROR]
+    error_rows = "".join(
+        f"<tr><td>{r['seq']}</td><td>{e(_time(r['scored_time']))}</td><td>{e(str(r['error']))}</td></tr>"
+        for r in errors[-ERRORS_SHOWN:]
+    )
+    shown = f"latest {ERRORS_SHOWN} of {len(errors)}" if len(errors) > ERRORS_SHOWN else str(len(errors))
+    errors_html = (
+        f"<table><tr><th>seq</th><th>time</th><th>error</th></tr>{error_rows}</table>" if errors else "<p>None.</p>"
+    )
+    generated = dt.datetime.now(dt.timezone.utc)
+    return f"""<!DOCTYPE html>
+<html lang=en><head><meta charset=utf-8><title>Line {e(line)} — anomaly report</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; max-width: 1200px; }}
+h1 {{ margin-bottom: 0; }} .sub {{ color: #666; margin-top: 4px; }}
+.figs {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 8px; }}
+.fig {{ background: #f4f6f8; border-radius: 6px; padding: 8px 10px; }}
+.fig span {{ display: block; color: #666; font-size: 12px; }} .fig b {{ font-size: 15px; overflow-wrap: anywhere; }}
+.charts {{ display: flex; flex-wrap: wrap; gap: 12px; }} .charts img {{ max-width: 100%; }}
+.frames {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(260px, 1fr)); gap: 12px;
+          align-items: start; }}
+figure {{ margin: 0; border: 2px solid #ccc; border-radius: 6px; padding: 6px; }}
+figure.anomaly {{ border-color: #d62728; }}
+figure img {{ width: 100%; }}
+figcaption small {{ color: #666; word-break: break-all; }}
+.note {{ background: #fff4e5; padding: 6px; border-radius: 4px; word-break: break-all; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ddd; padding: 3px 8px; text-align: left; }}
+</style></head><body>
+<h1>Line {e(line)}</h1>
+<p class=sub>Anomaly report · generated {e(_time(generated))} UTC</p>
+<h2>Summary</h2><div class=figs>{summary_html}</div>
+<p class=sub>Anomaly rate over ok frames; score and latency figures over ok frames.</p>
+<h2>Scores</h2>
+<div class=charts><img src="timeline.png" alt="score timeline"><img src="histogram.png" alt="score histogram"></div>
+<h2>Top {len(frames)} frames by score</h2>
+<p class=sub>Stored anomaly maps over the centered square each map covers (outlined on non-square frames);
+heat scale {_number(scale[0])} (blue) to {_number(scale[1])} (red), shared by all frames.</p>
+<div class=frames>{frames_html}</div>
+<h2>Errors ({shown})</h2>{errors_html}
+</body></html>
+"""
+
+
+def _number(value) -> str:
+    return "–" if value is None else f"{value:.4g}"
+
+
+def _percent(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _time(value) -> str:
+    """A UTC time to the second, without the zone suffix."""
+    return "–" if value is None else value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")

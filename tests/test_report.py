@@ -1,0 +1,90 @@
+"""`report`: the page, its PNG files, and the stored maps overlaid on the frames they belong to.
+
+Uses the fixture from result_fixture.py, or the dataset named by $RARECLIP_TEST_RESULTS.
+"""
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+import pytest
+
+import run_cluster
+from pipelines.query import lines_summary, top_anomalies
+from pipelines.report import overlay_map
+from result_fixture import results_dir_under_test, write_results_fixture
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+    return results_dir_under_test(tmp_path_factory)
+
+
+def write_report(results_dir, line, out, top=8) -> str:
+    """Run `report` through run_cluster; return the page's HTML."""
+    argv = ["report", "--line", line, "--out", str(out), "--results", str(results_dir), "--top", str(top)]
+    assert run_cluster.main(argv) == 0
+    return (Path(out) / "index.html").read_text(encoding="utf-8")
+
+
+def referenced_files(page: str) -> list:
+    return re.findall(r'(?:src|href)="([^"]+)"', page)
+
+
+def test_report_files_exist_and_overlays_have_frame_size(results_dir, tmp_path):
+    summary = lines_summary(results_dir).to_pylist()
+    line = max(summary, key=lambda r: r["ok"])["line_id"]
+    page = write_report(results_dir, line, tmp_path)
+
+    references = referenced_files(page)
+    assert {"timeline.png", "histogram.png"} <= set(references)
+    assert all((tmp_path / name).is_file() for name in references), references
+    frame_pngs = {p.name for p in tmp_path.glob("frame-*.png")}
+    assert frame_pngs <= set(references)
+
+    top = top_anomalies(results_dir, line, top=8).to_pylist()
+    with_image = [row for row in top if row["uri"] and os.path.isfile(row["uri"])]
+    assert len(frame_pngs) == len(with_image)
+    for row in with_image:
+        with Image.open(tmp_path / f"frame-{row['seq']}.png") as overlay, Image.open(row["uri"]) as frame:
+            assert overlay.size == frame.size
+
+
+def test_report_lists_error_rows(results_dir, tmp_path):
+    summary = max(lines_summary(results_dir).to_pylist(), key=lambda r: r["errors"])
+    page = write_report(results_dir, summary["line_id"], tmp_path, top=1)
+    assert f"Errors ({summary['errors']})" in page or f"of {summary['errors']})" in page
+
+
+def test_missing_frame_or_map_gives_a_note(tmp_path):
+    results = write_results_fixture(tmp_path / "data")
+    first, second, third = top_anomalies(results, "cable", top=3).to_pylist()
+    os.remove(first["uri"])
+    os.remove(results / second["map_uri"])
+    page = write_report(results, "cable", tmp_path / "report", top=3)
+
+    assert "frame image not found" in page and "anomaly map file not found" in page
+    assert not (tmp_path / "report" / f"frame-{first['seq']}.png").exists()
+    for row in (second, third):  # the bare frame, and the overlay: both at the frame's size
+        with Image.open(tmp_path / "report" / f"frame-{row['seq']}.png") as shown, Image.open(row["uri"]) as frame:
+            assert shown.size == frame.size
+    assert all((tmp_path / "report" / name).is_file() for name in referenced_files(page))
+
+
+def test_overlay_covers_only_the_centre_square():
+    frame = Image.new("RGB", (160, 120), (128, 128, 128))
+    anomaly_map = np.zeros((64, 64), dtype=np.float16)
+    anomaly_map[:16, :16] = 1.0  # hot top-left corner of the square
+
+    overlay = np.asarray(overlay_map(frame, anomaly_map, (0.0, 1.0))).astype(int)
+
+    assert overlay.shape == (120, 160, 3)
+    assert (overlay[:, :20] == 128).all() and (overlay[:, 140:] == 128).all()  # outside the square: untouched
+    hot, cold = overlay[10, 30], overlay[100, 120]  # inside: the corner is red, the rest blue
+    assert hot[0] > hot[2] and cold[2] > cold[0]
+
+
+def test_unknown_line_exits_2(results_dir, tmp_path, capsys):
+    code = run_cluster.main(["report", "--line", "no-such-line", "--out", str(tmp_path), "--results", str(results_dir)])
+    assert code == 2 and "no-such-line" in capsys.readouterr().err
