@@ -1,0 +1,86 @@
+"""`train-tpb`: train the text prompt branch's 4 linear layers (Eq. 4) on a dataset's test split.
+
+As in the paper, the layers are trained on one dataset's test images with their masks (all
+categories) and used to test the other (VisA -> MVTec AD and vice versa): point the
+detector's `tpb_weights` at the written file. The file has the authors' checkpoint format.
+"""
+import sys
+from pathlib import Path
+
+import yaml
+
+from rareclip_core.config import ConfigError, DetectorConfig
+from rareclip_core.datasets import load_dataset
+from rareclip_core.text_branch import save_tpb_checkpoint
+from rareclip_core.tpb_training import train_text_projection
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-paper.yaml"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--dataset", required=True, choices=("mvtec", "visa", "folder"), help="dataset layout")
+    parser.add_argument("--root", required=True, help="dataset root folder")
+    parser.add_argument("--out", required=True, help="where to write the TPB checkpoint (.pth)")
+    parser.add_argument(
+        "--config",
+        default=str(DEFAULT_CONFIG),
+        help="detector YAML, or a pipeline YAML with a `detector:` section (default: %(default)s)",
+    )
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=0.005)
+    parser.add_argument("--seed", type=int, default=0, help="shuffling seed")
+    parser.add_argument(
+        "--limit", type=int, default=None, metavar="N",
+        help="train on N images spread evenly over the test split (quick runs)",
+    )
+
+
+def load_detector_config(path: str) -> DetectorConfig:
+    """A detector YAML, or the `detector:` section of a pipeline YAML."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        data = None  # from_yaml reports the missing or broken file
+    section = "detector" if isinstance(data, dict) and "detector" in data else None
+    return DetectorConfig.from_yaml(path, section=section)
+
+
+def main(args) -> int:
+    if args.epochs < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        print("error: --epochs, --batch-size and --limit must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        config = load_detector_config(args.config)
+        by_category = load_dataset(args.dataset, args.root, "test")
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    samples = [s for category in by_category.values() for s in category]
+    unmasked = [s for s in samples if s.label and s.mask_path is None]
+    if unmasked:
+        print(f"skipping {len(unmasked)} anomalous images without a mask", file=sys.stderr)
+        samples = [s for s in samples if not (s.label and s.mask_path is None)]
+    if args.limit is not None and args.limit < len(samples):
+        samples = [samples[i * len(samples) // args.limit] for i in range(args.limit)]
+    if not samples:
+        print(f"error: no usable training images under {args.root}", file=sys.stderr)
+        return 2
+    n_anomalous = sum(s.label for s in samples)
+    print(
+        f"training TPB on {len(samples)} images ({n_anomalous} anomalous) from "
+        f"{len({s.category for s in samples})} categories of {args.root}"
+    )
+    try:
+        projection, losses = train_text_projection(
+            config, samples, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed
+        )
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    save_tpb_checkpoint(projection, args.out)
+    steps = len(losses) // args.epochs
+    print(f"final loss {losses[-1]:.4f} (last epoch mean {sum(losses[-steps:]) / steps:.4f}, first epoch mean "
+          f"{sum(losses[:steps]) / steps:.4f})")
+    print(f"wrote TPB weights to {args.out} (set detector.tpb_weights to use them)")
+    return 0

@@ -1,0 +1,174 @@
+"""Training the text prompt branch's linear layers with the loss of Eq. 4 (ALGORITHM.md sec. 2).
+
+Per TPB block b, with F~_b the projected, L2-normalized patch tokens (B x M x D), F_text the
+state embeddings (D x 2) and T the text temperature:
+
+    logits_b = upsample_bilinear(T <F~_b, F_text> as a g x g grid, to S x S)    (Eq. 1, pre-softmax)
+    A_b      = softmax(logits_b) over {normal, abnormal}
+    L_b      = Focal(A_b, A_truth) + Dice(A_b[abnormal], A_truth) + Dice(A_b[normal], 1 - A_truth)
+               + MSE(<F~_b, F_image>, 1)
+    Loss     = sum over blocks of L_b                                                   (Eq. 4)
+
+The normal-channel Dice term follows APRIL-GAN, whose loss Eq. 4 reuses. The backbone is
+frozen: only the 4 Linear(C, D) layers learn (Adam, lr 0.005, betas (0.5, 0.999), 5 epochs,
+batch 16).
+"""
+from __future__ import annotations
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from .backbone import ClipBackbone, create_clip_model, resolve_device
+from .config import ConfigError, DetectorConfig
+from .datasets import Sample, load_mask
+from .images import to_rgb_image
+from .text_branch import TextProjection, cached_state_embeddings, init_text_projection
+
+# Backbone outputs are kept in memory across epochs when they take at most this many bytes;
+# otherwise each epoch runs the frozen backbone again (ViT-L at 518 needs ~22 MB per image).
+FEATURE_CACHE_BYTES = 4 * 2**30
+
+
+def focal_loss(logits: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Focal loss (Lin et al.) of Eq. 4: mean over pixels of -(1 - p_t)^gamma log p_t.
+
+    logits: B x 2 x H x W (channel 0 normal, 1 abnormal); mask: B x H x W in {0, 1};
+    p_t = softmax(logits)[mask], computed as a log-softmax for stability.
+    """
+    log_pt = F.log_softmax(logits, dim=1).gather(1, mask[:, None].long())[:, 0]
+    return (-((1 - log_pt.exp()) ** gamma) * log_pt).mean()
+
+
+def dice_loss(probs: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Dice loss of Eq. 4: 1 - (2 sum(p y) + s) / (sum p + sum y + s) per image, mean over the batch.
+
+    probs, target: B x H x W.
+    """
+    p, y = probs.flatten(1), target.flatten(1).to(probs.dtype)
+    return (1 - (2 * (p * y).sum(1) + smooth) / (p.sum(1) + y.sum(1) + smooth)).mean()
+
+
+def tpb_loss(
+    projected: list[torch.Tensor],
+    image_embedding: torch.Tensor,
+    text_features: torch.Tensor,
+    masks: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Eq. 4 summed over TPB blocks (see the module docstring).
+
+    projected: per block B x M x D, L2-normalized; image_embedding: B x D, L2-normalized;
+    text_features: D x 2; masks: B x S x S in {0, 1}. The logits map is upsampled
+    (bilinear, align_corners=True as the detector's maps) before the softmax.
+    """
+    batch, n_patches, _ = projected[0].shape
+    grid = int(round(n_patches**0.5))
+    masks = masks.float()
+    total = projected[0].new_zeros(())
+    for tokens in projected:
+        logits = (temperature * tokens @ text_features).transpose(1, 2).reshape(batch, 2, grid, grid)
+        logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=True)
+        probs = logits.softmax(dim=1)
+        total = total + focal_loss(logits, masks) + dice_loss(probs[:, 1], masks) + dice_loss(probs[:, 0], 1 - masks)
+        cosine = (tokens * image_embedding[:, None, :]).sum(-1)  # <F~, F_image>, B x M
+        total = total + F.mse_loss(cosine, torch.ones_like(cosine))
+    return total
+
+
+class _TrainingFeatures:
+    """Frozen-backbone outputs (text-block tokens, image embedding) and masks for `samples`;
+    the backbone outputs are cached in CPU memory across epochs when they fit in
+    FEATURE_CACHE_BYTES."""
+
+    def __init__(self, backbone: ClipBackbone, config: DetectorConfig, samples: list[Sample]):
+        self.backbone = backbone
+        self.samples = samples
+        self.blocks = config.text_blocks
+        self.image_size = config.image_size
+        self.preprocess = open_clip.image_transform(config.image_size, is_train=False)
+        per_image = 4 * backbone.grid**2 * backbone.width * len(set(self.blocks))
+        self.cache: dict[int, tuple[list[torch.Tensor], torch.Tensor]] | None = (
+            {} if per_image * len(samples) <= FEATURE_CACHE_BYTES else None
+        )
+
+    def _load_image(self, sample: Sample) -> torch.Tensor:
+        with Image.open(sample.path) as image:
+            return self.preprocess(to_rgb_image(image))
+
+    def _encode(self, indices: list[int]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+        out = self.backbone(torch.stack([self._load_image(self.samples[i]) for i in indices]))
+        # CPU copies: the cache stays off the GPU, and inference-mode tensors (the backbone's
+        # outputs) cannot be saved for the projection's backward pass
+        return [
+            ([out.patch_tokens[b][k].to("cpu", copy=True) for b in self.blocks], out.image_embedding[k].to("cpu", copy=True))
+            for k in range(len(indices))
+        ]
+
+    def batch(self, indices: list[int]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Per text block B x M x C tokens, B x D embeddings, B x S x S masks (on the backbone's device)."""
+        missing = [i for i in indices if self.cache is None or i not in self.cache]
+        encoded = dict(zip(missing, self._encode(missing))) if missing else {}
+        if self.cache is not None:
+            self.cache.update(encoded)
+            encoded = {i: self.cache[i] for i in indices}
+        device = self.backbone.device
+        tokens = [torch.stack([encoded[i][0][j] for i in indices]).to(device) for j in range(len(self.blocks))]
+        embeddings = torch.stack([encoded[i][1] for i in indices]).to(device)
+        masks = torch.stack([torch.from_numpy(load_mask(self.samples[i], self.image_size)) for i in indices])
+        return tokens, embeddings, masks.to(device)
+
+
+def train_text_projection(
+    config: DetectorConfig,
+    samples: list[Sample],
+    epochs: int = 5,
+    batch_size: int = 16,
+    lr: float = 0.005,
+    betas: tuple[float, float] = (0.5, 0.999),
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[TextProjection, list[float]]:
+    """Train the TPB's Linear(C, D) layers on images with masks by Eq. 4; returns the layers
+    (CPU, eval mode) and the loss of every optimizer step.
+
+    Starts from `init_text_projection(config)` (seeded init, or `config.tpb_weights`); `seed`
+    fixes the per-epoch shuffling, so runs on CPU are deterministic. Anomalous samples need a
+    mask (`load_mask` raises otherwise); good samples without one count as all-normal.
+    """
+    if not samples:
+        raise ValueError("no training samples")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    device = resolve_device(config.device)
+    model = create_clip_model(config)
+    n_layers = len(model.visual.transformer.resblocks)
+    if max(config.text_blocks) > n_layers:
+        raise ConfigError(f"detector.text_blocks = {config.text_blocks} but {config.model} has {n_layers} blocks")
+    # D x 2; clone(): freshly encoded embeddings are inference-mode tensors, unusable in autograd
+    text_features = cached_state_embeddings(config, model).clone().to(device)
+    backbone = ClipBackbone(model.visual, config.text_blocks, device, config.precision)
+    del model
+    projection = init_text_projection(config, backbone.width, text_features.shape[0]).to(device)
+    projection.train().requires_grad_(True)
+    optimizer = torch.optim.Adam(projection.parameters(), lr=lr, betas=betas)
+    features = _TrainingFeatures(backbone, config, samples)
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = -(-len(samples) // batch_size)
+    losses: list[float] = []
+    with tqdm(total=epochs * steps_per_epoch, desc="TPB training", unit="step", disable=not progress) as bar:
+        for epoch in range(epochs):
+            order = torch.randperm(len(samples), generator=generator).tolist()
+            for start in range(0, len(order), batch_size):
+                tokens, embeddings, masks = features.batch(order[start : start + batch_size])
+                loss = tpb_loss(projection(tokens), embeddings, text_features, masks, config.text_temperature)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                recent = losses[-steps_per_epoch:]
+                bar.set_postfix(epoch=epoch + 1, loss=f"{sum(recent) / len(recent):.4f}")
+                bar.update()
+    return projection.cpu().eval().requires_grad_(False), losses

@@ -1,0 +1,123 @@
+"""TPB training (Eq. 4): loss terms, convergence, the CLI and the authors' checkpoint format."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import run_cluster
+from rareclip_core.datasets import load_dataset
+from rareclip_core.detector import OnlineDetector
+from rareclip_core.synthetic import write_mvtec_dataset
+from rareclip_core.text_branch import TPB_CHECKPOINT_KEY
+from rareclip_core.tpb_training import dice_loss, focal_loss, tpb_loss, train_text_projection
+
+
+@pytest.fixture(scope="module")
+def config(tiny_config):
+    """The tiny model at 112 pixels (7 x 7 patches), to keep the CPU loss maps small."""
+    return tiny_config.model_copy(update={"image_size": 112})
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mvtec")
+    return write_mvtec_dataset(root, n_train_good=0, n_test_good=4, n_test_defect=4, size=64)
+
+
+@pytest.fixture(scope="module")
+def samples(dataset):
+    return [s for category in load_dataset("mvtec", dataset).values() for s in category]
+
+
+@pytest.fixture(scope="module")
+def trained(config, samples):
+    return train_text_projection(config, samples, epochs=3, batch_size=4, progress=False)
+
+
+def test_focal_loss_matches_hand_computation():
+    # pixel 0: p = (0.25, 0.75), target abnormal -> p_t = 0.75; pixel 1: p = (0.5, 0.5), target normal
+    logits = torch.tensor([[0.0, 0.0], [math.log(3), 0.0]]).reshape(1, 2, 1, 2)
+    mask = torch.tensor([[[1, 0]]])
+    expected = (-(0.25**2) * math.log(0.75) - (0.5**2) * math.log(0.5)) / 2
+    assert focal_loss(logits, mask).item() == pytest.approx(expected, rel=1e-6)
+    assert focal_loss(logits, mask, gamma=0).item() == pytest.approx(-(math.log(0.75) + math.log(0.5)) / 2)
+
+
+def test_dice_loss_matches_hand_computation():
+    probs = torch.tensor([[[0.9, 0.2], [0.4, 0.0]], [[0.5, 0.5], [0.5, 0.5]]])
+    target = torch.tensor([[[1, 0], [1, 0]], [[0, 0], [0, 0]]])
+    first = 1 - (2 * 1.3 + 1) / (1.5 + 2 + 1)  # intersection 0.9 + 0.4
+    second = 1 - 1 / (2 + 0 + 1)
+    assert dice_loss(probs, target).item() == pytest.approx((first + second) / 2, rel=1e-6)
+
+
+def test_tpb_loss_sums_the_terms_over_blocks():
+    torch.manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(8, 2), dim=0)
+    tokens = torch.nn.functional.normalize(torch.randn(2, 4, 8), dim=-1)  # 2 x 2 grid
+    embedding = torch.nn.functional.normalize(torch.randn(2, 8), dim=-1)
+    masks = torch.zeros(2, 2, 2)
+    masks[0, 0, 1] = 1
+    logits = (20 * tokens @ text).transpose(1, 2).reshape(2, 2, 2, 2)  # same size: no resampling
+    probs = logits.softmax(1)
+    one_block = (
+        focal_loss(logits, masks)
+        + dice_loss(probs[:, 1], masks)
+        + dice_loss(probs[:, 0], 1 - masks)
+        + (((tokens * embedding[:, None]).sum(-1) - 1) ** 2).mean()
+    )
+    total = tpb_loss([tokens, tokens], embedding, text, masks, 20.0)
+    assert total.item() == pytest.approx(2 * one_block.item(), rel=1e-5)
+
+
+def test_training_decreases_the_loss_and_is_deterministic(config, samples, trained):
+    _, losses = trained
+    assert len(losses) == 3 * math.ceil(len(samples) / 4)
+    per_epoch = len(losses) // 3
+    first, last = np.mean(losses[:per_epoch]), np.mean(losses[-per_epoch:])
+    assert last < first * 0.95, (first, last)
+    _, again = train_text_projection(config, samples[:6], epochs=1, batch_size=4, progress=False)
+    _, repeat = train_text_projection(config, samples[:6], epochs=1, batch_size=4, progress=False)
+    assert again == repeat
+
+
+def test_cli_writes_authors_checkpoint_that_changes_the_detector(config, dataset, tmp_path, capsys):
+    # a pipeline-style YAML with a `detector:` section is accepted as --config
+    config_file = tmp_path / "pipeline.yaml"
+    config_file.write_text(yaml.safe_dump({"detector": config.model_dump(mode="json")}))
+    out = tmp_path / "tpb.pth"
+    argv = ["train-tpb", "--dataset", "mvtec", "--root", dataset, "--out", str(out), "--config", str(config_file),
+            "--epochs", "1", "--batch-size", "8", "--limit", "8"]
+    assert run_cluster.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "final loss" in printed and str(out) in printed
+
+    checkpoint = torch.load(out, weights_only=True)
+    assert set(checkpoint) == {TPB_CHECKPOINT_KEY}
+    state = checkpoint[TPB_CHECKPOINT_KEY]
+    width, dim = 64, 64  # rareclip-tiny: transformer width C, embedding dim D
+    assert set(state) == {f"fc.{i}.{p}" for i in range(4) for p in ("weight", "bias")}
+    for i in range(4):
+        assert state[f"fc.{i}.weight"].shape == (dim, width) and state[f"fc.{i}.bias"].shape == (dim,)
+
+    image = np.asarray(Image.open(load_dataset("mvtec", dataset)["widget"][-1].path))
+    untrained = OnlineDetector(config)
+    loaded = OnlineDetector(config.model_copy(update={"tpb_weights": str(out)}))
+    for i, fc in enumerate(loaded.text_projection.fc):
+        assert torch.equal(fc.weight, state[f"fc.{i}.weight"])
+    difference = np.abs(loaded.step(image).text_map - untrained.step(image).text_map).max()
+    assert difference > 1e-3
+
+
+def test_cli_missing_dataset_exits_2(config, tmp_path, capsys):
+    config_file = tmp_path / "detector.yaml"
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    argv = ["train-tpb", "--dataset", "mvtec", "--root", str(tmp_path / "nowhere"), "--out",
+            str(tmp_path / "x.pth"), "--config", str(config_file)]
+    assert run_cluster.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "Traceback" not in err
+    assert not (tmp_path / "x.pth").exists()
