@@ -1,0 +1,189 @@
+"""The Ray pipeline on a real local Ray: order, exactly-once, error rows, replay determinism."""
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import ray
+from PIL import Image
+
+from actors.frames import Frame
+from actors.line import LineActor
+from actors.writer import ResultWriter, ResultWriterCore
+from configs.pipeline import PipelineConfig
+from pipelines.line_cluster import start_ray
+from pipelines.replay import run_replay
+from rareclip_core.detector import OnlineDetector
+from rareclip_core.frames import decode_frame
+from rareclip_core.synthetic import SyntheticLine
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    start_ray(num_cpus=8)
+    yield
+    ray.shutdown()
+
+
+def read_rows(results_dir) -> list[dict]:
+    table = pads.dataset(str(results_dir), format="parquet", partitioning="hive").to_table()
+    return sorted(table.to_pylist(), key=lambda r: (r["line_id"], r["seq"]))
+
+
+def line_frames(seed: int, n: int) -> list[np.ndarray]:
+    line = SyntheticLine("object" if seed % 2 else "texture", seed=seed, size=96, defect_rate=0.15)
+    return [line.frame(i).image for i in range(n)]
+
+
+def in_process_scores(tiny_config, images) -> list[float]:
+    detector = OnlineDetector(tiny_config)
+    return [detector.step(im).score for im in images]
+
+
+def test_lines_score_out_of_order_frames_in_sequence_once(local_ray, tiny_config, tmp_path):
+    writer = ResultWriter.remote(str(tmp_path / "results"), 16, 0.5)
+    lines = {f"line{i}": line_frames(i, 30) for i in range(3)}
+    actors = {
+        name: LineActor.options(num_cpus=0.5).remote(name, tiny_config.model_dump(), writer, 1.5, 16, 1, 30.0)
+        for name in lines
+    }
+    rng = random.Random(0)
+    calls = []
+    for name, images in lines.items():
+        frames = [Frame(name, seq, f"mem://{name}/{seq}", time.time(), im) for seq, im in enumerate(images)]
+        chunks = [frames[i : i + 3] for i in range(0, 30, 3)]
+        rng.shuffle(chunks)
+        chunks.append(frames[4:9])  # a repeated delivery must not give second rows
+        calls += [(name, c) for c in chunks]
+    rng.shuffle(calls)
+    ray.get([actors[name].submit.remote(chunk) for name, chunk in calls])
+    ray.get([a.wait_until.remote(30) for a in actors.values()])
+    ray.get(writer.flush.remote())
+    rows = read_rows(tmp_path / "results")
+    for name, images in lines.items():
+        got = [r for r in rows if r["line_id"] == name]
+        assert [r["seq"] for r in got] == list(range(30))
+        assert [r["score"] for r in got] == in_process_scores(tiny_config, images)
+        assert all(r["status"] == "ok" and r["map_uri"] for r in got)
+        stored = np.load(tmp_path / "results" / got[0]["map_uri"], allow_pickle=False)
+        assert stored.shape == (16, 16) and stored.dtype == np.float16
+
+
+def test_missing_frame_ends_in_an_error_row_after_the_gap_timeout(local_ray, tiny_config, tmp_path):
+    writer = ResultWriter.remote(str(tmp_path / "results"), 1, 0.1)
+    actor = LineActor.options(num_cpus=0.5).remote("gap", tiny_config.model_dump(), writer, None, None, 1, 1.0)
+    images = line_frames(5, 4)
+    frames = [Frame("gap", s, f"mem://{s}", time.time(), images[s]) for s in (0, 1, 3)]
+    ray.get(actor.submit.remote(frames))
+    assert ray.get(actor.wait_until.remote(4)) == 4
+    ray.get(writer.flush.remote())
+    rows = read_rows(tmp_path / "results")
+    assert [r["status"] for r in rows] == ["ok", "ok", "error", "ok"]
+    assert "never arrived" in rows[2]["error"]
+    # the missing frame never touched the detector: frame 3 scores as the third image
+    assert rows[3]["score"] == in_process_scores(tiny_config, [images[0], images[1], images[3]])[2]
+
+
+def write_folder(root: Path, line: str, images, extras=None) -> list[Path]:
+    folder = root / line
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, im in enumerate(images):
+        path = folder / f"frame_{i:04d}_b.png"
+        Image.fromarray(im).save(path)
+        paths.append(path)
+    for name, data in (extras or {}).items():
+        (folder / name).write_bytes(data)
+    return paths
+
+
+def pipeline_config(tiny_config, source_root, out, **kw) -> PipelineConfig:
+    return PipelineConfig(
+        detector=tiny_config,
+        source={"kind": "folder", "root": str(source_root)},
+        out=str(out),
+        map_resolution=None,
+        line_num_cpus=0.5,
+        **kw,
+    )
+
+
+def test_bad_files_become_error_rows_and_leave_scores_unchanged(local_ray, tiny_config, tmp_path):
+    images = line_frames(7, 8)
+    write_folder(tmp_path / "clean", "a", images)
+    png = (tmp_path / "clean" / "a" / "frame_0000_b.png").read_bytes()
+    gray16 = tmp_path / "g16.png"
+    Image.fromarray(np.full((20, 20), 4000, dtype=np.uint16)).save(gray16)
+    extras = {
+        "frame_0002_a.png": png[: len(png) // 2],  # truncated
+        "frame_0004_a.txt": b"not an image at all",
+        "frame_0005_a.png": b"",
+        "frame_0006_a.png": gray16.read_bytes(),  # 16-bit
+    }
+    write_folder(tmp_path / "dirty", "a", images, extras)
+    run_replay(pipeline_config(tiny_config, tmp_path / "clean", tmp_path / "out-clean"), progress=False)
+    run_replay(pipeline_config(tiny_config, tmp_path / "dirty", tmp_path / "out-dirty"), progress=False)
+    clean = read_rows(tmp_path / "out-clean" / "results")
+    dirty = read_rows(tmp_path / "out-dirty" / "results")
+    assert len(dirty) == len(clean) + 4 and [r["seq"] for r in dirty] == list(range(12))
+    errors = {Path(r["uri"]).name: r["error"] for r in dirty if r["status"] == "error"}
+    assert set(errors) == set(extras)
+    assert "truncated" in errors["frame_0002_a.png"] and "not an image" in errors["frame_0004_a.txt"]
+    assert "empty" in errors["frame_0005_a.png"] and "8-bit" in errors["frame_0006_a.png"]
+    assert [r["score"] for r in dirty if r["status"] == "ok"] == [r["score"] for r in clean]
+
+
+def test_replay_is_deterministic_and_batching_changes_nothing(local_ray, tiny_config, tmp_path):
+    for i in range(2):
+        write_folder(tmp_path / "src", f"line{i}", line_frames(10 + i, 12))
+    scores = []
+    for out, batch in (("r1", 1), ("r2", 1), ("r3", 4)):
+        run_replay(pipeline_config(tiny_config, tmp_path / "src", tmp_path / out, backbone_batch=batch), progress=False)
+        scores.append([(r["line_id"], r["seq"], r["score"]) for r in read_rows(tmp_path / out / "results")])
+    assert len(scores[0]) == 24
+    assert scores[0] == scores[1] == scores[2]
+
+
+def test_writer_keeps_one_row_per_seq_and_no_holes(tmp_path):
+    writer = ResultWriterCore(str(tmp_path), batch_rows=2, flush_s=60)
+    row = lambda s: {"line_id": "x", "seq": s, "status": "ok", "score": float(s), "date": "2026-11-23"}
+    writer.write([row(0), row(1), row(1), row(3), row(2)])
+    writer.flush()
+    assert [r["seq"] for r in read_rows(tmp_path)] == [0, 1, 2]
+    assert not list(tmp_path.rglob(".tmp-*"))
+    again = ResultWriterCore(str(tmp_path))  # a restarted writer knows what is on disk
+    again.write([row(2), row(3)])
+    again.flush()
+    assert [r["seq"] for r in read_rows(tmp_path)] == [0, 1, 2, 3]
+
+
+def test_bad_config_fails_before_any_actor_starts(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("detector: {max_images: 0}\nsource: {kind: folder, root: x}\n")
+    proc = subprocess.run(
+        [sys.executable, "run_cluster.py", "replay", "--config", str(bad)], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "detector.max_images" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_demo_runs_from_the_command_line(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "run_cluster.py", "demo", "--out", str(out), "--no-progress"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_rows(out / "results")
+    assert len(rows) == 120 and len({(r["line_id"], r["seq"]) for r in rows}) == 120
+    assert "widget" in proc.stdout and str(out / "results") in proc.stdout
