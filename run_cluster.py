@@ -10,6 +10,8 @@ COMMANDS = {
     "demo": ("pipelines.demo", "run the demo: local Ray, synthetic lines, tiny model on CPU"),
     "live": ("pipelines.live", "stream the configured lines until stopped"),
     "replay": ("pipelines.replay", "score a finite stream as fast as possible (same results as live)"),
+    "evaluate": ("pipelines.evaluate", "accuracy on MVTec AD / VisA / a folder dataset: the paper's shuffled-seed protocol, metrics tables"),
+    "drill": ("pipelines.drill", "fault drill: replay while killing actors, compare with a clean replay"),
     "query": ("pipelines.query", "run SQL over the result dataset (view `results`)"),
     "lines": ("pipelines.lines", "per-line summary: frames, errors, anomaly rate, score and latency percentiles"),
     "anomalies": ("pipelines.anomalies", "a line's anomalous frames (or its top N scores), highest first"),

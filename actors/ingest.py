@@ -39,6 +39,15 @@ class IngestActor:
         self.poll_s = poll_s
         self.stopped = threading.Event()
         self.next_seq: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.running = False
+        self.rewinds: dict[str, int] = {}
+
+    def totals(self) -> dict[str, int] | None:
+        """Frames per line in a finite source; None for a live one (it grows)."""
+        if self.source.live:
+            return None
+        return {line: sum(1 for _ in self.source.frames(line)) for line in self.lines}
 
     def stop(self) -> None:
         self.stopped.set()
@@ -47,15 +56,32 @@ class IngestActor:
         """Point a line at a re-created actor (after a failover)."""
         self.line_actors[line_id] = actor
 
+    def rewind(self, line_id: str, seq: int) -> bool:
+        """Have the running feed go back to `seq` for a line (its actor restored a snapshot).
+        False when no feed is running: the caller starts a new `run` instead."""
+        with self.lock:
+            if self.running:
+                self.rewinds[line_id] = seq
+            return self.running
+
     def run(self, start_seqs: dict[str, int] | None = None) -> dict[str, int]:
         """Feed every line from its start seq (default 0) until the source ends (or, for a live
-        source, until `stop`). Lines are interleaved chunk by chunk. Returns next seq per line."""
+        source, until `stop`). Lines are interleaved chunk by chunk. Returns next seq per line.
+        Sequence numbers are source positions, so any seq can be read again for a replay."""
+        with self.lock:
+            self.running = True
         self.next_seq = {line: (start_seqs or {}).get(line, 0) for line in self.lines}
         iterators = {line: self.source.frames(line, self.next_seq[line]) for line in self.lines}
         listed_at = {line: time.monotonic() for line in self.lines}
         in_flight: dict[str, list] = {line: [] for line in self.lines}
         while not self.stopped.is_set():
             progressed = False
+            with self.lock:
+                rewinds, self.rewinds = self.rewinds, {}
+            for line, seq in rewinds.items():
+                iterators[line] = self.source.frames(line, seq)
+                self.next_seq[line] = seq
+                progressed = True
             for line in self.lines:
                 refs = []
                 for ref in iterators[line]:
@@ -74,8 +100,16 @@ class IngestActor:
                 in_flight[line].append(self.line_actors[line].submit.remote(frames))
                 self.next_seq[line] = refs[-1].seq + 1
             if not progressed:
-                if not self.source.live:
-                    break
+                with self.lock:
+                    if not self.source.live and not self.rewinds:
+                        self.running = False
+                        break
                 time.sleep(min(0.2, self.poll_s))
-        ray.get([r for refs in in_flight.values() for r in refs])
+        for ref in [r for refs in in_flight.values() for r in refs]:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as err:  # a line died: its restart triggers a rewind
+                log.info("a submit failed: %s", type(err).__name__)
+        with self.lock:
+            self.running = False
         return dict(self.next_seq)

@@ -16,6 +16,7 @@ from rareclip_core.config import DetectorConfig
 from rareclip_core.detector import OnlineDetector
 
 from .frames import Frame
+from .snapshots import SnapshotStore
 from .result_schema import STATUS_ERROR, STATUS_OK
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class LineSequencer:
         map_resolution: Optional[int] = 64,
         backbone_batch: int = 1,
         next_seq: int = 0,
+        map_dtype: str = "float16",
     ):
         self.line_id = line_id
         self.detector = detector
@@ -45,6 +47,7 @@ class LineSequencer:
         self.map_resolution = map_resolution
         self.backbone_batch = backbone_batch
         self.next_seq = next_seq
+        self.map_dtype = np.dtype(map_dtype)
         self.pending: dict[int, Frame] = {}
 
     def add(self, frames: list[Frame]) -> list[dict]:
@@ -83,7 +86,7 @@ class LineSequencer:
         if self.map_resolution is None:
             return None
         m = torch.from_numpy(anomaly_map)[None, None]
-        return F.interpolate(m, size=(self.map_resolution,) * 2, mode="area")[0, 0].numpy().astype(np.float16)
+        return F.interpolate(m, size=(self.map_resolution,) * 2, mode="area")[0, 0].numpy().astype(self.map_dtype)
 
     def _row(self, frame: Frame, score: Optional[float] = None, anomaly_map=None) -> dict:
         scored = time.time()
@@ -107,10 +110,17 @@ class LineSequencer:
         }
 
 
+def line_actor_name(job: str, line_id: str) -> str:
+    return f"rareclip-line-{job}-{line_id}"
+
+
 @ray.remote(max_restarts=-1)
 class LineActor:
     """Ray wrapper of a LineSequencer; rows go to the ResultWriter. A gap (a missing seq while
-    later ones wait) lasting `gap_timeout_s` ends in an error row for the missing frame."""
+    later ones wait) lasting `gap_timeout_s` ends in an error row for the missing frame.
+
+    On (re)start the actor restores the newest valid snapshot of its line and tells the
+    supervisor, which has ingestion replay the frames after it."""
 
     def __init__(
         self,
@@ -121,14 +131,26 @@ class LineActor:
         map_resolution: Optional[int] = 64,
         backbone_batch: int = 1,
         gap_timeout_s: float = 60.0,
+        snapshot_root: Optional[str] = None,
+        snapshot_keep: int = 3,
+        supervisor_name: Optional[str] = None,
+        map_dtype: str = "float16",
     ):
         detector = OnlineDetector(DetectorConfig.from_dict(detector_config))
-        self.sequencer = LineSequencer(line_id, detector, threshold, map_resolution, backbone_batch)
+        self.sequencer = LineSequencer(line_id, detector, threshold, map_resolution, backbone_batch, map_dtype=map_dtype)
         self.writer = writer
         self.gap_timeout_s = gap_timeout_s
         self.gap_since: Optional[float] = None
         self.writes: list = []
         self.watcher = None
+        self.store = SnapshotStore(snapshot_root, line_id) if snapshot_root else None
+        self.snapshot_keep = snapshot_keep
+        restored = self.restore()
+        if supervisor_name:
+            try:
+                ray.get_actor(supervisor_name).line_started.remote(line_id, restored)
+            except ValueError:
+                pass  # first start: the supervisor is created after the lines
 
     async def submit(self, frames: list[Frame]) -> int:
         if self.watcher is None:
@@ -166,3 +188,39 @@ class LineActor:
             "pending": len(self.sequencer.pending),
             "images_seen": self.sequencer.detector.images_seen,
         }
+
+    async def snapshot(self) -> int:
+        """Save the line's state once the writer has persisted every row before it; returns
+        the seq the snapshot reaches. Rows are flushed first so that a snapshot never gets
+        ahead of the result table (a writer crash then only needs a replay from it)."""
+        state = self.sequencer.detector.state_dict()
+        next_seq = self.sequencer.next_seq
+        writes, self.writes = self.writes, []
+        await asyncio.gather(*writes)
+        await self.writer.flush.remote()
+        self.store.save(state, next_seq, self.sequencer.detector.config.fingerprint())
+        self.store.prune(self.snapshot_keep)
+        return next_seq
+
+    def restore(self, at_most: Optional[int] = None) -> int:
+        """Load the newest valid snapshot (covering at most `at_most` frames), or start fresh
+        at seq 0; frames waiting in the buffer are dropped (ingestion replays them)."""
+        detector = self.sequencer.detector
+        info, state = self.store.load_latest(detector.config.fingerprint(), at_most) if self.store else (None, {})
+        if info is None:
+            detector.reset()
+        else:
+            detector.load_state_dict(state)
+        self.sequencer.next_seq = info.next_seq if info else 0
+        self.sequencer.pending.clear()
+        self.gap_since = None
+        return self.sequencer.next_seq
+
+    async def reset(self) -> int:
+        """Start the line's learning afresh from its current seq (e.g. a product changeover):
+        old snapshots are deleted and a snapshot of the empty state is taken."""
+        self.sequencer.detector.reset()
+        if self.store:
+            self.store.clear()
+            await self.snapshot()
+        return self.sequencer.next_seq

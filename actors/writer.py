@@ -46,7 +46,7 @@ class ResultWriterCore:
     replay after a restore) is dropped, and so is one past a hole (it comes again with the
     replay that fills the hole). So the table never holds a (line_id, seq) twice or a gap."""
 
-    def __init__(self, results_dir: str, batch_rows: int = 256, flush_s: float = 2.0):
+    def __init__(self, results_dir: str, batch_rows: int = 256, flush_s: float = 2.0, supervisor_name: str | None = None):
         self.root = Path(results_dir)
         self.root.mkdir(parents=True, exist_ok=True)
         self.batch_rows = batch_rows
@@ -55,6 +55,11 @@ class ResultWriterCore:
         self.buffer: list[dict] = []
         self.oldest = None
         self.dropped = 0
+        if supervisor_name:
+            try:  # a restarted writer lost its buffered rows: the supervisor has the lines replay them
+                ray.get_actor(supervisor_name).writer_started.remote(dict(self.last_seq))
+            except ValueError:
+                pass  # first start: the supervisor is created after the writer
 
     def write(self, rows: list[dict]) -> dict[str, int]:
         """Buffer rows; returns the highest accepted seq per line touched."""
@@ -81,7 +86,7 @@ class ResultWriterCore:
             image_map = row.pop("anomaly_map", None)
             if image_map is not None:
                 rel = f"{MAPS_DIR}/line_id={row['line_id']}/{row['seq']:010d}.npy"
-                atomic_write(self.root / rel, lambda p, m=image_map: np.save(p, m.astype(np.float16), allow_pickle=False))
+                atomic_write(self.root / rel, lambda p, m=image_map: np.save(p, m, allow_pickle=False))
                 row["map_uri"] = rel
             groups.setdefault((row["line_id"], row["date"]), []).append(row)
         for (line, date), group in groups.items():

@@ -2,6 +2,7 @@
 actors from a validated PipelineConfig, and watch them with progress bars."""
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -11,7 +12,8 @@ import ray
 from tqdm import tqdm
 
 from actors.ingest import IngestActor
-from actors.line import LineActor
+from actors.line import LineActor, line_actor_name
+from actors.supervisor import Supervisor
 from actors.writer import ResultWriter
 from configs.pipeline import FolderSourceConfig, PipelineConfig, SyntheticSourceConfig, open_source
 from rareclip_core.synthetic import write_line_folder
@@ -44,88 +46,108 @@ def materialize_source(cfg: PipelineConfig) -> PipelineConfig:
     return cfg.model_copy(update={"source": folder_source})
 
 
+def job_key(cfg: PipelineConfig) -> str:
+    """Names this job's actors apart from other jobs' on the same cluster."""
+    return hashlib.sha256(str(cfg.results_dir.resolve()).encode()).hexdigest()[:10]
+
+
 class LineCluster:
-    """The actors of one job: a ResultWriter, a LineActor per line, IngestActors over the lines."""
+    """The actors of one job: a ResultWriter, a LineActor per line, IngestActors over the lines,
+    and the Supervisor that snapshots lines and brings crashed actors back."""
 
     def __init__(self, cfg: PipelineConfig, lines: Optional[list[str]] = None):
-        self.cfg = materialize_source(cfg)
-        self.source = open_source(self.cfg.source)
+        self.cfg = cfg = materialize_source(cfg)
+        self.source = open_source(cfg.source)
         self.lines = lines or self.source.lines()
-        gpus = ray.cluster_resources().get("GPU", 0)
-        num_gpus = 1 / self.cfg.lines_per_gpu if gpus else 0
-        self.writer = ResultWriter.remote(str(self.cfg.results_dir), self.cfg.writer_batch_rows, self.cfg.writer_flush_s)
-        detector = self.cfg.detector.model_dump()
+        self.key = job_key(cfg)
+        supervisor_name = f"rareclip-supervisor-{self.key}"
+        num_gpus = 1 / cfg.lines_per_gpu if ray.cluster_resources().get("GPU", 0) else 0
+        self.writer = ResultWriter.remote(str(cfg.results_dir), cfg.writer_batch_rows, cfg.writer_flush_s, supervisor_name)
+        detector = cfg.detector.model_dump()
         self.line_actors = {
-            line: LineActor.options(num_cpus=self.cfg.line_num_cpus, num_gpus=num_gpus).remote(
+            line: LineActor.options(
+                name=line_actor_name(self.key, line), num_cpus=cfg.line_num_cpus, num_gpus=num_gpus
+            ).remote(
                 line,
                 detector,
                 self.writer,
-                self.cfg.threshold_for(line),
-                self.cfg.map_resolution,
-                self.cfg.backbone_batch,
-                self.cfg.gap_timeout_s,
+                cfg.threshold_for(line),
+                cfg.map_resolution,
+                cfg.backbone_batch,
+                cfg.gap_timeout_s,
+                cfg.snapshot_root,
+                cfg.snapshot.keep,
+                supervisor_name,
+                cfg.map_dtype,
             )
             for line in self.lines
         }
-        n = min(self.cfg.ingest_actors, len(self.lines))
+        n = min(cfg.ingest_actors, len(self.lines))
         groups = [self.lines[i::n] for i in range(n)]
         self.ingest = [
             IngestActor.remote(
-                self.cfg.source,
-                group,
-                {line: self.line_actors[line] for line in group},
-                self.cfg.max_in_flight,
-                self.cfg.backbone_batch,
+                cfg.source, group, {line: self.line_actors[line] for line in group}, cfg.max_in_flight, cfg.backbone_batch
             )
             for group in groups
         ]
+        ray.get([a.progress.remote() for a in self.line_actors.values()])  # constructed (and restored)
+        self.supervisor = Supervisor.options(name=supervisor_name).remote(
+            self.writer, self.line_actors, list(zip(self.ingest, groups)), cfg.snapshot.every_frames, cfg.snapshot.every_s
+        )
 
-    def totals(self) -> dict[str, Optional[int]]:
-        """Frames per line now in the source (None for a live source: it grows)."""
-        if self.source.live:
-            return {line: None for line in self.lines}
+    def source_totals(self) -> dict[str, int]:
+        """Frames per line in a finite source."""
         return {line: sum(1 for _ in self.source.frames(line)) for line in self.lines}
 
-    def run(self, progress: bool = True, flush_every_s: Optional[float] = None) -> dict[str, int]:
-        """Feed all lines until the source ends (a live source: until interrupted), wait for
-        every row to reach the writer, flush. Returns the number of frames per line."""
-        totals = self.totals()
-        runs = [ing.run.remote() for ing in self.ingest]
-        bars = self._bars(totals) if progress else None
+    def actors(self) -> dict[str, object]:
+        """Every actor a fault drill may kill, by a readable name."""
+        named = {f"line:{line}": a for line, a in self.line_actors.items()}
+        named.update({f"ingest:{i}": a for i, a in enumerate(self.ingest)})
+        named["writer"] = self.writer
+        return named
+
+    def run(self, progress: bool = True, flush_every_s: Optional[float] = None, on_poll=None) -> dict[str, int]:
+        """Feed all lines until the source ends (a live source: until interrupted), wait until
+        every row is persisted. Returns the number of frames per line. `on_poll(status)` is
+        called about twice a second (the fault drill uses it)."""
+        ray.get(self.supervisor.start.remote())
+        done = self.supervisor.wait_done.remote()
+        status = ray.get(self.supervisor.status.remote())
+        bars = self._bars(status["totals"]) if progress else None
         last_flush = time.monotonic()
         try:
-            while ray.wait(runs, num_returns=len(runs), timeout=0.5)[1]:
+            while not ray.wait([done], timeout=0.5)[0]:
+                status = ray.get(self.supervisor.status.remote())
                 if bars:
-                    self._update(bars)
+                    self._update(bars, status["progress"])
+                if on_poll:
+                    on_poll(status)
                 if flush_every_s and time.monotonic() - last_flush >= flush_every_s:
                     self.writer.flush.remote()
                     last_flush = time.monotonic()
         except KeyboardInterrupt:
-            ray.get([ing.stop.remote() for ing in self.ingest])
-        next_seqs: dict[str, int] = {}
-        for done in ray.get(runs):
-            next_seqs.update(done)
-        ray.get([self.line_actors[line].wait_until.remote(seq) for line, seq in next_seqs.items()])
-        ray.get(self.writer.flush.remote())
+            ray.get(self.supervisor.stop.remote())
+        counts = ray.get(done)
         if bars:
-            self._update(bars)
+            self._update(bars, counts)
             for bar in bars.values():
                 bar.close()
-        return next_seqs
+        return counts
 
     def _bars(self, totals: dict[str, Optional[int]]) -> dict[str, tqdm]:
         known = [t for t in totals.values() if t is not None]
-        bars = {"__all__": tqdm(total=sum(known) if len(known) == len(totals) else None, desc="all lines", position=0, unit="img")}
+        overall = sum(known) if len(known) == len(self.lines) else None
+        bars = {"__all__": tqdm(total=overall, desc="all lines", position=0, unit="img")}
         for i, line in enumerate(self.lines, start=1):
-            bars[line] = tqdm(total=totals[line], desc=line, position=i, unit="img", leave=True)
+            bars[line] = tqdm(total=totals.get(line), desc=line, position=i, unit="img")
         return bars
 
-    def _update(self, bars: dict[str, tqdm]) -> None:
-        done = ray.get([self.line_actors[line].progress.remote() for line in self.lines])
-        for line, p in zip(self.lines, done):
-            bars[line].update(p["next_seq"] - bars[line].n)
-        bars["__all__"].update(sum(p["next_seq"] for p in done) - bars["__all__"].n)
+    @staticmethod
+    def _update(bars: dict[str, tqdm], progress: dict[str, int]) -> None:
+        for line, seq in progress.items():
+            bars[line].update(seq - bars[line].n)
+        bars["__all__"].update(sum(progress.values()) - bars["__all__"].n)
 
     def shutdown(self) -> None:
-        for actor in [*self.ingest, *self.line_actors.values(), self.writer]:
+        for actor in [self.supervisor, *self.ingest, *self.line_actors.values(), self.writer]:
             ray.kill(actor, no_restart=True)

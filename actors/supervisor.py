@@ -1,0 +1,153 @@
+"""Supervisor: snapshots every line on schedule, notices restarts, and has lines restore and
+ingestion replay so that every frame ends with exactly one row and the uncrashed score.
+
+Ray restarts a dead actor (on another node when its node is gone) but with no state. Here:
+- a line actor restores its newest valid snapshot in its constructor and calls `line_started`;
+  the supervisor has that line's ingest replay from the snapshot's seq;
+- a restarted writer (its buffered rows are lost) calls `writer_started`; every line restores
+  its newest snapshot (never ahead of the table: lines flush before snapshotting) and replays;
+- a dead ingest actor's feed fails; the supervisor starts a new feed from the lines' positions.
+Rows a replay produces twice are dropped by the writer."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Optional
+
+import ray
+
+log = logging.getLogger(__name__)
+CALL_TIMEOUT_S = 2.0
+
+
+async def _call(ref, timeout: float = CALL_TIMEOUT_S):
+    """Await an actor call; None if the actor is dead or restarting."""
+    try:
+        return await asyncio.wait_for(ref, timeout)
+    except (asyncio.TimeoutError, ray.exceptions.RayError):
+        return None
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class Supervisor:
+    def __init__(
+        self,
+        writer,
+        lines: dict,
+        ingest: list,
+        every_frames: Optional[int] = None,
+        every_s: Optional[float] = None,
+    ):
+        """`ingest`: list of (IngestActor handle, line ids it feeds)."""
+        self.writer = writer
+        self.lines = lines
+        self.ingest = ingest
+        self.ingest_of = {line: i for i, (_, group) in enumerate(ingest) for line in group}
+        self.every_frames = every_frames
+        self.every_s = every_s
+        self.feeds: dict[int, Optional[ray.ObjectRef]] = {}
+        self.fed_to: dict[str, int] = {}  # where a finished feed left each line
+        self.totals: dict[str, Optional[int]] = {}
+        self.progress: dict[str, int] = {line: 0 for line in lines}
+        self.snapshot_seq = {line: 0 for line in lines}
+        self.snapshot_time = {line: time.monotonic() for line in lines}
+        self.snapshotting: dict[str, asyncio.Task] = {}
+        self.events: list[str] = []
+        self.watcher = None
+
+    async def start(self) -> None:
+        for i, (actor, _) in enumerate(self.ingest):
+            totals = await actor.totals.remote()
+            self.totals.update(totals or {line: None for line in self.ingest[i][1]})
+            self.feeds[i] = actor.run.remote()
+        self.watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    # ---- notifications from restarted actors ---------------------------------------------------
+    async def line_started(self, line: str, next_seq: int) -> None:
+        self.events.append(f"line {line} restarted, restored at seq {next_seq}")
+        await self._replay(line, next_seq)
+
+    async def writer_started(self, persisted: dict) -> None:
+        self.events.append(f"writer restarted with rows persisted up to {persisted}")
+        for line, actor in self.lines.items():
+            next_seq = await _call(actor.restore.remote(persisted.get(line, -1) + 1), timeout=60)
+            if next_seq is not None:  # a line that is itself restarting reports through line_started
+                await self._replay(line, next_seq)
+
+    async def _replay(self, line: str, seq: int) -> None:
+        self.progress[line] = seq
+        i = self.ingest_of[line]
+        actor, group = self.ingest[i]
+        if self.feeds.get(i) is not None and await _call(actor.rewind.remote(line, seq)):
+            return
+        start = {other: self.progress[other] for other in group}
+        start[line] = seq
+        self.feeds[i] = actor.run.remote(start)
+
+    # ---- the watch loop ----------------------------------------------------------------------------
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            await self._check_feeds()
+            for line, actor in self.lines.items():
+                p = await _call(actor.progress.remote())
+                if p is not None:
+                    self.progress[line] = p["next_seq"]
+                    self._maybe_snapshot(line, actor)
+
+    async def _check_feeds(self) -> None:
+        for i, ref in list(self.feeds.items()):
+            if ref is None or not ray.wait([ref], timeout=0)[0]:
+                continue
+            try:
+                self.fed_to.update(await ref)
+                self.feeds[i] = None
+            except ray.exceptions.RayError:
+                group = self.ingest[i][1]
+                self.events.append(f"ingest {i} failed; feeding {group} again from the lines' positions")
+                self.feeds[i] = self.ingest[i][0].run.remote({line: self.progress[line] for line in group})
+
+    def _maybe_snapshot(self, line: str, actor) -> None:
+        if self.every_frames is None and self.every_s is None or line in self.snapshotting:
+            return
+        seq = self.progress[line]
+        due_frames = self.every_frames is not None and seq - self.snapshot_seq[line] >= self.every_frames
+        due_time = self.every_s is not None and time.monotonic() - self.snapshot_time[line] >= self.every_s
+        if seq > self.snapshot_seq[line] and (due_frames or due_time):
+            self.snapshotting[line] = asyncio.get_running_loop().create_task(self._snapshot(line, actor))
+
+    async def _snapshot(self, line: str, actor) -> None:
+        try:
+            seq = await _call(actor.snapshot.remote(), timeout=60)
+            if seq is not None:
+                self.snapshot_seq[line], self.snapshot_time[line] = seq, time.monotonic()
+        finally:
+            self.snapshotting.pop(line, None)
+
+    # ---- for the driver ----------------------------------------------------------------------------
+    def status(self) -> dict:
+        return {"progress": dict(self.progress), "totals": dict(self.totals), "events": list(self.events)}
+
+    def stop(self) -> None:
+        for actor, _ in self.ingest:
+            actor.stop.remote()
+
+    async def wait_done(self) -> dict[str, int]:
+        """Once every feed has ended, every line has scored up to its end and the writer has
+        persisted every row: the number of frames per line."""
+        while True:
+            await asyncio.sleep(0.2)
+            if any(ref is not None for ref in self.feeds.values()):
+                continue
+            targets = {line: self.totals.get(line) or self.fed_to.get(line, 0) for line in self.lines}
+            if any(self.progress[line] < targets[line] for line in self.lines):
+                continue
+            await _call(self.writer.flush.remote(), timeout=30)
+            status = await _call(self.writer.status.remote())
+            if status and not status["buffered"] and all(
+                status["last_seq"].get(line, -1) == targets[line] - 1 for line in self.lines
+            ):
+                for task in list(self.snapshotting.values()):
+                    await task
+                return targets
