@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import open_clip
@@ -35,6 +36,12 @@ def init_text_projection(config: DetectorConfig, width: int, embed_dim: int) -> 
         projection = TextProjection(width, embed_dim, len(config.text_blocks))
     if config.tpb_weights is not None:
         load_tpb_checkpoint(projection, config.tpb_weights)
+    elif config.pretrained is not None:
+        warnings.warn(
+            "detector.tpb_weights is not set: the text branch's linear layers are untrained, so its "
+            "maps are noise. Set it to a TPB checkpoint (or train one with `run_cluster.py train-tpb`).",
+            stacklevel=2,
+        )
     return projection.eval().requires_grad_(False)
 
 
