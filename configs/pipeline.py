@@ -75,7 +75,6 @@ class PipelineConfig(StrictModel):
     max_in_flight: int = Field(8, ge=1, description="frames submitted but not yet scored, per line")
     gap_timeout_s: float = Field(60.0, gt=0, description="wait this long for a missing seq, then an error row")
     map_resolution: Optional[int] = Field(64, ge=8, description="stored anomaly map side; null stores none")
-    map_dtype: Literal["float16", "float32"] = Field("float16", description="stored anomaly map precision")
     map_dtype: Literal["float16", "float32"] = Field(
         "float16", description="dtype of stored maps; float32 for evaluation (no quantization)"
     )

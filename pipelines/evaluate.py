@@ -1,0 +1,457 @@
+"""`evaluate`: the paper's accuracy protocol (ALGORITHM.md sec. 7) run through the replay actors.
+
+Each category of an MVTec AD / VisA / generic-layout test split is a line of a
+:class:`pipelines.line_cluster.LineCluster` (categories in parallel, a fresh detector state per
+category), fed in the order ``random.seed(s); random.shuffle(list)`` of the official test order
+for every seed ``s`` (a new cluster per seed, results in ``<out>/seed-<s>/results``). Rows are
+joined back to their samples by (line_id = category, seq = position in that seed's shuffled
+list); the stored float32 256 x 256 maps and the masks (``load_mask`` at the model input crop)
+give the pixel metrics. Metrics are in %:
+
+* per category and seed: I-AUROC, I-F1-max, I-AP (``metrics.image_metrics``) and P-AUROC,
+  P-F1-max, P-AP, PRO (``metrics.pixel_metrics``, both resized to 256 x 256);
+* per seed: the mean over categories (categories where a metric is undefined are skipped);
+* reported: mean ± std over seeds, std being the population std (``numpy.std``, ddof=0).
+
+Files in ``<out>``: ``metrics.md`` (per category and the mean, ``mean ± std``; the paper's
+figures beside ours for mvtec and visa), ``metrics.csv`` (one row per category and seed,
+``category=mean`` rows per seed, and ``seed=mean`` / ``seed=std`` rows over seeds) and
+``metrics.json`` (everything, NaN as null).
+
+A metric is NaN (and the reason is listed under the table) when the ground truth of a category
+lacks a class: no anomalous image (image metrics), no defect pixel (pixel metrics, e.g. a
+generic-layout category without masks), or no normal pixel; see ``rareclip_core.metrics``.
+Anomalous images without a mask (generic layout) count for the image metrics only; frames the
+pipeline could not decode (error rows) count for none, and are reported.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from actors.result_schema import STATUS_OK
+from configs.pipeline import CONFIG_DIR, DatasetSourceConfig, PipelineConfig, SnapshotConfig
+from rareclip_core.config import ConfigError, DetectorConfig
+from rareclip_core.datasets import Sample, load_dataset, load_mask, shuffled
+from rareclip_core.metrics import image_metrics, pixel_metrics
+
+from .common import quiet_logs
+from .train_tpb import load_detector_config
+
+DEFAULT_CONFIG = CONFIG_DIR / "detector-paper.yaml"
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+MAP_RESOLUTION = 256  # the protocol's metric resolution: maps are stored at it
+IMAGE_METRICS = {"I-AUROC": "auroc", "I-F1-max": "f1_max", "I-AP": "ap"}
+PIXEL_METRICS = {"P-AUROC": "auroc", "P-F1-max": "f1_max", "P-AP": "ap", "PRO": "pro"}
+METRICS = (*IMAGE_METRICS, *PIXEL_METRICS)
+COUNTS = ("images", "anomalous", "errors", "pixel_images")
+STD_NOTE = "population standard deviation over seeds (numpy.std, ddof=0)"
+
+# The paper's Table 1 (papers/rareclip-iccv2025.txt), in %, (mean, std over its 5 seeds); std is
+# None where the paper gives none (offline results do not depend on the order). None as a whole
+# marks a cell the paper reports but whose value cannot be read unambiguously from our text copy
+# of the table (VisA offline: its columns there have fewer values than methods).
+PAPER_SOURCE = "RareCLIP paper, Table 1"
+_UNREADABLE = "n/a*"
+_UNREADABLE_NOTE = "*reported in the paper but not readable unambiguously from our text copy of Table 1"
+
+
+def _row(*values):
+    return dict(zip(METRICS, values))
+
+
+PAPER = {
+    ("mvtec", "online", "iprb"): _row((98.2, 0.2), (97.6, 0.1), (99.3, 0.1), (97.7, 0.2), (64.1, 0.7), (66.1, 1.0), (93.5, 0.1)),
+    ("visa", "online", "iprb"): _row((94.4, 0.3), (90.8, 0.4), (95.3, 0.2), (98.8, 0.0), (50.9, 0.3), (47.5, 0.3), (93.5, 0.1)),
+    ("mvtec", "online", "dprb"): _row((97.9, 0.2), (97.4, 0.2), (99.1, 0.2), (97.8, 0.1), (62.9, 0.5), (64.2, 1.1), (93.4, 0.1)),
+    ("visa", "online", "dprb"): _row((93.5, 0.2), (90.2, 0.3), (94.1, 0.5), (98.9, 0.0), (48.1, 0.4), (44.2, 0.5), (93.2, 0.1)),
+    ("mvtec", "offline", "iprb"): _row((91.5, None), (92.9, None), (96.6, None), (91.5, None), (47.5, None), (46.1, None), (86.2, None)),
+    ("visa", "offline", "iprb"): _row((86.1, None), (83.1, None), None, (95.7, None), None, None, None),
+}
+VARIANT_NAMES = {"iprb": "RareCLIP", "dprb": "RareCLIP-d"}
+
+
+class EvaluationError(Exception):
+    """The run produced a result table that does not match the dataset (e.g. it was interrupted)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated evaluation: every check that needs no actor has passed."""
+
+    dataset: str
+    root: str
+    detector: DetectorConfig
+    seeds: tuple[int, ...]
+    out: Path
+    samples: dict[str, list[Sample]]  # category -> samples in the official test order
+
+    @property
+    def categories(self) -> list[str]:
+        return list(self.samples)
+
+    def results_dir(self, seed: int) -> Path:
+        return self.out / f"seed-{seed}" / "results"
+
+
+def plan_evaluation(dataset, root, detector_config, seeds=DEFAULT_SEEDS, mode=None, out="out/evaluate",
+                    categories=None) -> Plan:
+    """Validate everything before any actor starts. Raises ConfigError (bad detector config),
+    FileNotFoundError / ValueError (missing or malformed dataset, unknown category, bad seeds)
+    or FileExistsError (a seed's result table already exists under `out`)."""
+    if isinstance(detector_config, DetectorConfig):
+        detector = detector_config
+    elif isinstance(detector_config, dict):
+        detector = DetectorConfig.from_dict(detector_config)
+    else:
+        detector = load_detector_config(str(detector_config))
+    if mode is not None:
+        detector = DetectorConfig.from_dict({**detector.model_dump(), "mode": mode}, source="--mode")
+    seeds = tuple(int(s) for s in seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {list(seeds)}")
+    root = str(Path(root).resolve())  # the line actors may run elsewhere than this directory
+    data = load_dataset(dataset, root, split="test")
+    if categories:
+        unknown = sorted(set(categories) - set(data))
+        if unknown:
+            raise ValueError(f"categories {unknown} not in {root}; found {sorted(data)}")
+        data = {c: data[c] for c in dict.fromkeys(categories)}
+    if "mean" in data:
+        raise ValueError("a category named 'mean' would clash with the tables' mean row; evaluate the others")
+    plan = Plan(dataset, root, detector, seeds, Path(out), dict(sorted(data.items())))
+    for seed in seeds:
+        folder = plan.results_dir(seed).parent  # results and any snapshot a line would restore
+        if folder.is_dir() and any(folder.iterdir()):
+            raise FileExistsError(f"{folder} is not empty (an earlier run?); choose another --out or remove it")
+    return plan
+
+
+def evaluate(dataset, root, detector_config, seeds=DEFAULT_SEEDS, mode=None, out="out/evaluate",
+             categories=None, address=None, progress: bool = True) -> dict:
+    """Run the protocol and write metrics.md/.csv/.json under `out`; returns the metrics.json
+    content (with NaN, not null). `detector_config`: a DetectorConfig, a dict, or the path of a
+    detector YAML or of a pipeline YAML with a `detector:` section; `mode` ('online' or
+    'offline') overrides its `mode`, None keeps it."""
+    plan = plan_evaluation(dataset, root, detector_config, seeds, mode, out, categories)
+    run_plan(plan, address, progress)
+    return score_plan(plan)
+
+
+def run_plan(plan: Plan, address=None, progress: bool = True) -> None:
+    """Replay every seed's shuffled categories through a fresh LineCluster."""
+    import ray
+
+    from .line_cluster import LineCluster, start_ray
+
+    start_ray(address)
+    resources = ray.cluster_resources()
+    n = len(plan.categories)
+    gpus = resources.get("GPU", 0)
+    base = PipelineConfig.model_fields["lines_per_gpu"].default
+    cpus = PipelineConfig.model_fields["line_num_cpus"].default
+    packing = {
+        # every category runs at once: pack them onto the GPUs and CPUs there are, or the
+        # actors that find no room would wait forever
+        "lines_per_gpu": max(base, math.ceil(n / gpus)) if gpus else base,
+        "line_num_cpus": min(cpus, math.floor(resources.get("CPU", 1) / n * 1e4) / 1e4),
+    }
+    for i, seed in enumerate(plan.seeds):
+        cfg = PipelineConfig(
+            detector=plan.detector,
+            source=DatasetSourceConfig(kind="dataset", dataset=plan.dataset, root=plan.root,
+                                       lines=plan.categories, shuffle_seed=seed),
+            out=str(plan.out / f"seed-{seed}"),
+            threshold=None,
+            map_resolution=MAP_RESOLUTION,
+            map_dtype="float32",
+            # no snapshots: a restarted line replays its category from seq 0 with a fresh state,
+            # which gives the same rows; the paper model's banks would cost ~0.2 GB per snapshot
+            snapshot=SnapshotConfig(every_frames=None, every_s=None),
+            **packing,
+        )
+        print(f"seed {seed} ({i + 1}/{len(plan.seeds)}): {n} categories, {sum(map(len, plan.samples.values()))} "
+              f"images, {plan.detector.mode} mode", file=sys.stderr, flush=True)
+        cluster = LineCluster(cfg)
+        try:
+            done = cluster.run(progress=progress)
+        finally:
+            cluster.shutdown()
+        short = {c: done.get(c, 0) for c, s in plan.samples.items() if done.get(c, 0) < len(s)}
+        if short:
+            raise EvaluationError(f"seed {seed}: the run stopped early (frames fed per category: {short})")
+
+
+def score_plan(plan: Plan) -> dict:
+    """Metrics from the result tables of a finished run; writes the three files."""
+    per_seed: dict[str, dict[int, dict]] = {}
+    notes: list[str] = []
+    for category, samples in plan.samples.items():
+        masks = _category_masks(samples, plan.detector.image_size)
+        per_seed[category] = {}
+        for seed in plan.seeds:
+            values, caught = category_metrics(plan, category, seed, masks)
+            per_seed[category][seed] = values
+            notes += [f"{category}, seed {seed}: {msg}" for msg in caught]
+    seed_means = {
+        seed: {m: _nanmean([per_seed[c][seed][m] for c in plan.categories]) for m in METRICS} for seed in plan.seeds
+    }
+    for seed, means in seed_means.items():
+        for key in COUNTS:
+            means[key] = sum(per_seed[c][seed][key] for c in plan.categories)
+    summary = {c: _over_seeds([per_seed[c][s] for s in plan.seeds]) for c in plan.categories}
+    summary["mean"] = _over_seeds([seed_means[s] for s in plan.seeds])
+    detector = plan.detector
+    result = {
+        "dataset": plan.dataset,
+        "root": plan.root,
+        "mode": detector.mode,
+        "seeds": list(plan.seeds),
+        "categories": plan.categories,
+        "metrics": list(METRICS),
+        "units": "%",
+        "std": STD_NOTE,
+        "category_mean": "mean over categories per seed, skipping categories where a metric is NaN",
+        "map_resolution": MAP_RESOLUTION,
+        "model_id": f"{detector.model}:{detector.pretrained or 'random'}:{detector.fingerprint()}",
+        "detector": detector.model_dump(),
+        "results": {str(s): str(plan.results_dir(s)) for s in plan.seeds},
+        "per_seed": {c: {str(s): v for s, v in seeds.items()} for c, seeds in per_seed.items()}
+        | {"mean": {str(s): v for s, v in seed_means.items()}},
+        "summary": summary,
+        "paper": paper_figures(plan.dataset, detector.mode, detector.rarity_branch),
+        "notes": notes,
+    }
+    write_tables(plan, result)
+    return result
+
+
+def paper_figures(dataset: str, mode: str, rarity_branch: str) -> Optional[dict]:
+    """The paper's Table 1 row for this dataset, mode and variant (None for other datasets);
+    per metric its value (mean, std) and status: reported, unreadable or not reported."""
+    if dataset not in ("mvtec", "visa"):
+        return None
+    values = PAPER.get((dataset, mode, rarity_branch))
+    return {
+        "source": PAPER_SOURCE,
+        "row": f"{VARIANT_NAMES[rarity_branch]}, {mode}",
+        "values": {m: ({"mean": values[m][0], "std": values[m][1]} if values and values[m] else None) for m in METRICS},
+        "status": {m: ("reported" if values and values[m] else "unreadable" if values else "not reported")
+                   for m in METRICS},
+    }
+
+
+def category_metrics(plan: Plan, category: str, seed: int, masks: dict[str, np.ndarray]) -> tuple[dict, list[str]]:
+    """The seven metrics (in %) and counts of one category and seed, with the reasons of any NaN."""
+    results = plan.results_dir(seed)
+    joined = join_rows(plan.samples[category], seed, read_rows(results, category), category)
+    ok = [(s, r) for s, r in joined if r["status"] == STATUS_OK]  # official order
+    pixel = [(s, r) for s, r in ok if not (s.label and s.mask_path is None)]
+    values = {"images": len(joined), "anomalous": sum(s.label for s, _ in joined),
+              "errors": len(joined) - len(ok), "pixel_images": len(pixel)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if ok:
+            image = image_metrics([s.label for s, _ in ok], [r["score"] for s, r in ok])
+        else:
+            image = dict.fromkeys(IMAGE_METRICS.values(), math.nan)
+            warnings.warn("image metrics are undefined (no scored image)", RuntimeWarning)
+        if pixel:
+            maps = np.stack([_load_map(results, r) for _, r in pixel])
+            pix = pixel_metrics(np.stack([masks[s.path] for s, _ in pixel]), maps, size=MAP_RESOLUTION)
+        else:
+            pix = dict.fromkeys(PIXEL_METRICS.values(), math.nan)
+            warnings.warn("pixel metrics are undefined (no scored image with a mask)", RuntimeWarning)
+    for name, key in IMAGE_METRICS.items():
+        values[name] = 100.0 * image[key]
+    for name, key in PIXEL_METRICS.items():
+        values[name] = 100.0 * pix[key]
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    if values["errors"]:
+        messages.append(f"{values['errors']} frame(s) could not be read and are left out of every metric")
+    unmasked = len(ok) - len(pixel)
+    if unmasked:
+        messages.append(f"{unmasked} anomalous image(s) without a mask are left out of the pixel metrics")
+    return values, messages
+
+
+def read_rows(results_dir: Path, category: str) -> list[dict]:
+    """The result rows of one line (line_id read as a string, whatever the category name)."""
+    partitioning = pads.partitioning(pa.schema([("line_id", pa.string()), ("date", pa.string())]), flavor="hive")
+    table = pads.dataset(str(results_dir), format="parquet", partitioning=partitioning).to_table(
+        columns=["seq", "uri", "score", "status", "error", "map_uri"], filter=pads.field("line_id") == category
+    )
+    return table.to_pylist()
+
+
+def join_rows(samples: Sequence[Sample], seed: int, rows: list[dict], category: str) -> list[tuple[Sample, dict]]:
+    """(sample, row) pairs in the official order: row `seq` belongs to ``shuffled(samples, seed)[seq]``."""
+    order = shuffled(samples, seed)
+    by_seq = {r["seq"]: r for r in rows}
+    if len(by_seq) != len(rows) or sorted(by_seq) != list(range(len(order))):
+        raise EvaluationError(
+            f"{category}, seed {seed}: the result table has seqs {sorted(by_seq)[:5]}... ({len(rows)} rows), "
+            f"expected exactly 0..{len(order) - 1}"
+        )
+    joined = {}
+    for seq, sample in enumerate(order):
+        row = by_seq[seq]
+        if row["uri"] != sample.path:
+            raise EvaluationError(f"{category}, seed {seed}: row {seq} is {row['uri']}, expected {sample.path}")
+        joined[sample.path] = row
+    return [(s, joined[s.path]) for s in samples]
+
+
+def _category_masks(samples: Sequence[Sample], image_size: int) -> dict[str, np.ndarray]:
+    return {s.path: load_mask(s, image_size) for s in samples if not (s.label and s.mask_path is None)}
+
+
+def _load_map(results_dir: Path, row: dict) -> np.ndarray:
+    if not row["map_uri"]:
+        raise EvaluationError(f"row {row['seq']} ({row['uri']}) has no stored anomaly map")
+    return np.load(results_dir / row["map_uri"], allow_pickle=False)
+
+
+def _nanmean(values) -> float:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr[~np.isnan(arr)].mean()) if (~np.isnan(arr)).any() else math.nan
+
+
+def _over_seeds(rows: list[dict]) -> dict:
+    """mean and population std (ddof=0) over seeds of each metric; counts of the first seed."""
+    out = {m: {"mean": float(np.mean([r[m] for r in rows])), "std": float(np.std([r[m] for r in rows], ddof=0))}
+           for m in METRICS}
+    out.update({k: rows[0][k] for k in COUNTS})
+    return out
+
+
+# ---- output ------------------------------------------------------------------------------------
+def _cell(mean, std) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "NaN"
+    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+
+
+def format_markdown(result: dict) -> str:
+    seeds = ", ".join(map(str, result["seeds"]))
+    det = result["detector"]
+    lines = [
+        f"# RareCLIP evaluation: {result['dataset']} ({result['root']}), {result['mode']} mode",
+        "",
+        f"Detector `{result['model_id']}` (image size {det['image_size']}, {det['rarity_branch']}). Seeds {seeds}: "
+        f"each category's official test order shuffled by `random.seed(s); random.shuffle`, a fresh state per "
+        f"category and seed. Metrics in %, maps and masks at {result['map_resolution']}x{result['map_resolution']}; "
+        f"each cell is the mean ± {result['std']}; the mean row averages the categories per seed first.",
+        "",
+        "| category | images | " + " | ".join(METRICS) + " |",
+        "|---|---:|" + "---:|" * len(METRICS),
+    ]
+    summary = result["summary"]
+    for name in [*result["categories"], "mean"]:
+        row = summary[name]
+        label = "**mean**" if name == "mean" else name
+        lines.append(f"| {label} | {row['images']} | "
+                     + " | ".join(_cell(row[m]["mean"], row[m]["std"]) for m in METRICS) + " |")
+    paper = result["paper"]
+    footnotes = []
+    if paper:
+        cells = []
+        for m in METRICS:
+            value, status = paper["values"][m], paper["status"][m]
+            cells.append(_cell(value["mean"], value["std"]) if value else _UNREADABLE if status == "unreadable" else "not reported")
+        lines.append(f"| paper: {paper['row']} | | " + " | ".join(cells) + " |")
+        footnotes.append(f"Paper row: {paper['source']} (their ViT-L-14-336 model and TPB weights, 5 seeds).")
+        if _UNREADABLE in cells:
+            footnotes.append(_UNREADABLE_NOTE + ".")
+    if result["notes"]:
+        footnotes.append("Notes: " + "; ".join(result["notes"]) + ".")
+    return "\n".join(lines + ([""] + footnotes if footnotes else [])) + "\n"
+
+
+def write_tables(plan: Plan, result: dict) -> None:
+    plan.out.mkdir(parents=True, exist_ok=True)
+    (plan.out / "metrics.md").write_text(format_markdown(result))
+    with (plan.out / "metrics.json").open("w") as fh:
+        json.dump(_json_ready(result), fh, indent=2, allow_nan=False)
+        fh.write("\n")
+    with (plan.out / "metrics.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["category", "seed", *COUNTS, *METRICS])
+        per_seed = result["per_seed"]
+        for name in [*result["categories"], "mean"]:
+            for seed in result["seeds"]:
+                row = per_seed[name][str(seed)]
+                writer.writerow([name, seed, *(row[k] for k in COUNTS), *(_csv_number(row[m]) for m in METRICS)])
+        for name in [*result["categories"], "mean"]:
+            row = result["summary"][name]
+            for stat in ("mean", "std"):
+                writer.writerow([name, stat, *(row[k] for k in COUNTS), *(_csv_number(row[m][stat]) for m in METRICS)])
+
+
+def _csv_number(value: float) -> str:
+    return "nan" if math.isnan(value) else repr(float(value))
+
+
+def _json_ready(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    return value
+
+
+# ---- command line ------------------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    parser.add_argument("--dataset", required=True, choices=("mvtec", "visa", "folder"), help="dataset layout")
+    parser.add_argument("--root", required=True, help="dataset root folder")
+    parser.add_argument(
+        "--config", default=str(DEFAULT_CONFIG),
+        help="detector YAML, or a pipeline YAML with a `detector:` section (default: %(default)s)",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
+                        help="shuffle seeds, one full run each (default: 0 1 2 3 4, the paper's)")
+    parser.add_argument("--mode", choices=("online", "offline"),
+                        help="detector mode (default: the config's `mode`)")
+    parser.add_argument("--out", default="out/evaluate",
+                        help="result tables in <out>/seed-<s>/results, metrics.md/.csv/.json in <out> (default: %(default)s)")
+    parser.add_argument("--categories", nargs="+", help="evaluate only these categories (default: all)")
+    parser.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def main(args) -> int:
+    try:
+        plan = plan_evaluation(args.dataset, args.root, args.config, args.seeds, args.mode, args.out, args.categories)
+    except (ConfigError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    import ray
+
+    quiet_logs()
+    started = time.monotonic()
+    try:
+        run_plan(plan, args.address, progress=not args.no_progress)
+        result = score_plan(plan)
+    except EvaluationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        ray.shutdown()
+    print(f"\nevaluated {len(plan.categories)} categories x {len(plan.seeds)} seeds in "
+          f"{time.monotonic() - started:.0f}s; result tables in {plan.out}/seed-*/results, metrics in "
+          f"{plan.out}/metrics.md, metrics.csv, metrics.json\n")
+    print(format_markdown(result), end="")
+    return 0

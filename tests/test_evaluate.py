@@ -1,0 +1,151 @@
+"""`evaluate`: the paper's shuffled-seed protocol through the replay actors, on a generated
+MVTec-layout dataset and the tiny random-weight model (its accuracy means nothing)."""
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+import ray
+
+import run_cluster
+from pipelines.evaluate import METRICS, evaluate, format_markdown, paper_figures
+from pipelines.line_cluster import start_ray
+from rareclip_core.datasets import load_mask, load_mvtec, shuffled
+from rareclip_core.metrics import image_metrics, pixel_metrics
+from rareclip_core.synthetic import write_mvtec_dataset
+
+SEEDS = [0, 1]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    start_ray(num_cpus=8)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    # 2 categories x 10 test images (6 good, 4 defective with masks), 96 x 96
+    root = tmp_path_factory.mktemp("mvtec")
+    return write_mvtec_dataset(root, n_train_good=0, n_test_good=6, n_test_defect=4, size=96)
+
+
+@pytest.fixture(scope="module")
+def online(local_ray, dataset, tiny_config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("online")
+    return out, evaluate("mvtec", dataset, tiny_config, SEEDS, "online", out, progress=False)
+
+
+def read_rows(results_dir) -> list[dict]:
+    partitioning = pads.partitioning(pa.schema([("line_id", pa.string()), ("date", pa.string())]), flavor="hive")
+    table = pads.dataset(str(results_dir), format="parquet", partitioning=partitioning).to_table()
+    return sorted(table.to_pylist(), key=lambda r: (r["line_id"], r["seq"]))
+
+
+def test_evaluate_writes_sane_tables(online, dataset):
+    out, result = online
+    assert result["categories"] == ["fabric", "widget"] and result["seeds"] == SEEDS
+    assert result["mode"] == "online" and result["std"].startswith("population")
+    for name in ["fabric", "widget"]:
+        for seed in SEEDS:
+            values = result["per_seed"][name][str(seed)]
+            assert values["images"] == 10 and values["anomalous"] == 4 and values["errors"] == 0
+            # both classes present everywhere, so every metric is defined
+            assert all(0.0 <= values[m] <= 100.0 for m in METRICS), values
+    assert result["notes"] == []
+    mean = result["summary"]["mean"]
+    for m in METRICS:
+        per_seed = [np.mean([result["per_seed"][c][str(s)][m] for c in ("fabric", "widget")]) for s in SEEDS]
+        assert mean[m]["mean"] == pytest.approx(np.mean(per_seed))
+        assert mean[m]["std"] == pytest.approx(np.std(per_seed, ddof=0))
+    # maps stored as float32 at 256 x 256 (no float16 quantization)
+    row = read_rows(out / "seed-0" / "results")[0]
+    stored = np.load(out / "seed-0" / "results" / row["map_uri"])
+    assert stored.shape == (256, 256) and stored.dtype == np.float32
+
+    md = (out / "metrics.md").read_text()
+    assert "| fabric | 10 |" in md and "| **mean** | 20 |" in md and " ± " in md
+    assert "| paper: RareCLIP, online | | 98.2 ± 0.2 |" in md  # mvtec: the paper's figures beside ours
+    assert md == format_markdown(result)
+    with (out / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["category"], r["seed"]) for r in rows] == [
+        (c, s) for c in ("fabric", "widget", "mean") for s in ("0", "1")
+    ] + [(c, s) for c in ("fabric", "widget", "mean") for s in ("mean", "std")]
+    assert float(rows[0]["I-AUROC"]) == result["per_seed"]["fabric"]["0"]["I-AUROC"]
+    assert float(rows[-2]["PRO"]) == pytest.approx(mean["PRO"]["mean"])
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["summary"]["widget"]["P-AUROC"] == result["summary"]["widget"]["P-AUROC"]
+
+
+def test_seeds_shuffle_the_order_and_keep_the_rows(online, dataset):
+    out, _ = online
+    official = load_mvtec(dataset)
+    uris = {}
+    for seed in SEEDS:
+        rows = read_rows(out / f"seed-{seed}" / "results")
+        for category, samples in official.items():
+            got = [r["uri"] for r in rows if r["line_id"] == category]  # by seq
+            assert got == [s.path for s in shuffled(samples, seed)]
+            uris[category, seed] = got
+    for category in official:
+        assert uris[category, 0] != uris[category, 1]
+        assert sorted(uris[category, 0]) == sorted(uris[category, 1])
+
+
+def test_metrics_equal_a_recomputation_from_the_stored_rows(online, dataset, tiny_config):
+    out, result = online
+    official = load_mvtec(dataset)
+    for seed in SEEDS:
+        results = out / f"seed-{seed}" / "results"
+        rows = read_rows(results)
+        for category, samples in official.items():
+            order = shuffled(samples, seed)
+            got = [r for r in rows if r["line_id"] == category]
+            labels = [order[r["seq"]].label for r in got]
+            masks = np.stack([load_mask(order[r["seq"]], tiny_config.image_size) for r in got])
+            maps = np.stack([np.load(results / r["map_uri"]) for r in got])
+            expected = {f"I-{k}": v for k, v in image_metrics(labels, [r["score"] for r in got]).items()}
+            expected.update({f"P-{k}": v for k, v in pixel_metrics(masks, maps).items()})
+            names = {"I-auroc": "I-AUROC", "I-f1_max": "I-F1-max", "I-ap": "I-AP", "P-auroc": "P-AUROC",
+                     "P-f1_max": "P-F1-max", "P-ap": "P-AP", "P-pro": "PRO"}
+            values = result["per_seed"][category][str(seed)]
+            for key, name in names.items():
+                assert values[name] == pytest.approx(100 * expected[key], rel=1e-9, abs=1e-9), (category, seed, name)
+
+
+def test_offline_mode_gives_the_same_metrics_for_every_seed(local_ray, dataset, tiny_config, tmp_path):
+    result = evaluate("mvtec", dataset, tiny_config, SEEDS, "offline", tmp_path, categories=["fabric"], progress=False)
+    assert result["mode"] == "offline" and result["categories"] == ["fabric"]
+    first, second = (result["per_seed"]["fabric"][str(s)] for s in SEEDS)
+    assert first == second
+    assert all(result["summary"]["mean"][m]["std"] == 0.0 for m in METRICS)
+    assert "| paper: RareCLIP, offline | | 91.5 |" in (tmp_path / "metrics.md").read_text()
+
+
+def test_paper_figures_say_what_the_paper_does_not_give():
+    visa = paper_figures("visa", "offline", "iprb")
+    assert visa["values"]["P-AUROC"] == {"mean": 95.7, "std": None} and visa["status"]["PRO"] == "unreadable"
+    assert set(paper_figures("mvtec", "offline", "dprb")["status"].values()) == {"not reported"}
+    assert paper_figures("folder", "online", "iprb") is None
+
+
+def test_bad_inputs_exit_2_with_the_readers_message_before_any_actor(tmp_path, dataset, capsys):
+    assert run_cluster.main(["evaluate", "--dataset", "mvtec", "--root", str(tmp_path / "nope")]) == 2
+    assert "not found" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    (broken / "cat" / "test" / "crack").mkdir(parents=True)
+    (broken / "cat" / "test" / "crack" / "000.png").write_bytes(b"x")  # no ground_truth mask
+    assert run_cluster.main(["evaluate", "--dataset", "mvtec", "--root", str(broken)]) == 2
+    assert "mask for" in capsys.readouterr().err
+    args = ["evaluate", "--dataset", "mvtec", "--root", dataset, "--config", "configs/detector-tiny.yaml"]
+    assert run_cluster.main(args + ["--categories", "nothing"]) == 2
+    assert "nothing" in capsys.readouterr().err
+    (tmp_path / "used" / "seed-1" / "results").mkdir(parents=True)
+    assert run_cluster.main(args + ["--out", str(tmp_path / "used")]) == 2
+    assert "not empty" in capsys.readouterr().err
