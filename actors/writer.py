@@ -79,23 +79,28 @@ class ResultWriterCore:
         return {r["line_id"]: self.last_seq[r["line_id"]] for r in rows}
 
     def flush(self) -> int:
-        """Write buffered rows: maps first, then one Parquet file per (line_id, date)."""
-        rows, self.buffer, self.oldest = self.buffer, [], None
+        """Write buffered rows: maps first, then one Parquet file per (line_id, date). Rows
+        leave the buffer only once their file is in place, so a failed flush loses nothing."""
         groups: dict[tuple[str, str], list[dict]] = {}
-        for row in rows:
-            image_map = row.pop("anomaly_map", None)
-            if image_map is not None:
+        for row in self.buffer:
+            image_map = row.get("anomaly_map")
+            if image_map is not None and row.get("map_uri") is None:
                 rel = f"{MAPS_DIR}/line_id={row['line_id']}/{row['seq']:010d}.npy"
                 atomic_write(self.root / rel, lambda p, m=image_map: np.save(p, m, allow_pickle=False))
                 row["map_uri"] = rel
             groups.setdefault((row["line_id"], row["date"]), []).append(row)
+        written = 0
         for (line, date), group in groups.items():
             table = pa.Table.from_pylist(
                 [{k: r.get(k) for k in FILE_SCHEMA.names} for r in group], schema=FILE_SCHEMA
             )
             name = f"part-{group[0]['seq']:010d}-{uuid.uuid4().hex[:8]}.parquet"
             atomic_write(self.root / f"line_id={line}" / f"date={date}" / name, lambda p, t=table: pq.write_table(t, p))
-        return len(rows)
+            done = {id(r) for r in group}
+            self.buffer = [r for r in self.buffer if id(r) not in done]
+            written += len(group)
+        self.oldest = time.monotonic() if self.buffer else None
+        return written
 
     def status(self) -> dict:
         return {"last_seq": dict(self.last_seq), "buffered": len(self.buffer), "dropped": self.dropped}
