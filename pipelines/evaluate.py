@@ -200,10 +200,15 @@ def score_plan(plan: Plan) -> dict:
     for category, samples in plan.samples.items():
         masks = _category_masks(samples, plan.detector.image_size)
         per_seed[category] = {}
+        seen: dict[str, list[int]] = {}  # message -> seeds it came up for
         for seed in plan.seeds:
             values, caught = category_metrics(plan, category, seed, masks)
             per_seed[category][seed] = values
-            notes += [f"{category}, seed {seed}: {msg}" for msg in caught]
+            for msg in caught:
+                seen.setdefault(msg, []).append(seed)
+        for msg, seeds in seen.items():
+            where = "" if len(seeds) == len(plan.seeds) else f" (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+            notes.append(f"{category}{where}: {msg}")
     seed_means = {
         seed: {m: _nanmean([per_seed[c][seed][m] for c in plan.categories]) for m in METRICS} for seed in plan.seeds
     }
@@ -352,7 +357,8 @@ def format_markdown(result: dict) -> str:
         f"Detector `{result['model_id']}` (image size {det['image_size']}, {det['rarity_branch']}). Seeds {seeds}: "
         f"each category's official test order shuffled by `random.seed(s); random.shuffle`, a fresh state per "
         f"category and seed. Metrics in %, maps and masks at {result['map_resolution']}x{result['map_resolution']}; "
-        f"each cell is the mean ± {result['std']}; the mean row averages the categories per seed first.",
+        f"each cell is the mean ± {result['std']}; the mean row averages the categories per seed first "
+        f"(skipping a category where a metric is NaN).",
         "",
         "| category | images | " + " | ".join(METRICS) + " |",
         "|---|---:|" + "---:|" * len(METRICS),

@@ -1,9 +1,9 @@
 """`evaluate`: the paper's shuffled-seed protocol through the replay actors, on a generated
 MVTec-layout dataset and the tiny random-weight model (its accuracy means nothing)."""
 import csv
+import dataclasses
 import json
-import math
-from pathlib import Path
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +12,7 @@ import pytest
 import ray
 
 import run_cluster
-from pipelines.evaluate import METRICS, evaluate, format_markdown, paper_figures
+from pipelines.evaluate import METRICS, Plan, evaluate, format_markdown, paper_figures, score_plan
 from pipelines.line_cluster import start_ray
 from rareclip_core.datasets import load_mask, load_mvtec, shuffled
 from rareclip_core.metrics import image_metrics, pixel_metrics
@@ -117,6 +117,20 @@ def test_metrics_equal_a_recomputation_from_the_stored_rows(online, dataset, tin
             values = result["per_seed"][category][str(seed)]
             for key, name in names.items():
                 assert values[name] == pytest.approx(100 * expected[key], rel=1e-9, abs=1e-9), (category, seed, name)
+
+
+def test_a_category_without_masks_gets_nan_pixel_metrics_and_a_reason(online, dataset, tiny_config, tmp_path):
+    out, _ = online
+    shutil.copytree(out, tmp_path / "copy")
+    samples = load_mvtec(dataset)
+    samples["fabric"] = [dataclasses.replace(s, mask_path=None) if s.label else s for s in samples["fabric"]]
+    result = score_plan(Plan("folder", dataset, tiny_config, tuple(SEEDS), tmp_path / "copy", samples))
+    fabric, widget = result["summary"]["fabric"], result["summary"]["widget"]
+    assert np.isnan(fabric["PRO"]["mean"]) and 0 <= fabric["I-AUROC"]["mean"] <= 100
+    assert result["summary"]["mean"]["P-AUROC"]["mean"] == pytest.approx(widget["P-AUROC"]["mean"])  # NaN skipped
+    assert any("fabric: pixel pro is undefined" in n for n in result["notes"])
+    assert any("4 anomalous image(s) without a mask" in n for n in result["notes"])
+    assert json.loads((tmp_path / "copy" / "metrics.json").read_text())["summary"]["fabric"]["PRO"]["mean"] is None
 
 
 def test_offline_mode_gives_the_same_metrics_for_every_seed(local_ray, dataset, tiny_config, tmp_path):
