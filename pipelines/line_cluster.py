@@ -13,12 +13,16 @@ from tqdm import tqdm
 
 from actors.ingest import IngestActor
 from actors.line import LineActor, line_actor_name
-from actors.supervisor import Supervisor
+from actors.supervisor import Supervisor, supervisor_actor_name
 from actors.writer import ResultWriter
 from configs.pipeline import FolderSourceConfig, PipelineConfig, SyntheticSourceConfig, open_source
+from rareclip_core.config import ConfigError
 from rareclip_core.synthetic import write_line_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Named actors live in a Ray namespace: a fixed one lets another driver (`snapshots reset
+# --address ...`) find a running job's actors by name.
+NAMESPACE = "rareclip"
 
 
 def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
@@ -27,9 +31,14 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> 
         return
     env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT), "TQDM_DISABLE": "1"}}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), runtime_env=env, include_dashboard=False)
+        ray.init(
+            num_cpus=num_cpus or max(8, os.cpu_count() or 1),
+            namespace=NAMESPACE,
+            runtime_env=env,
+            include_dashboard=False,
+        )
 
 
 def materialize_source(cfg: PipelineConfig) -> PipelineConfig:
@@ -60,13 +69,22 @@ class LineCluster:
         self.source = open_source(cfg.source)
         self.lines = lines or self.source.lines()
         self.key = job_key(cfg)
-        supervisor_name = f"rareclip-supervisor-{self.key}"
-        num_gpus = 1 / cfg.lines_per_gpu if ray.cluster_resources().get("GPU", 0) else 0
+        supervisor_name = supervisor_actor_name(self.key)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        num_gpus = 1 / cfg.lines_per_gpu if gpus else 0
+        if gpus and len(self.lines) > gpus * cfg.lines_per_gpu:
+            raise ConfigError(
+                f"{len(self.lines)} lines at lines_per_gpu={cfg.lines_per_gpu} need "
+                f"{len(self.lines) / cfg.lines_per_gpu:g} GPUs, the cluster has {gpus:g}: raise lines_per_gpu"
+            )
         self.writer = ResultWriter.remote(str(cfg.results_dir), cfg.writer_batch_rows, cfg.writer_flush_s, supervisor_name)
         detector = cfg.detector.model_dump()
         self.line_actors = {
             line: LineActor.options(
-                name=line_actor_name(self.key, line), num_cpus=cfg.line_num_cpus, num_gpus=num_gpus
+                name=line_actor_name(self.key, line),
+                num_cpus=cfg.line_num_cpus,
+                num_gpus=num_gpus,
+                resources=cfg.line_resources,
             ).remote(
                 line,
                 detector,
