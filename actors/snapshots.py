@@ -49,12 +49,20 @@ def snapshot_name(next_seq: int) -> str:
     return f"seq-{next_seq - 1:012d}"
 
 
+def snapshot_lines(root: str) -> list[str]:
+    """The lines that have a snapshot folder under `root`."""
+    fs, base = _filesystem(root)
+    selector = pafs.FileSelector(base.rstrip("/"), allow_not_found=True)
+    return sorted(i.base_name for i in fs.get_file_info(selector) if i.type == pafs.FileType.Directory)
+
+
 class SnapshotStore:
     def __init__(self, root: str, line_id: str):
         self.fs, base = _filesystem(root)
         self.line_id = line_id
         self.dir = f"{base.rstrip('/')}/{line_id}"
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.rejected: list[str] = []  # why load_latest passed over snapshots, last call
 
     def list(self) -> list[SnapshotInfo]:
         """Snapshots present, oldest first (by the last seq they cover); not validated."""
@@ -113,6 +121,8 @@ class SnapshotStore:
                 data = fh.read()
         except (OSError, ValueError) as err:
             raise SnapshotError(f"{path}: unreadable ({err})") from None
+        if not isinstance(manifest, dict):
+            raise SnapshotError(f"{path}: manifest is not a JSON object")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise SnapshotError(f"{path}: format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
         if manifest.get("line_id") != self.line_id or manifest.get("next_seq") != info.next_seq:
@@ -127,7 +137,9 @@ class SnapshotStore:
             raise SnapshotError(f"{path}: state file does not parse ({err})") from None
 
     def load_latest(self, fingerprint: str, at_most: Optional[int] = None) -> tuple[Optional[SnapshotInfo], dict]:
-        """The newest valid snapshot (covering at most `at_most` frames); (None, {}) if none."""
+        """The newest valid snapshot (covering at most `at_most` frames); (None, {}) if none.
+        Why newer ones were rejected is logged and kept in `self.rejected`."""
+        self.rejected = []
         for info in reversed(self.list()):
             if at_most is not None and info.next_seq > at_most:
                 continue
@@ -135,7 +147,35 @@ class SnapshotStore:
                 return info, self.load(info, fingerprint)
             except SnapshotError as err:
                 log.warning("line %s: snapshot rejected, trying the previous one: %s", self.line_id, err)
+                self.rejected.append(str(err))
         return None, {}
+
+    def describe(self, info: SnapshotInfo, fingerprint: str) -> dict:
+        """What an operator sees of one snapshot: size, creation time (from the manifest) and
+        `problem`, None when `load` would accept it, else why it would be rejected."""
+        path = f"{self.dir}/{info.name}"
+        state = self.fs.get_file_info(f"{path}/{STATE_FILE}")
+        try:
+            with self.fs.open_input_stream(f"{path}/{MANIFEST_FILE}") as fh:
+                manifest = json.loads(fh.read())
+        except (OSError, ValueError):
+            manifest = None
+        try:
+            self.load(info, fingerprint)
+            problem = None
+        except SnapshotError as err:
+            problem = str(err)
+        return {
+            "line_id": self.line_id,
+            "name": info.name,
+            "next_seq": info.next_seq,
+            "bytes": state.size if state.type == pafs.FileType.File else None,
+            "created_utc": manifest.get("created_utc") if isinstance(manifest, dict) else None,
+            "problem": problem,
+        }
+
+    def delete(self, info: SnapshotInfo) -> None:
+        self.fs.delete_dir(f"{self.dir}/{info.name}")
 
     def prune(self, keep: int) -> None:
         """Delete all but the newest `keep` snapshots, and temporary folders a crash left behind
