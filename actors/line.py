@@ -145,10 +145,12 @@ class LineActor:
         self.watcher = None
         self.store = SnapshotStore(snapshot_root, line_id) if snapshot_root else None
         self.snapshot_keep = snapshot_keep
+        self.generation = 0  # bumped by restore/reset: a snapshot taken across one is stale
         restored = self.restore()
         if supervisor_name:
             try:
-                ray.get_actor(supervisor_name).line_started.remote(line_id, restored)
+                rejected = self.store.rejected if self.store else []
+                ray.get_actor(supervisor_name).line_started.remote(line_id, restored, rejected)
             except ValueError:
                 pass  # first start: the supervisor is created after the lines
 
@@ -189,22 +191,35 @@ class LineActor:
             "images_seen": self.sequencer.detector.images_seen,
         }
 
-    async def snapshot(self) -> int:
+    async def snapshot(self) -> Optional[int]:
         """Save the line's state once the writer has persisted every row before it; returns
-        the seq the snapshot reaches. Rows are flushed first so that a snapshot never gets
-        ahead of the result table (a writer crash then only needs a replay from it)."""
+        the seq the snapshot reaches, or None when it was not taken. Rows are flushed first so
+        that a snapshot never gets ahead of the result table (a writer crash then only needs a
+        replay from it). Not taken: when the writer has not persisted every row before it (it
+        restarted and lost buffered rows, which the replay it triggers writes again), or when
+        the line restored or reset meanwhile (the state captured is no longer the line's)."""
         state = self.sequencer.detector.state_dict()
         next_seq = self.sequencer.next_seq
+        generation = self.generation
         writes, self.writes = self.writes, []
         await asyncio.gather(*writes)
         await self.writer.flush.remote()
+        persisted = (await self.writer.status.remote())["last_seq"].get(self.sequencer.line_id, -1)
+        if generation != self.generation or persisted < next_seq - 1:
+            log.info("line %s: snapshot at seq %d not taken (table at %d)", self.sequencer.line_id, next_seq, persisted)
+            return None
         self.store.save(state, next_seq, self.sequencer.detector.config.fingerprint())
         self.store.prune(self.snapshot_keep)
         return next_seq
 
+    def node_id(self) -> str:
+        """The Ray node this actor runs on."""
+        return ray.get_runtime_context().get_node_id()
+
     def restore(self, at_most: Optional[int] = None) -> int:
         """Load the newest valid snapshot (covering at most `at_most` frames), or start fresh
         at seq 0; frames waiting in the buffer are dropped (ingestion replays them)."""
+        self.generation += 1
         detector = self.sequencer.detector
         info, state = self.store.load_latest(detector.config.fingerprint(), at_most) if self.store else (None, {})
         if info is None:
@@ -218,9 +233,18 @@ class LineActor:
 
     async def reset(self) -> int:
         """Start the line's learning afresh from its current seq (e.g. a product changeover):
-        old snapshots are deleted and a snapshot of the empty state is taken."""
+        a snapshot of the empty state is taken, then the older snapshots are deleted (so a
+        restart can never bring back what the line had learned)."""
+        self.generation += 1
         self.sequencer.detector.reset()
         if self.store:
-            self.store.clear()
-            await self.snapshot()
+            seq = await self.snapshot()
+            if seq is None:
+                raise RuntimeError(
+                    f"line {self.sequencer.line_id}: reset, but its snapshot could not be taken (the result "
+                    "table is behind the line, or it restored meanwhile); older snapshots are kept: reset again"
+                )
+            for info in self.store.list():
+                if info.next_seq != seq:
+                    self.store.delete(info)
         return self.sequencer.next_seq

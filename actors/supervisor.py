@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 2.0
 
 
+def supervisor_actor_name(job: str) -> str:
+    return f"rareclip-supervisor-{job}"
+
+
 async def _call(ref, timeout: float = CALL_TIMEOUT_S):
     """Await an actor call; None if the actor is dead or restarting."""
     try:
@@ -57,15 +61,21 @@ class Supervisor:
         self.watcher = None
 
     async def start(self) -> None:
-        for i, (actor, _) in enumerate(self.ingest):
+        """Start feeding every line from where it stands (a line that restored a snapshot of an
+        earlier run of the job resumes after it instead of reading its frames again)."""
+        for line, actor in self.lines.items():
+            p = await _call(actor.progress.remote(), timeout=60)
+            self.progress[line] = self.snapshot_seq[line] = p["next_seq"] if p else 0
+        for i, (actor, group) in enumerate(self.ingest):
             totals = await actor.totals.remote()
-            self.totals.update(totals or {line: None for line in self.ingest[i][1]})
-            self.feeds[i] = actor.run.remote()
+            self.totals.update(totals or {line: None for line in group})
+            self.feeds[i] = actor.run.remote({line: self.progress[line] for line in group})
         self.watcher = asyncio.get_running_loop().create_task(self._watch())
 
     # ---- notifications from restarted actors ---------------------------------------------------
-    async def line_started(self, line: str, next_seq: int) -> None:
+    async def line_started(self, line: str, next_seq: int, rejected: Optional[list] = None) -> None:
         self.events.append(f"line {line} restarted, restored at seq {next_seq}")
+        self.events.extend(f"line {line} rejected a snapshot: {reason}" for reason in rejected or [])
         await self._replay(line, next_seq)
 
     async def writer_started(self, persisted: dict) -> None:
@@ -75,8 +85,14 @@ class Supervisor:
             if next_seq is not None:  # a line that is itself restarting reports through line_started
                 await self._replay(line, next_seq)
 
+    async def line_restored(self, line: str, next_seq: int, why: str) -> None:
+        """A line was made to load a snapshot while running (an operator's restore): replay."""
+        self.events.append(f"line {line} restored at seq {next_seq}: {why}")
+        await self._replay(line, next_seq)
+
     async def _replay(self, line: str, seq: int) -> None:
         self.progress[line] = seq
+        self.snapshot_seq[line] = min(self.snapshot_seq[line], seq)
         i = self.ingest_of[line]
         actor, group = self.ingest[i]
         if self.feeds.get(i) is not None and await _call(actor.rewind.remote(line, seq)):
