@@ -71,6 +71,9 @@ class PipelineConfig(StrictModel):
     thresholds: dict[str, float] = Field(default_factory=dict, description="per-line thresholds")
     lines_per_gpu: int = Field(4, ge=1, description="each line actor takes 1/lines_per_gpu of a GPU")
     line_num_cpus: float = Field(0.5, gt=0, description="CPU share reserved per line actor")
+    line_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per line actor, e.g. {line_host: 1} pins lines to such nodes"
+    )
     ingest_actors: int = Field(1, ge=1)
     max_in_flight: int = Field(8, ge=1, description="frames submitted but not yet scored, per line")
     gap_timeout_s: float = Field(60.0, gt=0, description="wait this long for a missing seq, then an error row")

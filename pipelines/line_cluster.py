@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from actors.ingest import IngestActor
@@ -109,7 +110,10 @@ class LineCluster:
             for group in groups
         ]
         ray.get([a.progress.remote() for a in self.line_actors.values()])  # constructed (and restored)
-        self.supervisor = Supervisor.options(name=supervisor_name).remote(
+        # the supervisor cannot be restarted (its feeds and positions would be lost): it runs on
+        # the driver's node, so that only what ends the job anyway (the driver's node) ends it
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.supervisor = Supervisor.options(name=supervisor_name, scheduling_strategy=here).remote(
             self.writer, self.line_actors, list(zip(self.ingest, groups)), cfg.snapshot.every_frames, cfg.snapshot.every_s
         )
 
