@@ -218,10 +218,16 @@ class LineActor:
 
     def restore(self, at_most: Optional[int] = None) -> int:
         """Load the newest valid snapshot (covering at most `at_most` frames), or start fresh
-        at seq 0; frames waiting in the buffer are dropped (ingestion replays them)."""
+        at seq 0; frames waiting in the buffer are dropped (ingestion replays them). Snapshots
+        past `at_most` are deleted: they belong to the timeline being left (an operator's
+        restore), and a later restart must not go back to them."""
         self.generation += 1
         detector = self.sequencer.detector
         info, state = self.store.load_latest(detector.config.fingerprint(), at_most) if self.store else (None, {})
+        if self.store and at_most is not None:
+            for newer in self.store.list():
+                if newer.next_seq > at_most:
+                    self.store.delete(newer)
         if info is None:
             detector.reset()
         else:
@@ -234,9 +240,11 @@ class LineActor:
     async def reset(self) -> int:
         """Start the line's learning afresh from its current seq (e.g. a product changeover):
         a snapshot of the empty state is taken, then the older snapshots are deleted (so a
-        restart can never bring back what the line had learned)."""
+        restart can never bring back what the line had learned). Returns the seq of the first
+        frame scored with the empty state."""
         self.generation += 1
         self.sequencer.detector.reset()
+        reset_at = self.sequencer.next_seq  # frames from here on see the empty state
         if self.store:
             seq = await self.snapshot()
             if seq is None:
@@ -247,4 +255,4 @@ class LineActor:
             for info in self.store.list():
                 if info.next_seq != seq:
                     self.store.delete(info)
-        return self.sequencer.next_seq
+        return reset_at
