@@ -35,6 +35,7 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> 
         ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=True)
     else:
         ray.init(
+            address="local",  # a new instance even when `ray start` left a cluster on this machine
             num_cpus=num_cpus or max(8, os.cpu_count() or 1),
             namespace=NAMESPACE,
             runtime_env=env,
