@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as pads
 import pytest
 import ray
 from PIL import Image
@@ -15,12 +14,11 @@ from PIL import Image
 from actors.frames import Frame
 from actors.line import LineActor
 from actors.writer import ResultWriter, ResultWriterCore
-from configs.pipeline import PipelineConfig
 from pipelines.line_cluster import start_ray
 from pipelines.replay import run_replay
 from rareclip_core.detector import OnlineDetector
 from rareclip_core.frames import decode_frame
-from rareclip_core.synthetic import SyntheticLine
+from tests.pipeline_helpers import line_frames, pipeline_config, read_rows, write_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,16 +28,6 @@ def local_ray():
     start_ray(num_cpus=8)
     yield
     ray.shutdown()
-
-
-def read_rows(results_dir) -> list[dict]:
-    table = pads.dataset(str(results_dir), format="parquet", partitioning="hive").to_table()
-    return sorted(table.to_pylist(), key=lambda r: (r["line_id"], r["seq"]))
-
-
-def line_frames(seed: int, n: int) -> list[np.ndarray]:
-    line = SyntheticLine("object" if seed % 2 else "texture", seed=seed, size=96, defect_rate=0.15)
-    return [line.frame(i).image for i in range(n)]
 
 
 def in_process_scores(tiny_config, images) -> list[float]:
@@ -89,30 +77,6 @@ def test_missing_frame_ends_in_an_error_row_after_the_gap_timeout(local_ray, tin
     assert "never arrived" in rows[2]["error"]
     # the missing frame never touched the detector: frame 3 scores as the third image
     assert rows[3]["score"] == in_process_scores(tiny_config, [images[0], images[1], images[3]])[2]
-
-
-def write_folder(root: Path, line: str, images, extras=None) -> list[Path]:
-    folder = root / line
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, im in enumerate(images):
-        path = folder / f"frame_{i:04d}_b.png"
-        Image.fromarray(im).save(path)
-        paths.append(path)
-    for name, data in (extras or {}).items():
-        (folder / name).write_bytes(data)
-    return paths
-
-
-def pipeline_config(tiny_config, source_root, out, **kw) -> PipelineConfig:
-    return PipelineConfig(
-        detector=tiny_config,
-        source={"kind": "folder", "root": str(source_root)},
-        out=str(out),
-        map_resolution=None,
-        line_num_cpus=0.5,
-        **kw,
-    )
 
 
 def test_bad_files_become_error_rows_and_leave_scores_unchanged(local_ray, tiny_config, tmp_path):

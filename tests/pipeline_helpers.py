@@ -1,0 +1,116 @@
+"""Helpers shared by the Ray pipeline tests: frame folders, configs, result rows, fault plans."""
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import ray
+from PIL import Image
+
+from actors.snapshots import SnapshotStore
+from configs.pipeline import PipelineConfig
+from rareclip_core.synthetic import SyntheticLine
+
+
+def read_rows(results_dir) -> list[dict]:
+    table = pads.dataset(str(results_dir), format="parquet", partitioning="hive").to_table()
+    return sorted(table.to_pylist(), key=lambda r: (r["line_id"], r["seq"]))
+
+
+def line_frames(seed: int, n: int) -> list[np.ndarray]:
+    line = SyntheticLine("object" if seed % 2 else "texture", seed=seed, size=96, defect_rate=0.15)
+    return [line.frame(i).image for i in range(n)]
+
+
+def write_folder(root: Path, line: str, images, extras=None) -> list[Path]:
+    folder = root / line
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, im in enumerate(images):
+        path = folder / f"frame_{i:04d}_b.png"
+        Image.fromarray(im).save(path)
+        paths.append(path)
+    for name, data in (extras or {}).items():
+        (folder / name).write_bytes(data)
+    return paths
+
+
+def pipeline_config(tiny_config, source_root, out, **kw) -> PipelineConfig:
+    return PipelineConfig(
+        detector=tiny_config,
+        source={"kind": "folder", "root": str(source_root)},
+        out=str(out),
+        map_resolution=None,
+        line_num_cpus=0.5,
+        **kw,
+    )
+
+
+class KillPlan:
+    """An `on_poll` callback for `LineCluster.run` that kills actors one after another, at
+    chosen points of the stream: step (actor name, line, frames) kills the actor once `line`
+    has scored `frames` frames past where it stood when the supervisor reported recovering
+    from the previous kill (a new event). Deterministic up to the poll granularity: it watches
+    the line actor's progress closely instead of waiting for the next poll.
+
+    A step also waits until the line has `min_snapshots` snapshots (so that a restart restores
+    one rather than starting afresh). A kill is never later than `margin` frames before the
+    line's end (so the ingest still feeds it). `before_kill(i)` and `after_kill(i)` run around
+    the i-th kill (to damage a snapshot, say). `kill(name)` replaces `ray.kill` of the named
+    actor (to remove a node, say)."""
+
+    def __init__(
+        self,
+        cluster,
+        steps,
+        before_kill=None,
+        after_kill=None,
+        min_snapshots: int = 0,
+        margin: int = 12,
+        timeout_s: float = 120.0,
+        kill=None,
+    ):
+        self.cluster = cluster
+        self.kill = kill or (lambda name: ray.kill(cluster.actors()[name], no_restart=False))
+        self.min_snapshots = min_snapshots
+        self.steps = list(steps)
+        self.before_kill = before_kill
+        self.after_kill = after_kill
+        self.margin = margin
+        self.timeout_s = timeout_s
+        self.totals = cluster.source_totals()
+        self.killed: list[tuple[str, int]] = []  # (actor, the watched line's seq when killed)
+        self.events_seen = 0
+        self.base = None
+
+    def __call__(self, status: dict) -> None:
+        if not self.steps or len(status["events"]) < self.events_seen:
+            return  # done, or the previous kill is not recovered yet
+        name, line, frames = self.steps[0]
+        if self.base is None:
+            self.base = status["progress"][line]
+        target = min(self.base + frames, self.totals[line] - self.margin)
+        deadline = time.monotonic() + self.timeout_s
+        seq = None
+        while time.monotonic() < deadline:
+            try:
+                seq = ray.get(self.cluster.line_actors[line].progress.remote(), timeout=10)["next_seq"]
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                return  # restarting (the writer's restart made it restore, say): next poll
+            if seq >= target and self._snapshots(line) >= self.min_snapshots:
+                break
+            time.sleep(0.01)
+        if seq is None or seq > self.totals[line] - self.margin // 2:
+            return  # too close to the line's end: the caller's check of `killed` fails
+        if self.before_kill:
+            self.before_kill(len(self.killed))
+        events = len(ray.get(self.cluster.supervisor.status.remote())["events"])
+        self.kill(name)
+        self.killed.append((name, seq))
+        if self.after_kill:
+            self.after_kill(len(self.killed) - 1)
+        self.steps.pop(0)
+        self.events_seen, self.base = events + 1, None
+
+    def _snapshots(self, line: str) -> int:
+        return len(SnapshotStore(self.cluster.cfg.snapshot_root, line).list()) if self.min_snapshots else 0
