@@ -163,6 +163,8 @@ class LineActor:
     def _send(self, rows: list[dict]) -> None:
         if rows:
             self.writes.append(self.writer.write.remote(rows))
+            if len(self.writes) >= 256:  # without snapshots nothing else clears finished writes
+                _, self.writes = ray.wait(self.writes, num_returns=len(self.writes), timeout=0)
         if not self.sequencer.pending:
             self.gap_since = None
         elif rows or self.gap_since is None:
