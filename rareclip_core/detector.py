@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -39,6 +40,29 @@ class DetectionResult:
     text_map: np.ndarray  # g x g, A^_text (Eq. 3)
     rarity_map: Optional[np.ndarray]  # g x g, A^_rare (Eq. 20); None before any history
     images_seen: int  # t: images this line had processed before this one
+
+
+class _Laps:
+    """Wall time per section of a step, for `timings=`: each call adds the time since the last
+    one to `timings[name]` (seconds), after waiting for queued CUDA work when on CUDA. Only
+    created when timings are requested, so a plain step has no extra synchronization."""
+
+    __slots__ = ("timings", "device", "last")
+
+    def __init__(self, timings: dict[str, float], device: torch.device):
+        self.timings, self.device = timings, device
+        self._sync()
+        self.last = time.perf_counter()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, name: str) -> None:
+        self._sync()
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 class OnlineDetector:
@@ -147,19 +171,25 @@ class OnlineDetector:
         }
 
     # ---- scoring -----------------------------------------------------------------------------
-    def encode(self, images: list) -> list[FrameFeatures]:
-        """Preprocess and run the backbone on a batch of frames (no state involved)."""
+    def encode(self, images: list, timings: dict[str, float] | None = None) -> list[FrameFeatures]:
+        """Preprocess and run the backbone on a batch of frames (no state involved).
+        `timings`: adds seconds spent in 'preprocess' and 'backbone' (see `step_features`)."""
+        lap = None if timings is None else _Laps(timings, self.device)
         batch = torch.stack([self.preprocess(to_rgb_image(im)) for im in images])
+        if lap:
+            lap("preprocess")
         out = self.backbone(batch)
+        if lap:
+            lap("backbone")
         return [
             FrameFeatures(out.image_embedding[i], {b: t[i] for b, t in out.patch_tokens.items()})
             for i in range(len(images))
         ]
 
-    def step(self, image, update: Optional[bool] = None) -> DetectionResult:
+    def step(self, image, update: Optional[bool] = None, timings: dict[str, float] | None = None) -> DetectionResult:
         """Score one frame (PIL image or H x W x 3 uint8 array). `update` defaults to the mode:
-        online memorizes the frame, offline does not."""
-        return self.step_features(self.encode([image])[0], update)
+        online memorizes the frame, offline does not. `timings`: see `step_features`."""
+        return self.step_features(self.encode([image], timings)[0], update, timings=timings)
 
     def add_normal_references(self, images: list) -> None:
         """k-shot (sec. 6): k normal images go through first; their features are protected from
@@ -198,10 +228,28 @@ class OnlineDetector:
         return torch.stack(maps).mean(0)
 
     @torch.inference_mode()
-    def step_features(self, frame: FrameFeatures, update: Optional[bool] = None, protect: bool = False) -> DetectionResult:
+    def step_features(
+        self,
+        frame: FrameFeatures,
+        update: Optional[bool] = None,
+        protect: bool = False,
+        timings: dict[str, float] | None = None,
+    ) -> DetectionResult:
+        """Score one encoded frame and (with `update`) memorize it.
+
+        `timings`: when a dict is given, seconds per section are added to it: 'text' (TPB),
+        'banks' (bank features, the rarity banks incl. sampling, k-shot map),
+        'image_rarity_rescore' (LAIFs, IRB, fusion, re-scoring, image memory update),
+        'upsample_blur', 'output' (results to host). CUDA is synchronized at each section
+        boundary only then; with None (the default) nothing is measured or synchronized.
+
+        Everything stays on the device until the end of the step, where the scalars and maps
+        come to the host in two transfers (the banks' stale-row count is the only other sync).
+        """
         cfg = self.config
         if update is None:
             update = cfg.mode == "online"
+        lap = None if timings is None else _Laps(timings, self.device)
         t = self.images_seen
         tokens = {b: v.to(self.device) for b, v in frame.tokens.items()}
         embedding = frame.embedding.to(self.device)
@@ -209,34 +257,55 @@ class OnlineDetector:
         # Text prompt branch, Eq. 1-3 (the cumulative mean includes the current image)
         projected = self.text_projection([tokens[b][None].float() for b in cfg.text_blocks])
         a_text = text_anomaly_map(projected, self.text_features, cfg.text_temperature)[0]  # M
-        c_text = float(text_image_score(embedding[None], self.text_features, cfg.text_temperature)[0])
+        c_text = text_image_score(embedding[None], self.text_features, cfg.text_temperature)[0]  # 0-dim
         text_sum = a_text.double() if self.text_map_sum is None else self.text_map_sum + a_text.double()
         mean_text = (text_sum / (t + 1)).float()
         a_text_hat = torch.maximum(a_text, mean_text)
+        if lap:
+            lap("text")
 
-        # Patch rarity banks (sec. 3) and LAIFs (sec. 4) on the top half of the mean text map
+        # Patch rarity banks (sec. 3)
         features = self._bank_features(tokens)
         rarities = [self.banks[key].score(features[key], update=update, protect=protect) for key in self.bank_keys]
-        foreground = mean_text.topk(math.ceil(cfg.foreground_ratio * self.n_patches)).indices
-        laifs = torch.stack(
-            [F.normalize(F.normalize(tokens[b], dim=-1)[foreground].mean(0), dim=0) for b in cfg.rarity_blocks]
-        )  # n_blocks x C
-
-        c_rare = rarity_map = None
-        if rarities[0] is None:
-            a_map = a_text_hat
-        else:
+        a_rare = None
+        if rarities[0] is not None:
             a_rare = torch.stack(rarities).mean(0)
             if self.references:
                 weight = min(self.n_references / 8, 1.0)
                 a_rare = (1 - weight) * a_rare + weight * self._kshot_map(features)
-            c_rare = self.image_memory.image_rarity(laifs, cfg.rarity_ratio)
-            rarity_map = a_rare + (c_rare or 0.0) * (1 + normalize01(mean_text))  # Eq. 20
+        if lap:
+            lap("banks")
+
+        # LAIFs (sec. 4) on the top half of the mean text map; the scale-1 bank features are
+        # exactly the L2-normalized tokens, so they are reused when that scale is configured
+        foreground = mean_text.topk(math.ceil(cfg.foreground_ratio * self.n_patches)).indices
+        laifs = torch.stack(
+            [
+                F.normalize(
+                    (features[(b, 1)] if (b, 1) in features else F.normalize(tokens[b], dim=-1))[foreground].mean(0),
+                    dim=0,
+                )
+                for b in cfg.rarity_blocks
+            ]
+        )  # n_blocks x C
+        laif_sims = self.image_memory.laif_similarity(laifs) if len(self.image_memory) else None
+        c_rare = rarity_map = None
+        if a_rare is None:
+            a_map = a_text_hat
+        else:
+            c_rare = self.image_memory.image_rarity(laifs, cfg.rarity_ratio, laif_sims)
+            rarity_map = a_rare + (0.0 if c_rare is None else c_rare) * (1 + normalize01(mean_text))  # Eq. 20
             lam_rare, lam_text = (2 / 3, 2 / 3) if t <= 3 else (4 / 3, 1 / 3)  # Eq. 21
             a_map = lam_rare * rarity_map + lam_text * a_text_hat
+        if lap:
+            lap("image_rarity_rescore")
 
         full = upsample_and_blur(a_map.view(1, self.grid, self.grid), cfg.image_size, cfg.blur_sigma, cfg.blur_kernel)[0]
-        c_test = float(full.max()) + c_text
+        peak = full.max()
+        if lap:
+            lap("upsample_blur")
+
+        c_test = peak.double() + c_text.double()  # as float(max) + float(c_text) in float64
         score = self.image_memory.rescore(
             embedding,
             laifs,
@@ -245,18 +314,30 @@ class OnlineDetector:
             cfg.rescore_divisor,
             cfg.rescore_max_neighbors,
             cfg.rescore_temperature,
+            laif_sims,
         )
         if update:
             self.image_memory.add(embedding, laifs, c_test)
             self.text_map_sum = text_sum
             self.images_seen = t + 1
-        return DetectionResult(
-            score=score,
-            anomaly_map=full.cpu().numpy().astype(np.float32),
-            preliminary_score=c_test,
-            text_score=c_text,
-            image_rarity=c_rare,
-            text_map=a_text_hat.view(self.grid, self.grid).cpu().numpy(),
-            rarity_map=None if rarity_map is None else rarity_map.view(self.grid, self.grid).cpu().numpy(),
+        if lap:
+            lap("image_rarity_rescore")
+
+        scalars = [score, c_test, c_text.double()] + ([] if c_rare is None else [c_rare.double()])
+        scalars = torch.stack(scalars).tolist()
+        maps = [full.reshape(-1), a_text_hat] + ([] if rarity_map is None else [rarity_map])
+        maps = torch.cat(maps).cpu().numpy()
+        size, m = cfg.image_size * cfg.image_size, self.n_patches
+        result = DetectionResult(
+            score=scalars[0],
+            anomaly_map=maps[:size].reshape(cfg.image_size, cfg.image_size),
+            preliminary_score=scalars[1],
+            text_score=scalars[2],
+            image_rarity=None if c_rare is None else scalars[3],
+            text_map=maps[size : size + m].reshape(self.grid, self.grid),
+            rarity_map=None if rarity_map is None else maps[size + m :].reshape(self.grid, self.grid),
             images_seen=t,
         )
+        if lap:
+            lap("output")
+        return result

@@ -1,6 +1,8 @@
 """Patch-grid map utilities: neighbourhood pooling (sec. 3), upsampling and Gaussian blur (sec. 5)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -21,11 +23,17 @@ def gaussian_kernel1d(sigma: float, size: int, device=None) -> torch.Tensor:
     return k / k.sum()
 
 
+@functools.lru_cache(maxsize=16)
+def _cached_kernel(sigma: float, size: int, device: torch.device) -> torch.Tensor:
+    """The blur kernel, built once per (sigma, size, device) instead of once per frame."""
+    return gaussian_kernel1d(sigma, size, device)
+
+
 def upsample_and_blur(grid_maps: torch.Tensor, size: int, sigma: float, kernel: int) -> torch.Tensor:
     """B x g x g patch maps -> B x size x size: bilinear (align_corners=True), then a separable
     Gaussian blur (sigma, kernel x kernel, reflect padding)."""
     x = F.interpolate(grid_maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=True)
-    k = gaussian_kernel1d(sigma, kernel, x.device)
+    k = _cached_kernel(float(sigma), int(kernel), x.device)
     pad = kernel // 2
     x = F.conv2d(F.pad(x, [pad, pad, 0, 0], mode="reflect"), k.view(1, 1, 1, -1))
     x = F.conv2d(F.pad(x, [0, 0, pad, pad], mode="reflect"), k.view(1, 1, -1, 1))
@@ -33,6 +41,7 @@ def upsample_and_blur(grid_maps: torch.Tensor, size: int, sigma: float, kernel: 
 
 
 def normalize01(x: torch.Tensor) -> torch.Tensor:
-    """(x - min) / (max - min); all zeros when x is constant."""
-    span = x.max() - x.min()
-    return (x - x.min()) / span if span > 0 else torch.zeros_like(x)
+    """(x - min) / (max - min); all zeros when x is constant. No host sync (torch.where, not `if`)."""
+    low = x.min()
+    span = x.max() - low
+    return torch.where(span > 0, (x - low) / span, torch.zeros_like(x))

@@ -42,11 +42,28 @@ def _earlier_max(sim: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tens
     return best.clamp_min(0).masked_fill(none, 0), arg.masked_fill(none, -1)
 
 
+def _append_earlier_max(
+    sim_old: torch.Tensor, sim_new: torch.Tensor, upper: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_earlier_max` for m rows appended after n features, without building the m x (n + m)
+    matrix: sim_old (m x n, all earlier) and sim_new (m x m, earlier where column < row; `upper`
+    is the m x m mask of columns >= row). Same values and argmax (max picks the first maximum,
+    so the old part wins ties, as in the concatenated row)."""
+    best_new, arg_new = sim_new.float().masked_fill(upper, float("-inf")).max(dim=1)
+    if sim_old.shape[1] == 0:
+        none = torch.isinf(best_new)
+        return best_new.clamp_min(0).masked_fill(none, 0), arg_new.masked_fill(none, -1)
+    best_old, arg_old = sim_old.float().max(dim=1)
+    take_old = best_old >= best_new
+    best = torch.where(take_old, best_old, best_new)
+    return best.clamp_min(0), torch.where(take_old, arg_old, arg_new + sim_old.shape[1])
+
+
 def keep_smallest(scores: torch.Tensor, n_keep: int, protected: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of the n_keep smallest scores (protected rows first, ties to the earlier row), ascending."""
-    key = scores.float().clone()
+    key = scores.float()
     if protected is not None:
-        key[protected] = float("-inf")
+        key = key.masked_fill(protected, float("-inf"))  # not key[protected] = ...: no host sync
     order = torch.argsort(key, stable=True)[:n_keep]
     return order.sort().values
 
@@ -99,7 +116,10 @@ class PatchRarityBank:
         self.redundancy: torch.Tensor | None = None  # N, s_i of Eq. 8
         self.nearest_earlier: torch.Tensor | None = None  # N, argmax j of s_i, -1 if none
         self.protected: torch.Tensor | None = None  # N bool, k-shot features exempt from eviction
+        self.n_protected = 0  # protected.sum(), kept on the host so a step needs no device sync
         self.generator = torch.Generator().manual_seed(self.seed)  # random / k-means samplers
+        self.last_stale = 0  # rows whose Eq. 8 argmax was evicted at the last update (recomputed)
+        self._upper: torch.Tensor | None = None  # m x m mask of columns >= row, cached per m
 
     def __len__(self) -> int:
         return 0 if self.features is None else self.features.shape[0]
@@ -118,12 +138,14 @@ class PatchRarityBank:
         features = features.to(self.dtype)
         if self.features is None:
             self._start(features)
-        sim = features @ self.features.T  # M x N
+        sim = (features @ self.features.T).float()  # M x N; converted once for a low-precision bank
         rarity = s_t2h = None
         if len(self):
-            v, idx = sim.float().topk(min(self.k, len(self)), dim=1)  # M x K
+            v, idx = sim.topk(min(self.k, len(self)), dim=1)  # M x K
             v = loose_similarity(v, self.loose_ratio)
-            s_t2h = (self.image_similarity[:, idx] * v).mean(-1)  # n_I x M x K -> n_I x M
+            # n_I x M x K -> n_I x M; index_select: the same gather as [:, idx], several times faster on CPU
+            gathered = self.image_similarity.index_select(1, idx.reshape(-1)).view(self.n_images, *idx.shape)
+            s_t2h = (gathered * v).mean(-1)
             rarity = rarity_score(s_t2h, self.rarity_ratio, dim=0)
         if update:
             self._memorize(features, sim, s_t2h, protect)
@@ -136,39 +158,52 @@ class PatchRarityBank:
         self.redundancy = torch.zeros(0, device=device)
         self.nearest_earlier = torch.zeros(0, dtype=torch.long, device=device)
         self.protected = torch.zeros(0, dtype=torch.bool, device=device)
+        self.n_protected = 0
+
+    def _upper_mask(self, m: int, device) -> torch.Tensor:
+        if self._upper is None or self._upper.shape[0] != m or self._upper.device != device:
+            self._upper = torch.ones(m, m, dtype=torch.bool, device=device).triu()
+        return self._upper
 
     def _memorize(self, features, sim, s_t2h, protect: bool) -> None:
+        """Eq. 16, SCS and the newest N_I,max rows. Sizes stay at N_F features and N_I,max rows
+        once reached; the only data-dependent work is the recomputation of stale Eq. 8 rows."""
         m, n = features.shape[0], len(self)
         device = features.device
         if s_t2h is None:
             s_t2h = torch.zeros(self.n_images, m, device=device)
-        s_m2t = loose_similarity(sim.float().max(0).values, self.loose_ratio) if n else sim.new_zeros(0).float()
-        # Eq. 16: [[PSM, S_t2H], [S_M2t, 1]]
+        s_m2t = loose_similarity(sim.amax(0), self.loose_ratio) if n else sim.new_zeros(0)  # amax: no argmax
+        # Eq. 16: [[PSM, S_t2H], [S_M2t, 1]], of which only the newest N_I,max rows are kept
+        first = max(0, self.n_images + 1 - self.max_images)
         psm = torch.cat(
             [
-                torch.cat([self.image_similarity, s_t2h], dim=1),
+                torch.cat([self.image_similarity[first:], s_t2h[first:]], dim=1),
                 torch.cat([s_m2t, torch.ones(m, device=device)])[None],
             ]
         )
         feats = torch.cat([self.features, features])
-        positions = torch.arange(n, n + m, device=device)
-        s_new, arg_new = _earlier_max(torch.cat([sim, features @ features.T], dim=1).float(), positions)
+        # Eq. 8 for the new rows: against the bank (sim) and the earlier rows of this image
+        s_new, arg_new = _append_earlier_max(sim, features @ features.T, self._upper_mask(m, device))
         redundancy = torch.cat([self.redundancy, s_new])
         nearest = torch.cat([self.nearest_earlier, arg_new])
         protected = torch.cat([self.protected, torch.full((m,), protect, device=device)])
-        if int(protected.sum()) > self.max_protected:
+        n_protected = self.n_protected + (m if protect else 0)
+        if n_protected > self.max_protected:
             # protection holds for at most max_protected references: the least redundant ones
             still = keep_smallest(redundancy[protected], self.max_protected)
             which = protected.nonzero().squeeze(1)[still]
             protected = torch.zeros_like(protected)
             protected[which] = True
+            n_protected = self.max_protected
+        self.last_stale = 0
         if n + m > self.max_features:
-            keep = self._select(feats, redundancy, protected)
-            feats, psm = feats[keep], psm[:, keep]
-            redundancy, nearest, protected = self._reindex(keep, feats, redundancy, nearest, protected)
+            keep = self._select(feats, redundancy, protected)  # protected rows are always kept
+            feats, psm = feats.index_select(0, keep), psm.index_select(1, keep)
+            redundancy, nearest, protected, self.last_stale = self._reindex(keep, feats, redundancy, nearest, protected)
         self.features = feats
-        self.image_similarity = psm[-self.max_images :].contiguous()
+        self.image_similarity = psm
         self.redundancy, self.nearest_earlier, self.protected = redundancy, nearest, protected
+        self.n_protected = n_protected
 
     def _select(self, feats, redundancy, protected) -> torch.Tensor:
         if self.sampler == "scs":
@@ -177,18 +212,27 @@ class PatchRarityBank:
 
     @staticmethod
     def _reindex(keep, feats, redundancy, nearest, protected):
-        """Carry Eq. 8 bookkeeping over an eviction; rows whose argmax left are recomputed."""
+        """Carry Eq. 8 bookkeeping over an eviction; rows whose argmax left are recomputed.
+        Returns the new (redundancy, nearest, protected) and the number of recomputed rows."""
         n_total = redundancy.shape[0]
         new_position = torch.full((n_total,), -1, dtype=torch.long, device=keep.device)
         new_position[keep] = torch.arange(keep.shape[0], device=keep.device)
-        redundancy, nearest, protected = redundancy[keep], nearest[keep], protected[keep]
+        redundancy, nearest, protected = (x.index_select(0, keep) for x in (redundancy, nearest, protected))
         has_nearest = nearest >= 0
         nearest = torch.where(has_nearest, new_position[nearest.clamp_min(0)], nearest)
-        stale = (has_nearest & (nearest < 0)).nonzero().squeeze(1)
+        n_stale = PatchRarityBank._recompute_stale(has_nearest & (nearest < 0), feats, redundancy, nearest)
+        return redundancy, nearest, protected, n_stale
+
+    @staticmethod
+    def _recompute_stale(stale_mask, feats, redundancy, nearest) -> int:
+        """Eq. 8 again, in place, for the rows whose argmax was evicted; returns their number R.
+        The only step work whose size depends on the data (R x N_F similarities), and the one
+        host sync of an update (R is needed to size it)."""
+        stale = stale_mask.nonzero().squeeze(1)
         if stale.numel():
             s, arg = _earlier_max((feats[stale] @ feats.T).float(), stale)
             redundancy[stale], nearest[stale] = s, arg
-        return redundancy, nearest, protected
+        return stale.numel()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.features is None:
@@ -211,41 +255,87 @@ class PatchRarityBank:
         self.redundancy = state["redundancy"].to(device)
         self.nearest_earlier = state["nearest_earlier"].to(device)
         self.protected = state["protected"].to(device)
+        self.n_protected = int(self.protected.sum())
         self.generator.set_state(state["generator"].cpu())
 
 
 class DirectPatchRarityBank:
     """RareCLIP-d's DPRB (Eq. 5, 6, 10): SCS(F, alpha M) features of each of the latest N_I,max
-    images; a patch's similarity to an image is its max similarity to that image's set."""
+    images; a patch's similarity to an image is its max similarity to that image's set.
+
+    The per-image sets live in a preallocated buffer with `slack` spare rows: an image is written
+    in place and the newest rows move to the front once every `slack` images, instead of copying
+    the whole N_I,max x S x C memory (374 MB per bank at the paper's sizes) at every step.
+    """
 
     def __init__(self, max_images: int, alpha: float = 1 / 3, rarity_ratio: float = 0.3, dtype=torch.float32):
         self.max_images = max_images
         self.alpha = alpha
         self.rarity_ratio = rarity_ratio
         self.dtype = dtype
-        self.features: torch.Tensor | None = None  # n_I x S x C
+        self.slack = max(4, max_images // 8)
+        self._buffer: torch.Tensor | None = None  # (N_I,max + slack) x S x C
+        self._start = self._end = 0  # rows in use
+
+    @property
+    def features(self) -> torch.Tensor | None:  # n_I x S x C, oldest first (a view)
+        return None if self._buffer is None else self._buffer[self._start : self._end]
 
     @property
     def n_images(self) -> int:
-        return 0 if self.features is None else self.features.shape[0]
+        return self._end - self._start
 
     def score(self, features: torch.Tensor, update: bool = True, protect: bool = False) -> torch.Tensor | None:
         """Rarity of M test patches; `protect` has no effect (images age out after N_I,max)."""
         features = features.to(self.dtype)
         rarity = None
-        if self.features is not None:
-            n_images, per_image, c = self.features.shape
-            sim = features @ self.features.reshape(-1, c).T  # M x (n_I * S)
-            s = sim.float().view(-1, n_images, per_image).max(-1).values.T  # n_I x M
+        if self.n_images:
+            memory = self.features
+            n_images, per_image, c = memory.shape
+            sim = features @ memory.reshape(-1, c).T  # M x (n_I * S)
+            s = sim.float().view(-1, n_images, per_image).amax(-1).T  # n_I x M
             rarity = rarity_score(s, self.rarity_ratio, dim=0)
         if update:
             kept = features[sequential_coreset_indices(features.float(), max(1, int(self.alpha * features.shape[0])))]
-            stack = kept[None] if self.features is None else torch.cat([self.features, kept[None]])
-            self.features = stack[-self.max_images :].contiguous()
+            self._append(kept)
         return rarity
 
+    def _append(self, kept: torch.Tensor) -> None:
+        if self._buffer is None or self._buffer.shape[1:] != kept.shape:
+            self._allocate(self.max_images + self.slack, kept)
+        if self._end == self._buffer.shape[0]:
+            self._compact()
+        self._buffer[self._end] = kept
+        self._end += 1
+        self._start = max(self._start, self._end - self.max_images)
+
+    def _compact(self) -> None:
+        """Slack used up: the newest N_I,max - 1 rows move to the front (once every `slack` images)."""
+        keep = min(self.n_images, self.max_images - 1)
+        shift_to_front(self._buffer, self._end - keep, keep)
+        self._start, self._end = 0, keep
+
+    def _allocate(self, rows: int, like: torch.Tensor) -> None:
+        self._buffer = like.new_empty(rows, *like.shape)
+        self._start = self._end = 0
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {} if self.features is None else {"features": self.features}
+        return {} if not self.n_images else {"features": self.features}
 
     def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
-        self.features = state["features"].to(device, self.dtype) if state else None
+        self._buffer, self._start, self._end = None, 0, 0
+        if state:
+            features = state["features"].to(device, self.dtype)
+            self._allocate(max(features.shape[0], self.max_images) + self.slack, features[0])
+            self._buffer[: features.shape[0]] = features
+            self._end = features.shape[0]
+
+
+def shift_to_front(buffer: torch.Tensor, start: int, n: int, dim: int = 0) -> None:
+    """In place, along `dim`: buffer[:n] = buffer[start:start + n] (start >= 1), in chunks of at
+    most `start` rows, which never overlap their source, so no temporary copy is needed."""
+    done = 0
+    while done < n:
+        size = min(start, n - done)
+        buffer.narrow(dim, done, size).copy_(buffer.narrow(dim, start + done, size))
+        done += size

@@ -1,0 +1,243 @@
+"""Step latency of one line's OnlineDetector, with a per-section breakdown, once its memories are full.
+
+Usage (repository root):
+    PYTHONPATH=. python benchmarks/step_latency.py --config configs/detector-tiny.yaml --steps 50 --fill
+    PYTHONPATH=. python benchmarks/step_latency.py --config configs/detector-paper.yaml --pretrained none \\
+        --steps 3 --warmup 1 --fill        # ViT-L-14-336 at 518 with random weights (same cost)
+
+Each measured step is `detector.step(image)` on a synthetic H x W x 3 uint8 frame: preprocess,
+backbone, text branch, the 8 rarity banks (incl. SCS sampling), image rarity + re-scoring,
+upsample + blur, results to the host. Latency is wall time per step (CUDA synchronized by the
+results' transfer to the host). The breakdown comes from `step(..., timings=dict)`, which
+synchronizes CUDA at section boundaries; on CUDA it is therefore taken in a second pass over
+the same number of steps, so that the latency figures are free of those syncs.
+
+`--fill` first brings the line to steady state: max(N_I,max, ceil(N_F / M)) + margin cheap
+synthetic frames (noisy copies of the backbone features of a few frames, no backbone pass) go
+through `step_features`, so every bank holds N_F features and N_I,max PSM rows; then the image
+memory (IRB / re-scoring, capacity 1000 in the paper) is topped up to its capacity with noisy
+copies of its entries added directly (its per-step cost depends only on its size). Without
+`--fill` the figures are for a line that is still filling up (and say so).
+
+Memory: on CUDA, torch.cuda.max_memory_allocated over the measured steps (weights, line state
+and step work space of this one line). On CPU, the peak RSS (VmHWM, reset before the measured
+steps) minus the RSS before the detector was built: weights + state + work space + allocator
+slack of the process, a rougher figure.
+
+Last line printed: ``p50_ms=<x> p99_ms=<y> peak_mem_mb=<z>`` (p99 by linear interpolation; with
+few steps it is close to the max).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rareclip_core.config import DetectorConfig
+from rareclip_core.detector import FrameFeatures, OnlineDetector
+from rareclip_core.memory import PatchRarityBank
+
+SECTIONS = ["preprocess", "backbone", "text", "banks", "image_rarity_rescore", "upsample_blur", "output"]
+
+
+def synthetic_frames(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    """Stripe textures with noise and small shifts; every 7th frame has a bright blob."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    frames = []
+    for i in range(n):
+        shift = rng.integers(0, 6)
+        base = 120 + 60 * np.sin((xx + shift) / (size / 36))
+        img = np.stack([base, base * 0.8, base * 0.6], axis=-1) + rng.normal(0, 6, (size, size, 3))
+        if i % 7 == 3:
+            cy, cx = rng.integers(size // 5, 4 * size // 5, size=2)
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 < (size / 15) ** 2] = [250, 20, 20]
+        frames.append(np.clip(img, 0, 255).astype(np.uint8))
+    return frames
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    """Resident set size (or its high-water mark, VmHWM) of this process in MiB, from /proc."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def state_mb(detector: OnlineDetector) -> float:
+    return sum(v.numel() * v.element_size() for v in detector.state_dict().values()) / 2**20
+
+
+def fill(detector: OnlineDetector, frames: list[np.ndarray], margin: int, seed: int) -> dict:
+    """Stream cheap synthetic feature frames until the banks are full, then top up the image memory."""
+    cfg = detector.config
+    m = detector.n_patches
+    n_frames = max(cfg.max_images, math.ceil(cfg.max_features / m)) + margin
+    gen = torch.Generator().manual_seed(seed)
+    bases = detector.encode(frames[:2])
+    t0 = time.perf_counter()
+    for i in range(n_frames):
+        base = bases[i % len(bases)]
+        tokens = {}
+        for b, tok in base.tokens.items():
+            noise = torch.randn(tok.shape, generator=gen).to(tok.device)
+            tokens[b] = tok + 0.1 * tok.std() * noise
+        noise = torch.randn(base.embedding.shape, generator=gen).to(base.embedding.device)
+        embedding = torch.nn.functional.normalize(base.embedding + 0.05 * noise, dim=0)
+        detector.step_features(FrameFeatures(embedding, tokens), update=True)
+    fill_s = time.perf_counter() - t0
+    memory = detector.image_memory
+    topped = 0
+    with torch.inference_mode():
+        while len(memory) < memory.capacity:
+            j = int(torch.randint(0, len(memory), (1,), generator=gen))
+            emb = memory.embeddings[j] + 0.02 * torch.randn(memory.embeddings.shape[1], generator=gen).to(memory.embeddings.device)
+            laif = memory.laifs[:, j] + 0.02 * torch.randn(memory.laifs[:, j].shape, generator=gen).to(memory.laifs.device)
+            memory.add(
+                torch.nn.functional.normalize(emb, dim=0),
+                torch.nn.functional.normalize(laif, dim=-1),
+                memory.scores[j].clone(),
+            )
+            topped += 1
+    return {"frames": n_frames, "seconds": fill_s, "image_memory_topped_up": topped}
+
+
+def banks_full(detector: OnlineDetector) -> bool:
+    cfg = detector.config
+    for bank in detector.banks.values():
+        if isinstance(bank, PatchRarityBank):
+            if len(bank) < cfg.max_features or bank.n_images < cfg.max_images:
+                return False
+        elif bank.n_images < cfg.max_images:
+            return False
+    return True
+
+
+def run_steps(detector, frames, n, timings_on, device):
+    latencies, sections, stale = [], [], []
+    for i in range(n):
+        timings = {} if timings_on else None
+        t0 = time.perf_counter()
+        detector.step(frames[i % len(frames)], timings=timings)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        latencies.append(time.perf_counter() - t0)
+        if timings_on:
+            sections.append(timings)
+        stale.append(sum(getattr(b, "last_stale", 0) for b in detector.banks.values()))
+    return np.array(latencies) * 1000, sections, stale
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="detector YAML (e.g. configs/detector-tiny.yaml)")
+    parser.add_argument("--steps", type=int, default=50, help="measured steps")
+    parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps after the fill")
+    parser.add_argument("--fill", action="store_true", help="fill banks and image memory first (steady state)")
+    parser.add_argument("--fill-margin", type=int, default=5)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the config's)")
+    parser.add_argument("--pretrained", default=None, help="override: 'none' for random weights, or a path")
+    parser.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"], help="backbone precision override")
+    parser.add_argument("--bank-dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--frame-size", type=int, default=None, help="synthetic frame side (default: image_size)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = DetectorConfig.from_yaml(args.config)
+    update = {}
+    if args.device:
+        update["device"] = args.device
+    if args.pretrained is not None:
+        update["pretrained"] = None if args.pretrained.lower() in ("none", "null", "random") else args.pretrained
+    if args.precision:
+        update["precision"] = args.precision
+    if args.bank_dtype:
+        update["bank_dtype"] = args.bank_dtype
+    cfg = cfg.model_copy(update=update)
+
+    rss_before = rss_mb()
+    t0 = time.perf_counter()
+    detector = OnlineDetector(cfg)
+    device = detector.device
+    build_s = time.perf_counter() - t0
+    weights_mb = sum(p.numel() * p.element_size() for p in detector.backbone.parameters()) / 2**20
+    weights_mb += sum(p.numel() * p.element_size() for p in detector.text_projection.parameters()) / 2**20
+    frames = synthetic_frames(max(8, min(args.steps + args.warmup, 32)), args.frame_size or cfg.image_size, args.seed)
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    print(f"date={datetime.date.today()} host={platform.node()} cpu_cores={os.cpu_count()} torch={torch.__version__} "
+          f"threads={torch.get_num_threads()} device={device}{' (' + gpu + ')' if gpu else ''}")
+    print(f"config={args.config} model={cfg.model} pretrained={cfg.pretrained} image_size={cfg.image_size} "
+          f"M={detector.n_patches} N_F={cfg.max_features} N_I,max={cfg.max_images} image_memory={cfg.image_memory_size} "
+          f"banks={len(detector.banks)} ({cfg.rarity_branch}, {cfg.sampler}) precision={cfg.precision} bank_dtype={cfg.bank_dtype}")
+    print(f"build: {build_s:.1f} s, weights {weights_mb:.1f} MB")
+
+    if args.fill:
+        info = fill(detector, frames, args.fill_margin, args.seed)
+        print(f"fill: {info['frames']} synthetic feature frames through step_features in {info['seconds']:.1f} s "
+              f"({1000 * info['seconds'] / info['frames']:.1f} ms each, no backbone), then "
+              f"{info['image_memory_topped_up']} image-memory entries added directly")
+    for i in range(args.warmup):
+        detector.step(frames[i % len(frames)])
+    full = banks_full(detector)
+    bank = next(iter(detector.banks.values()))
+    psm = tuple(bank.image_similarity.shape) if isinstance(bank, PatchRarityBank) else None
+    print(f"state before measuring: images_seen={detector.images_seen} bank features={len(bank) if isinstance(bank, PatchRarityBank) else '-'} "
+          f"PSM={psm} image_memory={len(detector.image_memory)}/{cfg.image_memory_size} state={state_mb(detector):.1f} MB "
+          f"-> banks full: {'yes' if full else 'NO (not steady state; use --fill)'}")
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        allocated_before = torch.cuda.memory_allocated(device) / 2**20
+    peak_reset = reset_peak_rss()
+
+    on_cpu = device.type != "cuda"
+    lat, sections, stale = run_steps(detector, frames, args.steps, timings_on=on_cpu, device=device)
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+        mem_note = (f"peak_mem_mb = torch.cuda.max_memory_allocated over the measured steps "
+                    f"({allocated_before:.0f} MB allocated before them: weights + state)")
+        _, sections, _ = run_steps(detector, frames, args.steps, timings_on=True, device=device)
+    else:
+        peak_mb = rss_mb("VmHWM") - rss_before
+        mem_note = (f"peak_mem_mb = CPU peak RSS delta: VmHWM during the measured steps"
+                    f"{'' if peak_reset else ' (could not reset: whole run)'} minus RSS before building the detector "
+                    f"({rss_before:.0f} MB); not GPU memory")
+
+    print(f"\nper step over {args.steps} steps (ms): p50 {np.percentile(lat, 50):.2f}  p99 {np.percentile(lat, 99):.2f}  "
+          f"mean {lat.mean():.2f}  min {lat.min():.2f}  max {lat.max():.2f}")
+    print(f"breakdown ({'second pass, CUDA synchronized per section' if device.type == 'cuda' else 'same steps'}), ms:")
+    print(f"  {'section':<22}{'p50':>10}{'p99':>10}{'mean':>10}{'share':>8}")
+    total = sum(np.mean([s.get(k, 0.0) for s in sections]) for k in SECTIONS)
+    for key in SECTIONS:
+        values = np.array([s.get(key, 0.0) for s in sections]) * 1000
+        print(f"  {key:<22}{np.percentile(values, 50):>10.2f}{np.percentile(values, 99):>10.2f}{values.mean():>10.2f}"
+              f"{values.mean() / 10 / total:>7.1f}%")
+    print(f"incremental SCS: stale rows recomputed per step (all banks): mean {np.mean(stale):.1f} max {max(stale)}")
+    print(f"state after: images_seen={detector.images_seen} state={state_mb(detector):.1f} MB")
+    print(mem_note)
+    print(f"p50_ms={np.percentile(lat, 50):.2f} p99_ms={np.percentile(lat, 99):.2f} peak_mem_mb={peak_mb:.1f}")
+
+
+if __name__ == "__main__":
+    main()
