@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Field
 
-from rareclip_core.config import ConfigError, DetectorConfig, StrictModel
+from rareclip_core.config import DetectorConfig, StrictModel, read_yaml
 
 CONFIG_DIR = Path(__file__).parent
 
@@ -100,15 +100,8 @@ class PipelineConfig(StrictModel):
 
 def load_pipeline_config(path: str | Path, **overrides) -> PipelineConfig:
     """Load and validate a pipeline YAML; `overrides` replace top-level keys (e.g. out=...)."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    data = read_yaml(path)
     if isinstance(data.get("detector"), str):
         # `detector: detector-tiny.yaml` refers to a detector YAML next to this file
         data["detector"] = DetectorConfig.from_yaml(path.parent / data["detector"]).model_dump()

@@ -22,6 +22,20 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def read_yaml(path: str | Path) -> dict:
+    """A YAML file's mapping, or ConfigError naming the file and what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings, not {type(data).__name__}")
+    return data
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -35,13 +49,7 @@ class StrictModel(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | Path, section: Optional[str] = None):
         """Load from a YAML file; `section` picks a top-level key (e.g. `detector`)."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        data = read_yaml(path)
         if section is not None:
             if section not in data:
                 raise ConfigError(f"{path} has no top-level `{section}:` section")

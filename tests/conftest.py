@@ -37,3 +37,15 @@ def textured_frames(n: int, seed: int = 0, size=(150, 180)) -> list[np.ndarray]:
 @pytest.fixture(scope="session")
 def frames():
     return textured_frames(24)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """An embedded local Ray for one test module (shut down after it)."""
+    import ray
+
+    from pipelines.line_cluster import start_ray
+
+    start_ray(num_cpus=8)
+    yield
+    ray.shutdown()

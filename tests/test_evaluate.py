@@ -9,23 +9,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
-import ray
 
 import run_cluster
 from pipelines.evaluate import METRICS, Plan, evaluate, format_markdown, paper_figures, score_plan
-from pipelines.line_cluster import start_ray
 from rareclip_core.datasets import load_mask, load_mvtec, shuffled
 from rareclip_core.metrics import image_metrics, pixel_metrics
 from rareclip_core.synthetic import write_mvtec_dataset
 
 SEEDS = [0, 1]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    start_ray(num_cpus=8)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

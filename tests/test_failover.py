@@ -10,7 +10,7 @@ import ray
 
 from actors.snapshots import STATE_FILE, SnapshotStore
 from pipelines.drill import compare_results
-from pipelines.line_cluster import LineCluster, start_ray
+from pipelines.line_cluster import LineCluster
 from tests.pipeline_helpers import KillPlan, line_frames, pipeline_config, read_rows, write_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,13 +27,6 @@ def test_the_drill_command_passes(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "PASS" in proc.stdout and "killed: " in proc.stdout
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    start_ray(num_cpus=8)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

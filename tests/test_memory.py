@@ -1,5 +1,4 @@
 """Hand-computed cases for the rarity memory (Eq. 6, 8-9, 13-18) and the incremental SCS."""
-import math
 
 import numpy as np
 import pytest

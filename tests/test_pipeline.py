@@ -1,33 +1,22 @@
 """The Ray pipeline on a real local Ray: order, exactly-once, error rows, replay determinism."""
 import random
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import ray
 from PIL import Image
 
 from actors.frames import Frame
 from actors.line import LineActor
 from actors.writer import ResultWriter, ResultWriterCore
-from pipelines.line_cluster import start_ray
 from pipelines.replay import run_replay
 from rareclip_core.detector import OnlineDetector
-from rareclip_core.frames import decode_frame
 from tests.pipeline_helpers import line_frames, pipeline_config, read_rows, write_folder
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    start_ray(num_cpus=8)
-    yield
-    ray.shutdown()
 
 
 def in_process_scores(tiny_config, images) -> list[float]:
