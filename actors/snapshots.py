@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rarity banks stored stacked (banks.*), not one prefix per bank
 STATE_FILE = "state.safetensors"
 MANIFEST_FILE = "manifest.json"
 log = logging.getLogger(__name__)

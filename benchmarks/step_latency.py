@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 
 from rareclip_core.config import DetectorConfig
 from rareclip_core.detector import FrameFeatures, OnlineDetector
@@ -119,14 +120,32 @@ def fill(detector: OnlineDetector, frames: list[np.ndarray], margin: int, seed: 
 
 
 def banks_full(detector: OnlineDetector) -> bool:
-    cfg = detector.config
-    for bank in detector.banks.values():
-        if isinstance(bank, PatchRarityBank):
-            if len(bank) < cfg.max_features or bank.n_images < cfg.max_images:
-                return False
-        elif bank.n_images < cfg.max_images:
-            return False
-    return True
+    cfg, bank = detector.config, detector.banks
+    if isinstance(bank, PatchRarityBank) and len(bank) < cfg.max_features:
+        return False
+    return bank.n_images >= cfg.max_images
+
+
+class TorchCallCounter(TorchFunctionMode):
+    """Counts the torch functions and tensor methods called (a proxy for kernel launches and
+    Python dispatch overhead, which bound a small step on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def torch_calls_per_step(detector: OnlineDetector, frame) -> int:
+    """Torch calls of one `step_features` after the backbone (the state is changed by it)."""
+    features = detector.encode([frame])[0]
+    counter = TorchCallCounter()
+    with counter:
+        detector.step_features(features)
+    return counter.calls
 
 
 def run_steps(detector, frames, n, timings_on, device):
@@ -140,7 +159,7 @@ def run_steps(detector, frames, n, timings_on, device):
         latencies.append(time.perf_counter() - t0)
         if timings_on:
             sections.append(timings)
-        stale.append(sum(getattr(b, "last_stale", 0) for b in detector.banks.values()))
+        stale.append(getattr(detector.banks, "last_stale", 0))
     return np.array(latencies) * 1000, sections, stale
 
 
@@ -188,7 +207,7 @@ def main() -> None:
           f"threads={torch.get_num_threads()} device={device}{' (' + gpu + ')' if gpu else ''}")
     print(f"config={args.config} model={cfg.model} pretrained={cfg.pretrained} image_size={cfg.image_size} "
           f"M={detector.n_patches} N_F={cfg.max_features} N_I,max={cfg.max_images} image_memory={cfg.image_memory_size} "
-          f"banks={len(detector.banks)} ({cfg.rarity_branch}, {cfg.sampler}) precision={cfg.precision} bank_dtype={cfg.bank_dtype}")
+          f"banks={len(detector.bank_keys)} ({cfg.rarity_branch}, {cfg.sampler}) precision={cfg.precision} bank_dtype={cfg.bank_dtype}")
     print(f"build: {build_s:.1f} s, weights {weights_mb:.1f} MB")
 
     if args.fill:
@@ -199,7 +218,7 @@ def main() -> None:
     for i in range(args.warmup):
         detector.step(frames[i % len(frames)])
     full = banks_full(detector)
-    bank = next(iter(detector.banks.values()))
+    bank = detector.banks
     psm = tuple(bank.image_similarity.shape) if isinstance(bank, PatchRarityBank) else None
     print(f"state before measuring: images_seen={detector.images_seen} bank features={len(bank) if isinstance(bank, PatchRarityBank) else '-'} "
           f"PSM={psm} image_memory={len(detector.image_memory)}/{cfg.image_memory_size} state={state_mb(detector):.1f} MB "
@@ -234,6 +253,7 @@ def main() -> None:
         print(f"  {key:<22}{np.percentile(values, 50):>10.2f}{np.percentile(values, 99):>10.2f}{values.mean():>10.2f}"
               f"{values.mean() / 10 / total:>7.1f}%")
     print(f"incremental SCS: stale rows recomputed per step (all banks): mean {np.mean(stale):.1f} max {max(stale)}")
+    print(f"torch calls per step after the backbone: {torch_calls_per_step(detector, frames[0])}")
     print(f"state after: images_seen={detector.images_seen} state={state_mb(detector):.1f} MB")
     print(mem_note)
     print(f"p50_ms={np.percentile(lat, 50):.2f} p99_ms={np.percentile(lat, 99):.2f} peak_mem_mb={peak_mb:.1f}")

@@ -74,7 +74,11 @@ class DetectorConfig(StrictModel):
     precision: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="backbone precision; fp32 on CPU"
     )
-    bank_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    bank_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32",
+        description="storage of the banks' patch features; float16/bfloat16 halve it but move scores by "
+        "more than 1e-3 (SCS choices flip on near-ties): check with benchmarks/bank_precision.py",
+    )
     # Text prompt branch (sec. 2)
     tpb_weights: Optional[str] = Field(
         None, description="TPB checkpoint (authors' format, key `trainable_linearlayer`)"

@@ -16,7 +16,7 @@ from .config import ConfigError, DetectorConfig
 from .image_memory import ImageMemory
 from .images import to_rgb_image
 from .maps import neighbourhood_mean, normalize01, upsample_and_blur
-from .memory import DirectPatchRarityBank, PatchRarityBank, loose_similarity, sequential_coreset_indices
+from .memory import DirectPatchRarityBank, PatchRarityBank, gather_rows, loose_similarity, sequential_coreset_indices
 from .text_branch import cached_state_embeddings, init_text_projection, text_anomaly_map, text_image_score
 
 _BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -97,6 +97,7 @@ class OnlineDetector:
         self.preprocess = open_clip.image_transform(config.image_size, is_train=False)
         self.grid = self.backbone.grid
         self.n_patches = self.grid * self.grid
+        # the rarity banks, one per (block, scale), block-major: row i of every bank tensor
         self.bank_keys = [(b, r) for b in config.rarity_blocks for r in config.scales]
         self.model_id = f"{config.model}:{config.pretrained or 'random'}:{config.fingerprint()}"
         self.reset()
@@ -108,15 +109,17 @@ class OnlineDetector:
         self.images_seen = 0
         self.text_map_sum: torch.Tensor | None = None  # M, float64: running sum of A_text
         self.image_memory = ImageMemory(cfg.image_memory_size)
-        self.banks = {key: self._new_bank() for key in self.bank_keys}
-        self.references: dict[tuple[int, int], torch.Tensor] = {}  # k-shot features per bank
+        self.banks = self._new_banks()
+        self.references: torch.Tensor | None = None  # banks x R x C, k-shot features per bank
         self.n_references = 0
 
-    def _new_bank(self, max_protected: int = 0):
+    def _new_banks(self, max_protected: int = 0):
+        """All rarity banks of the line as one stack (stepped together, one batched computation)."""
         cfg = self.config
         dtype = _BANK_DTYPES[cfg.bank_dtype]
+        n_banks = len(self.bank_keys)
         if cfg.rarity_branch == "dprb":
-            return DirectPatchRarityBank(cfg.max_images, cfg.dprb_alpha, cfg.rarity_ratio, dtype)
+            return DirectPatchRarityBank(cfg.max_images, cfg.dprb_alpha, cfg.rarity_ratio, dtype, n_banks)
         return PatchRarityBank(
             cfg.max_features,
             cfg.max_images,
@@ -127,6 +130,7 @@ class OnlineDetector:
             max_protected,
             cfg.seed,
             dtype,
+            n_banks,
         )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -134,13 +138,14 @@ class OnlineDetector:
         state = {"images_seen": torch.tensor(self.images_seen), "n_references": torch.tensor(self.n_references)}
         if self.text_map_sum is not None:
             state["text_map_sum"] = self.text_map_sum
-        parts = {"image_memory": self.image_memory.state_dict()}
-        parts.update({f"bank.{b}.{r}": bank.state_dict() for (b, r), bank in self.banks.items()})
+        state["bank_keys"] = torch.tensor(self.bank_keys)  # banks x (block, scale): row order of banks.*
+        parts = {"image_memory": self.image_memory.state_dict(), "banks": self.banks.state_dict()}
         for prefix, part in parts.items():
             state.update({f"{prefix}.{k}": v for k, v in part.items()})
-        state.update({f"reference.{b}.{r}": v for (b, r), v in self.references.items()})
-        if any(isinstance(b, PatchRarityBank) for b in self.banks.values()):
-            state["max_protected"] = torch.tensor(next(iter(self.banks.values())).max_protected)
+        if self.references is not None:
+            state["references"] = self.references
+        if isinstance(self.banks, PatchRarityBank):
+            state["max_protected"] = torch.tensor(self.banks.max_protected)
         return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -150,11 +155,16 @@ class OnlineDetector:
                 f"state has {state['text_map_sum'].shape[0]} patches per image, this detector "
                 f"{self.n_patches}: it was saved with another model or image_size"
             )
+        saved_keys = [tuple(k) for k in state["bank_keys"].tolist()]
+        if saved_keys != self.bank_keys:
+            raise ValueError(
+                f"state has rarity banks (block, scale) {saved_keys}, this detector {self.bank_keys}: "
+                "it was saved with other rarity_blocks or scales"
+            )
         self.reset()
         self.images_seen = int(state["images_seen"])
         self.n_references = int(state["n_references"])
-        max_protected = int(state.get("max_protected", torch.tensor(0)))
-        self.banks = {key: self._new_bank(max_protected) for key in self.bank_keys}
+        self.banks = self._new_banks(int(state.get("max_protected", torch.tensor(0))))
         if "text_map_sum" in state:
             self.text_map_sum = state["text_map_sum"].to(self.device)
 
@@ -162,13 +172,8 @@ class OnlineDetector:
             return {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
 
         self.image_memory.load_state_dict(part("image_memory"), self.device)
-        for (b, r), bank in self.banks.items():
-            bank.load_state_dict(part(f"bank.{b}.{r}"), self.device)
-        self.references = {
-            key: state[f"reference.{key[0]}.{key[1]}"].to(self.device)
-            for key in self.bank_keys
-            if f"reference.{key[0]}.{key[1]}" in state
-        }
+        self.banks.load_state_dict(part("banks"), self.device)
+        self.references = state["references"].to(self.device) if "references" in state else None
 
     # ---- scoring -----------------------------------------------------------------------------
     def encode(self, images: list, timings: dict[str, float] | None = None) -> list[FrameFeatures]:
@@ -197,35 +202,27 @@ class OnlineDetector:
         weight k / 8. Memories are updated whatever the mode."""
         k = self.n_references + len(images)
         n_protected = min(self.n_patches * k // 4, self.config.max_features)
-        for bank in self.banks.values():
-            if isinstance(bank, PatchRarityBank):
-                bank.max_protected = n_protected
-        frames = self.encode(images)
-        collected = {key: [] if key not in self.references else [self.references[key]] for key in self.bank_keys}
-        for frame in frames:
-            features = self._bank_features(frame.tokens)
-            for key in self.bank_keys:
-                collected[key].append(features[key])
+        if isinstance(self.banks, PatchRarityBank):
+            self.banks.max_protected = n_protected
+        collected = [] if self.references is None else [self.references]
+        for frame in self.encode(images):
+            collected.append(self._bank_features({b: t.to(self.device) for b, t in frame.tokens.items()}))
             self.step_features(frame, update=True, protect=True)
-        for key, parts in collected.items():
-            stacked = torch.cat(parts)
-            self.references[key] = stacked[sequential_coreset_indices(stacked, n_protected)].contiguous()
+        stacked = torch.cat(collected, dim=1)  # banks x (k M) x C
+        self.references = gather_rows(stacked, sequential_coreset_indices(stacked.float(), n_protected))
         self.n_references = k
 
-    def _bank_features(self, tokens: dict[int, torch.Tensor]) -> dict[tuple[int, int], torch.Tensor]:
-        """Per (block, scale): r x r neighbourhood mean on the grid, then L2-normalized; M x C."""
-        return {
-            (b, r): F.normalize(neighbourhood_mean(tokens[b][None], self.grid, r)[0], dim=-1)
-            for b, r in self.bank_keys
-        }
+    def _bank_features(self, tokens: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Per (block, scale) in `bank_keys` order: r x r neighbourhood mean on the grid, then
+        L2-normalized; banks x M x C."""
+        blocks = torch.stack([tokens[b] for b in self.config.rarity_blocks])  # n_blocks x M x C
+        per_scale = [F.normalize(neighbourhood_mean(blocks, self.grid, r), dim=-1) for r in self.config.scales]
+        return torch.stack(per_scale, dim=1).flatten(0, 1)
 
-    def _kshot_map(self, features: dict[tuple[int, int], torch.Tensor]) -> torch.Tensor:
-        """1 - LS(max similarity to the reference features), mean over banks; M."""
-        maps = [
-            1 - loose_similarity((features[key] @ self.references[key].T).float().max(1).values, self.config.loose_ratio)
-            for key in self.bank_keys
-        ]
-        return torch.stack(maps).mean(0)
+    def _kshot_map(self, features: torch.Tensor) -> torch.Tensor:
+        """1 - LS(max similarity to the reference features), per bank, then the mean over banks; M."""
+        nearest = torch.bmm(features, self.references.mT).float().amax(2)  # banks x M
+        return (1 - loose_similarity(nearest, self.config.loose_ratio, start_dim=1)).mean(0)
 
     @torch.inference_mode()
     def step_features(
@@ -265,12 +262,12 @@ class OnlineDetector:
             lap("text")
 
         # Patch rarity banks (sec. 3)
-        features = self._bank_features(tokens)
-        rarities = [self.banks[key].score(features[key], update=update, protect=protect) for key in self.bank_keys]
+        features = self._bank_features(tokens)  # banks x M x C
+        rarity = self.banks.score(features, update=update, protect=protect)  # banks x M
         a_rare = None
-        if rarities[0] is not None:
-            a_rare = torch.stack(rarities).mean(0)
-            if self.references:
+        if rarity is not None:
+            a_rare = rarity.mean(0)
+            if self.references is not None:
                 weight = min(self.n_references / 8, 1.0)
                 a_rare = (1 - weight) * a_rare + weight * self._kshot_map(features)
         if lap:
@@ -279,15 +276,11 @@ class OnlineDetector:
         # LAIFs (sec. 4) on the top half of the mean text map; the scale-1 bank features are
         # exactly the L2-normalized tokens, so they are reused when that scale is configured
         foreground = mean_text.topk(math.ceil(cfg.foreground_ratio * self.n_patches)).indices
-        laifs = torch.stack(
-            [
-                F.normalize(
-                    (features[(b, 1)] if (b, 1) in features else F.normalize(tokens[b], dim=-1))[foreground].mean(0),
-                    dim=0,
-                )
-                for b in cfg.rarity_blocks
-            ]
-        )  # n_blocks x C
+        if 1 in cfg.scales:
+            unit_tokens = features.view(len(cfg.rarity_blocks), len(cfg.scales), *features.shape[1:])[:, cfg.scales.index(1)]
+        else:
+            unit_tokens = F.normalize(torch.stack([tokens[b] for b in cfg.rarity_blocks]), dim=-1)
+        laifs = F.normalize(unit_tokens[:, foreground].mean(1), dim=-1)  # n_blocks x C
         laif_sims = self.image_memory.laif_similarity(laifs) if len(self.image_memory) else None
         c_rare = rarity_map = None
         if a_rare is None:

@@ -10,15 +10,18 @@ from . import samplers
 _EPS = 1e-9  # guards floor/ceil of products like 100 * 0.99 against binary rounding
 
 
-def loose_similarity(s: torch.Tensor, y: float) -> torch.Tensor:
-    """Eq. 17: divide all of `s` by its k-th smallest value, k = floor(numel * (1 - Y)), cap at 1.
+def loose_similarity(s: torch.Tensor, y: float, start_dim: int = 0) -> torch.Tensor:
+    """Eq. 17: divide all values of `s` from `start_dim` on by their k-th smallest value,
+    k = floor(numel * (1 - Y)), cap at 1. Dimensions before `start_dim` index independent banks.
 
     Y = 0 divides by the max. (ALGORITHM.md's rank, which the authors' code uses, rather than
     the paper's ceil(n * Y)-th largest.)
     """
-    flat = s.reshape(-1).float()
-    k = min(flat.numel(), max(1, math.floor(flat.numel() * (1 - y) + _EPS)))
-    reference = flat.kthvalue(k).values.clamp_min(1e-12)
+    flat = s.flatten(start_dim).float()  # (banks...) x n
+    n = flat.shape[-1]
+    k = min(n, max(1, math.floor(n * (1 - y) + _EPS)))
+    reference = flat.kthvalue(k, dim=-1).values.clamp_min(1e-12)
+    reference = reference.reshape(reference.shape + (1,) * (s.dim() - start_dim))
     return torch.clamp(s / reference.to(s.dtype), max=1.0)
 
 
@@ -28,16 +31,23 @@ def rarity_score(similarity: torch.Tensor, ratio: float, dim: int = 0) -> torch.
     return 1 - similarity.topk(k, dim=dim).values.mean(dim)
 
 
-def _earlier_max(sim: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 8 for chosen rows: sim R x N against all features, row r may only see columns < positions[r].
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Per bank, the rows `index` of `x`: x B x N x ..., index B x R -> B x R x ... (one
+    index_select over the flattened banks, several times faster on CPU than gather)."""
+    b, n = x.shape[:2]
+    flat = (index + n * torch.arange(b, device=index.device)[:, None]).reshape(-1)
+    return x.reshape(b * n, *x.shape[2:]).index_select(0, flat).view(*index.shape, *x.shape[2:])
 
-    Returns (s, argmax) with s floored at 0 and argmax -1 where no earlier feature exists.
-    """
-    columns = torch.arange(sim.shape[1], device=sim.device)
-    masked = sim.masked_fill(columns[None, :] >= positions[:, None], float("-inf"))
-    if masked.shape[1] == 0:
-        return masked.new_zeros(masked.shape[0]), positions.new_full((masked.shape[0],), -1)
-    best, arg = masked.max(dim=1)
+
+def _earlier_max(sim: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 8 for chosen rows: sim ... x R x N against all features, row r may only see columns
+    < positions[..., r]. Returns (s, argmax) with s floored at 0 and argmax -1 where no earlier
+    feature exists."""
+    if sim.shape[-1] == 0:
+        return sim.new_zeros(sim.shape[:-1]), positions.new_full(sim.shape[:-1], -1)
+    columns = torch.arange(sim.shape[-1], device=sim.device)
+    masked = sim.masked_fill(columns >= positions[..., None], float("-inf"))
+    best, arg = masked.max(dim=-1)
     none = torch.isinf(best)
     return best.clamp_min(0).masked_fill(none, 0), arg.masked_fill(none, -1)
 
@@ -46,41 +56,50 @@ def _append_earlier_max(
     sim_old: torch.Tensor, sim_new: torch.Tensor, upper: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`_earlier_max` for m rows appended after n features, without building the m x (n + m)
-    matrix: sim_old (m x n, all earlier) and sim_new (m x m, earlier where column < row; `upper`
-    is the m x m mask of columns >= row). Same values and argmax (max picks the first maximum,
-    so the old part wins ties, as in the concatenated row)."""
-    best_new, arg_new = sim_new.float().masked_fill(upper, float("-inf")).max(dim=1)
-    if sim_old.shape[1] == 0:
+    matrix: sim_old (... x m x n, all earlier) and sim_new (... x m x m, earlier where column <
+    row; `upper` is the m x m mask of columns >= row). Same values and argmax (max picks the
+    first maximum, so the old part wins ties, as in the concatenated row)."""
+    best_new, arg_new = sim_new.float().masked_fill(upper, float("-inf")).max(dim=-1)
+    if sim_old.shape[-1] == 0:
         none = torch.isinf(best_new)
         return best_new.clamp_min(0).masked_fill(none, 0), arg_new.masked_fill(none, -1)
-    best_old, arg_old = sim_old.float().max(dim=1)
+    best_old, arg_old = sim_old.float().max(dim=-1)
     take_old = best_old >= best_new
     best = torch.where(take_old, best_old, best_new)
-    return best.clamp_min(0), torch.where(take_old, arg_old, arg_new + sim_old.shape[1])
+    return best.clamp_min(0), torch.where(take_old, arg_old, arg_new + sim_old.shape[-1])
 
 
 def keep_smallest(scores: torch.Tensor, n_keep: int, protected: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices of the n_keep smallest scores (protected rows first, ties to the earlier row), ascending."""
+    """Indices of the n_keep smallest scores along the last dim (protected rows first, ties to
+    the earlier row), ascending."""
     key = scores.float()
     if protected is not None:
         key = key.masked_fill(protected, float("-inf"))  # not key[protected] = ...: no host sync
-    order = torch.argsort(key, stable=True)[:n_keep]
-    return order.sort().values
+    order = torch.argsort(key, dim=-1, stable=True)[..., :n_keep]
+    return order.sort(dim=-1).values
 
 
 def sequential_coreset_indices(features: torch.Tensor, n_keep: int) -> torch.Tensor:
     """Eq. 8-9, the direct definition: s_1 = 0, s_i = max_{j<i} <F_i, F_j> floored at 0;
-    keep the n_keep smallest s (ties to the earlier feature). Returns kept row indices, ascending."""
-    n = features.shape[0]
+    keep the n_keep smallest s (ties to the earlier feature). features (...) x n x C; returns
+    the kept row indices (...) x min(n, n_keep), ascending."""
+    n = features.shape[-2]
+    positions = torch.arange(n, device=features.device)
     if n <= n_keep:
-        return torch.arange(n, device=features.device)
-    s, _ = _earlier_max(features @ features.T, torch.arange(n, device=features.device))
+        return positions.expand(*features.shape[:-2], n)
+    s, _ = _earlier_max(features @ features.mT, positions)
     return keep_smallest(s, n_keep)
 
 
 class PatchRarityBank:
-    """One IPRB bank (Eq. 11-18): patch feature memory (PFM, N x C) and patch-image similarity
-    memory (PSM, n_I x N: a row per remembered image, a column per memorized feature).
+    """B IPRB banks (Eq. 11-18) stepped together, one per (block, scale): patch feature memory
+    (PFM, B x N x C) and patch-image similarity memory (PSM, n_I x N per bank: a row per
+    remembered image, a column per memorized feature; stored transposed, B x N x n_I, so that
+    selecting features is selecting rows).
+
+    Every bank memorizes M features per image, so all hold the same N and n_I; only which
+    features they keep differs. A step is one batched computation for all banks: its number of
+    kernel launches does not depend on B, and it has one host sync (the stale-row count).
 
     SCS is incremental: each feature's s_i (Eq. 8, against the features kept before it) and its
     argmax are remembered; after an eviction only the rows whose argmax was evicted are
@@ -98,6 +117,7 @@ class PatchRarityBank:
         max_protected: int = 0,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        n_banks: int = 1,
     ):
         self.max_features = max_features
         self.max_images = max_images
@@ -108,56 +128,67 @@ class PatchRarityBank:
         self.max_protected = min(max_protected, max_features)
         self.seed = seed
         self.dtype = dtype
+        self.n_banks = n_banks
         self.reset()
 
     def reset(self) -> None:
-        self.features: torch.Tensor | None = None  # N x C
-        self.image_similarity: torch.Tensor | None = None  # n_I x N
-        self.redundancy: torch.Tensor | None = None  # N, s_i of Eq. 8
-        self.nearest_earlier: torch.Tensor | None = None  # N, argmax j of s_i, -1 if none
-        self.protected: torch.Tensor | None = None  # N bool, k-shot features exempt from eviction
-        self.n_protected = 0  # protected.sum(), kept on the host so a step needs no device sync
-        self.generator = torch.Generator().manual_seed(self.seed)  # random / k-means samplers
-        self.last_stale = 0  # rows whose Eq. 8 argmax was evicted at the last update (recomputed)
+        self.features: torch.Tensor | None = None  # B x N x C
+        self.psm_t: torch.Tensor | None = None  # B x N x n_I, PSM transposed
+        self.redundancy: torch.Tensor | None = None  # B x N, s_i of Eq. 8
+        self.nearest_earlier: torch.Tensor | None = None  # B x N, argmax j of s_i, -1 if none
+        self.protected: torch.Tensor | None = None  # B x N bool, k-shot features exempt from eviction
+        self.n_protected = 0  # protected per bank (the same in all), kept on the host: no device sync
+        # random / k-means samplers: one generator per bank
+        self.generators = [torch.Generator().manual_seed(self.seed) for _ in range(self.n_banks)]
+        self.last_stale = 0  # rows whose Eq. 8 argmax was evicted at the last update (all banks, recomputed)
         self._upper: torch.Tensor | None = None  # m x m mask of columns >= row, cached per m
 
     def __len__(self) -> int:
-        return 0 if self.features is None else self.features.shape[0]
+        return 0 if self.features is None else self.features.shape[1]
 
     @property
     def n_images(self) -> int:
-        return 0 if self.image_similarity is None else self.image_similarity.shape[0]
+        return 0 if self.psm_t is None else self.psm_t.shape[2]
+
+    @property
+    def image_similarity(self) -> torch.Tensor | None:
+        """The PSM as in the paper: B x n_I x N (a view)."""
+        return None if self.psm_t is None else self.psm_t.mT
 
     def score(self, features: torch.Tensor, update: bool = True, protect: bool = False) -> torch.Tensor | None:
-        """Rarity of M test patches (features M x C, L2-normalized), Eq. 13-15 with LS (Eq. 18).
+        """Rarity of M test patches per bank (features B x M x C, L2-normalized), Eq. 13-15 with
+        LS (Eq. 18); B x M.
 
         Returns None for the first image of the stream (empty memory). With `update` the image
         is memorized (Eq. 11, 16, SCS, newest N_I,max rows); `protect` marks its features as
-        k-shot references that SCS does not evict (at most `max_protected` of them).
+        k-shot references that SCS does not evict (at most `max_protected` of them per bank).
         """
+        if features.shape[0] != self.n_banks:
+            raise ValueError(f"features for {features.shape[0]} banks, this bank stack has {self.n_banks}")
         features = features.to(self.dtype)
         if self.features is None:
             self._start(features)
-        sim = (features @ self.features.T).float()  # M x N; converted once for a low-precision bank
+        sim = torch.bmm(features, self.features.mT).float()  # B x M x N; converted once for a low-precision bank
         rarity = s_t2h = None
         if len(self):
-            v, idx = sim.topk(min(self.k, len(self)), dim=1)  # M x K
-            v = loose_similarity(v, self.loose_ratio)
-            # n_I x M x K -> n_I x M; index_select: the same gather as [:, idx], several times faster on CPU
-            gathered = self.image_similarity.index_select(1, idx.reshape(-1)).view(self.n_images, *idx.shape)
-            s_t2h = (gathered * v).mean(-1)
-            rarity = rarity_score(s_t2h, self.rarity_ratio, dim=0)
+            v, idx = sim.topk(min(self.k, len(self)), dim=-1)  # B x M x K
+            v = loose_similarity(v, self.loose_ratio, start_dim=1)
+            b, m, k = idx.shape
+            gathered = gather_rows(self.psm_t, idx.view(b, m * k)).view(b, m, k, self.n_images)
+            s_t2h = (gathered * v[..., None]).mean(2)  # B x M x n_I
+            rarity = rarity_score(s_t2h, self.rarity_ratio, dim=2)
         if update:
             self._memorize(features, sim, s_t2h, protect)
         return rarity
 
     def _start(self, features: torch.Tensor) -> None:
-        c, device = features.shape[1], features.device
-        self.features = features.new_zeros(0, c)
-        self.image_similarity = torch.zeros(0, 0, device=device)
-        self.redundancy = torch.zeros(0, device=device)
-        self.nearest_earlier = torch.zeros(0, dtype=torch.long, device=device)
-        self.protected = torch.zeros(0, dtype=torch.bool, device=device)
+        b, _, c = features.shape
+        device = features.device
+        self.features = features.new_zeros(b, 0, c)
+        self.psm_t = torch.zeros(b, 0, 0, device=device)
+        self.redundancy = torch.zeros(b, 0, device=device)
+        self.nearest_earlier = torch.zeros(b, 0, dtype=torch.long, device=device)
+        self.protected = torch.zeros(b, 0, dtype=torch.bool, device=device)
         self.n_protected = 0
 
     def _upper_mask(self, m: int, device) -> torch.Tensor:
@@ -168,73 +199,85 @@ class PatchRarityBank:
     def _memorize(self, features, sim, s_t2h, protect: bool) -> None:
         """Eq. 16, SCS and the newest N_I,max rows. Sizes stay at N_F features and N_I,max rows
         once reached; the only data-dependent work is the recomputation of stale Eq. 8 rows."""
-        m, n = features.shape[0], len(self)
+        b, m, _ = features.shape
+        n = len(self)
         device = features.device
         if s_t2h is None:
-            s_t2h = torch.zeros(self.n_images, m, device=device)
-        s_m2t = loose_similarity(sim.amax(0), self.loose_ratio) if n else sim.new_zeros(0)  # amax: no argmax
-        # Eq. 16: [[PSM, S_t2H], [S_M2t, 1]], of which only the newest N_I,max rows are kept
+            s_t2h = torch.zeros(b, m, self.n_images, device=device)
+        s_m2t = loose_similarity(sim.amax(1), self.loose_ratio, start_dim=1) if n else sim.new_zeros(b, 0)  # B x N
+        # Eq. 16: [[PSM, S_t2H], [S_M2t, 1]] (here transposed), keeping the newest N_I,max images
         first = max(0, self.n_images + 1 - self.max_images)
-        psm = torch.cat(
+        psm_t = torch.cat(
             [
-                torch.cat([self.image_similarity[first:], s_t2h[first:]], dim=1),
-                torch.cat([s_m2t, torch.ones(m, device=device)])[None],
-            ]
+                torch.cat([self.psm_t[:, :, first:], s_m2t[..., None]], dim=2),
+                torch.cat([s_t2h[:, :, first:], torch.ones(b, m, 1, device=device)], dim=2),
+            ],
+            dim=1,
         )
-        feats = torch.cat([self.features, features])
+        feats = torch.cat([self.features, features], dim=1)
         # Eq. 8 for the new rows: against the bank (sim) and the earlier rows of this image
-        s_new, arg_new = _append_earlier_max(sim, features @ features.T, self._upper_mask(m, device))
-        redundancy = torch.cat([self.redundancy, s_new])
-        nearest = torch.cat([self.nearest_earlier, arg_new])
-        protected = torch.cat([self.protected, torch.full((m,), protect, device=device)])
+        s_new, arg_new = _append_earlier_max(sim, torch.bmm(features, features.mT), self._upper_mask(m, device))
+        redundancy = torch.cat([self.redundancy, s_new], dim=1)
+        nearest = torch.cat([self.nearest_earlier, arg_new], dim=1)
+        protected = torch.cat([self.protected, torch.full((b, m), protect, device=device)], dim=1)
         n_protected = self.n_protected + (m if protect else 0)
         if n_protected > self.max_protected:
-            # protection holds for at most max_protected references: the least redundant ones
-            still = keep_smallest(redundancy[protected], self.max_protected)
-            which = protected.nonzero().squeeze(1)[still]
-            protected = torch.zeros_like(protected)
-            protected[which] = True
+            # protection holds for at most max_protected references: the least redundant ones;
+            # a stable sort puts each bank's n_protected protected rows first, in order
+            which = torch.argsort((~protected).to(torch.uint8), dim=1, stable=True)[:, :n_protected]
+            still = keep_smallest(redundancy.gather(1, which), self.max_protected)
+            protected = torch.zeros_like(protected).scatter_(1, which.gather(1, still), True)
             n_protected = self.max_protected
         self.last_stale = 0
         if n + m > self.max_features:
-            keep = self._select(feats, redundancy, protected)  # protected rows are always kept
-            feats, psm = feats.index_select(0, keep), psm.index_select(1, keep)
+            keep = self._select(feats, redundancy, protected)  # B x N_F; protected rows are always kept
+            feats, psm_t = gather_rows(feats, keep), gather_rows(psm_t, keep)
             redundancy, nearest, protected, self.last_stale = self._reindex(keep, feats, redundancy, nearest, protected)
         self.features = feats
-        self.image_similarity = psm
+        self.psm_t = psm_t
         self.redundancy, self.nearest_earlier, self.protected = redundancy, nearest, protected
         self.n_protected = n_protected
 
     def _select(self, feats, redundancy, protected) -> torch.Tensor:
         if self.sampler == "scs":
             return keep_smallest(redundancy, self.max_features, protected)
-        return samplers.select(self.sampler, feats.float(), self.max_features, protected, self.generator)
+        return torch.stack(
+            [
+                samplers.select(self.sampler, f.float(), self.max_features, p, g)
+                for f, p, g in zip(feats, protected, self.generators)
+            ]
+        )
 
     @staticmethod
     def _reindex(keep, feats, redundancy, nearest, protected):
         """Carry Eq. 8 bookkeeping over an eviction; rows whose argmax left are recomputed.
         Returns the new (redundancy, nearest, protected) and the number of recomputed rows."""
-        n_total = redundancy.shape[0]
-        new_position = torch.full((n_total,), -1, dtype=torch.long, device=keep.device)
-        new_position[keep] = torch.arange(keep.shape[0], device=keep.device)
-        redundancy, nearest, protected = (x.index_select(0, keep) for x in (redundancy, nearest, protected))
+        new_position = torch.full(redundancy.shape, -1, dtype=torch.long, device=keep.device)  # B x (N + M)
+        new_position.scatter_(1, keep, torch.arange(keep.shape[1], device=keep.device).expand_as(keep))
+        redundancy, nearest, protected = (gather_rows(x, keep) for x in (redundancy, nearest, protected))
         has_nearest = nearest >= 0
-        nearest = torch.where(has_nearest, new_position[nearest.clamp_min(0)], nearest)
+        nearest = torch.where(has_nearest, new_position.gather(1, nearest.clamp_min(0)), nearest)
         n_stale = PatchRarityBank._recompute_stale(has_nearest & (nearest < 0), feats, redundancy, nearest)
         return redundancy, nearest, protected, n_stale
 
     @staticmethod
     def _recompute_stale(stale_mask, feats, redundancy, nearest) -> int:
-        """Eq. 8 again, in place, for the rows whose argmax was evicted; returns their number R.
-        The only step work whose size depends on the data (R x N_F similarities), and the one
-        host sync of an update (R is needed to size it)."""
-        stale = stale_mask.nonzero().squeeze(1)
-        if stale.numel():
-            s, arg = _earlier_max((feats[stale] @ feats.T).float(), stale)
-            redundancy[stale], nearest[stale] = s, arg
-        return stale.numel()
+        """Eq. 8 again, in place, for the rows whose argmax was evicted (stale_mask B x N_F);
+        returns their number over all banks. Each bank's stale rows are padded to the largest
+        count R, so all banks are recomputed in one B x R x N_F product: the only step work whose
+        size depends on the data, and the one host sync of an update (R is needed to size it)."""
+        counts = stale_mask.sum(1)
+        r_max, n_stale = torch.stack([counts.max(), counts.sum()]).tolist()
+        if r_max:
+            rows = torch.argsort((~stale_mask).to(torch.uint8), dim=1, stable=True)[:, :r_max]  # B x R, stale first
+            valid = stale_mask.gather(1, rows)
+            s, arg = _earlier_max(torch.bmm(gather_rows(feats, rows), feats.mT).float(), rows)
+            redundancy.scatter_(1, rows, torch.where(valid, s, redundancy.gather(1, rows)))
+            nearest.scatter_(1, rows, torch.where(valid, arg, nearest.gather(1, rows)))
+        return n_stale
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """Stacked over banks; `image_similarity` in the paper's layout, B x n_I x N."""
         if self.features is None:
             return {}
         return {
@@ -243,80 +286,90 @@ class PatchRarityBank:
             "redundancy": self.redundancy,
             "nearest_earlier": self.nearest_earlier,
             "protected": self.protected,
-            "generator": self.generator.get_state(),
+            "generators": torch.stack([g.get_state() for g in self.generators]),
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
         self.reset()
         if not state:
             return
+        if state["features"].shape[0] != self.n_banks:
+            raise ValueError(f"state holds {state['features'].shape[0]} banks, this bank stack has {self.n_banks}")
         self.features = state["features"].to(device, self.dtype)
-        self.image_similarity = state["image_similarity"].to(device)
+        self.psm_t = state["image_similarity"].to(device).mT.contiguous()
         self.redundancy = state["redundancy"].to(device)
         self.nearest_earlier = state["nearest_earlier"].to(device)
         self.protected = state["protected"].to(device)
-        self.n_protected = int(self.protected.sum())
-        self.generator.set_state(state["generator"].cpu())
+        self.n_protected = int(self.protected[0].sum())
+        for generator, generator_state in zip(self.generators, state["generators"].cpu()):
+            generator.set_state(generator_state.clone())  # a row of its own: set_state reads the storage
 
 
 class DirectPatchRarityBank:
-    """RareCLIP-d's DPRB (Eq. 5, 6, 10): SCS(F, alpha M) features of each of the latest N_I,max
-    images; a patch's similarity to an image is its max similarity to that image's set.
+    """RareCLIP-d's DPRB (Eq. 5, 6, 10) for B banks stepped together: SCS(F, alpha M) features
+    of each of the latest N_I,max images; a patch's similarity to an image is its max similarity
+    to that image's set.
 
     The per-image sets live in a preallocated buffer with `slack` spare rows: an image is written
     in place and the newest rows move to the front once every `slack` images, instead of copying
     the whole N_I,max x S x C memory (374 MB per bank at the paper's sizes) at every step.
     """
 
-    def __init__(self, max_images: int, alpha: float = 1 / 3, rarity_ratio: float = 0.3, dtype=torch.float32):
+    def __init__(
+        self, max_images: int, alpha: float = 1 / 3, rarity_ratio: float = 0.3, dtype=torch.float32, n_banks: int = 1
+    ):
         self.max_images = max_images
         self.alpha = alpha
         self.rarity_ratio = rarity_ratio
         self.dtype = dtype
+        self.n_banks = n_banks
         self.slack = max(4, max_images // 8)
-        self._buffer: torch.Tensor | None = None  # (N_I,max + slack) x S x C
+        self._buffer: torch.Tensor | None = None  # B x (N_I,max + slack) x S x C
         self._start = self._end = 0  # rows in use
 
     @property
-    def features(self) -> torch.Tensor | None:  # n_I x S x C, oldest first (a view)
-        return None if self._buffer is None else self._buffer[self._start : self._end]
+    def features(self) -> torch.Tensor | None:  # B x n_I x S x C, oldest first (a view)
+        return None if self._buffer is None else self._buffer[:, self._start : self._end]
 
     @property
     def n_images(self) -> int:
         return self._end - self._start
 
     def score(self, features: torch.Tensor, update: bool = True, protect: bool = False) -> torch.Tensor | None:
-        """Rarity of M test patches; `protect` has no effect (images age out after N_I,max)."""
+        """Rarity of M test patches per bank (features B x M x C); B x M. `protect` has no
+        effect (images age out after N_I,max)."""
+        if features.shape[0] != self.n_banks:
+            raise ValueError(f"features for {features.shape[0]} banks, this bank stack has {self.n_banks}")
         features = features.to(self.dtype)
         rarity = None
         if self.n_images:
             memory = self.features
-            n_images, per_image, c = memory.shape
-            sim = features @ memory.reshape(-1, c).T  # M x (n_I * S)
-            s = sim.float().view(-1, n_images, per_image).amax(-1).T  # n_I x M
-            rarity = rarity_score(s, self.rarity_ratio, dim=0)
+            b, n_images, per_image, c = memory.shape
+            sim = torch.bmm(features, memory.reshape(b, -1, c).mT)  # B x M x (n_I S), a view of the buffer
+            s = sim.float().view(b, -1, n_images, per_image).amax(-1)  # B x M x n_I
+            rarity = rarity_score(s, self.rarity_ratio, dim=2)
         if update:
-            kept = features[sequential_coreset_indices(features.float(), max(1, int(self.alpha * features.shape[0])))]
-            self._append(kept)
+            n_keep = max(1, int(self.alpha * features.shape[1]))
+            self._append(gather_rows(features, sequential_coreset_indices(features.float(), n_keep)))
         return rarity
 
-    def _append(self, kept: torch.Tensor) -> None:
-        if self._buffer is None or self._buffer.shape[1:] != kept.shape:
+    def _append(self, kept: torch.Tensor) -> None:  # kept: B x S x C
+        if self._buffer is None or self._buffer.shape[2:] != kept.shape[1:]:
             self._allocate(self.max_images + self.slack, kept)
-        if self._end == self._buffer.shape[0]:
+        if self._end == self._buffer.shape[1]:
             self._compact()
-        self._buffer[self._end] = kept
+        self._buffer[:, self._end] = kept
         self._end += 1
         self._start = max(self._start, self._end - self.max_images)
 
     def _compact(self) -> None:
         """Slack used up: the newest N_I,max - 1 rows move to the front (once every `slack` images)."""
         keep = min(self.n_images, self.max_images - 1)
-        shift_to_front(self._buffer, self._end - keep, keep)
+        shift_to_front(self._buffer, self._end - keep, keep, dim=1)
         self._start, self._end = 0, keep
 
-    def _allocate(self, rows: int, like: torch.Tensor) -> None:
-        self._buffer = like.new_empty(rows, *like.shape)
+    def _allocate(self, rows: int, like: torch.Tensor) -> None:  # like: B x S x C
+        self._buffer = like.new_empty(like.shape[0], rows, *like.shape[1:])
         self._start = self._end = 0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -325,10 +378,13 @@ class DirectPatchRarityBank:
     def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
         self._buffer, self._start, self._end = None, 0, 0
         if state:
-            features = state["features"].to(device, self.dtype)
-            self._allocate(max(features.shape[0], self.max_images) + self.slack, features[0])
-            self._buffer[: features.shape[0]] = features
-            self._end = features.shape[0]
+            features = state["features"].to(device, self.dtype)  # B x n_I x S x C
+            if features.shape[0] != self.n_banks:
+                raise ValueError(f"state holds {features.shape[0]} banks, this bank stack has {self.n_banks}")
+            n = features.shape[1]
+            self._allocate(max(n, self.max_images) + self.slack, features[:, 0])
+            self._buffer[:, :n] = features
+            self._end = n
 
 
 def shift_to_front(buffer: torch.Tensor, start: int, n: int, dim: int = 0) -> None:

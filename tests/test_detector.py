@@ -101,12 +101,12 @@ def test_kshot_references_protect_features_and_blend_map(tiny_config, frames):
     det = OnlineDetector(tiny_config)
     det.add_normal_references(frames[:2])
     assert det.n_references == 2 and det.images_seen == 2
-    bank = det.banks[(1, 1)]
-    assert int(bank.protected.sum()) == min(196 * 2 // 4, 588)
+    bank = det.banks
+    assert bank.protected.sum(1).tolist() == [min(196 * 2 // 4, 588)] * 8
     protected = bank.features[bank.protected].clone()
     run(det, frames[2:14])
     assert torch.equal(bank.features[bank.protected], protected)
-    assert det.references[(1, 1)].shape == (98, 64)
+    assert det.references.shape == (8, 98, 64)
 
 
 @pytest.mark.parametrize("variant", [{"rarity_branch": "dprb"}, {"sampler": "greedy"}, {"sampler": "random"}])

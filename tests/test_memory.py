@@ -27,6 +27,10 @@ def test_loose_similarity_divides_by_quantile_and_caps():
     assert torch.allclose(loose_similarity(s, 0.0), s)
     # applied to all values of a matrix at once: 2 x 5, k = floor(10 * 0.8) = 8 -> 0.8
     assert torch.allclose(loose_similarity(s.view(2, 5), 0.2), torch.clamp(s / 0.8, max=1).view(2, 5))
+    # start_dim=1: each bank (row) by its own k-th smallest, k = floor(5 * 0.8) = 4
+    banks = torch.stack([s[:5], 2 * s[:5]])  # [.1 .. .5], [.2 .. 1.]
+    expected = torch.stack([torch.clamp(s[:5] / 0.4, max=1), torch.clamp(2 * s[:5] / 0.8, max=1)])
+    assert torch.allclose(loose_similarity(banks, 0.2, start_dim=1), expected)
 
 
 def test_loose_similarity_rank_is_robust_to_binary_rounding():
@@ -52,45 +56,48 @@ def test_sequential_coreset_keeps_first_preserves_order_and_floors_negatives():
     assert sequential_coreset_indices(feats, 1).tolist() == [0]
     assert sequential_coreset_indices(feats, 2).tolist() == [0, 2]
     assert sequential_coreset_indices(feats, 9).tolist() == [0, 1, 2, 3]
+    # batched over banks: each bank on its own
+    # reversed order: s = [0, max(-0.8) -> 0, max(0.96, -0.6), max(0.8, -1, 0.6)] = [0, 0, 0.96, 0.8]
+    assert sequential_coreset_indices(torch.stack([feats, feats.flip(0)]), 2).tolist() == [[0, 2], [0, 1]]
 
 
 def test_psm_update_eq16_three_steps():
     bank = PatchRarityBank(max_features=100, max_images=10, k=1, rarity_ratio=0.3, loose_ratio=0.0, dtype=torch.float64)
     a, b, c, d = unit(1, 0), unit(0, 1), unit(1, 0), unit(0.6, 0.8)
     e, f = unit(0, 1), unit(0.8, 0.6)
-    assert bank.score(torch.stack([a, b])) is None
-    assert bank.image_similarity.tolist() == [[1.0, 1.0]]
+    assert bank.score(torch.stack([a, b])[None]) is None
+    assert bank.image_similarity.tolist() == [[[1.0, 1.0]]]
     # step 1: sim = [[1, 0], [.6, .8]], 1-NN v = [1, .8], LS(Y=0) divides by 1
-    rarity = bank.score(torch.stack([c, d]))
-    assert rarity.tolist() == pytest.approx([0.0, 0.2])
-    assert np.allclose(bank.image_similarity.numpy(), [[1, 1, 1, 0.8], [1, 0.8, 1, 1]])
+    rarity = bank.score(torch.stack([c, d])[None])
+    assert rarity[0].tolist() == pytest.approx([0.0, 0.2])
+    assert np.allclose(bank.image_similarity[0].numpy(), [[1, 1, 1, 0.8], [1, 0.8, 1, 1]])
     # step 2: e's NN is b (1.0), f's NN is d (0.96); S_t2H = [[1, .8 * .96], [.8, .96]]
-    rarity = bank.score(torch.stack([e, f]))
-    assert rarity.tolist() == pytest.approx([0.0, 0.04])
-    assert bank.image_similarity.shape == (3, 6)
+    rarity = bank.score(torch.stack([e, f])[None])
+    assert rarity[0].tolist() == pytest.approx([0.0, 0.04])
+    assert bank.image_similarity.shape == (1, 3, 6)
     expected = [[1, 1, 1, 0.8, 1, 0.768], [1, 0.8, 1, 1, 0.8, 0.96], [0.8, 1, 0.8, 0.96, 1, 1]]
-    assert np.allclose(bank.image_similarity.numpy(), expected)
-    assert bank.features.shape == (6, 2)
+    assert np.allclose(bank.image_similarity[0].numpy(), expected)
+    assert bank.features.shape == (1, 6, 2)
 
 
 def test_bank_respects_sizes_and_newest_images():
     torch.manual_seed(0)
     bank = PatchRarityBank(max_features=20, max_images=4, k=3)
     for _ in range(12):
-        bank.score(torch.nn.functional.normalize(torch.randn(8, 5), dim=1))
-    assert bank.features.shape == (20, 5)
-    assert bank.image_similarity.shape == (4, 20)
+        bank.score(torch.nn.functional.normalize(torch.randn(1, 8, 5), dim=2))
+    assert bank.features.shape == (1, 20, 5)
+    assert bank.image_similarity.shape == (1, 4, 20)
     # the last row holds the newest image: ones on its own memorized features
-    assert bank.image_similarity[-1].max() == 1.0
+    assert bank.image_similarity[0, -1].max() == 1.0
 
 
 def test_offline_scoring_leaves_bank_untouched():
     torch.manual_seed(1)
     bank = PatchRarityBank(max_features=20, max_images=4)
     for _ in range(5):
-        bank.score(torch.nn.functional.normalize(torch.randn(8, 5), dim=1))
+        bank.score(torch.nn.functional.normalize(torch.randn(1, 8, 5), dim=2))
     before = {k: v.clone() for k, v in bank.state_dict().items()}
-    bank.score(torch.nn.functional.normalize(torch.randn(8, 5), dim=1), update=False)
+    bank.score(torch.nn.functional.normalize(torch.randn(1, 8, 5), dim=2), update=False)
     assert all(torch.equal(before[k], v) for k, v in bank.state_dict().items())
 
 
@@ -104,21 +111,21 @@ def test_incremental_scs_keeps_the_direct_definitions_set(n_keep, m):
         centers = torch.randn(3, 6, generator=gen, dtype=torch.float64)
         x = centers[torch.randint(0, 3, (m,), generator=gen)] + 0.7 * torch.randn(m, 6, generator=gen, dtype=torch.float64)
         x = torch.nn.functional.normalize(x, dim=1)
-        bank.score(x)
+        bank.score(x[None])
         reference = torch.cat([reference, x])
         reference = reference[sequential_coreset_indices(reference, n_keep)]
-        assert torch.equal(bank.features, reference)
+        assert torch.equal(bank.features[0], reference)
 
 
 def test_kshot_protection_keeps_reference_features():
     torch.manual_seed(2)
     bank = PatchRarityBank(max_features=10, max_images=5, max_protected=4)
-    refs = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)
+    refs = torch.nn.functional.normalize(torch.randn(1, 6, 4), dim=2)
     bank.score(refs, protect=True)
     assert int(bank.protected.sum()) == 4
     kept_refs = bank.features[bank.protected].clone()
     for _ in range(30):
-        bank.score(torch.nn.functional.normalize(torch.randn(6, 4), dim=1))
+        bank.score(torch.nn.functional.normalize(torch.randn(1, 6, 4), dim=2))
     assert torch.equal(bank.features[bank.protected], kept_refs)
 
 
@@ -126,23 +133,23 @@ def test_kshot_protection_keeps_reference_features():
 def test_ablation_samplers_keep_sizes_and_protected(sampler):
     torch.manual_seed(3)
     bank = PatchRarityBank(max_features=15, max_images=5, sampler=sampler, max_protected=3)
-    bank.score(torch.nn.functional.normalize(torch.randn(3, 4), dim=1), protect=True)
+    bank.score(torch.nn.functional.normalize(torch.randn(1, 3, 4), dim=2), protect=True)
     refs = bank.features.clone()
     for _ in range(10):
-        bank.score(torch.nn.functional.normalize(torch.randn(6, 4), dim=1))
-    assert bank.features.shape == (15, 4)
-    assert torch.equal(bank.features[:3], refs)
+        bank.score(torch.nn.functional.normalize(torch.randn(1, 6, 4), dim=2))
+    assert bank.features.shape == (1, 15, 4)
+    assert torch.equal(bank.features[:, :3], refs)
 
 
 def test_direct_bank_eq5_max_similarity_per_image():
     bank = DirectPatchRarityBank(max_images=2, alpha=1.0, rarity_ratio=0.5)
     a, b, c = unit(1, 0), unit(0, 1), unit(0.6, 0.8)
-    assert bank.score(torch.stack([a, b])) is None
-    bank.score(torch.stack([a, a]))
+    assert bank.score(torch.stack([a, b])[None]) is None
+    bank.score(torch.stack([a, a])[None])
     # per test patch, similarity to image 1 {a, b} and image 2 {a}: c -> [.8, .6]; top ceil(.5*2)=1
-    rarity = bank.score(torch.stack([c, b]), update=False)
-    assert rarity.tolist() == pytest.approx([0.2, 0.0])
-    bank.score(torch.stack([b, b]))
+    rarity = bank.score(torch.stack([c, b])[None], update=False)
+    assert rarity[0].tolist() == pytest.approx([0.2, 0.0])
+    bank.score(torch.stack([b, b])[None])
     assert bank.n_images == 2
 
 
@@ -169,12 +176,49 @@ def test_rare_cluster_patches_get_high_rarity():
             labels[: m // 4] = 1
             x[: m // 4] = torch.nn.functional.normalize(torch.randn(c, generator=gen), dim=0)
         x = torch.nn.functional.normalize(x + 0.15 * torch.randn(m, c, generator=gen), dim=1)
-        rarity = bank.score(x)
+        rarity = bank.score(x[None])
         if rarity is not None:
-            per_image.append((labels.numpy(), rarity.numpy()))
+            per_image.append((labels.numpy(), rarity[0].numpy()))
     def window_auroc(lo, hi):
         return auroc(np.concatenate([l for l, _ in per_image[lo:hi]]), np.concatenate([r for _, r in per_image[lo:hi]]))
     late = window_auroc(19, 59)
     early = window_auroc(0, 10)
     assert late >= 0.95
     assert late > early
+
+
+@pytest.mark.parametrize("sampler", ["scs", "random", "kmeans", "greedy", "dprb"])
+def test_bank_stack_equals_banks_stepped_one_by_one(sampler):
+    """A stack of 3 banks (the detector steps its 8 as one) gives each bank exactly what it gets
+    alone: rarities, kept features, PSM and Eq. 8 bookkeeping, through protection and evictions
+    with a different number of stale rows per bank."""
+    gen = torch.Generator().manual_seed(7)
+
+    def make(n_banks):
+        if sampler == "dprb":
+            return DirectPatchRarityBank(max_images=4, alpha=0.5, dtype=torch.float64, n_banks=n_banks)
+        return PatchRarityBank(
+            max_features=14, max_images=4, sampler=sampler, max_protected=4, dtype=torch.float64, n_banks=n_banks
+        )
+
+    stack, alone = make(3), [make(1) for _ in range(3)]
+    spread = torch.tensor([0.2, 0.7, 1.5], dtype=torch.float64)[:, None, None]  # unlike banks, unlike stale counts
+    stale_per_step = []
+    for step in range(25):
+        centers = torch.randn(3, 2, 6, generator=gen, dtype=torch.float64)
+        x = centers[:, torch.randint(0, 2, (6,), generator=gen)] + spread * torch.randn(3, 6, 6, generator=gen, dtype=torch.float64)
+        x = torch.nn.functional.normalize(x, dim=2)
+        protect, update = step < 2, step % 5 != 4
+        got = stack.score(x, update=update, protect=protect)
+        expected = [bank.score(x[i : i + 1], update=update, protect=protect) for i, bank in enumerate(alone)]
+        if got is None:
+            assert all(e is None for e in expected)
+        else:
+            assert torch.allclose(got, torch.cat(expected), rtol=0, atol=1e-12)
+        stale_per_step.append([getattr(bank, "last_stale", 0) for bank in alone])
+        assert getattr(stack, "last_stale", 0) == sum(stale_per_step[-1])
+        for key, value in stack.state_dict().items():
+            reference = torch.cat([bank.state_dict()[key] for bank in alone])
+            assert torch.allclose(value.double(), reference.double(), rtol=0, atol=1e-12), key
+    if sampler == "scs":  # the padded stale recomputation was exercised with unequal counts
+        assert any(len(set(counts)) > 1 and max(counts) > 0 for counts in stale_per_step)

@@ -65,7 +65,7 @@ def test_step_work_is_the_same_at_step_2x_as_at_step_x(small_config, frames, mon
     x = 16
     small_config = small_config.model_copy(update={"rarity_branch": branch})
     det = OnlineDetector(small_config)
-    m, n_f = det.n_patches, small_config.max_features
+    m, n_f, n_banks = det.n_patches, small_config.max_features, len(det.bank_keys)
     recorder = Recorder()
     stale_rows: list[list[int]] = []  # per step, R of each stale recomputation
     compactions: list[tuple[str, int]] = []  # (which memory, step index) of each compaction
@@ -75,7 +75,7 @@ def test_step_work_is_the_same_at_step_2x_as_at_step_x(small_config, frames, mon
     original_compact = {ImageMemory: ImageMemory._compact, DirectPatchRarityBank: DirectPatchRarityBank._compact}
 
     def recompute_stale(stale_mask, feats, redundancy, nearest):
-        assert feats.shape[0] == stale_mask.shape[0] == n_f
+        assert feats.shape[:2] == stale_mask.shape == (n_banks, n_f)
         recorder.paused += 1
         try:
             n_stale = original_stale(stale_mask, feats, redundancy, nearest)
@@ -109,17 +109,17 @@ def test_step_work_is_the_same_at_step_2x_as_at_step_x(small_config, frames, mon
             products[i] = sorted(c for c in recorder.calls if c[0] in PRODUCTS)
         if i in (x, 2 * x):
             shapes_at[i] = state_shapes(det)
-        assert sum(getattr(bank, "last_stale", 0) for bank in det.banks.values()) == sum(stale_rows[-1])
+        assert getattr(det.banks, "last_stale", 0) == sum(stale_rows[-1])
 
     # memories at their caps, and the whole state the same size at step x and 2x
     assert det.images_seen == 2 * x + 1
-    for bank in det.banks.values():
-        if branch == "iprb":
-            assert len(bank) == n_f and bank.image_similarity.shape == (small_config.max_images, n_f)
-            assert bank.redundancy.shape == bank.nearest_earlier.shape == bank.protected.shape == (n_f,)
-        else:
-            assert bank.features.shape == (small_config.max_images, m // 3, 64)
-            assert bank._buffer.shape[0] == small_config.max_images + bank.slack
+    bank = det.banks
+    if branch == "iprb":
+        assert len(bank) == n_f and bank.image_similarity.shape == (n_banks, small_config.max_images, n_f)
+        assert bank.redundancy.shape == bank.nearest_earlier.shape == bank.protected.shape == (n_banks, n_f)
+    else:
+        assert bank.features.shape == (n_banks, small_config.max_images, m // 3, 64)
+        assert bank._buffer.shape[1] == small_config.max_images + bank.slack
     assert len(det.image_memory) == small_config.image_memory_size
     assert det.image_memory._embeddings.shape[0] == small_config.image_memory_size + det.image_memory.slack
     assert shapes_at[x] == shapes_at[2 * x]
@@ -127,24 +127,24 @@ def test_step_work_is_the_same_at_step_2x_as_at_step_x(small_config, frames, mon
     # the matrix products of a step, and indeed every torch call, do not change from x to 2x
     assert products[x] == products[2 * x]
     if branch == "iprb":
-        assert ("matmul", ((m, 64), (64, n_f))) in products[x]  # F_test . PFM^T of a full bank
+        assert ("bmm", ((n_banks, m, 64), (n_banks, 64, n_f))) in products[x]  # F_test . PFM^T, full banks
     else:
-        assert ("matmul", ((m, 64), (64, small_config.max_images * (m // 3)))) in products[x]
+        assert ("bmm", ((n_banks, m, 64), (n_banks, 64, small_config.max_images * (m // 3)))) in products[x]
     assert ("bmm", ((4, small_config.image_memory_size, 64), (4, 64, 1))) in products[x]  # LAIFs vs memory
     for i in range(x + 1, 2 * x + 1):
         assert signatures[i] == signatures[x], f"step {i} does other work than step {x}"
 
-    # the data-dependent parts stay bounded: stale rows per recomputation at most N_F (and in
-    # practice far fewer than the M rows evicted per step, and not growing); compaction amortized
+    # the data-dependent parts stay bounded: stale rows per recomputation (all banks) at most
+    # banks x N_F (and in practice far fewer than the M rows each bank evicts per step, and not
+    # growing); compaction amortized
     later = [r for rows in stale_rows[x:] for r in rows]
     earlier = [r for rows in stale_rows[2:x] for r in rows]
-    assert max(later, default=0) <= n_f
-    assert sum(later) / (x + 1) <= sum(earlier) / (x - 2) + m / 4
-    assert max(later, default=0) <= m
-    for memory in [det.image_memory] + [b for b in det.banks.values() if branch == "dprb"]:
+    assert max(later, default=0) <= n_banks * n_f
+    assert sum(later) / (x + 1) <= sum(earlier) / (x - 2) + n_banks * m / 4
+    assert max(later, default=0) <= n_banks * m
+    for memory in [det.image_memory] + ([det.banks] if branch == "dprb" else []):
         n_compactions = len([c for c in compactions if c[0] == type(memory).__name__ and c[1] >= x])
-        per_memory = n_compactions / (1 if isinstance(memory, ImageMemory) else len(det.banks))
-        assert per_memory <= x // memory.slack + 1
+        assert n_compactions <= x // memory.slack + 1
 
 
 def test_timings_hook_fills_sections_and_changes_nothing(small_config, frames):
