@@ -172,7 +172,7 @@ def main() -> None:
     parser.add_argument("--fill-margin", type=int, default=5)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the config's)")
     parser.add_argument("--pretrained", default=None, help="override: 'none' for random weights, or a path")
-    parser.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"], help="backbone precision override")
+    parser.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "bf16"], help="backbone precision override")
     parser.add_argument("--bank-dtype", default=None, choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--frame-size", type=int, default=None, help="synthetic frame side (default: image_size)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -207,7 +207,7 @@ def main() -> None:
           f"threads={torch.get_num_threads()} device={device}{' (' + gpu + ')' if gpu else ''}")
     print(f"config={args.config} model={cfg.model} pretrained={cfg.pretrained} image_size={cfg.image_size} "
           f"M={detector.n_patches} N_F={cfg.max_features} N_I,max={cfg.max_images} image_memory={cfg.image_memory_size} "
-          f"banks={len(detector.bank_keys)} ({cfg.rarity_branch}, {cfg.sampler}) precision={cfg.precision} bank_dtype={cfg.bank_dtype}")
+          f"banks={len(detector.bank_keys)} ({cfg.rarity_branch}, {cfg.sampler}) precision={cfg.precision} ({detector.backbone.dtype}) bank_dtype={cfg.bank_dtype}")
     print(f"build: {build_s:.1f} s, weights {weights_mb:.1f} MB")
 
     if args.fill:

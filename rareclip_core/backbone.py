@@ -24,6 +24,14 @@ class BackboneOutput:
     patch_tokens: dict[int, torch.Tensor]  # 1-indexed block -> B x M x C, raw residual stream, float32
 
 
+def backbone_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The backbone's weights and activations dtype: 'auto' is fp16 on CUDA (DESIGN: the
+    backbone runs in half precision) and fp32 elsewhere (CPU half-precision kernels are slow)."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return _DTYPES[precision]
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -80,10 +88,10 @@ class ClipBackbone(torch.nn.Module):
 
     def __init__(self, visual: torch.nn.Module, blocks: list[int], device: torch.device, precision: str):
         super().__init__()
-        self.visual = visual.to(device=device, dtype=_DTYPES[precision]).eval().requires_grad_(False)
+        self.dtype = backbone_dtype(precision, device)
+        self.visual = visual.to(device=device, dtype=self.dtype).eval().requires_grad_(False)
         self.blocks = sorted(set(blocks))
         self.device = device
-        self.dtype = _DTYPES[precision]
         self.width = self.visual.transformer.width
         self.grid = self.visual.grid_size[0]
 

@@ -71,8 +71,8 @@ class DetectorConfig(StrictModel):
     text_blocks: list[int] = Field(default_factory=lambda: [12, 16, 20, 24], min_length=1)
     scales: list[int] = Field(default_factory=lambda: [1, 3], min_length=1)
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N'")
-    precision: Literal["fp32", "fp16", "bf16"] = Field(
-        "fp32", description="backbone precision; fp32 on CPU"
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="backbone precision; 'auto' is fp16 on CUDA and fp32 on CPU"
     )
     bank_dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32",

@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from rareclip_core.backbone import backbone_dtype
 from rareclip_core.config import ConfigError, DetectorConfig
 from rareclip_core.detector import OnlineDetector
 from rareclip_core.text_branch import TPB_CHECKPOINT_KEY
@@ -167,3 +168,12 @@ def test_batched_backbone_equals_frame_by_frame(tiny_config, frames):
     for a, b in zip(single, batch):
         assert torch.equal(a.embedding, b.embedding)
         assert all(torch.equal(a.tokens[k], b.tokens[k]) for k in a.tokens)
+
+
+def test_backbone_precision_auto_is_half_on_cuda_only(tiny_config):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert backbone_dtype("auto", cpu) == torch.float32
+    assert backbone_dtype("auto", cuda) == torch.float16
+    assert backbone_dtype("bf16", cpu) == torch.bfloat16 and backbone_dtype("fp32", cuda) == torch.float32
+    assert DetectorConfig().precision == "auto"
+    assert OnlineDetector(tiny_config).backbone.dtype == torch.float32  # the tiny config runs on CPU
