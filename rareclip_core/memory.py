@@ -39,6 +39,18 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.reshape(b * n, *x.shape[2:]).index_select(0, flat).view(*index.shape, *x.shape[2:])
 
 
+def _true_positions_first(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Per row of a B x N bool mask, the first n positions when those where it is True come
+    first, each part ascending (a stable sort): the True positions, padded with False ones
+    when a row has fewer than n."""
+    return torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :n]
+
+
+def _check_bank_count(got: int, expected: int, what: str) -> None:
+    if got != expected:
+        raise ValueError(f"{what} {got} banks, this bank stack has {expected}")
+
+
 def _earlier_max(sim: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 8 for chosen rows: sim ... x R x N against all features, row r may only see columns
     < positions[..., r]. Returns (s, argmax) with s floored at 0 and argmax -1 where no earlier
@@ -163,8 +175,7 @@ class PatchRarityBank:
         is memorized (Eq. 11, 16, SCS, newest N_I,max rows); `protect` marks its features as
         k-shot references that SCS does not evict (at most `max_protected` of them per bank).
         """
-        if features.shape[0] != self.n_banks:
-            raise ValueError(f"features for {features.shape[0]} banks, this bank stack has {self.n_banks}")
+        _check_bank_count(features.shape[0], self.n_banks, "features for")
         features = features.to(self.dtype)
         if self.features is None:
             self._start(features)
@@ -222,9 +233,8 @@ class PatchRarityBank:
         protected = torch.cat([self.protected, torch.full((b, m), protect, device=device)], dim=1)
         n_protected = self.n_protected + (m if protect else 0)
         if n_protected > self.max_protected:
-            # protection holds for at most max_protected references: the least redundant ones;
-            # a stable sort puts each bank's n_protected protected rows first, in order
-            which = torch.argsort((~protected).to(torch.uint8), dim=1, stable=True)[:, :n_protected]
+            # protection holds for at most max_protected references: the least redundant ones
+            which = _true_positions_first(protected, n_protected)  # each bank's protected rows
             still = keep_smallest(redundancy.gather(1, which), self.max_protected)
             protected = torch.zeros_like(protected).scatter_(1, which.gather(1, still), True)
             n_protected = self.max_protected
@@ -269,7 +279,7 @@ class PatchRarityBank:
         counts = stale_mask.sum(1)
         r_max, n_stale = torch.stack([counts.max(), counts.sum()]).tolist()
         if r_max:
-            rows = torch.argsort((~stale_mask).to(torch.uint8), dim=1, stable=True)[:, :r_max]  # B x R, stale first
+            rows = _true_positions_first(stale_mask, r_max)  # B x R
             valid = stale_mask.gather(1, rows)
             s, arg = _earlier_max(torch.bmm(gather_rows(feats, rows), feats.mT).float(), rows)
             redundancy.scatter_(1, rows, torch.where(valid, s, redundancy.gather(1, rows)))
@@ -293,8 +303,7 @@ class PatchRarityBank:
         self.reset()
         if not state:
             return
-        if state["features"].shape[0] != self.n_banks:
-            raise ValueError(f"state holds {state['features'].shape[0]} banks, this bank stack has {self.n_banks}")
+        _check_bank_count(state["features"].shape[0], self.n_banks, "state holds")
         self.features = state["features"].to(device, self.dtype)
         self.psm_t = state["image_similarity"].to(device).mT.contiguous()
         self.redundancy = state["redundancy"].to(device)
@@ -338,8 +347,7 @@ class DirectPatchRarityBank:
     def score(self, features: torch.Tensor, update: bool = True, protect: bool = False) -> torch.Tensor | None:
         """Rarity of M test patches per bank (features B x M x C); B x M. `protect` has no
         effect (images age out after N_I,max)."""
-        if features.shape[0] != self.n_banks:
-            raise ValueError(f"features for {features.shape[0]} banks, this bank stack has {self.n_banks}")
+        _check_bank_count(features.shape[0], self.n_banks, "features for")
         features = features.to(self.dtype)
         rarity = None
         if self.n_images:
@@ -379,8 +387,7 @@ class DirectPatchRarityBank:
         self._buffer, self._start, self._end = None, 0, 0
         if state:
             features = state["features"].to(device, self.dtype)  # B x n_I x S x C
-            if features.shape[0] != self.n_banks:
-                raise ValueError(f"state holds {features.shape[0]} banks, this bank stack has {self.n_banks}")
+            _check_bank_count(features.shape[0], self.n_banks, "state holds")
             n = features.shape[1]
             self._allocate(max(n, self.max_images) + self.slack, features[:, 0])
             self._buffer[:, :n] = features
