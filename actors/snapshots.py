@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-FORMAT_VERSION = 2  # 2: rarity banks stored stacked (banks.*), not one prefix per bank
+FORMAT_VERSION = 3  # 3: k-shot state as the authors keep it (banks.n_reference, reference_laifs); 2: banks stacked
 STATE_FILE = "state.safetensors"
 MANIFEST_FILE = "manifest.json"
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""`evaluate`: the paper's accuracy protocol (ALGORITHM.md sec. 7) run through the replay actors.
+"""`evaluate`: the paper's accuracy protocol (docs/algorithms/rareclip.md sec. 7) run through the replay actors.
 
 Each category of an MVTec AD / VisA / generic-layout test split is a line of a
 :class:`pipelines.line_cluster.LineCluster` (categories in parallel, a fresh detector state per

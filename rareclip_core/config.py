@@ -1,4 +1,4 @@
-"""DetectorConfig: every knob of RareCLIP with the paper's defaults (ALGORITHM.md)."""
+"""DetectorConfig: every knob of RareCLIP with the paper's defaults (docs/algorithms/rareclip.md)."""
 from __future__ import annotations
 
 import hashlib
@@ -58,7 +58,7 @@ class StrictModel(BaseModel):
 
 
 class DetectorConfig(StrictModel):
-    """RareCLIP detector settings. Defaults are the paper's (ALGORITHM.md sec. 1-6)."""
+    """RareCLIP detector settings. Defaults are the paper's and the authors' (docs/algorithms/rareclip.md)."""
 
     # Backbone (sec. 1)
     model: str = "ViT-L-14-336"
@@ -87,7 +87,9 @@ class DetectorConfig(StrictModel):
     text_cache_dir: Optional[str] = Field(
         "~/.cache/rareclip", description="where cached text embeddings live; null disables"
     )
-    foreground_ratio: float = Field(0.5, gt=0, le=1)
+    foreground_ratio: float = Field(
+        0.5, gt=0, le=1, description="LAIFs average the floor(ratio M) patches highest in the mean text map"
+    )
     # Patch rarity (sec. 3)
     rarity_branch: Literal["iprb", "dprb"] = "iprb"
     max_features: int = Field(4107, ge=1, description="N_F, patch feature memory size")
@@ -96,7 +98,12 @@ class DetectorConfig(StrictModel):
     rarity_ratio: float = Field(0.3, gt=0, le=1, description="X, top share of images")
     loose_ratio: float = Field(0.01, ge=0, lt=1, description="Y, loose similarity degree")
     sampler: Literal["scs", "random", "kmeans", "greedy"] = "scs"
-    dprb_alpha: float = Field(1 / 3, gt=0, le=1)
+    dprb_alpha: float = Field(
+        0.333, gt=0, le=1, description="RareCLIP-d keeps int(alpha M) features per image (the authors' 0.333: 455 of 1369)"
+    )
+    dprb_reference_loose_ratio: float = Field(
+        0.02, ge=0, lt=1, description="RareCLIP-d's k-shot map: Y of its loose similarity (the authors' 0.02)"
+    )
     # Image rarity and re-scoring (sec. 4-5)
     image_memory_size: int = Field(1000, ge=1)
     blur_sigma: float = Field(4.0, gt=0)

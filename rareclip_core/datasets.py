@@ -1,5 +1,5 @@
 """Readers for the evaluation datasets (MVTec AD, VisA, generic folders) and the paper's
-shuffled-sequence protocol (ALGORITHM.md sections 1 and 7)."""
+shuffled-sequence protocol (docs/algorithms/rareclip.md sections 1 and 7)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
-"""OnlineDetector: RareCLIP for one product line, step by step (ALGORITHM.md sec. 1-6)."""
+"""OnlineDetector: RareCLIP for one product line, step by step (docs/algorithms/rareclip.md)."""
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -13,10 +12,10 @@ import torch.nn.functional as F
 
 from .backbone import ClipBackbone, create_clip_model, resolve_device
 from .config import ConfigError, DetectorConfig
-from .image_memory import ImageMemory
+from .image_memory import ImageMemory, local_aggregated_features
 from .images import to_rgb_image
 from .maps import neighbourhood_mean, normalize01, upsample_and_blur
-from .memory import DirectPatchRarityBank, PatchRarityBank, gather_rows, loose_similarity, sequential_coreset_indices
+from .memory import DirectPatchRarityBank, PatchRarityBank, blend_with_references, rarity_score
 from .text_branch import cached_state_embeddings, init_text_projection, text_anomaly_map, text_image_score
 
 _BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -69,7 +68,8 @@ class OnlineDetector:
     """One line's RareCLIP detector: `step`, `state_dict`, `load_state_dict`.
 
     Online mode memorizes every image after scoring it; offline mode freezes all memories, so
-    results do not depend on order. `add_normal_references` gives the k-shot variant.
+    results do not depend on order. `add_normal_references` gives the k-shot variant. Every
+    rule follows docs/algorithms/rareclip.md (the paper's equations and the authors' code).
     """
 
     def __init__(self, config: DetectorConfig | dict | None = None):
@@ -105,21 +105,22 @@ class OnlineDetector:
     # ---- state -------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget everything this line has seen (e.g. after a product changeover)."""
-        cfg = self.config
-        self.images_seen = 0
+        self.images_seen = 0  # t, references included
         self.text_map_sum: torch.Tensor | None = None  # M, float64: running sum of A_text
-        self.image_memory = ImageMemory(cfg.image_memory_size)
+        self.image_memory = ImageMemory(self.config.image_memory_size)
+        self.n_references = 0  # k
+        self.reference_laifs: torch.Tensor | None = None  # n_blocks x k x C
         self.banks = self._new_banks()
-        self.references: torch.Tensor | None = None  # banks x R x C, k-shot features per bank
-        self.n_references = 0
 
-    def _new_banks(self, max_protected: int = 0):
+    def _new_banks(self):
         """All rarity banks of the line as one stack (stepped together, one batched computation)."""
         cfg = self.config
         dtype = _BANK_DTYPES[cfg.bank_dtype]
         n_banks = len(self.bank_keys)
         if cfg.rarity_branch == "dprb":
-            return DirectPatchRarityBank(cfg.max_images, cfg.dprb_alpha, cfg.rarity_ratio, dtype, n_banks)
+            return DirectPatchRarityBank(
+                cfg.max_images, cfg.dprb_alpha, cfg.rarity_ratio, dtype, n_banks, cfg.dprb_reference_loose_ratio
+            )
         return PatchRarityBank(
             cfg.max_features,
             cfg.max_images,
@@ -127,7 +128,7 @@ class OnlineDetector:
             cfg.rarity_ratio,
             cfg.loose_ratio,
             cfg.sampler,
-            max_protected,
+            min(self.n_patches * self.n_references // 4, cfg.max_features),  # k-shot protection bound
             cfg.seed,
             dtype,
             n_banks,
@@ -138,14 +139,12 @@ class OnlineDetector:
         state = {"images_seen": torch.tensor(self.images_seen), "n_references": torch.tensor(self.n_references)}
         if self.text_map_sum is not None:
             state["text_map_sum"] = self.text_map_sum
+        if self.reference_laifs is not None:
+            state["reference_laifs"] = self.reference_laifs
         state["bank_keys"] = torch.tensor(self.bank_keys)  # banks x (block, scale): row order of banks.*
         parts = {"image_memory": self.image_memory.state_dict(), "banks": self.banks.state_dict()}
         for prefix, part in parts.items():
             state.update({f"{prefix}.{k}": v for k, v in part.items()})
-        if self.references is not None:
-            state["references"] = self.references
-        if isinstance(self.banks, PatchRarityBank):
-            state["max_protected"] = torch.tensor(self.banks.max_protected)
         return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -164,16 +163,17 @@ class OnlineDetector:
         self.reset()
         self.images_seen = int(state["images_seen"])
         self.n_references = int(state["n_references"])
-        self.banks = self._new_banks(int(state.get("max_protected", torch.tensor(0))))
+        self.banks = self._new_banks()
         if "text_map_sum" in state:
             self.text_map_sum = state["text_map_sum"].to(self.device)
+        if "reference_laifs" in state:
+            self.reference_laifs = state["reference_laifs"].to(self.device)
 
         def part(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
 
         self.image_memory.load_state_dict(part("image_memory"), self.device)
         self.banks.load_state_dict(part("banks"), self.device)
-        self.references = state["references"].to(self.device) if "references" in state else None
 
     # ---- scoring -----------------------------------------------------------------------------
     def encode(self, images: list, timings: dict[str, float] | None = None) -> list[FrameFeatures]:
@@ -197,20 +197,23 @@ class OnlineDetector:
         return self.step_features(self.encode([image], timings)[0], update, timings=timings)
 
     def add_normal_references(self, images: list) -> None:
-        """k-shot (sec. 6): k normal images go through first; their features are protected from
-        SCS eviction (at most min(M k / 4, N_F) of them) and give a k-shot map blended in with
-        weight k / 8. Memories are updated whatever the mode."""
-        k = self.n_references + len(images)
-        n_protected = min(self.n_patches * k // 4, self.config.max_features)
-        if isinstance(self.banks, PatchRarityBank):
-            self.banks.max_protected = n_protected
-        collected = [] if self.references is None else [self.references]
+        """k-shot (docs/algorithms/rareclip.md, "k-shot"): k normal images go through first and
+        are only memorized, whatever the mode; they produce no score and count in t. Their bank
+        features are protected from eviction while few enough survive, they give a k-shot map and
+        a k-shot image term blended into the rarity branch, and re-scoring ignores them.
+
+        Given once, before the line's first frame (the protection bound depends on k)."""
+        if self.images_seen:
+            raise ValueError(
+                f"normal references must be given before the line's first frame ({self.images_seen} "
+                "already memorized): call reset() first, or give them all in one call"
+            )
+        if not images:
+            return
+        self.n_references = len(images)
+        self.banks = self._new_banks()
         for frame in self.encode(images):
-            collected.append(self._bank_features({b: t.to(self.device) for b, t in frame.tokens.items()}))
-            self.step_features(frame, update=True, protect=True)
-        stacked = torch.cat(collected, dim=1)  # banks x (k M) x C
-        self.references = gather_rows(stacked, sequential_coreset_indices(stacked.float(), n_protected))
-        self.n_references = k
+            self._step(frame, update=True, reference=True)
 
     def _bank_features(self, tokens: dict[int, torch.Tensor]) -> torch.Tensor:
         """Per (block, scale) in `bank_keys` order: r x r neighbourhood mean on the grid, then
@@ -219,20 +222,10 @@ class OnlineDetector:
         per_scale = [F.normalize(neighbourhood_mean(blocks, self.grid, r), dim=-1) for r in self.config.scales]
         return torch.stack(per_scale, dim=1).flatten(0, 1)
 
-    def _kshot_map(self, features: torch.Tensor) -> torch.Tensor:
-        """1 - LS(max similarity to the reference features), per bank, then the mean over banks; M."""
-        nearest = torch.bmm(features, self.references.mT).float().amax(2)  # banks x M
-        return (1 - loose_similarity(nearest, self.config.loose_ratio, start_dim=1)).mean(0)
-
-    @torch.inference_mode()
     def step_features(
-        self,
-        frame: FrameFeatures,
-        update: Optional[bool] = None,
-        protect: bool = False,
-        timings: dict[str, float] | None = None,
+        self, frame: FrameFeatures, update: Optional[bool] = None, timings: dict[str, float] | None = None
     ) -> DetectionResult:
-        """Score one encoded frame and (with `update`) memorize it.
+        """Score one encoded frame and (with `update`, default: the mode's) memorize it.
 
         `timings`: when a dict is given, seconds per section are added to it: 'text' (TPB),
         'banks' (bank features, the rarity banks incl. sampling, k-shot map),
@@ -243,51 +236,68 @@ class OnlineDetector:
         Everything stays on the device until the end of the step, where the scalars and maps
         come to the host in two transfers (the banks' stale-row count is the only other sync).
         """
-        cfg = self.config
         if update is None:
-            update = cfg.mode == "online"
+            update = self.config.mode == "online"
+        return self._step(frame, update, reference=False, timings=timings)
+
+    @torch.inference_mode()
+    def _step(
+        self, frame: FrameFeatures, update: bool, reference: bool, timings: dict[str, float] | None = None
+    ) -> DetectionResult | None:
+        """One frame through every branch; a reference frame is only memorized (returns None)."""
+        cfg = self.config
         lap = None if timings is None else _Laps(timings, self.device)
-        t = self.images_seen
+        t, k = self.images_seen, self.n_references
         tokens = {b: v.to(self.device) for b, v in frame.tokens.items()}
         embedding = frame.embedding.to(self.device)
 
-        # Text prompt branch, Eq. 1-3 (the cumulative mean includes the current image)
+        # Text prompt branch, Eq. 1-3. The cumulative mean includes the current image when it is
+        # memorized; otherwise it is the stored mean (none before the first memorized image).
         projected = self.text_projection([tokens[b][None].float() for b in cfg.text_blocks])
         a_text = text_anomaly_map(projected, self.text_features, cfg.text_temperature)[0]  # M
         c_text = text_image_score(embedding[None], self.text_features, cfg.text_temperature)[0]  # 0-dim
-        text_sum = a_text.double() if self.text_map_sum is None else self.text_map_sum + a_text.double()
-        mean_text = (text_sum / (t + 1)).float()
-        a_text_hat = torch.maximum(a_text, mean_text)
+        text_sum, mean_text = self.text_map_sum, None
+        if update:
+            text_sum = a_text.double() if text_sum is None else text_sum + a_text.double()
+            mean_text = (text_sum / (t + 1)).float()
+        elif text_sum is not None:
+            mean_text = (text_sum / t).float()
+        a_text_hat = a_text if mean_text is None else torch.maximum(a_text, mean_text)
         if lap:
             lap("text")
 
-        # Patch rarity banks (sec. 3)
-        features = self._bank_features(tokens)  # banks x M x C
-        rarity = self.banks.score(features, update=update, protect=protect)  # banks x M
-        a_rare = None
-        if rarity is not None:
-            a_rare = rarity.mean(0)
-            if self.references is not None:
-                weight = min(self.n_references / 8, 1.0)
-                a_rare = (1 - weight) * a_rare + weight * self._kshot_map(features)
+        # Patch rarity banks (sec. 3) and their k-shot map
+        bank_scores = self.banks.score(self._bank_features(tokens), update=update, reference=reference)
         if lap:
             lap("banks")
 
-        # LAIFs (sec. 4) on the top half of the mean text map; the scale-1 bank features are
-        # exactly the L2-normalized tokens, so they are reused when that scale is configured
-        foreground = mean_text.topk(math.ceil(cfg.foreground_ratio * self.n_patches)).indices
-        if 1 in cfg.scales:
-            unit_tokens = features.view(len(cfg.rarity_blocks), len(cfg.scales), *features.shape[1:])[:, cfg.scales.index(1)]
-        else:
-            unit_tokens = F.normalize(torch.stack([tokens[b] for b in cfg.rarity_blocks]), dim=-1)
-        laifs = F.normalize(unit_tokens[:, foreground].mean(1), dim=-1)  # n_blocks x C
-        laif_sims = self.image_memory.laif_similarity(laifs) if len(self.image_memory) else None
+        # Image rarity (sec. 4): LAIFs against the remembered images and the references
+        raw_tokens = torch.stack([tokens[b] for b in cfg.rarity_blocks])  # n_blocks x M x C
+        laifs = local_aggregated_features(raw_tokens, mean_text, cfg.foreground_ratio)
+        laif_sims = self.image_memory.laif_similarity(laifs) if len(self.image_memory) else None  # n_blocks x n
+        reference_sims = None if self.reference_laifs is None else torch.bmm(self.reference_laifs, laifs[:, :, None])[..., 0]
+        if update:
+            self.text_map_sum = text_sum
+            self.images_seen = t + 1
+        if reference:
+            self.reference_laifs = laifs[:, None] if self.reference_laifs is None else torch.cat([self.reference_laifs, laifs[:, None]], 1)
+            return None
+
         c_rare = rarity_map = None
-        if a_rare is None:
+        if bank_scores.rarity is None:
             a_map = a_text_hat
         else:
-            c_rare = self.image_memory.image_rarity(laifs, cfg.rarity_ratio, laif_sims)
-            rarity_map = a_rare + (0.0 if c_rare is None else c_rare) * (1 + normalize01(mean_text))  # Eq. 20
+            a_rare = bank_scores.rarity.mean(0)
+            remembered = [s for s in (reference_sims, laif_sims) if s is not None]
+            if remembered:
+                c_rare = rarity_score(torch.cat(remembered, dim=1), cfg.rarity_ratio, dim=1).mean()  # Eq. 19
+            if k:
+                weights = self.banks.reference_weights(k, t)
+                a_rare = blend_with_references(a_rare, bank_scores.reference.mean(0), weights)
+                c_rare = blend_with_references(c_rare, (1 - reference_sims.amax(1)).mean(), weights)
+            rarity_map = a_rare
+            if c_rare is not None:  # Eq. 20, only for a positive c_rare (as the authors)
+                rarity_map = a_rare + torch.where(c_rare > 0, c_rare, 0.0) * (1 + normalize01(mean_text))
             lam_rare, lam_text = (2 / 3, 2 / 3) if t <= 3 else (4 / 3, 1 / 3)  # Eq. 21
             a_map = lam_rare * rarity_map + lam_text * a_text_hat
         if lap:
@@ -311,8 +321,6 @@ class OnlineDetector:
         )
         if update:
             self.image_memory.add(embedding, laifs, c_test)
-            self.text_map_sum = text_sum
-            self.images_seen = t + 1
         if lap:
             lap("image_rarity_rescore")
 

@@ -1,11 +1,25 @@
-"""Image-level memory: image rarity (IRB, Eq. 19-20) and image re-scoring (Eq. 22, sec. 5)."""
+"""Image-level memory: the LAIFs of image rarity (IRB, Eq. 19) and image re-scoring (Eq. 22, sec. 5)."""
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
-from .memory import rarity_score, shift_to_front
+from .memory import shift_to_front
+
+
+def local_aggregated_features(
+    raw_tokens: torch.Tensor, mean_text: torch.Tensor | None, foreground_ratio: float
+) -> torch.Tensor:
+    """F^laif (sec. 4, Eq. 19): per rarity block, the mean of the RAW block tokens over the
+    floor(ratio M) patches highest in the mean text map (all M patches while there is no mean
+    yet), then L2-normalized; raw_tokens n_blocks x M x C -> n_blocks x C. The authors' rule:
+    not the mean of normalized tokens, and a count rounded down (684 of 1369)."""
+    if mean_text is not None:
+        n_foreground = max(1, int(foreground_ratio * raw_tokens.shape[1]))
+        raw_tokens = raw_tokens[:, mean_text.topk(n_foreground).indices]
+    return F.normalize(raw_tokens.mean(1), dim=-1)
 
 
 class ImageMemory:
@@ -47,15 +61,6 @@ class ImageMemory:
         """<LAIF_test, LAIF_i> per block and remembered image; n_blocks x n."""
         return torch.bmm(self.laifs, laifs[:, :, None])[..., 0]
 
-    def image_rarity(self, laifs: torch.Tensor, ratio: float, sims: torch.Tensor | None = None) -> torch.Tensor | None:
-        """c_rare (0-dim tensor): mean over blocks of Rarity(<LAIF_test, LAIF_i>) over remembered
-        images (Eq. 19). `sims`: `laif_similarity(laifs)` when already computed."""
-        if not len(self):
-            return None
-        if sims is None:
-            sims = self.laif_similarity(laifs)
-        return rarity_score(sims, ratio, dim=1).mean()
-
     def rescore(
         self,
         embedding: torch.Tensor,
@@ -78,7 +83,7 @@ class ImageMemory:
             return c_test
         if laif_sims is None:
             laif_sims = self.laif_similarity(laifs)
-        self_sim = embedding @ embedding + (laifs * laifs).sum()
+        self_sim = embedding @ embedding + laifs.shape[0]  # unit LAIFs: 1 each, as the authors add it
         sims = self.embeddings @ embedding + laif_sims.sum(0)
         sims = torch.cat([sims, self_sim[None]]).double()
         scores = torch.cat([self.scores, c_test.reshape(1)])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -14,8 +15,8 @@ def loose_similarity(s: torch.Tensor, y: float, start_dim: int = 0) -> torch.Ten
     """Eq. 17: divide all values of `s` from `start_dim` on by their k-th smallest value,
     k = floor(numel * (1 - Y)), cap at 1. Dimensions before `start_dim` index independent banks.
 
-    Y = 0 divides by the max. (ALGORITHM.md's rank, which the authors' code uses, rather than
-    the paper's ceil(n * Y)-th largest.)
+    Y = 0 divides by the max. (The rank the authors' code uses, rather than the paper's
+    ceil(n * Y)-th largest: docs/algorithms/rareclip.md, "Loose similarity".)
     """
     flat = s.flatten(start_dim).float()  # (banks...) x n
     n = flat.shape[-1]
@@ -29,6 +30,20 @@ def rarity_score(similarity: torch.Tensor, ratio: float, dim: int = 0) -> torch.
     """Eq. 6: 1 - mean of the top ceil(X * n) similarities along `dim` (n = size of `dim`)."""
     k = max(1, math.ceil(ratio * similarity.shape[dim] - _EPS))
     return 1 - similarity.topk(k, dim=dim).values.mean(dim)
+
+
+class BankScores(NamedTuple):
+    """What a bank stack says about M test patches: B x M each, or None."""
+
+    rarity: torch.Tensor | None  # Eq. 6 / 15; None for the first image of the stream (empty memory)
+    reference: torch.Tensor | None  # k-shot map, 1 - LS(max similarity to the references); None without references
+
+
+def blend_with_references(own, reference, weights: tuple[float, float]):
+    """The k-shot blend of a rarity quantity (map or c_rare) with its reference counterpart:
+    (a own + b reference) / (a + b) for a bank kind's `reference_weights` (a, b)."""
+    a, b = weights
+    return (a * own + b * reference) / (a + b)
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -115,7 +130,14 @@ class PatchRarityBank:
 
     SCS is incremental: each feature's s_i (Eq. 8, against the features kept before it) and its
     argmax are remembered; after an eviction only the rows whose argmax was evicted are
-    recomputed, which keeps exactly the set that the direct definition keeps.
+    recomputed, which keeps exactly the set that the direct definition keeps. Exact ties at the
+    N_F cut go to the earlier feature (a stable sort; the authors' unsorted top-k leaves them to
+    the implementation).
+
+    k-shot (docs/algorithms/rareclip.md, "k-shot"): reference images are memorized first, so the
+    surviving reference features are the first `n_reference[b]` rows of bank b. They are exempt
+    from eviction while that count is at most `max_protected` (min(floor(M k / 4), N_F)); above
+    it they compete like any feature and the count is updated after each eviction.
     """
 
     def __init__(
@@ -148,8 +170,8 @@ class PatchRarityBank:
         self.psm_t: torch.Tensor | None = None  # B x N x n_I, PSM transposed
         self.redundancy: torch.Tensor | None = None  # B x N, s_i of Eq. 8
         self.nearest_earlier: torch.Tensor | None = None  # B x N, argmax j of s_i, -1 if none
-        self.protected: torch.Tensor | None = None  # B x N bool, k-shot features exempt from eviction
-        self.n_protected = 0  # protected per bank (the same in all), kept on the host: no device sync
+        self.n_reference: torch.Tensor | None = None  # B, surviving reference features per bank (first rows)
+        self.has_references = False  # kept on the host: no device sync to know whether to compute a k-shot map
         # random / k-means samplers: one generator per bank
         self.generators = [torch.Generator().manual_seed(self.seed) for _ in range(self.n_banks)]
         self.last_stale = 0  # rows whose Eq. 8 argmax was evicted at the last update (all banks, recomputed)
@@ -167,20 +189,19 @@ class PatchRarityBank:
         """The PSM as in the paper: B x n_I x N (a view)."""
         return None if self.psm_t is None else self.psm_t.mT
 
-    def score(self, features: torch.Tensor, update: bool = True, protect: bool = False) -> torch.Tensor | None:
+    def score(self, features: torch.Tensor, update: bool = True, reference: bool = False) -> BankScores:
         """Rarity of M test patches per bank (features B x M x C, L2-normalized), Eq. 13-15 with
-        LS (Eq. 18); B x M.
+        LS (Eq. 18), and the k-shot map when references are memorized.
 
-        Returns None for the first image of the stream (empty memory). With `update` the image
-        is memorized (Eq. 11, 16, SCS, newest N_I,max rows); `protect` marks its features as
-        k-shot references that SCS does not evict (at most `max_protected` of them per bank).
+        With `update` the image is memorized (Eq. 11, 16, SCS, newest N_I,max rows);
+        `reference` marks it as a k-shot normal reference (see the class docstring).
         """
         _check_bank_count(features.shape[0], self.n_banks, "features for")
         features = features.to(self.dtype)
         if self.features is None:
             self._start(features)
         sim = torch.bmm(features, self.features.mT).float()  # B x M x N; converted once for a low-precision bank
-        rarity = s_t2h = None
+        rarity = s_t2h = kshot = None
         if len(self):
             v, idx = sim.topk(min(self.k, len(self)), dim=-1)  # B x M x K
             v = loose_similarity(v, self.loose_ratio, start_dim=1)
@@ -188,9 +209,26 @@ class PatchRarityBank:
             gathered = gather_rows(self.psm_t, idx.view(b, m * k)).view(b, m, k, self.n_images)
             s_t2h = (gathered * v[..., None]).mean(2)  # B x M x n_I
             rarity = rarity_score(s_t2h, self.rarity_ratio, dim=2)
+            if self.has_references:
+                kshot = self._reference_map(sim)
         if update:
-            self._memorize(features, sim, s_t2h, protect)
-        return rarity
+            self._memorize(features, sim, s_t2h, reference)
+        return BankScores(rarity, kshot)
+
+    def _reference_map(self, sim: torch.Tensor) -> torch.Tensor:
+        """1 - LS(max similarity of each test patch to the bank's surviving reference features);
+        sim B x M x N -> B x M. A bank left with no reference feature gives 1 (nothing alike)."""
+        columns = torch.arange(sim.shape[-1], device=sim.device)
+        outside = (columns[None] >= self.n_reference[:, None])[:, None]  # B x 1 x N
+        nearest = sim.masked_fill(outside, float("-inf")).amax(2)  # B x M
+        nearest = nearest.masked_fill(torch.isinf(nearest), 0.0)
+        return 1 - loose_similarity(nearest, self.loose_ratio, start_dim=1)
+
+    @staticmethod
+    def reference_weights(k: int, t: int) -> tuple[float, float]:
+        """The k-shot blend's weights (own, reference) at t images processed (references
+        included): ((1 - k/t) x + (k/8) x_ref) / (1 - k/t + k/8)."""
+        return 1 - k / t, k / 8
 
     def _start(self, features: torch.Tensor) -> None:
         b, _, c = features.shape
@@ -199,15 +237,14 @@ class PatchRarityBank:
         self.psm_t = torch.zeros(b, 0, 0, device=device)
         self.redundancy = torch.zeros(b, 0, device=device)
         self.nearest_earlier = torch.zeros(b, 0, dtype=torch.long, device=device)
-        self.protected = torch.zeros(b, 0, dtype=torch.bool, device=device)
-        self.n_protected = 0
+        self.n_reference = torch.zeros(b, dtype=torch.long, device=device)
 
     def _upper_mask(self, m: int, device) -> torch.Tensor:
         if self._upper is None or self._upper.shape[0] != m or self._upper.device != device:
             self._upper = torch.ones(m, m, dtype=torch.bool, device=device).triu()
         return self._upper
 
-    def _memorize(self, features, sim, s_t2h, protect: bool) -> None:
+    def _memorize(self, features, sim, s_t2h, reference: bool) -> None:
         """Eq. 16, SCS and the newest N_I,max rows. Sizes stay at N_F features and N_I,max rows
         once reached; the only data-dependent work is the recomputation of stale Eq. 8 rows."""
         b, m, _ = features.shape
@@ -230,23 +267,20 @@ class PatchRarityBank:
         s_new, arg_new = _append_earlier_max(sim, torch.bmm(features, features.mT), self._upper_mask(m, device))
         redundancy = torch.cat([self.redundancy, s_new], dim=1)
         nearest = torch.cat([self.nearest_earlier, arg_new], dim=1)
-        protected = torch.cat([self.protected, torch.full((b, m), protect, device=device)], dim=1)
-        n_protected = self.n_protected + (m if protect else 0)
-        if n_protected > self.max_protected:
-            # protection holds for at most max_protected references: the least redundant ones
-            which = _true_positions_first(protected, n_protected)  # each bank's protected rows
-            still = keep_smallest(redundancy.gather(1, which), self.max_protected)
-            protected = torch.zeros_like(protected).scatter_(1, which.gather(1, still), True)
-            n_protected = self.max_protected
+        n_reference = self.n_reference + m if reference else self.n_reference  # B
+        self.has_references |= reference
         self.last_stale = 0
         if n + m > self.max_features:
+            is_reference = torch.arange(n + m, device=device)[None] < n_reference[:, None]  # B x (N + M)
+            protected = is_reference & (n_reference <= self.max_protected)[:, None]
             keep = self._select(feats, redundancy, protected)  # B x N_F; protected rows are always kept
             feats, psm_t = gather_rows(feats, keep), gather_rows(psm_t, keep)
-            redundancy, nearest, protected, self.last_stale = self._reindex(keep, feats, redundancy, nearest, protected)
+            redundancy, nearest, self.last_stale = self._reindex(keep, feats, redundancy, nearest)
+            n_reference = (keep < n_reference[:, None]).sum(1)  # references are the first rows, kept in order
         self.features = feats
         self.psm_t = psm_t
-        self.redundancy, self.nearest_earlier, self.protected = redundancy, nearest, protected
-        self.n_protected = n_protected
+        self.redundancy, self.nearest_earlier = redundancy, nearest
+        self.n_reference = n_reference
 
     def _select(self, feats, redundancy, protected) -> torch.Tensor:
         if self.sampler == "scs":
@@ -259,16 +293,16 @@ class PatchRarityBank:
         )
 
     @staticmethod
-    def _reindex(keep, feats, redundancy, nearest, protected):
+    def _reindex(keep, feats, redundancy, nearest):
         """Carry Eq. 8 bookkeeping over an eviction; rows whose argmax left are recomputed.
-        Returns the new (redundancy, nearest, protected) and the number of recomputed rows."""
+        Returns the new (redundancy, nearest) and the number of recomputed rows."""
         new_position = torch.full(redundancy.shape, -1, dtype=torch.long, device=keep.device)  # B x (N + M)
         new_position.scatter_(1, keep, torch.arange(keep.shape[1], device=keep.device).expand_as(keep))
-        redundancy, nearest, protected = (gather_rows(x, keep) for x in (redundancy, nearest, protected))
+        redundancy, nearest = gather_rows(redundancy, keep), gather_rows(nearest, keep)
         has_nearest = nearest >= 0
         nearest = torch.where(has_nearest, new_position.gather(1, nearest.clamp_min(0)), nearest)
         n_stale = PatchRarityBank._recompute_stale(has_nearest & (nearest < 0), feats, redundancy, nearest)
-        return redundancy, nearest, protected, n_stale
+        return redundancy, nearest, n_stale
 
     @staticmethod
     def _recompute_stale(stale_mask, feats, redundancy, nearest) -> int:
@@ -295,7 +329,7 @@ class PatchRarityBank:
             "image_similarity": self.image_similarity,
             "redundancy": self.redundancy,
             "nearest_earlier": self.nearest_earlier,
-            "protected": self.protected,
+            "n_reference": self.n_reference,
             "generators": torch.stack([g.get_state() for g in self.generators]),
         }
 
@@ -308,58 +342,98 @@ class PatchRarityBank:
         self.psm_t = state["image_similarity"].to(device).mT.contiguous()
         self.redundancy = state["redundancy"].to(device)
         self.nearest_earlier = state["nearest_earlier"].to(device)
-        self.protected = state["protected"].to(device)
-        self.n_protected = int(self.protected[0].sum())
+        self.n_reference = state["n_reference"].to(device)
+        self.has_references = bool(self.n_reference.any())
         for generator, generator_state in zip(self.generators, state["generators"].cpu()):
             generator.set_state(generator_state.clone())  # a row of its own: set_state reads the storage
 
 
 class DirectPatchRarityBank:
-    """RareCLIP-d's DPRB (Eq. 5, 6, 10) for B banks stepped together: SCS(F, alpha M) features
-    of each of the latest N_I,max images; a patch's similarity to an image is its max similarity
-    to that image's set.
+    """RareCLIP-d's DPRB (Eq. 5, 6, 10) for B banks stepped together: SCS(F, int(alpha M))
+    features of each of the latest N_I,max images; a patch's similarity to an image is its max
+    similarity to that image's set.
 
-    The per-image sets live in a preallocated buffer with `slack` spare rows: an image is written
-    in place and the newest rows move to the front once every `slack` images, instead of copying
-    the whole N_I,max x S x C memory (374 MB per bank at the paper's sizes) at every step.
+    k-shot reference images keep their sets for good (they count toward N_I,max, and the oldest
+    other image makes room); their k-shot map is 1 - LS(max similarity to them)^2 with its own
+    loose ratio (the authors' 0.02).
+
+    The other images' sets live in a preallocated buffer with `slack` spare rows: an image is
+    written in place and the newest rows move to the front once every `slack` images, instead of
+    copying the whole N_I,max x S x C memory (374 MB per bank at the paper's sizes) at every step.
     """
 
     def __init__(
-        self, max_images: int, alpha: float = 1 / 3, rarity_ratio: float = 0.3, dtype=torch.float32, n_banks: int = 1
+        self,
+        max_images: int,
+        alpha: float = 0.333,
+        rarity_ratio: float = 0.3,
+        dtype=torch.float32,
+        n_banks: int = 1,
+        reference_loose_ratio: float = 0.02,
     ):
         self.max_images = max_images
         self.alpha = alpha
         self.rarity_ratio = rarity_ratio
         self.dtype = dtype
         self.n_banks = n_banks
+        self.reference_loose_ratio = reference_loose_ratio
         self.slack = max(4, max_images // 8)
+        self.references: torch.Tensor | None = None  # B x k x S x C, the reference images' sets
         self._buffer: torch.Tensor | None = None  # B x (N_I,max + slack) x S x C
         self._start = self._end = 0  # rows in use
 
     @property
-    def features(self) -> torch.Tensor | None:  # B x n_I x S x C, oldest first (a view)
+    def features(self) -> torch.Tensor | None:  # B x n x S x C, the other images, oldest first (a view)
         return None if self._buffer is None else self._buffer[:, self._start : self._end]
 
     @property
-    def n_images(self) -> int:
-        return self._end - self._start
+    def n_references(self) -> int:
+        return 0 if self.references is None else self.references.shape[1]
 
-    def score(self, features: torch.Tensor, update: bool = True, protect: bool = False) -> torch.Tensor | None:
-        """Rarity of M test patches per bank (features B x M x C); B x M. `protect` has no
-        effect (images age out after N_I,max)."""
+    @property
+    def n_images(self) -> int:
+        return self.n_references + self._end - self._start
+
+    def score(self, features: torch.Tensor, update: bool = True, reference: bool = False) -> BankScores:
+        """Rarity of M test patches per bank (features B x M x C) over all remembered images,
+        and the k-shot map when references are memorized; B x M each. With `update` the image's
+        set is memorized, as a reference when `reference`."""
         _check_bank_count(features.shape[0], self.n_banks, "features for")
         features = features.to(self.dtype)
-        rarity = None
-        if self.n_images:
-            memory = self.features
-            b, n_images, per_image, c = memory.shape
-            sim = torch.bmm(features, memory.reshape(b, -1, c).mT)  # B x M x (n_I S), a view of the buffer
-            s = sim.float().view(b, -1, n_images, per_image).amax(-1)  # B x M x n_I
-            rarity = rarity_score(s, self.rarity_ratio, dim=2)
+        per_image = [self._max_similarity(features, sets) for sets in (self.references, self.features)]
+        per_image = [s for s in per_image if s is not None]  # each B x M x n
+        rarity = rarity_score(torch.cat(per_image, dim=2), self.rarity_ratio, dim=2) if per_image else None
+        kshot = None
+        if self.references is not None:
+            nearest = per_image[0].amax(2)  # B x M, max over every reference feature
+            kshot = 1 - loose_similarity(nearest, self.reference_loose_ratio, start_dim=1).square()
         if update:
             n_keep = max(1, int(self.alpha * features.shape[1]))
-            self._append(gather_rows(features, sequential_coreset_indices(features.float(), n_keep)))
-        return rarity
+            kept = gather_rows(features, sequential_coreset_indices(features.float(), n_keep))  # B x S x C
+            if reference:
+                self.references = kept[:, None] if self.references is None else torch.cat([self.references, kept[:, None]], 1)
+            else:
+                self._append(kept)
+        return BankScores(rarity, kshot)
+
+    @staticmethod
+    def _max_similarity(features: torch.Tensor, sets: torch.Tensor | None) -> torch.Tensor | None:
+        """Eq. 5: per test patch, the max similarity to each image's set; B x M x n."""
+        if sets is None or sets.shape[1] == 0:
+            return None
+        b, n_images, per_image, c = sets.shape
+        sim = torch.bmm(features, sets.reshape(b, -1, c).mT)  # B x M x (n S), a view of the buffer
+        return sim.float().view(b, -1, n_images, per_image).amax(-1)
+
+    @staticmethod
+    def reference_weights(k: int, t: int) -> tuple[float, float]:
+        """RareCLIP-d's k-shot blend weights (own, reference): (x + (k/4) x_ref) / (1 + k/4)."""
+        return 1.0, k / 4
+
+    @property
+    def capacity(self) -> int:
+        """Remembered images other than the references."""
+        return max(1, self.max_images - self.n_references)
 
     def _append(self, kept: torch.Tensor) -> None:  # kept: B x S x C
         if self._buffer is None or self._buffer.shape[2:] != kept.shape[1:]:
@@ -368,11 +442,11 @@ class DirectPatchRarityBank:
             self._compact()
         self._buffer[:, self._end] = kept
         self._end += 1
-        self._start = max(self._start, self._end - self.max_images)
+        self._start = max(self._start, self._end - self.capacity)
 
     def _compact(self) -> None:
-        """Slack used up: the newest N_I,max - 1 rows move to the front (once every `slack` images)."""
-        keep = min(self.n_images, self.max_images - 1)
+        """Slack used up: the newest capacity - 1 rows move to the front (once every `slack` images)."""
+        keep = min(self._end - self._start, self.capacity - 1)
         shift_to_front(self._buffer, self._end - keep, keep, dim=1)
         self._start, self._end = 0, keep
 
@@ -381,12 +455,19 @@ class DirectPatchRarityBank:
         self._start = self._end = 0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {} if not self.n_images else {"features": self.features}
+        state = {} if self._end == self._start else {"features": self.features}
+        if self.references is not None:
+            state["references"] = self.references
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
         self._buffer, self._start, self._end = None, 0, 0
-        if state:
-            features = state["features"].to(device, self.dtype)  # B x n_I x S x C
+        self.references = None
+        if "references" in state:
+            self.references = state["references"].to(device, self.dtype)
+            _check_bank_count(self.references.shape[0], self.n_banks, "state holds")
+        if "features" in state:
+            features = state["features"].to(device, self.dtype)  # B x n x S x C
             _check_bank_count(features.shape[0], self.n_banks, "state holds")
             n = features.shape[1]
             self._allocate(max(n, self.max_images) + self.slack, features[:, 0])

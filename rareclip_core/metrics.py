@@ -1,4 +1,4 @@
-"""Image- and pixel-level anomaly-detection metrics (ALGORITHM.md section 7).
+"""Image- and pixel-level anomaly-detection metrics (docs/algorithms/rareclip.md section 7).
 
 Every metric is returned as a fraction in [0, 1] (multiply by 100 for the paper's %).
 

@@ -1,4 +1,4 @@
-"""The text prompt ensemble of the TPB (ALGORITHM.md sec. 2): state words x 35 CLIP templates."""
+"""The text prompt ensemble of the TPB (docs/algorithms/rareclip.md sec. 2): state words x 35 CLIP templates."""
 
 NORMAL_STATES = [
     "{}",

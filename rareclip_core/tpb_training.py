@@ -1,4 +1,4 @@
-"""Training the text prompt branch's linear layers with the loss of Eq. 4 (ALGORITHM.md sec. 2).
+"""Training the text prompt branch's linear layers with the loss of Eq. 4 (docs/algorithms/rareclip.md sec. 2).
 
 Per TPB block b, with F~_b the projected, L2-normalized patch tokens (B x M x D), F_text the
 state embeddings (D x 2) and T the text temperature:

@@ -98,26 +98,33 @@ def test_tpb_checkpoint_errors_name_the_problem(tiny_config, tmp_path):
         OnlineDetector(tiny_config.model_copy(update={"tpb_weights": str(bad)}))
 
 
-def test_kshot_references_protect_features_and_blend_map(tiny_config, frames):
+def test_kshot_references_are_memorized_without_a_score(tiny_config, frames):
     det = OnlineDetector(tiny_config)
-    det.add_normal_references(frames[:2])
-    assert det.n_references == 2 and det.images_seen == 2
-    bank = det.banks
-    assert bank.protected.sum(1).tolist() == [min(196 * 2 // 4, 588)] * 8
-    protected = bank.features[bank.protected].clone()
-    run(det, frames[2:14])
-    assert torch.equal(bank.features[bank.protected], protected)
-    assert det.references.shape == (8, 98, 64)
+    assert det.add_normal_references(frames[:4]) is None
+    assert det.n_references == 4 and det.images_seen == 4
+    # 4 x 196 features > N_F = 588, and more than min(196 * 4 // 4, 588) = 196 references, so they
+    # competed: SCS kept 588 features, all of them references (the only features so far)
+    assert det.banks.n_reference.tolist() == [588] * 8
+    result = det.step(frames[4])
+    assert result.images_seen == 4 and result.rarity_map is not None and np.isfinite(result.score)
+    with pytest.raises(ValueError, match="before the line's first frame"):
+        det.add_normal_references(frames[:1])
 
 
-@pytest.mark.parametrize("variant", [{"rarity_branch": "dprb"}, {"sampler": "greedy"}, {"sampler": "random"}])
-def test_variants_run_and_round_trip(tiny_config, frames, variant):
+@pytest.mark.parametrize(
+    "variant,references",
+    [({"rarity_branch": "dprb"}, 0), ({"rarity_branch": "dprb"}, 2), ({}, 2), ({"sampler": "greedy"}, 0), ({"sampler": "random"}, 1)],
+)
+def test_variants_run_and_round_trip(tiny_config, frames, variant, references, tmp_path):
     cfg = tiny_config.model_copy(update=variant)
     det = OnlineDetector(cfg)
+    det.add_normal_references(frames[20 : 20 + references])
     run(det, frames[:5])
+    save_file(det.state_dict(), str(tmp_path / "state.safetensors"))
     copy = OnlineDetector(cfg)
-    copy.load_state_dict(det.state_dict())
-    assert det.step(frames[5]).score == copy.step(frames[5]).score
+    copy.load_state_dict(load_file(str(tmp_path / "state.safetensors")))
+    a, b = det.step(frames[5]), copy.step(frames[5])
+    assert a.score == b.score and np.array_equal(a.anomaly_map, b.anomaly_map)
 
 
 def test_config_rejects_bad_values_naming_the_field(tmp_path):

@@ -65,14 +65,14 @@ def test_psm_update_eq16_three_steps():
     bank = PatchRarityBank(max_features=100, max_images=10, k=1, rarity_ratio=0.3, loose_ratio=0.0, dtype=torch.float64)
     a, b, c, d = unit(1, 0), unit(0, 1), unit(1, 0), unit(0.6, 0.8)
     e, f = unit(0, 1), unit(0.8, 0.6)
-    assert bank.score(torch.stack([a, b])[None]) is None
+    assert bank.score(torch.stack([a, b])[None]).rarity is None
     assert bank.image_similarity.tolist() == [[[1.0, 1.0]]]
     # step 1: sim = [[1, 0], [.6, .8]], 1-NN v = [1, .8], LS(Y=0) divides by 1
-    rarity = bank.score(torch.stack([c, d])[None])
+    rarity = bank.score(torch.stack([c, d])[None]).rarity
     assert rarity[0].tolist() == pytest.approx([0.0, 0.2])
     assert np.allclose(bank.image_similarity[0].numpy(), [[1, 1, 1, 0.8], [1, 0.8, 1, 1]])
     # step 2: e's NN is b (1.0), f's NN is d (0.96); S_t2H = [[1, .8 * .96], [.8, .96]]
-    rarity = bank.score(torch.stack([e, f])[None])
+    rarity = bank.score(torch.stack([e, f])[None]).rarity
     assert rarity[0].tolist() == pytest.approx([0.0, 0.04])
     assert bank.image_similarity.shape == (1, 3, 6)
     expected = [[1, 1, 1, 0.8, 1, 0.768], [1, 0.8, 1, 1, 0.8, 0.96], [0.8, 1, 0.8, 0.96, 1, 1]]
@@ -117,37 +117,25 @@ def test_incremental_scs_keeps_the_direct_definitions_set(n_keep, m):
         assert torch.equal(bank.features[0], reference)
 
 
-def test_kshot_protection_keeps_reference_features():
-    torch.manual_seed(2)
-    bank = PatchRarityBank(max_features=10, max_images=5, max_protected=4)
-    refs = torch.nn.functional.normalize(torch.randn(1, 6, 4), dim=2)
-    bank.score(refs, protect=True)
-    assert int(bank.protected.sum()) == 4
-    kept_refs = bank.features[bank.protected].clone()
-    for _ in range(30):
-        bank.score(torch.nn.functional.normalize(torch.randn(1, 6, 4), dim=2))
-    assert torch.equal(bank.features[bank.protected], kept_refs)
-
-
 @pytest.mark.parametrize("sampler", ["random", "kmeans", "greedy"])
 def test_ablation_samplers_keep_sizes_and_protected(sampler):
     torch.manual_seed(3)
     bank = PatchRarityBank(max_features=15, max_images=5, sampler=sampler, max_protected=3)
-    bank.score(torch.nn.functional.normalize(torch.randn(1, 3, 4), dim=2), protect=True)
+    bank.score(torch.nn.functional.normalize(torch.randn(1, 3, 4), dim=2), reference=True)
     refs = bank.features.clone()
     for _ in range(10):
         bank.score(torch.nn.functional.normalize(torch.randn(1, 6, 4), dim=2))
     assert bank.features.shape == (1, 15, 4)
-    assert torch.equal(bank.features[:, :3], refs)
+    assert torch.equal(bank.features[:, :3], refs) and bank.n_reference.tolist() == [3]
 
 
 def test_direct_bank_eq5_max_similarity_per_image():
     bank = DirectPatchRarityBank(max_images=2, alpha=1.0, rarity_ratio=0.5)
     a, b, c = unit(1, 0), unit(0, 1), unit(0.6, 0.8)
-    assert bank.score(torch.stack([a, b])[None]) is None
+    assert bank.score(torch.stack([a, b])[None]).rarity is None
     bank.score(torch.stack([a, a])[None])
     # per test patch, similarity to image 1 {a, b} and image 2 {a}: c -> [.8, .6]; top ceil(.5*2)=1
-    rarity = bank.score(torch.stack([c, b])[None], update=False)
+    rarity = bank.score(torch.stack([c, b])[None], update=False).rarity
     assert rarity[0].tolist() == pytest.approx([0.2, 0.0])
     bank.score(torch.stack([b, b])[None])
     assert bank.n_images == 2
@@ -176,7 +164,7 @@ def test_rare_cluster_patches_get_high_rarity():
             labels[: m // 4] = 1
             x[: m // 4] = torch.nn.functional.normalize(torch.randn(c, generator=gen), dim=0)
         x = torch.nn.functional.normalize(x + 0.15 * torch.randn(m, c, generator=gen), dim=1)
-        rarity = bank.score(x[None])
+        rarity = bank.score(x[None]).rarity
         if rarity is not None:
             per_image.append((labels.numpy(), rarity[0].numpy()))
     def window_auroc(lo, hi):
@@ -190,13 +178,13 @@ def test_rare_cluster_patches_get_high_rarity():
 @pytest.mark.parametrize("sampler", ["scs", "random", "kmeans", "greedy", "dprb"])
 def test_bank_stack_equals_banks_stepped_one_by_one(sampler):
     """A stack of 3 banks (the detector steps its 8 as one) gives each bank exactly what it gets
-    alone: rarities, kept features, PSM and Eq. 8 bookkeeping, through protection and evictions
-    with a different number of stale rows per bank."""
+    alone: rarities, k-shot maps, kept features, PSM and Eq. 8 bookkeeping, through reference
+    protection and evictions with a different number of stale rows per bank."""
     gen = torch.Generator().manual_seed(7)
 
     def make(n_banks):
         if sampler == "dprb":
-            return DirectPatchRarityBank(max_images=4, alpha=0.5, dtype=torch.float64, n_banks=n_banks)
+            return DirectPatchRarityBank(max_images=5, alpha=0.5, dtype=torch.float64, n_banks=n_banks)
         return PatchRarityBank(
             max_features=14, max_images=4, sampler=sampler, max_protected=4, dtype=torch.float64, n_banks=n_banks
         )
@@ -208,13 +196,14 @@ def test_bank_stack_equals_banks_stepped_one_by_one(sampler):
         centers = torch.randn(3, 2, 6, generator=gen, dtype=torch.float64)
         x = centers[:, torch.randint(0, 2, (6,), generator=gen)] + spread * torch.randn(3, 6, 6, generator=gen, dtype=torch.float64)
         x = torch.nn.functional.normalize(x, dim=2)
-        protect, update = step < 2, step % 5 != 4
-        got = stack.score(x, update=update, protect=protect)
-        expected = [bank.score(x[i : i + 1], update=update, protect=protect) for i, bank in enumerate(alone)]
-        if got is None:
-            assert all(e is None for e in expected)
-        else:
-            assert torch.allclose(got, torch.cat(expected), rtol=0, atol=1e-12)
+        reference, update = step < 2, step % 5 != 4
+        got = stack.score(x, update=update, reference=reference)
+        expected = [bank.score(x[i : i + 1], update=update, reference=reference) for i, bank in enumerate(alone)]
+        for field in ("rarity", "reference"):
+            if getattr(got, field) is None:
+                assert all(getattr(e, field) is None for e in expected)
+            else:
+                assert torch.allclose(getattr(got, field), torch.cat([getattr(e, field) for e in expected]), rtol=0, atol=1e-12)
         stale_per_step.append([getattr(bank, "last_stale", 0) for bank in alone])
         assert getattr(stack, "last_stale", 0) == sum(stale_per_step[-1])
         for key, value in stack.state_dict().items():
