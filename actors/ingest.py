@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 
 import ray
 
 from configs.pipeline import open_source
-from rareclip_core.frames import FrameError, decode_frame
-from rareclip_core.sources import FrameRef, read_uri
+from rareclip_core.data.frames import FrameError, decode_frame
+from rareclip_core.data.sources import FrameRef, read_uri
 
 from .frames import Frame
 
@@ -28,15 +29,22 @@ def load_frame(ref: FrameRef) -> Frame:
         return Frame(ref.line_id, ref.seq, ref.uri, now, None, f"cannot read {ref.uri}: {err.strerror or err}")
 
 
+@dataclass(frozen=True)
+class IngestSettings:
+    max_in_flight: int = 8  # frames submitted to a line but not yet scored
+    frames_per_submit: int = 1  # frames per call to a line (its backbone batch, so a call fills one)
+    poll_s: float = 1.0  # a live source is listed again this often when it has nothing new
+
+
 @ray.remote(num_cpus=0, max_concurrency=2, max_restarts=-1)
 class IngestActor:
-    def __init__(self, source_config, lines: list[str], line_actors: dict, max_in_flight: int, chunk: int, poll_s: float = 1.0):
+    def __init__(self, source_config, lines: list[str], line_actors: dict, settings: IngestSettings):
         self.source = open_source(source_config)
         self.lines = lines
         self.line_actors = line_actors
-        self.chunk = chunk
-        self.max_chunks_in_flight = max(1, max_in_flight // chunk)
-        self.poll_s = poll_s
+        self.chunk = settings.frames_per_submit
+        self.max_chunks_in_flight = max(1, settings.max_in_flight // self.chunk)
+        self.poll_s = settings.poll_s
         self.stopped = threading.Event()
         self.next_seq: dict[str, int] = {}
         self.lock = threading.Lock()
@@ -51,10 +59,6 @@ class IngestActor:
 
     def stop(self) -> None:
         self.stopped.set()
-
-    def set_line_actor(self, line_id: str, actor) -> None:
-        """Point a line at a re-created actor (after a failover)."""
-        self.line_actors[line_id] = actor
 
     def rewind(self, line_id: str, seq: int) -> bool:
         """Have the running feed go back to `seq` for a line (its actor restored a snapshot).

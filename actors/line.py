@@ -5,6 +5,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -12,12 +13,11 @@ import ray
 import torch
 import torch.nn.functional as F
 
-from rareclip_core.config import DetectorConfig
-from rareclip_core.detector import OnlineDetector
+from rareclip_core import Detector, DetectorSettings, build_detector
 
 from .frames import Frame
+from .result_table import STATUS_ERROR, STATUS_OK
 from .snapshots import SnapshotStore
-from .result_schema import STATUS_ERROR, STATUS_OK
 
 log = logging.getLogger(__name__)
 
@@ -26,28 +26,33 @@ def utc(ts: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc)
 
 
+@dataclass(frozen=True)
+class LineSettings:
+    """How one line actor scores, stores and recovers (from the pipeline config)."""
+
+    threshold: Optional[float] = None  # is_anomaly = score >= threshold; None leaves it empty
+    map_resolution: Optional[int] = 64  # side of the stored anomaly map; None stores none
+    map_dtype: str = "float16"
+    backbone_batch: int = 1  # frames per backbone call
+    gap_timeout_s: float = 60.0  # wait this long for a missing seq, then an error row
+    snapshot_root: Optional[str] = None  # None: no snapshots
+    snapshot_keep: int = 3
+    supervisor_name: Optional[str] = None
+
+
 class LineSequencer:
     """The ordering and scoring logic of a line, without Ray: frames are buffered by seq and
     scored when contiguous; a frame whose seq was already scored is skipped; refused frames
     become error rows without touching the detector."""
 
-    def __init__(
-        self,
-        line_id: str,
-        detector: OnlineDetector,
-        threshold: Optional[float] = None,
-        map_resolution: Optional[int] = 64,
-        backbone_batch: int = 1,
-        next_seq: int = 0,
-        map_dtype: str = "float16",
-    ):
+    def __init__(self, line_id: str, detector: Detector, settings: LineSettings, next_seq: int = 0):
         self.line_id = line_id
         self.detector = detector
-        self.threshold = threshold
-        self.map_resolution = map_resolution
-        self.backbone_batch = backbone_batch
+        self.threshold = settings.threshold
+        self.map_resolution = settings.map_resolution
+        self.backbone_batch = settings.backbone_batch
         self.next_seq = next_seq
-        self.map_dtype = np.dtype(map_dtype)
+        self.map_dtype = np.dtype(settings.map_dtype)
         self.pending: dict[int, Frame] = {}
 
     def add(self, frames: list[Frame]) -> list[dict]:
@@ -110,10 +115,6 @@ class LineSequencer:
         }
 
 
-def line_actor_name(job: str, line_id: str) -> str:
-    return f"rareclip-line-{job}-{line_id}"
-
-
 @ray.remote(max_restarts=-1)
 class LineActor:
     """Ray wrapper of a LineSequencer; rows go to the ResultWriter. A gap (a missing seq while
@@ -122,35 +123,22 @@ class LineActor:
     On (re)start the actor restores the newest valid snapshot of its line and tells the
     supervisor, which has ingestion replay the frames after it."""
 
-    def __init__(
-        self,
-        line_id: str,
-        detector_config: dict,
-        writer,
-        threshold: Optional[float] = None,
-        map_resolution: Optional[int] = 64,
-        backbone_batch: int = 1,
-        gap_timeout_s: float = 60.0,
-        snapshot_root: Optional[str] = None,
-        snapshot_keep: int = 3,
-        supervisor_name: Optional[str] = None,
-        map_dtype: str = "float16",
-    ):
-        detector = OnlineDetector(DetectorConfig.from_dict(detector_config))
-        self.sequencer = LineSequencer(line_id, detector, threshold, map_resolution, backbone_batch, map_dtype=map_dtype)
+    def __init__(self, line_id: str, detector_config: DetectorSettings, writer, settings: LineSettings):
+        detector = build_detector(detector_config)
+        self.sequencer = LineSequencer(line_id, detector, settings)
         self.writer = writer
-        self.gap_timeout_s = gap_timeout_s
+        self.gap_timeout_s = settings.gap_timeout_s
         self.gap_since: Optional[float] = None
         self.writes: list = []
         self.watcher = None
-        self.store = SnapshotStore(snapshot_root, line_id) if snapshot_root else None
-        self.snapshot_keep = snapshot_keep
+        self.store = SnapshotStore(settings.snapshot_root, line_id) if settings.snapshot_root else None
+        self.snapshot_keep = settings.snapshot_keep
         self.generation = 0  # bumped by restore/reset: a snapshot taken across one is stale
         restored = self.restore()
-        if supervisor_name:
+        if settings.supervisor_name:
             try:
                 rejected = self.store.rejected if self.store else []
-                ray.get_actor(supervisor_name).line_started.remote(line_id, restored, rejected)
+                ray.get_actor(settings.supervisor_name).line_started.remote(line_id, restored, rejected)
             except ValueError:
                 pass  # first start: the supervisor is created after the lines
 
@@ -190,7 +178,6 @@ class LineActor:
         return {
             "next_seq": self.sequencer.next_seq,
             "pending": len(self.sequencer.pending),
-            "images_seen": self.sequencer.detector.images_seen,
         }
 
     async def snapshot(self) -> Optional[int]:

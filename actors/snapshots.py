@@ -185,7 +185,3 @@ class SnapshotStore:
         for path in leftovers + [f"{self.dir}/{info.name}" for info in self.list()[:-keep]]:
             self.fs.delete_dir(path)
 
-    def clear(self) -> None:
-        """Delete every snapshot of the line (a reset)."""
-        if self.fs.get_file_info(self.dir).type == pafs.FileType.Directory:
-            self.fs.delete_dir(self.dir)

@@ -21,10 +21,6 @@ log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 2.0
 
 
-def supervisor_actor_name(job: str) -> str:
-    return f"rareclip-supervisor-{job}"
-
-
 async def _call(ref, timeout: float = CALL_TIMEOUT_S):
     """Await an actor call; None if the actor is dead or restarting."""
     try:

@@ -1,44 +1,15 @@
 """ResultWriter: batches result rows into the Hive-partitioned Parquet dataset, atomically."""
 from __future__ import annotations
 
-import datetime as dt
 import logging
-import os
 import time
-import uuid
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 import ray
 
-from .result_schema import FILE_SCHEMA
+from .result_table import persisted_last_seqs, write_map, write_rows
 
-MAPS_DIR = "_maps"  # inside the results root; '_' keeps it out of the Parquet dataset
 log = logging.getLogger(__name__)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through `write(tmp_path)` to a hidden temporary name, fsync, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex}{path.suffix}"
-    write(tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def persisted_last_seqs(results_dir: Path) -> dict[str, int]:
-    """Highest seq per line already in the dataset (visible files only)."""
-    if not results_dir.is_dir() or not any(results_dir.glob("line_id=*")):
-        return {}
-    table = pads.dataset(str(results_dir), format="parquet", partitioning="hive").to_table(columns=["line_id", "seq"])
-    if table.num_rows == 0:
-        return {}
-    grouped = table.group_by("line_id").aggregate([("seq", "max")]).to_pylist()
-    return {str(r["line_id"]): int(r["seq_max"]) for r in grouped}
 
 
 class ResultWriterCore:
@@ -85,17 +56,11 @@ class ResultWriterCore:
         for row in self.buffer:
             image_map = row.get("anomaly_map")
             if image_map is not None and row.get("map_uri") is None:
-                rel = f"{MAPS_DIR}/line_id={row['line_id']}/{row['seq']:010d}.npy"
-                atomic_write(self.root / rel, lambda p, m=image_map: np.save(p, m, allow_pickle=False))
-                row["map_uri"] = rel
+                row["map_uri"] = write_map(self.root, row["line_id"], row["seq"], image_map)
             groups.setdefault((row["line_id"], row["date"]), []).append(row)
         written = 0
         for (line, date), group in groups.items():
-            table = pa.Table.from_pylist(
-                [{k: r.get(k) for k in FILE_SCHEMA.names} for r in group], schema=FILE_SCHEMA
-            )
-            name = f"part-{group[0]['seq']:010d}-{uuid.uuid4().hex[:8]}.parquet"
-            atomic_write(self.root / f"line_id={line}" / f"date={date}" / name, lambda p, t=table: pq.write_table(t, p))
+            write_rows(self.root, line, date, group)
             done = {id(r) for r in group}
             self.buffer = [r for r in self.buffer if id(r) not in done]
             written += len(group)
@@ -107,7 +72,3 @@ class ResultWriterCore:
 
 
 ResultWriter = ray.remote(num_cpus=0, max_restarts=-1)(ResultWriterCore)
-
-
-def row_date(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).date().isoformat()

@@ -42,11 +42,11 @@ import open_clip
 import torch
 
 from rareclip_core.backbone import create_clip_model
-from rareclip_core.config import DetectorConfig
-from rareclip_core.detector import OnlineDetector
-from rareclip_core.images import to_rgb_image
-from rareclip_core.synthetic import SyntheticLine
-from rareclip_core.text_branch import save_tpb_checkpoint
+from rareclip_core.data.images import to_rgb_image
+from rareclip_core.data.synthetic import SyntheticLine
+from rareclip_core.detectors.rareclip.config import RareCLIPConfig
+from rareclip_core.detectors.rareclip.detector import RareCLIPDetector
+from rareclip_core.detectors.rareclip.text_branch import save_tpb_checkpoint
 
 MODES = {
     "online": dict(k=0, dprb=False, online=True),
@@ -62,7 +62,7 @@ class AuthorsClipShim(torch.nn.Module):
     """Stands in for the authors' CLIP fork: `encode_text` is the CLIP model's own; the image
     side returns this project's backbone output in their layout (class token row first)."""
 
-    def __init__(self, model: torch.nn.Module, detector: OnlineDetector):
+    def __init__(self, model: torch.nn.Module, detector: RareCLIPDetector):
         super().__init__()
         self.model, self.detector = model, detector
         self.last_image_feature: torch.Tensor | None = None
@@ -77,12 +77,12 @@ class AuthorsClipShim(torch.nn.Module):
         return out.image_embedding.clone(), [torch.cat([t[:, :1] * 0, t], dim=1).clone() for t in tokens]
 
 
-def detector_config(args, mode: dict) -> DetectorConfig:
+def detector_config(args, mode: dict) -> RareCLIPConfig:
     depth = {"ViT-B-16": 12, "ViT-L-14-336": 24}.get(args.model)
     if depth is None:
         raise SystemExit(f"--model {args.model}: use ViT-B-16 or ViT-L-14-336")
     q = depth // 4
-    return DetectorConfig(
+    return RareCLIPConfig(
         model=args.model,
         pretrained=None,
         image_size=args.image_size,
@@ -99,7 +99,7 @@ def detector_config(args, mode: dict) -> DetectorConfig:
     )
 
 
-def authors_args(config: DetectorConfig, mode: dict, load_path: str) -> SimpleNamespace:
+def authors_args(config: RareCLIPConfig, mode: dict, load_path: str) -> SimpleNamespace:
     """The authors' command-line defaults (their test.py), set to this run's settings."""
     return SimpleNamespace(
         image_size=config.image_size, gpu=-1, model=config.model, pretrained=None, load_path=load_path,
@@ -113,7 +113,7 @@ def authors_args(config: DetectorConfig, mode: dict, load_path: str) -> SimpleNa
 
 
 @contextmanager
-def authors_workdir(repo: Path, config: DetectorConfig, model: torch.nn.Module):
+def authors_workdir(repo: Path, config: RareCLIPConfig, model: torch.nn.Module):
     """Their constructor reads `open_clip/model_configs/<model>.json` from the working folder."""
     old = os.getcwd()
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,7 +132,7 @@ def authors_workdir(repo: Path, config: DetectorConfig, model: torch.nn.Module):
             os.chdir(old)
 
 
-def build_authors(repo: Path, config: DetectorConfig, mode: dict, ours: OnlineDetector):
+def build_authors(repo: Path, config: RareCLIPConfig, mode: dict, ours: RareCLIPDetector):
     model = create_clip_model(config).eval()
     shim = AuthorsClipShim(model, ours)
     with authors_workdir(repo, config, model) as tmp:
@@ -152,7 +152,7 @@ def build_authors(repo: Path, config: DetectorConfig, mode: dict, ours: OnlineDe
 def compare(args, name: str) -> dict[str, float]:
     mode = MODES[name]
     config = detector_config(args, mode)
-    ours = OnlineDetector(config)
+    ours = RareCLIPDetector(config)
     theirs, shim = build_authors(Path(args.authors_repo), config, mode, ours)
     line = SyntheticLine(args.line_kind, seed=args.seed, size=args.image_size, defect_rate=0.15)
     frames = [line.frame(i).image for i in range(args.frames + mode["k"])]
@@ -179,8 +179,8 @@ def compare(args, name: str) -> dict[str, float]:
         text_prob = torch.softmax(theirs.text_temp * shim.last_image_feature @ theirs.text_features, -1)[0, 1]
         their_c_test = theirs.score_memory[-1] if mode["online"] else their_score
         note("score", result.score, float(their_score))
-        note("c_test", result.preliminary_score, float(their_c_test))
-        note("c_text", result.text_score, float(text_prob))
+        note("c_test", result.parts["preliminary_score"], float(their_c_test))
+        note("c_text", result.parts["text_score"], float(text_prob))
         note("map", result.anomaly_map, their_map[0, 0].numpy())
         if mode["online"]:
             note("laif", ours.image_memory.laifs[:, -1].numpy(), their_laifs())

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from benchmarks.step_latency import synthetic_frames
-from rareclip_core.config import DetectorConfig
-from rareclip_core.detector import OnlineDetector
-from rareclip_core.frames import decode_frame
-from rareclip_core.memory import PatchRarityBank
+from rareclip_core.data.frames import decode_frame
+from rareclip_core.detectors.rareclip.config import RareCLIPConfig
+from rareclip_core.detectors.rareclip.detector import RareCLIPDetector
+from rareclip_core.detectors.rareclip.memory import PatchRarityBank
 
 
 def folder_frames(folder: Path, n: int) -> list[np.ndarray]:
@@ -38,11 +38,11 @@ def folder_frames(folder: Path, n: int) -> list[np.ndarray]:
     return [decode_frame(p.read_bytes()) for p in files]
 
 
-def bank_mb(detector: OnlineDetector) -> float:
+def bank_mb(detector: RareCLIPDetector) -> float:
     return sum(v.numel() * v.element_size() for v in detector.banks.state_dict().values()) / 2**20
 
 
-def kept_features_equal(reference: OnlineDetector, other: OnlineDetector) -> bool:
+def kept_features_equal(reference: RareCLIPDetector, other: RareCLIPDetector) -> bool:
     a, b = reference.banks, other.banks
     return a.features is None or torch.equal(a.features.to(b.features.dtype), b.features)
 
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--pretrained", default=None, help="override: 'none' for random weights, or a path")
     args = parser.parse_args()
 
-    cfg = DetectorConfig.from_yaml(args.config)
+    cfg = RareCLIPConfig.from_yaml(args.config)
     update = {"bank_dtype": "float32"}
     if args.device:
         update["device"] = args.device
@@ -69,8 +69,8 @@ def main() -> None:
     cfg = cfg.model_copy(update=update)
     frames = folder_frames(Path(args.images), args.frames) if args.images else synthetic_frames(args.frames, cfg.image_size)
 
-    reference = OnlineDetector(cfg)
-    others = {dtype: OnlineDetector(cfg.model_copy(update={"bank_dtype": dtype})) for dtype in args.dtypes}
+    reference = RareCLIPDetector(cfg)
+    others = {dtype: RareCLIPDetector(cfg.model_copy(update={"bank_dtype": dtype})) for dtype in args.dtypes}
     print(f"date={datetime.date.today()} host={platform.node()} cpu_cores={os.cpu_count()} torch={torch.__version__} "
           f"device={reference.device}")
     print(f"config={args.config} model={cfg.model} pretrained={cfg.pretrained} branch={cfg.rarity_branch} "

@@ -12,18 +12,19 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as pads
 import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from actors.result_table import read_results  # noqa: E402
+from configs.loading import load_detector_config  # noqa: E402
 from configs.pipeline import PipelineConfig  # noqa: E402
 from pipelines.line_cluster import LineCluster, start_ray  # noqa: E402
-from rareclip_core.config import DetectorConfig  # noqa: E402
-from rareclip_core.synthetic import write_line_folder  # noqa: E402
+from rareclip_core import DetectorSettings  # noqa: E402
+from rareclip_core.data.synthetic import write_line_folder  # noqa: E402
 
 
-def run_once(detector: DetectorConfig, source_root: Path, out: Path, lines: list[str], batch: int, lines_per_gpu: int):
+def run_once(detector: DetectorSettings, source_root: Path, out: Path, lines: list[str], batch: int, lines_per_gpu: int):
     cfg = PipelineConfig(
         detector=detector,
         source={"kind": "folder", "root": str(source_root), "lines": lines},
@@ -39,9 +40,7 @@ def run_once(detector: DetectorConfig, source_root: Path, out: Path, lines: list
         cluster.run(progress=False)
     finally:
         cluster.shutdown()
-    table = pads.dataset(str(cfg.results_dir), format="parquet", partitioning="hive").to_table(
-        columns=["latency_ms", "scored_time"]
-    )
+    table = read_results(cfg.results_dir, columns=["latency_ms", "scored_time"])
     latency = np.asarray(table["latency_ms"])
     scored = np.sort(np.asarray(table["scored_time"]).astype("datetime64[us]").astype(np.int64)) / 1e6
     # throughput over the scoring itself: actor start-up (model load) is not counted
@@ -58,7 +57,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="backbone batch for the replay figure")
     parser.add_argument("--size", type=int, default=256)
     args = parser.parse_args()
-    detector = DetectorConfig.from_yaml(args.config)
+    detector = load_detector_config(args.config)
     if args.pretrained:
         detector = detector.model_copy(update={"pretrained": None if args.pretrained == "none" else args.pretrained})
     detector = detector.model_copy(update={"device": "auto"})

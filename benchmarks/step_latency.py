@@ -1,4 +1,4 @@
-"""Step latency of one line's OnlineDetector, with a per-section breakdown, once its memories are full.
+"""Step latency of one line's RareCLIPDetector, with a per-section breakdown, once its memories are full.
 
 Usage (repository root):
     PYTHONPATH=. python benchmarks/step_latency.py --config configs/detector-tiny.yaml --steps 50 --fill
@@ -41,11 +41,11 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
-from rareclip_core.config import DetectorConfig
-from rareclip_core.detector import FrameFeatures, OnlineDetector
-from rareclip_core.memory import PatchRarityBank
+from rareclip_core.detectors.rareclip.config import RareCLIPConfig
+from rareclip_core.detectors.rareclip.detector import FrameFeatures, RareCLIPDetector
+from rareclip_core.detectors.rareclip.memory import PatchRarityBank
 
-SECTIONS = ["preprocess", "backbone", "text", "banks", "image_rarity_rescore", "upsample_blur", "output"]
+SECTIONS = ["preprocess", "backbone", "text", "banks", "image_rarity", "fusion", "rescore", "output"]
 
 
 def synthetic_frames(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
@@ -81,11 +81,11 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def state_mb(detector: OnlineDetector) -> float:
+def state_mb(detector: RareCLIPDetector) -> float:
     return sum(v.numel() * v.element_size() for v in detector.state_dict().values()) / 2**20
 
 
-def fill(detector: OnlineDetector, frames: list[np.ndarray], margin: int, seed: int) -> dict:
+def fill(detector: RareCLIPDetector, frames: list[np.ndarray], margin: int, seed: int) -> dict:
     """Stream cheap synthetic feature frames until the banks are full, then top up the image memory."""
     cfg = detector.config
     m = detector.n_patches
@@ -119,7 +119,7 @@ def fill(detector: OnlineDetector, frames: list[np.ndarray], margin: int, seed: 
     return {"frames": n_frames, "seconds": fill_s, "image_memory_topped_up": topped}
 
 
-def banks_full(detector: OnlineDetector) -> bool:
+def banks_full(detector: RareCLIPDetector) -> bool:
     cfg, bank = detector.config, detector.banks
     if isinstance(bank, PatchRarityBank) and len(bank) < cfg.max_features:
         return False
@@ -139,7 +139,7 @@ class TorchCallCounter(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def torch_calls_per_step(detector: OnlineDetector, frame) -> int:
+def torch_calls_per_step(detector: RareCLIPDetector, frame) -> int:
     """Torch calls of one `step_features` after the backbone (the state is changed by it)."""
     features = detector.encode([frame])[0]
     counter = TorchCallCounter()
@@ -181,7 +181,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = DetectorConfig.from_yaml(args.config)
+    cfg = RareCLIPConfig.from_yaml(args.config)
     update = {}
     if args.device:
         update["device"] = args.device
@@ -195,7 +195,7 @@ def main() -> None:
 
     rss_before = rss_mb()
     t0 = time.perf_counter()
-    detector = OnlineDetector(cfg)
+    detector = RareCLIPDetector(cfg)
     device = detector.device
     build_s = time.perf_counter() - t0
     weights_mb = sum(p.numel() * p.element_size() for p in detector.backbone.parameters()) / 2**20

@@ -4,9 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import Field
+from pydantic import Field, SerializeAsAny, field_validator
 
-from rareclip_core.config import DetectorConfig, StrictModel, read_yaml
+from rareclip_core.config import DetectorSettings, StrictModel
+from rareclip_core.detectors.rareclip.config import RareCLIPConfig
+from rareclip_core.registry import detector_config_from_dict
 
 CONFIG_DIR = Path(__file__).parent
 
@@ -64,7 +66,9 @@ class SnapshotConfig(StrictModel):
 
 
 class PipelineConfig(StrictModel):
-    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    detector: SerializeAsAny[DetectorSettings] = Field(
+        default_factory=RareCLIPConfig, description="the detector's settings; `kind` selects it (default rareclip)"
+    )
     source: SourceConfig
     out: str = Field("out", description="results in <out>/results, snapshots in <out>/snapshots")
     threshold: Optional[float] = Field(None, description="is_anomaly = score >= threshold; null leaves it empty")
@@ -97,21 +101,23 @@ class PipelineConfig(StrictModel):
     def threshold_for(self, line_id: str) -> Optional[float]:
         return self.thresholds.get(line_id, self.threshold)
 
+    @field_validator("detector", mode="before")
+    @classmethod
+    def _detector_of_its_kind(cls, value):
+        """A mapping becomes the settings of the kind it names (the registry's)."""
+        return detector_config_from_dict(value, prefix="detector.")
 
-def load_pipeline_config(path: str | Path, **overrides) -> PipelineConfig:
-    """Load and validate a pipeline YAML; `overrides` replace top-level keys (e.g. out=...)."""
-    path = Path(path)
-    data = read_yaml(path)
-    if isinstance(data.get("detector"), str):
-        # `detector: detector-tiny.yaml` refers to a detector YAML next to this file
-        data["detector"] = DetectorConfig.from_yaml(path.parent / data["detector"]).model_dump()
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return PipelineConfig.from_dict(data, source=str(path))
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<dict>") -> "PipelineConfig":
+        """Validated settings; the detector section first, so that its errors name its fields."""
+        if isinstance(data.get("detector"), dict):
+            data = {**data, "detector": detector_config_from_dict(data["detector"], source, "detector.")}
+        return super().from_dict(data, source)
 
 
 def open_source(source: SourceConfig):
     """The frame source a (materialized) source config describes."""
-    from rareclip_core.sources import DatasetSource, FolderSource, ManifestSource
+    from rareclip_core.data.sources import DatasetSource, FolderSource, ManifestSource
 
     if isinstance(source, FolderSourceConfig):
         return FolderSource(source.root, source.lines, live=source.watch)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from configs.pipeline import PipelineConfig, load_pipeline_config
+from configs.loading import load_pipeline_config
+from configs.pipeline import PipelineConfig
 from rareclip_core.config import ConfigError
 
 

@@ -7,8 +7,9 @@ import random
 import shutil
 from pathlib import Path
 
-import pyarrow.dataset as pads
 import ray
+
+from actors.result_table import read_results
 
 from .common import add_cluster_arguments, load_config_or_exit, quiet_logs
 from .line_cluster import LineCluster, start_ray
@@ -16,9 +17,7 @@ from .line_cluster import LineCluster, start_ray
 
 def read_keyed_rows(results_dir: Path) -> dict[tuple[str, int], list[dict]]:
     rows: dict[tuple[str, int], list[dict]] = {}
-    table = pads.dataset(str(results_dir), format="parquet", partitioning="hive").to_table(
-        columns=["line_id", "seq", "status", "score", "error"]
-    )
+    table = read_results(results_dir, columns=["line_id", "seq", "status", "score", "error"])
     for row in table.to_pylist():
         rows.setdefault((row["line_id"], row["seq"]), []).append(row)
     return rows

@@ -37,17 +37,21 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.dataset as pads
 
-from actors.result_schema import STATUS_OK
-from configs.pipeline import CONFIG_DIR, DatasetSourceConfig, PipelineConfig, SnapshotConfig
-from rareclip_core.config import ConfigError, DetectorConfig
-from rareclip_core.datasets import Sample, load_dataset, load_mask, shuffled
+from actors.result_table import STATUS_OK, read_results
+from configs.loading import load_detector_config
+from configs.pipeline import (
+    CONFIG_DIR,
+    DatasetSourceConfig,
+    PipelineConfig,
+    SnapshotConfig,
+)
+from rareclip_core import DetectorSettings, detector_class, detector_config_from_dict
+from rareclip_core.config import ConfigError
+from rareclip_core.data.datasets import Sample, load_dataset, load_mask, shuffled
 from rareclip_core.metrics import image_metrics, pixel_metrics
 
 from .common import quiet_logs
-from .train_tpb import load_detector_config
 
 DEFAULT_CONFIG = CONFIG_DIR / "detector-paper.yaml"
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
@@ -58,28 +62,8 @@ METRICS = (*IMAGE_METRICS, *PIXEL_METRICS)
 COUNTS = ("images", "anomalous", "errors", "pixel_images")
 STD_NOTE = "population standard deviation over seeds (numpy.std, ddof=0)"
 
-# The paper's Table 1 (papers/rareclip-iccv2025.txt), in %, (mean, std over its 5 seeds); std is
-# None where the paper gives none (offline results do not depend on the order). None as a whole
-# marks a cell the paper reports but whose value cannot be read unambiguously from our text copy
-# of the table (VisA offline: its columns there have fewer values than methods).
-PAPER_SOURCE = "RareCLIP paper, Table 1"
 _UNREADABLE = "n/a*"
-_UNREADABLE_NOTE = "*reported in the paper but not readable unambiguously from our text copy of Table 1"
-
-
-def _row(*values):
-    return dict(zip(METRICS, values))
-
-
-PAPER = {
-    ("mvtec", "online", "iprb"): _row((98.2, 0.2), (97.6, 0.1), (99.3, 0.1), (97.7, 0.2), (64.1, 0.7), (66.1, 1.0), (93.5, 0.1)),
-    ("visa", "online", "iprb"): _row((94.4, 0.3), (90.8, 0.4), (95.3, 0.2), (98.8, 0.0), (50.9, 0.3), (47.5, 0.3), (93.5, 0.1)),
-    ("mvtec", "online", "dprb"): _row((97.9, 0.2), (97.4, 0.2), (99.1, 0.2), (97.8, 0.1), (62.9, 0.5), (64.2, 1.1), (93.4, 0.1)),
-    ("visa", "online", "dprb"): _row((93.5, 0.2), (90.2, 0.3), (94.1, 0.5), (98.9, 0.0), (48.1, 0.4), (44.2, 0.5), (93.2, 0.1)),
-    ("mvtec", "offline", "iprb"): _row((91.5, None), (92.9, None), (96.6, None), (91.5, None), (47.5, None), (46.1, None), (86.2, None)),
-    ("visa", "offline", "iprb"): _row((86.1, None), (83.1, None), None, (95.7, None), None, None, None),
-}
-VARIANT_NAMES = {"iprb": "RareCLIP", "dprb": "RareCLIP-d"}
+_UNREADABLE_NOTE = "*reported in the paper but not readable unambiguously from our text copy of the table"
 
 
 class EvaluationError(Exception):
@@ -92,7 +76,7 @@ class Plan:
 
     dataset: str
     root: str
-    detector: DetectorConfig
+    detector: DetectorSettings
     seeds: tuple[int, ...]
     out: Path
     samples: dict[str, list[Sample]]  # category -> samples in the official test order
@@ -110,14 +94,14 @@ def plan_evaluation(dataset, root, detector_config, seeds=DEFAULT_SEEDS, mode=No
     """Validate everything before any actor starts. Raises ConfigError (bad detector config),
     FileNotFoundError / ValueError (missing or malformed dataset, unknown category, bad seeds)
     or FileExistsError (a seed's result table already exists under `out`)."""
-    if isinstance(detector_config, DetectorConfig):
-        detector = detector_config
-    elif isinstance(detector_config, dict):
-        detector = DetectorConfig.from_dict(detector_config)
+    if isinstance(detector_config, (DetectorSettings, dict)):
+        detector = detector_config_from_dict(detector_config)
     else:
         detector = load_detector_config(str(detector_config))
     if mode is not None:
-        detector = DetectorConfig.from_dict({**detector.model_dump(), "mode": mode}, source="--mode")
+        if "mode" not in type(detector).model_fields:
+            raise ConfigError(f"--mode: detector kind {detector.kind!r} has no online/offline mode")
+        detector = detector_config_from_dict({**detector.model_dump(), "mode": mode}, source="--mode")
     seeds = tuple(int(s) for s in seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and at least one, got {list(seeds)}")
@@ -141,7 +125,7 @@ def plan_evaluation(dataset, root, detector_config, seeds=DEFAULT_SEEDS, mode=No
 def evaluate(dataset, root, detector_config, seeds=DEFAULT_SEEDS, mode=None, out="out/evaluate",
              categories=None, address=None, progress: bool = True) -> dict:
     """Run the protocol and write metrics.md/.csv/.json under `out`; returns the metrics.json
-    content (with NaN, not null). `detector_config`: a DetectorConfig, a dict, or the path of a
+    content (with NaN, not null). `detector_config`: detector settings, a dict, or the path of a
     detector YAML or of a pipeline YAML with a `detector:` section; `mode` ('online' or
     'offline') overrides its `mode`, None keeps it."""
     plan = plan_evaluation(dataset, root, detector_config, seeds, mode, out, categories)
@@ -151,22 +135,10 @@ def evaluate(dataset, root, detector_config, seeds=DEFAULT_SEEDS, mode=None, out
 
 def run_plan(plan: Plan, address=None, progress: bool = True) -> None:
     """Replay every seed's shuffled categories through a fresh LineCluster."""
-    import ray
-
     from .line_cluster import LineCluster, start_ray
 
     start_ray(address)
-    resources = ray.cluster_resources()
     n = len(plan.categories)
-    gpus = resources.get("GPU", 0)
-    base = PipelineConfig.model_fields["lines_per_gpu"].default
-    cpus = PipelineConfig.model_fields["line_num_cpus"].default
-    packing = {
-        # every category runs at once: pack them onto the GPUs and CPUs there are, or the
-        # actors that find no room would wait forever
-        "lines_per_gpu": max(base, math.ceil(n / gpus)) if gpus else base,
-        "line_num_cpus": min(cpus, math.floor(resources.get("CPU", 1) / n * 1e4) / 1e4),
-    }
     for i, seed in enumerate(plan.seeds):
         cfg = PipelineConfig(
             detector=plan.detector,
@@ -179,11 +151,11 @@ def run_plan(plan: Plan, address=None, progress: bool = True) -> None:
             # no snapshots: a restarted line replays its category from seq 0 with a fresh state,
             # which gives the same rows; the paper model's banks would cost ~0.2 GB per snapshot
             snapshot=SnapshotConfig(every_frames=None, every_s=None),
-            **packing,
         )
         print(f"seed {seed} ({i + 1}/{len(plan.seeds)}): {n} categories, {sum(map(len, plan.samples.values()))} "
-              f"images, {plan.detector.mode} mode", file=sys.stderr, flush=True)
-        cluster = LineCluster(cfg)
+              f"images, {plan.detector.kind}" + (f", {plan.detector.mode} mode" if hasattr(plan.detector, "mode") else ""),
+              file=sys.stderr, flush=True)
+        cluster = LineCluster(cfg, fit_all=True)  # every category at once
         try:
             done = cluster.run(progress=progress)
         finally:
@@ -221,7 +193,7 @@ def score_plan(plan: Plan) -> dict:
     result = {
         "dataset": plan.dataset,
         "root": plan.root,
-        "mode": detector.mode,
+        "mode": getattr(detector, "mode", None),
         "seeds": list(plan.seeds),
         "categories": plan.categories,
         "metrics": list(METRICS),
@@ -229,30 +201,32 @@ def score_plan(plan: Plan) -> dict:
         "std": STD_NOTE,
         "category_mean": "mean over categories per seed, skipping categories where a metric is NaN",
         "map_resolution": MAP_RESOLUTION,
-        "model_id": f"{detector.model}:{detector.pretrained or 'random'}:{detector.fingerprint()}",
+        "model_id": detector.model_id,
         "detector": detector.model_dump(),
         "results": {str(s): str(plan.results_dir(s)) for s in plan.seeds},
         "per_seed": {c: {str(s): v for s, v in seeds.items()} for c, seeds in per_seed.items()}
         | {"mean": {str(s): v for s, v in seed_means.items()}},
         "summary": summary,
-        "paper": paper_figures(plan.dataset, detector.mode, detector.rarity_branch),
+        "paper": paper_figures(plan.dataset, detector),
         "notes": notes,
     }
     write_tables(plan, result)
     return result
 
 
-def paper_figures(dataset: str, mode: str, rarity_branch: str) -> Optional[dict]:
-    """The paper's Table 1 row for this dataset, mode and variant (None for other datasets);
-    per metric its value (mean, std) and status: reported, unreadable or not reported."""
-    if dataset not in ("mvtec", "visa"):
+def paper_figures(dataset: str, detector: DetectorSettings) -> Optional[dict]:
+    """The detector's paper figures for this dataset and setting (None where the paper reports
+    none): per metric its value (mean, std) and status (reported, unreadable, not reported)."""
+    figures = detector_class(detector).paper_figures(dataset, detector)
+    if figures is None:
         return None
-    values = PAPER.get((dataset, mode, rarity_branch))
+    values = figures.values
     return {
-        "source": PAPER_SOURCE,
-        "row": f"{VARIANT_NAMES[rarity_branch]}, {mode}",
-        "values": {m: ({"mean": values[m][0], "std": values[m][1]} if values and values[m] else None) for m in METRICS},
-        "status": {m: ("reported" if values and values[m] else "unreadable" if values else "not reported")
+        "source": figures.source,
+        "row": figures.row,
+        "note": figures.note,
+        "values": {m: ({"mean": values[m][0], "std": values[m][1]} if values.get(m) else None) for m in METRICS},
+        "status": {m: ("reported" if values.get(m) else "unreadable" if m in values else "not reported")
                    for m in METRICS},
     }
 
@@ -260,7 +234,8 @@ def paper_figures(dataset: str, mode: str, rarity_branch: str) -> Optional[dict]
 def category_metrics(plan: Plan, category: str, seed: int, masks: dict[str, np.ndarray]) -> tuple[dict, list[str]]:
     """The seven metrics (in %) and counts of one category and seed, with the reasons of any NaN."""
     results = plan.results_dir(seed)
-    joined = join_rows(plan.samples[category], seed, read_rows(results, category), category)
+    rows = read_results(results, ["seq", "uri", "score", "status", "error", "map_uri"], line_id=category).to_pylist()
+    joined = join_rows(plan.samples[category], seed, rows, category)
     ok = [(s, r) for s, r in joined if r["status"] == STATUS_OK]  # official order
     pixel = [(s, r) for s, r in ok if not (s.label and s.mask_path is None)]
     values = {"images": len(joined), "anomalous": sum(s.label for s, _ in joined),
@@ -289,15 +264,6 @@ def category_metrics(plan: Plan, category: str, seed: int, masks: dict[str, np.n
     if unmasked:
         messages.append(f"{unmasked} anomalous image(s) without a mask are left out of the pixel metrics")
     return values, messages
-
-
-def read_rows(results_dir: Path, category: str) -> list[dict]:
-    """The result rows of one line (line_id read as a string, whatever the category name)."""
-    partitioning = pads.partitioning(pa.schema([("line_id", pa.string()), ("date", pa.string())]), flavor="hive")
-    table = pads.dataset(str(results_dir), format="parquet", partitioning=partitioning).to_table(
-        columns=["seq", "uri", "score", "status", "error", "map_uri"], filter=pads.field("line_id") == category
-    )
-    return table.to_pylist()
 
 
 def join_rows(samples: Sequence[Sample], seed: int, rows: list[dict], category: str) -> list[tuple[Sample, dict]]:
@@ -352,9 +318,10 @@ def format_markdown(result: dict) -> str:
     seeds = ", ".join(map(str, result["seeds"]))
     det = result["detector"]
     lines = [
-        f"# RareCLIP evaluation: {result['dataset']} ({result['root']}), {result['mode']} mode",
+        f"# Evaluation of {det['kind']}: {result['dataset']} ({result['root']})"
+        + (f", {result['mode']} mode" if result["mode"] else ""),
         "",
-        f"Detector `{result['model_id']}` (image size {det['image_size']}, {det['rarity_branch']}). Seeds {seeds}: "
+        f"Detector `{result['model_id']}` (image size {det['image_size']}). Seeds {seeds}: "
         f"each category's official test order shuffled by `random.seed(s); random.shuffle`, a fresh state per "
         f"category and seed. Metrics in %, maps and masks at {result['map_resolution']}x{result['map_resolution']}; "
         f"each cell is the mean ± {result['std']}; the mean row averages the categories per seed first "
@@ -377,7 +344,7 @@ def format_markdown(result: dict) -> str:
             value, status = paper["values"][m], paper["status"][m]
             cells.append(_cell(value["mean"], value["std"]) if value else _UNREADABLE if status == "unreadable" else "not reported")
         lines.append(f"| paper: {paper['row']} | | " + " | ".join(cells) + " |")
-        footnotes.append(f"Paper row: {paper['source']} (their ViT-L-14-336 model and TPB weights, 5 seeds).")
+        footnotes.append(f"Paper row: {paper['source']}" + (f" ({paper['note']})." if paper["note"] else "."))
         if _UNREADABLE in cells:
             footnotes.append(_UNREADABLE_NOTE + ".")
     if result["notes"]:

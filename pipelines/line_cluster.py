@@ -2,7 +2,6 @@
 actors from a validated PipelineConfig, and watch them with progress bars."""
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -12,18 +11,22 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
-from actors.ingest import IngestActor
-from actors.line import LineActor, line_actor_name
-from actors.supervisor import Supervisor, supervisor_actor_name
+from actors.ingest import IngestActor, IngestSettings
+from actors.line import LineActor, LineSettings
+from actors.names import NAMESPACE, job_key, line_actor_name, supervisor_actor_name
+from actors.supervisor import Supervisor
 from actors.writer import ResultWriter
-from configs.pipeline import FolderSourceConfig, PipelineConfig, SyntheticSourceConfig, open_source
-from rareclip_core.config import ConfigError
-from rareclip_core.synthetic import write_line_folder
+from configs.pipeline import (
+    FolderSourceConfig,
+    PipelineConfig,
+    SyntheticSourceConfig,
+    open_source,
+)
+from rareclip_core.data.synthetic import write_line_folder
+
+from .placement import place_lines
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Named actors live in a Ray namespace: a fixed one lets another driver (`snapshots reset
-# --address ...`) find a running job's actors by name.
-NAMESPACE = "rareclip"
 
 
 def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
@@ -57,57 +60,38 @@ def materialize_source(cfg: PipelineConfig) -> PipelineConfig:
     return cfg.model_copy(update={"source": folder_source})
 
 
-def job_key(cfg: PipelineConfig) -> str:
-    """Names this job's actors apart from other jobs' on the same cluster."""
-    return hashlib.sha256(str(cfg.results_dir.resolve()).encode()).hexdigest()[:10]
-
-
 class LineCluster:
     """The actors of one job: a ResultWriter, a LineActor per line, IngestActors over the lines,
     and the Supervisor that snapshots lines and brings crashed actors back."""
 
-    def __init__(self, cfg: PipelineConfig, lines: Optional[list[str]] = None):
+    def __init__(self, cfg: PipelineConfig, lines: Optional[list[str]] = None, fit_all: bool = False):
+        """`fit_all`: every line must run at once (evaluate), so the GPU and CPU shares are made
+        to fit the cluster (see `placement.place_lines`)."""
         self.cfg = cfg = materialize_source(cfg)
         self.source = open_source(cfg.source)
         self.lines = lines or self.source.lines()
-        self.key = job_key(cfg)
+        self.key = job_key(cfg.results_dir)
         supervisor_name = supervisor_actor_name(self.key)
-        gpus = ray.cluster_resources().get("GPU", 0)
-        num_gpus = 1 / cfg.lines_per_gpu if gpus else 0
-        if gpus and len(self.lines) > gpus * cfg.lines_per_gpu:
-            raise ConfigError(
-                f"{len(self.lines)} lines at lines_per_gpu={cfg.lines_per_gpu} need "
-                f"{len(self.lines) / cfg.lines_per_gpu:g} GPUs, the cluster has {gpus:g}: raise lines_per_gpu"
-            )
+        place = place_lines(len(self.lines), ray.cluster_resources(), cfg.lines_per_gpu, cfg.line_num_cpus, fit_all)
         self.writer = ResultWriter.remote(str(cfg.results_dir), cfg.writer_batch_rows, cfg.writer_flush_s, supervisor_name)
-        detector = cfg.detector.model_dump()
         self.line_actors = {
             line: LineActor.options(
                 name=line_actor_name(self.key, line),
-                num_cpus=cfg.line_num_cpus,
-                num_gpus=num_gpus,
+                num_cpus=place.num_cpus,
+                num_gpus=place.num_gpus,
                 resources=cfg.line_resources,
-            ).remote(
-                line,
-                detector,
-                self.writer,
-                cfg.threshold_for(line),
-                cfg.map_resolution,
-                cfg.backbone_batch,
-                cfg.gap_timeout_s,
-                cfg.snapshot_root,
-                cfg.snapshot.keep,
-                supervisor_name,
-                cfg.map_dtype,
-            )
+            ).remote(line, cfg.detector, self.writer, self._line_settings(line, supervisor_name))
             for line in self.lines
         }
         n = min(cfg.ingest_actors, len(self.lines))
         groups = [self.lines[i::n] for i in range(n)]
+        ingest = IngestSettings(
+            max_in_flight=cfg.max_in_flight,
+            frames_per_submit=cfg.backbone_batch,
+            poll_s=cfg.source.poll_s if isinstance(cfg.source, FolderSourceConfig) else IngestSettings.poll_s,
+        )
         self.ingest = [
-            IngestActor.remote(
-                cfg.source, group, {line: self.line_actors[line] for line in group}, cfg.max_in_flight, cfg.backbone_batch
-            )
+            IngestActor.remote(cfg.source, group, {line: self.line_actors[line] for line in group}, ingest)
             for group in groups
         ]
         ray.get([a.progress.remote() for a in self.line_actors.values()])  # constructed (and restored)
@@ -116,6 +100,19 @@ class LineCluster:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.supervisor = Supervisor.options(name=supervisor_name, scheduling_strategy=here).remote(
             self.writer, self.line_actors, list(zip(self.ingest, groups)), cfg.snapshot.every_frames, cfg.snapshot.every_s
+        )
+
+    def _line_settings(self, line: str, supervisor_name: str) -> LineSettings:
+        cfg = self.cfg
+        return LineSettings(
+            threshold=cfg.threshold_for(line),
+            map_resolution=cfg.map_resolution,
+            map_dtype=cfg.map_dtype,
+            backbone_batch=cfg.backbone_batch,
+            gap_timeout_s=cfg.gap_timeout_s,
+            snapshot_root=cfg.snapshot_root,
+            snapshot_keep=cfg.snapshot.keep,
+            supervisor_name=supervisor_name,
         )
 
     def source_totals(self) -> dict[str, int]:

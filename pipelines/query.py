@@ -16,13 +16,10 @@ import sys
 import duckdb
 import pyarrow as pa
 
-from actors.result_schema import RESULT_SCHEMA, STATUS_ERROR, STATUS_OK
+from actors.result_table import RESULT_SCHEMA, STATUS_ERROR, STATUS_OK, VISIBLE_PARQUET
 
 DEFAULT_RESULTS = "results"
 FORMATS = ("table", "csv", "json")
-# The dataset's visible files. A file is written under a name starting with '.' or '_' and
-# renamed when complete, so those names are files still being written and are skipped.
-VISIBLE_PARQUET = os.path.join("line_id=*", "date=*", "[!._]*.parquet")
 TOP_COLUMNS = "line_id, seq, date, scored_time, score, threshold, is_anomaly, uri, map_uri"
 
 

@@ -14,7 +14,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
-from actors.result_schema import STATUS_ERROR, STATUS_OK
+from actors.result_table import STATUS_ERROR, STATUS_OK
 from pipelines import query
 
 DEFAULT_TOP = 8

@@ -20,8 +20,8 @@ import argparse
 import datetime as dt
 import sys
 
+from actors.result_table import persisted_last_seqs
 from actors.snapshots import SnapshotStore, snapshot_lines
-from actors.writer import persisted_last_seqs
 
 from .common import add_cluster_arguments, load_config_or_exit, quiet_logs
 
@@ -83,13 +83,12 @@ def _running_actors(cfg, address: str, line: str):
     """The running job's line actor and supervisor on the cluster at `address`."""
     import ray
 
-    from actors.line import line_actor_name
-    from actors.supervisor import supervisor_actor_name
+    from actors.names import NAMESPACE, job_key, line_actor_name, supervisor_actor_name
 
-    from .line_cluster import NAMESPACE, job_key, start_ray
+    from .line_cluster import start_ray
 
     start_ray(address)
-    key = job_key(cfg)
+    key = job_key(cfg.results_dir)
     try:
         actor = ray.get_actor(line_actor_name(key, line), namespace=NAMESPACE)
     except ValueError:
@@ -117,7 +116,7 @@ def reset_line(cfg, line: str, address=None) -> int:
         print(f"line {line}: reset by the running job; it learns afresh from seq {next_seq}")
         return 0
 
-    from rareclip_core.detector import OnlineDetector
+    from rareclip_core import build_detector
 
     store = SnapshotStore(cfg.snapshot_root, line)
     old = store.list()
@@ -126,7 +125,7 @@ def reset_line(cfg, line: str, address=None) -> int:
         print(f"error: line {line} has no rows in {cfg.results_dir} and no snapshots: nothing to reset", file=sys.stderr)
         return 2
     next_seq = persisted.get(line, -1) + 1
-    detector = OnlineDetector(cfg.detector)
+    detector = build_detector(cfg.detector)
     # the new snapshot first, then the old ones go: a crash in between leaves the reset one newest
     saved = store.save(detector.state_dict(), next_seq, detector.config.fingerprint())
     for info in old:

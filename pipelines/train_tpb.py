@@ -7,12 +7,12 @@ detector's `tpb_weights` at the written file. The file has the authors' checkpoi
 import sys
 from pathlib import Path
 
-import yaml
-
-from rareclip_core.config import ConfigError, DetectorConfig
-from rareclip_core.datasets import load_dataset
-from rareclip_core.text_branch import save_tpb_checkpoint
-from rareclip_core.tpb_training import train_text_projection
+from configs.loading import load_detector_config
+from rareclip_core.config import ConfigError
+from rareclip_core.data.datasets import load_dataset
+from rareclip_core.detectors.rareclip.config import RareCLIPConfig
+from rareclip_core.detectors.rareclip.text_branch import save_tpb_checkpoint
+from rareclip_core.detectors.rareclip.training import train_text_projection
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-paper.yaml"
 
@@ -36,22 +36,14 @@ def add_arguments(parser) -> None:
     )
 
 
-def load_detector_config(path: str) -> DetectorConfig:
-    """A detector YAML, or the `detector:` section of a pipeline YAML."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
-        data = None  # from_yaml reports the missing or broken file
-    section = "detector" if isinstance(data, dict) and "detector" in data else None
-    return DetectorConfig.from_yaml(path, section=section)
-
-
 def main(args) -> int:
     if args.epochs < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         print("error: --epochs, --batch-size and --limit must be >= 1", file=sys.stderr)
         return 2
     try:
         config = load_detector_config(args.config)
+        if not isinstance(config, RareCLIPConfig):
+            raise ConfigError(f"{args.config}: train-tpb trains RareCLIP's text branch; this config's detector is {config.kind!r}")
         by_category = load_dataset(args.dataset, args.root, "test")
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

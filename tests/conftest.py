@@ -11,9 +11,9 @@ TINY_CONFIG = REPO / "configs" / "detector-tiny.yaml"
 
 @pytest.fixture(scope="session")
 def tiny_config(tmp_path_factory):
-    from rareclip_core.config import DetectorConfig
+    from rareclip_core.detectors.rareclip.config import RareCLIPConfig
 
-    cfg = DetectorConfig.from_yaml(TINY_CONFIG)
+    cfg = RareCLIPConfig.from_yaml(TINY_CONFIG)
     return cfg.model_copy(update={"text_cache_dir": str(tmp_path_factory.mktemp("text-cache"))})
 
 

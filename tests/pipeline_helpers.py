@@ -3,17 +3,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as pads
 import ray
 from PIL import Image
 
+from actors.result_table import read_results
 from actors.snapshots import SnapshotStore
 from configs.pipeline import PipelineConfig
-from rareclip_core.synthetic import SyntheticLine
+from rareclip_core.data.synthetic import SyntheticLine
 
 
 def read_rows(results_dir) -> list[dict]:
-    table = pads.dataset(str(results_dir), format="parquet", partitioning="hive").to_table()
+    table = read_results(results_dir)
     return sorted(table.to_pylist(), key=lambda r: (r["line_id"], r["seq"]))
 
 

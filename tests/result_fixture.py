@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from actors.result_schema import FILE_SCHEMA, STATUS_ERROR, STATUS_OK
+from actors.result_table import FILE_SCHEMA, STATUS_ERROR, STATUS_OK
 
 LINES = ("bottle", "cable", "screw")
 ROWS_PER_LINE = 40

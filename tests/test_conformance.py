@@ -5,9 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from rareclip_core.detector import OnlineDetector
-from rareclip_core.image_memory import local_aggregated_features
-from rareclip_core.memory import DirectPatchRarityBank, PatchRarityBank, blend_with_references
+from rareclip_core.detectors.rareclip.detector import RareCLIPDetector
+from rareclip_core.detectors.rareclip.image_memory import local_aggregated_features
+from rareclip_core.detectors.rareclip.memory import (
+    DirectPatchRarityBank,
+    PatchRarityBank,
+    blend_with_references,
+)
 
 
 def rows(*vectors):
@@ -91,26 +95,26 @@ def test_rareclip_d_keeps_int_0333_m_and_its_kshot_map_squares_the_loose_similar
 
 def test_rescoring_ignores_references(tiny_config, frames):
     """Rule 3: references are not re-scoring candidates and do not count toward its threshold."""
-    det = OnlineDetector(tiny_config.model_copy(update={"rescore_min_images": 3, "rescore_divisor": 2}))
+    det = RareCLIPDetector(tiny_config.model_copy(update={"rescore_min_images": 3, "rescore_divisor": 2}))
     det.add_normal_references(frames[:4])
     assert det.images_seen == 4 and len(det.image_memory) == 0 and det.reference_laifs.shape == (4, 4, 64)
     results = [det.step(f) for f in frames[4:9]]
     # n = scored frames remembered + 1: re-scoring (top ceil(n / 2)) starts once n > 3, at the 4th
-    assert [r.score == r.preliminary_score for r in results] == [True, True, True, False, False]
-    assert results[0].images_seen == 4
+    assert [r.score == r.parts["preliminary_score"] for r in results] == [True, True, True, False, False]
+    assert results[0].parts["images_seen"] == 4
 
 
 def test_offline_text_mean_leaves_out_the_current_frame(tiny_config, frames):
     """Rule 4: without an update, A^_text = max(A_text, the stored mean), the frame not mixed in."""
-    online = OnlineDetector(tiny_config)
+    online = RareCLIPDetector(tiny_config)
     for f in frames[:3]:
         online.step(f)
     stored_mean = (online.text_map_sum / 3).float().numpy().reshape(14, 14)
     offline_cfg = tiny_config.model_copy(update={"mode": "offline"})
-    a_text = OnlineDetector(offline_cfg).step(frames[10]).text_map  # nothing memorized: A^_text = A_text
-    offline = OnlineDetector(offline_cfg)
+    a_text = RareCLIPDetector(offline_cfg).step(frames[10]).parts["text_map"]  # nothing memorized: A^_text = A_text
+    offline = RareCLIPDetector(offline_cfg)
     offline.load_state_dict(online.state_dict())
-    got = offline.step(frames[10]).text_map
+    got = offline.step(frames[10]).parts["text_map"]
     assert np.array_equal(got, np.maximum(a_text, stored_mean))
     mixed_in = (online.text_map_sum.float().numpy().reshape(14, 14) + a_text) / 4
     assert not np.allclose(got, np.maximum(a_text, mixed_in))

@@ -1,4 +1,4 @@
-"""Tests for rareclip_core.datasets on tiny layouts built in tmp_path."""
+"""Tests for rareclip_core.data.datasets on tiny layouts built in tmp_path."""
 
 import random
 from pathlib import Path
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rareclip_core.datasets import (
+from rareclip_core.data.datasets import (
     Sample,
     load_dataset,
     load_folder,

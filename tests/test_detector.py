@@ -1,4 +1,4 @@
-"""The OnlineDetector end to end on the tiny random-weight model (CPU)."""
+"""The RareCLIPDetector end to end on the tiny random-weight model (CPU)."""
 import numpy as np
 import pytest
 import torch
@@ -6,9 +6,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from rareclip_core.backbone import backbone_dtype
-from rareclip_core.config import ConfigError, DetectorConfig
-from rareclip_core.detector import OnlineDetector
-from rareclip_core.text_branch import TPB_CHECKPOINT_KEY
+from rareclip_core.config import ConfigError
+from rareclip_core.detectors.rareclip.config import RareCLIPConfig
+from rareclip_core.detectors.rareclip.detector import RareCLIPDetector
+from rareclip_core.detectors.rareclip.text_branch import TPB_CHECKPOINT_KEY
 
 
 def run(detector, frames, **kw):
@@ -16,12 +17,12 @@ def run(detector, frames, **kw):
 
 
 def test_tiny_model_steps_end_to_end(tiny_config, frames):
-    det = OnlineDetector(tiny_config)
+    det = RareCLIPDetector(tiny_config)
     results = run(det, frames[:6])
     first, later = results[0], results[-1]
     assert first.anomaly_map.shape == (224, 224) and first.anomaly_map.dtype == np.float32
-    assert first.rarity_map is None and first.image_rarity is None and first.images_seen == 0
-    assert later.rarity_map.shape == (14, 14) and later.images_seen == 5
+    assert first.parts["rarity_map"] is None and first.parts["image_rarity"] is None and first.parts["images_seen"] == 0
+    assert later.parts["rarity_map"].shape == (14, 14) and later.parts["images_seen"] == 5
     assert all(np.isfinite(r.score) for r in results)
     assert det.images_seen == 6
     # a PIL image of another size and mode goes through the same preprocessing
@@ -31,20 +32,20 @@ def test_tiny_model_steps_end_to_end(tiny_config, frames):
 
 def test_score_is_rescored_preliminary_until_enough_images(tiny_config, frames):
     # more than 3 images remembered (itself included): the top min(ceil(n / 2), 9) neighbours
-    det = OnlineDetector(tiny_config.model_copy(update={"rescore_min_images": 3, "rescore_divisor": 2}))
+    det = RareCLIPDetector(tiny_config.model_copy(update={"rescore_min_images": 3, "rescore_divisor": 2}))
     results = run(det, frames[:5])
-    assert [r.score == r.preliminary_score for r in results[:3]] == [True, True, True]
-    assert results[-1].score != results[-1].preliminary_score
-    scores = [r.preliminary_score for r in results]
+    assert [r.score == r.parts["preliminary_score"] for r in results[:3]] == [True, True, True]
+    assert results[-1].score != results[-1].parts["preliminary_score"]
+    scores = [r.parts["preliminary_score"] for r in results]
     assert min(scores) <= results[-1].score <= max(scores)
 
 
 def test_state_round_trip_is_bitwise(tiny_config, frames, tmp_path):
-    uninterrupted = run(OnlineDetector(tiny_config), frames[:20])
-    first = OnlineDetector(tiny_config)
+    uninterrupted = run(RareCLIPDetector(tiny_config), frames[:20])
+    first = RareCLIPDetector(tiny_config)
     run(first, frames[:10])
     save_file(first.state_dict(), str(tmp_path / "state.safetensors"))
-    second = OnlineDetector(tiny_config)
+    second = RareCLIPDetector(tiny_config)
     second.load_state_dict(load_file(str(tmp_path / "state.safetensors")))
     resumed = run(second, frames[10:20])
     for a, b in zip(uninterrupted[10:], resumed):
@@ -53,10 +54,10 @@ def test_state_round_trip_is_bitwise(tiny_config, frames, tmp_path):
 
 
 def test_offline_mode_is_order_free(tiny_config, frames):
-    online = OnlineDetector(tiny_config)
+    online = RareCLIPDetector(tiny_config)
     run(online, frames[:8])
     state = online.state_dict()
-    offline = OnlineDetector(tiny_config.model_copy(update={"mode": "offline"}))
+    offline = RareCLIPDetector(tiny_config.model_copy(update={"mode": "offline"}))
     offline.load_state_dict(state)
     batch = frames[8:16]
     forward = run(offline, batch)
@@ -70,43 +71,43 @@ def test_offline_mode_is_order_free(tiny_config, frames):
 
 
 def test_fresh_offline_detector_is_text_only(tiny_config, frames):
-    det = OnlineDetector(tiny_config.model_copy(update={"mode": "offline"}))
+    det = RareCLIPDetector(tiny_config.model_copy(update={"mode": "offline"}))
     a, b = run(det, frames[:2])
-    assert a.rarity_map is None and b.rarity_map is None and det.images_seen == 0
+    assert a.parts["rarity_map"] is None and b.parts["rarity_map"] is None and det.images_seen == 0
 
 
 def test_tpb_checkpoint_in_authors_format_changes_text_maps(tiny_config, frames, tmp_path):
-    det = OnlineDetector(tiny_config)
+    det = RareCLIPDetector(tiny_config)
     state = {k: torch.randn_like(v) for k, v in det.text_projection.state_dict().items()}
     assert sorted(state) == sorted(f"fc.{i}.{p}" for i in range(4) for p in ("weight", "bias"))
     assert state["fc.0.weight"].shape == (64, 64)  # D x C
     path = tmp_path / "tpb.pth"
     torch.save({TPB_CHECKPOINT_KEY: state}, path)
-    trained = OnlineDetector(tiny_config.model_copy(update={"tpb_weights": str(path)}))
+    trained = RareCLIPDetector(tiny_config.model_copy(update={"tpb_weights": str(path)}))
     assert torch.equal(trained.text_projection.fc[2].weight, state["fc.2.weight"])
     plain, loaded = det.step(frames[0]), trained.step(frames[0])
-    assert not np.allclose(plain.text_map, loaded.text_map)
-    assert plain.text_score == loaded.text_score  # c_text does not use the layers
+    assert not np.allclose(plain.parts["text_map"], loaded.parts["text_map"])
+    assert plain.parts["text_score"] == loaded.parts["text_score"]  # c_text does not use the layers
 
 
 def test_tpb_checkpoint_errors_name_the_problem(tiny_config, tmp_path):
     with pytest.raises(ConfigError, match="tpb_weights"):
-        OnlineDetector(tiny_config.model_copy(update={"tpb_weights": str(tmp_path / "nope.pth")}))
+        RareCLIPDetector(tiny_config.model_copy(update={"tpb_weights": str(tmp_path / "nope.pth")}))
     bad = tmp_path / "bad.pth"
     torch.save({TPB_CHECKPOINT_KEY: {"fc.0.weight": torch.zeros(3, 3)}}, bad)
     with pytest.raises(ConfigError, match="do not fit"):
-        OnlineDetector(tiny_config.model_copy(update={"tpb_weights": str(bad)}))
+        RareCLIPDetector(tiny_config.model_copy(update={"tpb_weights": str(bad)}))
 
 
 def test_kshot_references_are_memorized_without_a_score(tiny_config, frames):
-    det = OnlineDetector(tiny_config)
+    det = RareCLIPDetector(tiny_config)
     assert det.add_normal_references(frames[:4]) is None
     assert det.n_references == 4 and det.images_seen == 4
     # 4 x 196 features > N_F = 588, and more than min(196 * 4 // 4, 588) = 196 references, so they
     # competed: SCS kept 588 features, all of them references (the only features so far)
     assert det.banks.n_reference.tolist() == [588] * 8
     result = det.step(frames[4])
-    assert result.images_seen == 4 and result.rarity_map is not None and np.isfinite(result.score)
+    assert result.parts["images_seen"] == 4 and result.parts["rarity_map"] is not None and np.isfinite(result.score)
     with pytest.raises(ValueError, match="before the line's first frame"):
         det.add_normal_references(frames[:1])
 
@@ -117,11 +118,11 @@ def test_kshot_references_are_memorized_without_a_score(tiny_config, frames):
 )
 def test_variants_run_and_round_trip(tiny_config, frames, variant, references, tmp_path):
     cfg = tiny_config.model_copy(update=variant)
-    det = OnlineDetector(cfg)
+    det = RareCLIPDetector(cfg)
     det.add_normal_references(frames[20 : 20 + references])
     run(det, frames[:5])
     save_file(det.state_dict(), str(tmp_path / "state.safetensors"))
-    copy = OnlineDetector(cfg)
+    copy = RareCLIPDetector(cfg)
     copy.load_state_dict(load_file(str(tmp_path / "state.safetensors")))
     a, b = det.step(frames[5]), copy.step(frames[5])
     assert a.score == b.score and np.array_equal(a.anomaly_map, b.anomaly_map)
@@ -129,27 +130,27 @@ def test_variants_run_and_round_trip(tiny_config, frames, variant, references, t
 
 def test_config_rejects_bad_values_naming_the_field(tmp_path):
     with pytest.raises(ConfigError, match="rarity_ratio"):
-        DetectorConfig.from_dict({"rarity_ratio": 1.5})
+        RareCLIPConfig.from_dict({"rarity_ratio": 1.5})
     with pytest.raises(ConfigError, match="max_featurs"):
-        DetectorConfig.from_dict({"max_featurs": 10})
+        RareCLIPConfig.from_dict({"max_featurs": 10})
     path = tmp_path / "d.yaml"
     path.write_text("detector:\n  blur_kernel: 4\n")
     with pytest.raises(ConfigError, match="blur_kernel"):
-        DetectorConfig.from_yaml(path, section="detector")
-    assert DetectorConfig().max_features == 4107 and DetectorConfig().image_size == 518
+        RareCLIPConfig.from_yaml(path, section="detector")
+    assert RareCLIPConfig().max_features == 4107 and RareCLIPConfig().image_size == 518
 
 
 def test_missing_weights_give_a_clear_error(tiny_config, monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match="detector.pretrained"):
-        OnlineDetector(tiny_config.model_copy(update={"pretrained": str(tmp_path / "vit.pt")}))
+        RareCLIPDetector(tiny_config.model_copy(update={"pretrained": str(tmp_path / "vit.pt")}))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="detector.pretrained"):
-        OnlineDetector(tiny_config.model_copy(update={"model": "ViT-B-32", "pretrained": "openai"}))
+        RareCLIPDetector(tiny_config.model_copy(update={"model": "ViT-B-32", "pretrained": "openai"}))
 
 
 def test_blocks_beyond_the_model_are_rejected(tiny_config):
     with pytest.raises(ConfigError, match="rarity_blocks"):
-        OnlineDetector(tiny_config.model_copy(update={"rarity_blocks": [6]}))
+        RareCLIPDetector(tiny_config.model_copy(update={"rarity_blocks": [6]}))
 
 
 @pytest.mark.parametrize(
@@ -162,14 +163,14 @@ def test_blocks_beyond_the_model_are_rejected(tiny_config):
     ],
 )
 def test_bad_images_are_rejected_with_a_reason(tiny_config, image, message):
-    det = OnlineDetector(tiny_config)
+    det = RareCLIPDetector(tiny_config)
     with pytest.raises((ValueError, TypeError), match=message):
         det.step(image)
     assert det.images_seen == 0
 
 
 def test_batched_backbone_equals_frame_by_frame(tiny_config, frames):
-    det = OnlineDetector(tiny_config)
+    det = RareCLIPDetector(tiny_config)
     single = [det.encode([f])[0] for f in frames[:5]]
     batch = det.encode(frames[:5])
     for a, b in zip(single, batch):
@@ -182,5 +183,5 @@ def test_backbone_precision_auto_is_half_on_cuda_only(tiny_config):
     assert backbone_dtype("auto", cpu) == torch.float32
     assert backbone_dtype("auto", cuda) == torch.float16
     assert backbone_dtype("bf16", cpu) == torch.bfloat16 and backbone_dtype("fp32", cuda) == torch.float32
-    assert DetectorConfig().precision == "auto"
-    assert OnlineDetector(tiny_config).backbone.dtype == torch.float32  # the tiny config runs on CPU
+    assert RareCLIPConfig().precision == "auto"
+    assert RareCLIPDetector(tiny_config).backbone.dtype == torch.float32  # the tiny config runs on CPU

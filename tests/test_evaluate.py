@@ -11,10 +11,18 @@ import pyarrow.dataset as pads
 import pytest
 
 import run_cluster
-from pipelines.evaluate import METRICS, Plan, evaluate, format_markdown, paper_figures, score_plan
-from rareclip_core.datasets import load_mask, load_mvtec, shuffled
+from pipelines.evaluate import (
+    METRICS,
+    Plan,
+    evaluate,
+    format_markdown,
+    paper_figures,
+    score_plan,
+)
+from rareclip_core.data.datasets import load_mask, load_mvtec, shuffled
+from rareclip_core.data.synthetic import write_mvtec_dataset
+from rareclip_core.detectors.rareclip.config import RareCLIPConfig
 from rareclip_core.metrics import image_metrics, pixel_metrics
-from rareclip_core.synthetic import write_mvtec_dataset
 
 SEEDS = [0, 1]
 
@@ -134,10 +142,13 @@ def test_offline_mode_gives_the_same_metrics_for_every_seed(local_ray, dataset, 
 
 
 def test_paper_figures_say_what_the_paper_does_not_give():
-    visa = paper_figures("visa", "offline", "iprb")
+    def figures(dataset, mode, branch):
+        return paper_figures(dataset, RareCLIPConfig(mode=mode, rarity_branch=branch))
+
+    visa = figures("visa", "offline", "iprb")
     assert visa["values"]["P-AUROC"] == {"mean": 95.7, "std": None} and visa["status"]["PRO"] == "unreadable"
-    assert set(paper_figures("mvtec", "offline", "dprb")["status"].values()) == {"not reported"}
-    assert paper_figures("folder", "online", "iprb") is None
+    assert set(figures("mvtec", "offline", "dprb")["status"].values()) == {"not reported"}
+    assert figures("folder", "online", "iprb") is None
 
 
 def test_bad_inputs_exit_2_with_the_readers_message_before_any_actor(tmp_path, dataset, capsys):

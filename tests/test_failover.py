@@ -11,7 +11,13 @@ import ray
 from actors.snapshots import STATE_FILE, SnapshotStore
 from pipelines.drill import compare_results
 from pipelines.line_cluster import LineCluster
-from tests.pipeline_helpers import KillPlan, line_frames, pipeline_config, read_rows, write_folder
+from tests.pipeline_helpers import (
+    KillPlan,
+    line_frames,
+    pipeline_config,
+    read_rows,
+    write_folder,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 LINES, FRAMES = ("l0", "l1"), 64

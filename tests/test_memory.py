@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from rareclip_core.memory import (
+from rareclip_core.detectors.rareclip.memory import (
     DirectPatchRarityBank,
     PatchRarityBank,
     loose_similarity,

@@ -7,7 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import (
+    average_precision_score,
+    precision_recall_curve,
+    roc_auc_score,
+)
 
 from rareclip_core.metrics import image_metrics, pixel_metrics, pro_score
 

@@ -8,7 +8,13 @@ from ray.cluster_utils import Cluster
 
 from pipelines.drill import compare_results
 from pipelines.line_cluster import LineCluster, start_ray
-from tests.pipeline_helpers import KillPlan, line_frames, pipeline_config, read_rows, write_folder
+from tests.pipeline_helpers import (
+    KillPlan,
+    line_frames,
+    pipeline_config,
+    read_rows,
+    write_folder,
+)
 
 LINES, FRAMES = ("l0", "l1"), 64
 

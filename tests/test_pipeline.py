@@ -10,17 +10,17 @@ import ray
 from PIL import Image
 
 from actors.frames import Frame
-from actors.line import LineActor
+from actors.line import LineActor, LineSettings
 from actors.writer import ResultWriter, ResultWriterCore
 from pipelines.replay import run_replay
-from rareclip_core.detector import OnlineDetector
+from rareclip_core.detectors.rareclip.detector import RareCLIPDetector
 from tests.pipeline_helpers import line_frames, pipeline_config, read_rows, write_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def in_process_scores(tiny_config, images) -> list[float]:
-    detector = OnlineDetector(tiny_config)
+    detector = RareCLIPDetector(tiny_config)
     return [detector.step(im).score for im in images]
 
 
@@ -28,7 +28,9 @@ def test_lines_score_out_of_order_frames_in_sequence_once(local_ray, tiny_config
     writer = ResultWriter.remote(str(tmp_path / "results"), 16, 0.5)
     lines = {f"line{i}": line_frames(i, 30) for i in range(3)}
     actors = {
-        name: LineActor.options(num_cpus=0.5).remote(name, tiny_config.model_dump(), writer, 1.5, 16, 1, 30.0)
+        name: LineActor.options(num_cpus=0.5).remote(
+            name, tiny_config, writer, LineSettings(threshold=1.5, map_resolution=16, gap_timeout_s=30.0)
+        )
         for name in lines
     }
     rng = random.Random(0)
@@ -55,7 +57,9 @@ def test_lines_score_out_of_order_frames_in_sequence_once(local_ray, tiny_config
 
 def test_missing_frame_ends_in_an_error_row_after_the_gap_timeout(local_ray, tiny_config, tmp_path):
     writer = ResultWriter.remote(str(tmp_path / "results"), 1, 0.1)
-    actor = LineActor.options(num_cpus=0.5).remote("gap", tiny_config.model_dump(), writer, None, None, 1, 1.0)
+    actor = LineActor.options(num_cpus=0.5).remote(
+        "gap", tiny_config, writer, LineSettings(map_resolution=None, gap_timeout_s=1.0)
+    )
     images = line_frames(5, 4)
     frames = [Frame("gap", s, f"mem://{s}", time.time(), images[s]) for s in (0, 1, 3)]
     ray.get(actor.submit.remote(frames))

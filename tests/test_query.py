@@ -17,11 +17,11 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from result_fixture import results_dir_under_test
 
 import run_cluster
-from actors.result_schema import FILE_SCHEMA, RESULT_SCHEMA
+from actors.result_table import FILE_SCHEMA, RESULT_SCHEMA
 from pipelines.query import query_table
-from result_fixture import results_dir_under_test
 
 
 @pytest.fixture(scope="module")

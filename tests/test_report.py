@@ -7,13 +7,13 @@ import re
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
+from result_fixture import results_dir_under_test, write_results_fixture
 
 import run_cluster
 from pipelines.query import lines_summary, top_anomalies
 from pipelines.report import overlay_map
-from result_fixture import results_dir_under_test, write_results_fixture
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,10 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from rareclip_core.detector import FrameFeatures, OnlineDetector
-from rareclip_core.image_memory import ImageMemory
-from rareclip_core.memory import DirectPatchRarityBank, PatchRarityBank
+from rareclip_core.detectors.rareclip.detector import FrameFeatures, RareCLIPDetector
+from rareclip_core.detectors.rareclip.image_memory import ImageMemory
+from rareclip_core.detectors.rareclip.memory import PatchRarityBank
+from rareclip_core.ops.rows import RowWindow
 
 PRODUCTS = {"matmul", "__matmul__", "mm", "bmm", "linear", "conv2d", "addmm", "baddbmm", "einsum"}
 
@@ -45,7 +46,7 @@ def small_config(tiny_config):
     )
 
 
-def feature_stream(detector: OnlineDetector, frames, seed: int = 0):
+def feature_stream(detector: RareCLIPDetector, frames, seed: int = 0):
     base = detector.encode(frames[:4])
     gen = torch.Generator().manual_seed(seed)
     i = 0
@@ -56,7 +57,7 @@ def feature_stream(detector: OnlineDetector, frames, seed: int = 0):
         i += 1
 
 
-def state_shapes(detector: OnlineDetector) -> dict:
+def state_shapes(detector: RareCLIPDetector) -> dict:
     return {k: (tuple(v.shape), v.dtype) for k, v in detector.state_dict().items() if k != "images_seen"}
 
 
@@ -64,7 +65,7 @@ def state_shapes(detector: OnlineDetector) -> dict:
 def test_step_work_is_the_same_at_step_2x_as_at_step_x(small_config, frames, monkeypatch, branch):
     x = 16
     small_config = small_config.model_copy(update={"rarity_branch": branch})
-    det = OnlineDetector(small_config)
+    det = RareCLIPDetector(small_config)
     m, n_f, n_banks = det.n_patches, small_config.max_features, len(det.bank_keys)
     recorder = Recorder()
     stale_rows: list[list[int]] = []  # per step, R of each stale recomputation
@@ -72,7 +73,7 @@ def test_step_work_is_the_same_at_step_2x_as_at_step_x(small_config, frames, mon
     step_index = [0]
 
     original_stale = PatchRarityBank._recompute_stale
-    original_compact = {ImageMemory: ImageMemory._compact, DirectPatchRarityBank: DirectPatchRarityBank._compact}
+    original_compact = RowWindow._compact
 
     def recompute_stale(stale_mask, feats, redundancy, nearest):
         assert feats.shape[:2] == stale_mask.shape == (n_banks, n_f)
@@ -84,17 +85,16 @@ def test_step_work_is_the_same_at_step_2x_as_at_step_x(small_config, frames, mon
         stale_rows[-1].append(n_stale)
         return n_stale
 
-    def compact(memory):
-        compactions.append((type(memory).__name__, step_index[0]))
+    def compact(window):
+        compactions.append((id(window), step_index[0]))
         recorder.paused += 1
         try:
-            return original_compact[type(memory)](memory)
+            return original_compact(window)
         finally:
             recorder.paused -= 1
 
     monkeypatch.setattr(PatchRarityBank, "_recompute_stale", staticmethod(recompute_stale))
-    monkeypatch.setattr(ImageMemory, "_compact", compact)
-    monkeypatch.setattr(DirectPatchRarityBank, "_compact", compact)
+    monkeypatch.setattr(RowWindow, "_compact", compact)
 
     signatures, products, shapes_at = {}, {}, {}
     stream = feature_stream(det, frames)
@@ -119,9 +119,10 @@ def test_step_work_is_the_same_at_step_2x_as_at_step_x(small_config, frames, mon
         assert bank.redundancy.shape == bank.nearest_earlier.shape == (n_banks, n_f)
     else:
         assert bank.features.shape == (n_banks, small_config.max_images, int(0.333 * m), 64)
-        assert bank._buffer.shape[1] == small_config.max_images + bank.slack
+        assert bank.window.buffers["features"].shape[1] == small_config.max_images + bank.window.slack
     assert len(det.image_memory) == small_config.image_memory_size
-    assert det.image_memory._embeddings.shape[0] == small_config.image_memory_size + det.image_memory.slack
+    window = det.image_memory.window
+    assert window.buffers["embeddings"].shape[0] == small_config.image_memory_size + window.slack
     assert shapes_at[x] == shapes_at[2 * x]
 
     # the matrix products of a step, and indeed every torch call, do not change from x to 2x
@@ -142,19 +143,19 @@ def test_step_work_is_the_same_at_step_2x_as_at_step_x(small_config, frames, mon
     assert max(later, default=0) <= n_banks * n_f
     assert sum(later) / (x + 1) <= sum(earlier) / (x - 2) + n_banks * m / 4
     assert max(later, default=0) <= n_banks * m
-    for memory in [det.image_memory] + ([det.banks] if branch == "dprb" else []):
-        n_compactions = len([c for c in compactions if c[0] == type(memory).__name__ and c[1] >= x])
-        assert n_compactions <= x // memory.slack + 1
+    for window in [det.image_memory.window] + ([det.banks.window] if branch == "dprb" else []):
+        n_compactions = len([c for c in compactions if c[0] == id(window) and c[1] >= x])
+        assert n_compactions <= x // window.slack + 1
 
 
 def test_timings_hook_fills_sections_and_changes_nothing(small_config, frames):
-    plain, timed = OnlineDetector(small_config), OnlineDetector(small_config)
+    plain, timed = RareCLIPDetector(small_config), RareCLIPDetector(small_config)
     for frame in frames[:6]:
         timings: dict = {}
         a = plain.step(frame)
         b = timed.step(frame, timings=timings)
         assert a.score == b.score and np.array_equal(a.anomaly_map, b.anomaly_map)
-        assert set(timings) >= {"preprocess", "backbone", "text", "banks", "image_rarity_rescore", "upsample_blur"}
+        assert set(timings) == {"preprocess", "backbone", "text", "banks", "image_rarity", "fusion", "rescore", "output"}
         assert all(v >= 0 for v in timings.values())
     sa, sb = plain.state_dict(), timed.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -163,7 +164,7 @@ def test_timings_hook_fills_sections_and_changes_nothing(small_config, frames):
 @pytest.mark.parametrize("capacity", [1, 3, 12])
 def test_image_memory_keeps_the_newest_rows_in_order_through_compactions(capacity):
     memory, reference = ImageMemory(capacity), []
-    for i in range(5 * (capacity + memory.slack) + 3):
+    for i in range(5 * (capacity + memory.window.slack) + 3):
         emb, laifs = torch.full((5,), float(i)), torch.full((2, 4), float(i))
         memory.add(emb, laifs, torch.tensor(i, dtype=torch.float64))
         reference = (reference + [i])[-capacity:]

@@ -1,4 +1,4 @@
-"""Tests for rareclip_core.synthetic: determinism, exact masks, MVTec layout, separability."""
+"""Tests for rareclip_core.data.synthetic: determinism, exact masks, MVTec layout, separability."""
 
 import time
 from pathlib import Path
@@ -9,8 +9,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from rareclip_core.datasets import load_dataset, load_mask, load_mvtec
-from rareclip_core.synthetic import DEFECT_TYPES, SyntheticLine, write_line_folder, write_mvtec_dataset
+from rareclip_core.data.datasets import load_dataset, load_mask, load_mvtec
+from rareclip_core.data.synthetic import (
+    DEFECT_TYPES,
+    SyntheticLine,
+    write_line_folder,
+    write_mvtec_dataset,
+)
 
 
 def same_frame(a, b):

@@ -8,11 +8,16 @@ import yaml
 from PIL import Image
 
 import run_cluster
-from rareclip_core.datasets import load_dataset
-from rareclip_core.detector import OnlineDetector
-from rareclip_core.synthetic import write_mvtec_dataset
-from rareclip_core.text_branch import TPB_CHECKPOINT_KEY
-from rareclip_core.tpb_training import dice_loss, focal_loss, tpb_loss, train_text_projection
+from rareclip_core.data.datasets import load_dataset
+from rareclip_core.data.synthetic import write_mvtec_dataset
+from rareclip_core.detectors.rareclip.detector import RareCLIPDetector
+from rareclip_core.detectors.rareclip.text_branch import TPB_CHECKPOINT_KEY
+from rareclip_core.detectors.rareclip.training import (
+    dice_loss,
+    focal_loss,
+    tpb_loss,
+    train_text_projection,
+)
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +109,11 @@ def test_cli_writes_authors_checkpoint_that_changes_the_detector(config, dataset
         assert state[f"fc.{i}.weight"].shape == (dim, width) and state[f"fc.{i}.bias"].shape == (dim,)
 
     image = np.asarray(Image.open(load_dataset("mvtec", dataset)["widget"][-1].path))
-    untrained = OnlineDetector(config)
-    loaded = OnlineDetector(config.model_copy(update={"tpb_weights": str(out)}))
+    untrained = RareCLIPDetector(config)
+    loaded = RareCLIPDetector(config.model_copy(update={"tpb_weights": str(out)}))
     for i, fc in enumerate(loaded.text_projection.fc):
         assert torch.equal(fc.weight, state[f"fc.{i}.weight"])
-    difference = np.abs(loaded.step(image).text_map - untrained.step(image).text_map).max()
+    difference = np.abs(loaded.step(image).parts["text_map"] - untrained.step(image).parts["text_map"]).max()
     assert difference > 1e-3
 
 

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from .backbone import ClipBackbone, create_clip_model, resolve_device
-from .config import ConfigError, DetectorConfig
-from .datasets import Sample, load_mask
-from .images import to_rgb_image
+from ...backbone import ClipBackbone, load_backbone, resolve_device
+from ...data.datasets import Sample, load_mask
+from ...data.images import to_rgb_image
+from .config import RareCLIPConfig
 from .text_branch import TextProjection, cached_state_embeddings, init_text_projection
 
 # Backbone outputs are kept in memory across epochs when they take at most this many bytes;
@@ -83,7 +83,7 @@ class _TrainingFeatures:
     the backbone outputs are cached in CPU memory across epochs when they fit in
     FEATURE_CACHE_BYTES."""
 
-    def __init__(self, backbone: ClipBackbone, config: DetectorConfig, samples: list[Sample]):
+    def __init__(self, backbone: ClipBackbone, config: RareCLIPConfig, samples: list[Sample]):
         self.backbone = backbone
         self.samples = samples
         self.blocks = config.text_blocks
@@ -122,7 +122,7 @@ class _TrainingFeatures:
 
 
 def train_text_projection(
-    config: DetectorConfig,
+    config: RareCLIPConfig,
     samples: list[Sample],
     epochs: int = 5,
     batch_size: int = 16,
@@ -143,13 +143,9 @@ def train_text_projection(
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     device = resolve_device(config.device)
-    model = create_clip_model(config)
-    n_layers = len(model.visual.transformer.resblocks)
-    if max(config.text_blocks) > n_layers:
-        raise ConfigError(f"detector.text_blocks = {config.text_blocks} but {config.model} has {n_layers} blocks")
+    backbone, model = load_backbone(config, {"text_blocks": config.text_blocks}, device)
     # D x 2; clone(): freshly encoded embeddings are inference-mode tensors, unusable in autograd
     text_features = cached_state_embeddings(config, model).clone().to(device)
-    backbone = ClipBackbone(model.visual, config.text_blocks, device, config.precision)
     del model
     projection = init_text_projection(config, backbone.width, text_features.shape[0]).to(device)
     projection.train().requires_grad_(True)

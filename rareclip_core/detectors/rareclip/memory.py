@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 
+from ...ops.rows import RowWindow, gather_rows
 from . import samplers
 
 _EPS = 1e-9  # guards floor/ceil of products like 100 * 0.99 against binary rounding
@@ -44,14 +45,6 @@ def blend_with_references(own, reference, weights: tuple[float, float]):
     (a own + b reference) / (a + b) for a bank kind's `reference_weights` (a, b)."""
     a, b = weights
     return (a * own + b * reference) / (a + b)
-
-
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Per bank, the rows `index` of `x`: x B x N x ..., index B x R -> B x R x ... (one
-    index_select over the flattened banks, several times faster on CPU than gather)."""
-    b, n = x.shape[:2]
-    flat = (index + n * torch.arange(b, device=index.device)[:, None]).reshape(-1)
-    return x.reshape(b * n, *x.shape[2:]).index_select(0, flat).view(*index.shape, *x.shape[2:])
 
 
 def _true_positions_first(mask: torch.Tensor, n: int) -> torch.Tensor:
@@ -142,6 +135,7 @@ class PatchRarityBank:
 
     def __init__(
         self,
+        *,
         max_features: int,
         max_images: int,
         k: int = 3,
@@ -357,13 +351,13 @@ class DirectPatchRarityBank:
     other image makes room); their k-shot map is 1 - LS(max similarity to them)^2 with its own
     loose ratio (the authors' 0.02).
 
-    The other images' sets live in a preallocated buffer with `slack` spare rows: an image is
-    written in place and the newest rows move to the front once every `slack` images, instead of
-    copying the whole N_I,max x S x C memory (374 MB per bank at the paper's sizes) at every step.
+    The other images' sets live in a `RowWindow` (B x n x S x C): an image is written in place
+    instead of copying the whole N_I,max x S x C memory (374 MB per bank at the paper's sizes).
     """
 
     def __init__(
         self,
+        *,
         max_images: int,
         alpha: float = 0.333,
         rarity_ratio: float = 0.3,
@@ -377,14 +371,12 @@ class DirectPatchRarityBank:
         self.dtype = dtype
         self.n_banks = n_banks
         self.reference_loose_ratio = reference_loose_ratio
-        self.slack = max(4, max_images // 8)
         self.references: torch.Tensor | None = None  # B x k x S x C, the reference images' sets
-        self._buffer: torch.Tensor | None = None  # B x (N_I,max + slack) x S x C
-        self._start = self._end = 0  # rows in use
+        self.window = RowWindow(max_images, max(4, max_images // 8), {"features": 1})
 
     @property
     def features(self) -> torch.Tensor | None:  # B x n x S x C, the other images, oldest first (a view)
-        return None if self._buffer is None else self._buffer[:, self._start : self._end]
+        return self.window.view("features")
 
     @property
     def n_references(self) -> int:
@@ -392,7 +384,7 @@ class DirectPatchRarityBank:
 
     @property
     def n_images(self) -> int:
-        return self.n_references + self._end - self._start
+        return self.n_references + len(self.window)
 
     def score(self, features: torch.Tensor, update: bool = True, reference: bool = False) -> BankScores:
         """Rarity of M test patches per bank (features B x M x C) over all remembered images,
@@ -412,8 +404,9 @@ class DirectPatchRarityBank:
             kept = gather_rows(features, sequential_coreset_indices(features.float(), n_keep))  # B x S x C
             if reference:
                 self.references = kept[:, None] if self.references is None else torch.cat([self.references, kept[:, None]], 1)
+                self.window.capacity = max(1, self.max_images - self.n_references)
             else:
-                self._append(kept)
+                self.window.append(features=kept)
         return BankScores(rarity, kshot)
 
     @staticmethod
@@ -430,56 +423,18 @@ class DirectPatchRarityBank:
         """RareCLIP-d's k-shot blend weights (own, reference): (x + (k/4) x_ref) / (1 + k/4)."""
         return 1.0, k / 4
 
-    @property
-    def capacity(self) -> int:
-        """Remembered images other than the references."""
-        return max(1, self.max_images - self.n_references)
-
-    def _append(self, kept: torch.Tensor) -> None:  # kept: B x S x C
-        if self._buffer is None or self._buffer.shape[2:] != kept.shape[1:]:
-            self._allocate(self.max_images + self.slack, kept)
-        if self._end == self._buffer.shape[1]:
-            self._compact()
-        self._buffer[:, self._end] = kept
-        self._end += 1
-        self._start = max(self._start, self._end - self.capacity)
-
-    def _compact(self) -> None:
-        """Slack used up: the newest capacity - 1 rows move to the front (once every `slack` images)."""
-        keep = min(self._end - self._start, self.capacity - 1)
-        shift_to_front(self._buffer, self._end - keep, keep, dim=1)
-        self._start, self._end = 0, keep
-
-    def _allocate(self, rows: int, like: torch.Tensor) -> None:  # like: B x S x C
-        self._buffer = like.new_empty(like.shape[0], rows, *like.shape[1:])
-        self._start = self._end = 0
-
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {} if self._end == self._start else {"features": self.features}
+        state = self.window.state_dict()
         if self.references is not None:
             state["references"] = self.references
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
-        self._buffer, self._start, self._end = None, 0, 0
         self.references = None
         if "references" in state:
             self.references = state["references"].to(device, self.dtype)
             _check_bank_count(self.references.shape[0], self.n_banks, "state holds")
+        self.window.capacity = max(1, self.max_images - self.n_references)
         if "features" in state:
-            features = state["features"].to(device, self.dtype)  # B x n x S x C
-            _check_bank_count(features.shape[0], self.n_banks, "state holds")
-            n = features.shape[1]
-            self._allocate(max(n, self.max_images) + self.slack, features[:, 0])
-            self._buffer[:, :n] = features
-            self._end = n
-
-
-def shift_to_front(buffer: torch.Tensor, start: int, n: int, dim: int = 0) -> None:
-    """In place, along `dim`: buffer[:n] = buffer[start:start + n] (start >= 1), in chunks of at
-    most `start` rows, which never overlap their source, so no temporary copy is needed."""
-    done = 0
-    while done < n:
-        size = min(start, n - done)
-        buffer.narrow(dim, done, size).copy_(buffer.narrow(dim, start + done, size))
-        done += size
+            _check_bank_count(state["features"].shape[0], self.n_banks, "state holds")
+        self.window.load_state_dict({k: v.to(dtype=self.dtype) for k, v in state.items() if k == "features"}, device)

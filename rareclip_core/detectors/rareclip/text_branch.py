@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError, DetectorConfig
+from ...config import ConfigError
+from .config import RareCLIPConfig
 from .prompts import ABNORMAL_STATES, NORMAL_STATES, state_sentences
 
 TPB_CHECKPOINT_KEY = "trainable_linearlayer"
@@ -29,7 +30,7 @@ class TextProjection(torch.nn.Module):
         return [F.normalize(fc(t), dim=-1) for fc, t in zip(self.fc, tokens)]
 
 
-def init_text_projection(config: DetectorConfig, width: int, embed_dim: int) -> TextProjection:
+def init_text_projection(config: RareCLIPConfig, width: int, embed_dim: int) -> TextProjection:
     """Seeded random layers, or the configured checkpoint in the authors' format."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -86,7 +87,7 @@ def encode_state_embeddings(model: torch.nn.Module, tokenizer) -> torch.Tensor:
     return torch.stack(columns, dim=1).cpu()
 
 
-def text_cache_key(config: DetectorConfig) -> str:
+def text_cache_key(config: RareCLIPConfig) -> str:
     pretrained = config.pretrained
     if pretrained is not None and Path(pretrained).expanduser().is_file():
         stat = Path(pretrained).expanduser().stat()
@@ -101,7 +102,7 @@ def text_cache_key(config: DetectorConfig) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def cached_state_embeddings(config: DetectorConfig, model: torch.nn.Module) -> torch.Tensor:
+def cached_state_embeddings(config: RareCLIPConfig, model: torch.nn.Module) -> torch.Tensor:
     """F_text from the cache (safetensors) or computed with the text tower once."""
     cache = None
     if config.text_cache_dir is not None:

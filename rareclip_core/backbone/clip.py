@@ -10,7 +10,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, DetectorConfig
+from ..config import ConfigError, DetectorSettings
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
@@ -41,7 +41,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def create_clip_model(config: DetectorConfig) -> torch.nn.Module:
+def create_clip_model(config: DetectorSettings) -> torch.nn.Module:
     """The full CLIP model (text tower included) with the configured weights.
 
     `pretrained`: 'openai' (downloads where a network exists), a local checkpoint file, or
@@ -118,3 +118,18 @@ class ClipBackbone(torch.nn.Module):
             pooled = torch.cat([row[None] @ self.visual.proj for row in pooled])
         tokens = {b: by_block[b].float() for b in self.blocks}
         return BackboneOutput(F.normalize(pooled.float(), dim=-1), tokens)
+
+
+def load_backbone(
+    config: DetectorSettings, blocks: dict[str, list[int]], device: torch.device
+) -> tuple[ClipBackbone, torch.nn.Module]:
+    """The configured CLIP model and a `ClipBackbone` over its vision tower returning the tokens
+    of every block in `blocks` (config field name -> 1-indexed blocks, checked against the
+    model's depth). The full model comes back for its text tower: drop it once used."""
+    model = create_clip_model(config)
+    n_layers = len(model.visual.transformer.resblocks)
+    for name, wanted in blocks.items():
+        if max(wanted) > n_layers:
+            raise ConfigError(f"detector.{name} = {wanted} but {config.model} has {n_layers} blocks")
+    every = sorted({b for wanted in blocks.values() for b in wanted})
+    return ClipBackbone(model.visual, every, device, config.precision), model

@@ -15,8 +15,6 @@ import pyarrow.parquet as pq
 
 from .datasets import load_dataset, shuffled
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-
 
 @dataclass(frozen=True)
 class FrameRef:

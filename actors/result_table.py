@@ -1,0 +1,88 @@
+"""The result table, and the one owner of its layout: one row per (line_id, seq) in a
+Hive-partitioned Parquet dataset `<results>/line_id=<id>/date=<YYYY-MM-DD>/part-*.parquet`, the
+anomaly maps beside it under `_maps/`, files written atomically, and reading it back with
+`line_id` always a string and only complete files (names starting with '.' or '_' are files
+being written, or not part of the table)."""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from rareclip_core.data.files import atomic_write
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+# Columns stored in each Parquet file; `line_id` and `date` are the Hive partition keys
+# (directories `line_id=<id>/date=<YYYY-MM-DD>/`) and come back as columns when read.
+RESULT_SCHEMA = pa.schema(
+    [
+        pa.field("line_id", pa.string(), nullable=False),
+        pa.field("seq", pa.int64(), nullable=False),
+        pa.field("uri", pa.string()),
+        pa.field("ingest_time", pa.timestamp("us", tz="UTC")),
+        pa.field("scored_time", pa.timestamp("us", tz="UTC")),
+        pa.field("latency_ms", pa.float64()),
+        pa.field("score", pa.float64()),
+        pa.field("is_anomaly", pa.bool_()),
+        pa.field("threshold", pa.float64()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("model_id", pa.string()),
+        pa.field("map_uri", pa.string()),
+        pa.field("date", pa.string(), nullable=False),
+    ]
+)
+PARTITION_COLUMNS = ("line_id", "date")
+FILE_SCHEMA = pa.schema([f for f in RESULT_SCHEMA if f.name not in PARTITION_COLUMNS])
+# partition values are read as strings: a line named `001` stays `001`
+PARTITIONING = pads.partitioning(pa.schema([(name, pa.string()) for name in PARTITION_COLUMNS]), flavor="hive")
+# the complete Parquet files, as a glob relative to the results folder (for DuckDB)
+VISIBLE_PARQUET = os.path.join("line_id=*", "date=*", "[!._]*.parquet")
+MAPS_DIR = "_maps"
+
+
+def map_path(line_id: str, seq: int) -> str:
+    """Where a row's anomaly map is stored, relative to the results folder (its `map_uri`)."""
+    return f"{MAPS_DIR}/line_id={line_id}/{seq:010d}.npy"
+
+
+def write_map(results_dir: Path, line_id: str, seq: int, anomaly_map: np.ndarray) -> str:
+    rel = map_path(line_id, seq)
+    atomic_write(Path(results_dir) / rel, lambda p: np.save(p, anomaly_map, allow_pickle=False))
+    return rel
+
+
+def write_rows(results_dir: Path, line_id: str, date: str, rows: list[dict]) -> None:
+    """One Parquet file of a line's rows of one date (rows in seq order)."""
+    table = pa.Table.from_pylist([{k: r.get(k) for k in FILE_SCHEMA.names} for r in rows], schema=FILE_SCHEMA)
+    name = f"part-{rows[0]['seq']:010d}-{uuid.uuid4().hex[:8]}.parquet"
+    atomic_write(Path(results_dir) / f"line_id={line_id}" / f"date={date}" / name, lambda p: pq.write_table(table, p))
+
+
+def read_results(results_dir, columns: Optional[list[str]] = None, line_id: Optional[str] = None) -> pa.Table:
+    """The complete rows (all columns, or `columns`; one line's with `line_id`); an empty table
+    with the result schema when there are none yet."""
+    root = Path(results_dir)
+    if not root.is_dir() or not any(root.glob("line_id=*")):
+        empty = RESULT_SCHEMA.empty_table()
+        return empty.select(columns) if columns else empty
+    dataset = pads.dataset(str(root), format="parquet", partitioning=PARTITIONING)
+    where = None if line_id is None else pads.field("line_id") == line_id
+    return dataset.to_table(columns=columns, filter=where)
+
+
+def persisted_last_seqs(results_dir) -> dict[str, int]:
+    """Highest seq per line already in the table (complete files only)."""
+    table = read_results(results_dir, columns=["line_id", "seq"])
+    if table.num_rows == 0:
+        return {}
+    grouped = table.group_by("line_id").aggregate([("seq", "max")]).to_pylist()
+    return {r["line_id"]: int(r["seq_max"]) for r in grouped}

@@ -1,0 +1,67 @@
+"""RareCLIPConfig: every knob of RareCLIP with the paper's and the authors' defaults
+(docs/algorithms/rareclip.md)."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from ...config import DetectorSettings
+
+
+class RareCLIPConfig(DetectorSettings):
+    """RareCLIP detector settings. Defaults are the paper's and the authors' (docs/algorithms/rareclip.md)."""
+
+    kind: Literal["rareclip"] = "rareclip"
+    # Backbone (sec. 1): model, pretrained, image_size, seed, device, precision (DetectorSettings)
+    rarity_blocks: list[int] = Field(default_factory=lambda: [6, 12, 18, 24], min_length=1)
+    text_blocks: list[int] = Field(default_factory=lambda: [12, 16, 20, 24], min_length=1)
+    scales: list[int] = Field(default_factory=lambda: [1, 3], min_length=1)
+    bank_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32",
+        description="storage of the banks' patch features; float16/bfloat16 halve it but move scores by "
+        "more than 1e-3 (SCS choices flip on near-ties): check with benchmarks/bank_precision.py",
+    )
+    # Text prompt branch (sec. 2)
+    tpb_weights: Optional[str] = Field(
+        None, description="TPB checkpoint (authors' format, key `trainable_linearlayer`)"
+    )
+    text_temperature: float = Field(20.0, gt=0)
+    foreground_ratio: float = Field(
+        0.5, gt=0, le=1, description="LAIFs average the floor(ratio M) patches highest in the mean text map"
+    )
+    # Patch rarity (sec. 3)
+    rarity_branch: Literal["iprb", "dprb"] = "iprb"
+    max_features: int = Field(4107, ge=1, description="N_F, patch feature memory size")
+    max_images: int = Field(200, ge=1, description="N_I,max, remembered images")
+    k_neighbors: int = Field(3, ge=1)
+    rarity_ratio: float = Field(0.3, gt=0, le=1, description="X, top share of images")
+    loose_ratio: float = Field(0.01, ge=0, lt=1, description="Y, loose similarity degree")
+    sampler: Literal["scs", "random", "kmeans", "greedy"] = "scs"
+    dprb_alpha: float = Field(
+        0.333, gt=0, le=1, description="RareCLIP-d keeps int(alpha M) features per image (the authors' 0.333: 455 of 1369)"
+    )
+    dprb_reference_loose_ratio: float = Field(
+        0.02, ge=0, lt=1, description="RareCLIP-d's k-shot map: Y of its loose similarity (the authors' 0.02)"
+    )
+    # Image rarity and re-scoring (sec. 4-5)
+    image_memory_size: int = Field(1000, ge=1)
+    blur_sigma: float = Field(4.0, gt=0)
+    blur_kernel: int = Field(25, ge=1)
+    rescore_min_images: int = Field(20, ge=0)
+    rescore_divisor: int = Field(20, ge=1)
+    rescore_max_neighbors: int = Field(9, ge=1)
+    rescore_temperature: float = Field(200.0, gt=0)
+    # Modes (sec. 6)
+    mode: Literal["online", "offline"] = "online"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.blur_kernel % 2 == 0:
+            raise ValueError(f"blur_kernel must be odd, got {self.blur_kernel}")
+        for name in ("rarity_blocks", "text_blocks"):
+            if any(b < 1 for b in getattr(self, name)):
+                raise ValueError(f"{name} are 1-indexed transformer blocks (>= 1)")
+        if any(r < 1 or r % 2 == 0 for r in self.scales):
+            raise ValueError(f"scales must be odd neighbourhood sizes >= 1, got {self.scales}")
+        return self

@@ -1,0 +1,1 @@
+"""Tensor maths shared by the detectors: patch-grid maps, row gathers and row windows."""

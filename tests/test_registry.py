@@ -1,0 +1,93 @@
+"""The detector contract and registry: every job builds detectors by `kind`, a second kind plugs
+in and runs through the pipeline, and the restructure left RareCLIP's scores unchanged."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import run_cluster
+from configs.loading import load_detector_config, load_pipeline_config
+from pipelines.replay import run_replay
+from rareclip_core import (
+    DETECTORS,
+    ConfigError,
+    build_detector,
+    detector_config_from_dict,
+    detector_config_from_yaml,
+)
+from rareclip_core.detectors.rareclip.config import RareCLIPConfig
+from rareclip_core.detectors.rareclip.detector import RareCLIPDetector
+from tests.conftest import REPO, TINY_CONFIG, textured_frames
+from tests.pipeline_helpers import line_frames, pipeline_config, read_rows, write_folder
+from tests.trivial_detector import BrightnessConfig, BrightnessDetector
+
+STORED = Path(__file__).parent / "data" / "tiny_scores.json"
+
+
+def test_rareclip_is_the_default_kind():
+    assert DETECTORS["rareclip"].detector is RareCLIPDetector
+    config = detector_config_from_yaml(TINY_CONFIG)  # no `kind:` in the file
+    assert isinstance(config, RareCLIPConfig) and config.kind == "rareclip"
+    assert config.model_id.startswith("rareclip:rareclip-tiny:random:")
+
+
+def test_unknown_kind_and_bad_fields_name_the_problem():
+    with pytest.raises(ConfigError, match="'nope' is not a detector kind; known kinds: .*rareclip"):
+        detector_config_from_dict({"kind": "nope"})
+    with pytest.raises(ConfigError, match="max_featurs"):
+        detector_config_from_dict({"max_featurs": 1})
+
+
+def test_every_command_reads_the_detector_of_a_pipeline_yaml():
+    # `detector: detector-tiny.yaml` (a file beside it) and a plain detector YAML alike
+    for path in ("configs/demo.yaml", "configs/default.yaml", "configs/detector-tiny.yaml"):
+        assert isinstance(load_detector_config(REPO / path), RareCLIPConfig)
+    assert load_pipeline_config(REPO / "configs/demo.yaml").detector == load_detector_config(REPO / "configs/demo.yaml")
+
+
+def test_evaluate_and_train_tpb_accept_pipeline_configs(tmp_path, capsys):
+    # they fail on the missing dataset, after the config was read (exit 2, no traceback)
+    for argv in (
+        ["evaluate", "--dataset", "folder", "--root", str(tmp_path / "none"), "--config", str(REPO / "configs/demo.yaml")],
+        ["train-tpb", "--dataset", "folder", "--root", str(tmp_path / "none"), "--out", str(tmp_path / "t.pth"),
+         "--config", str(REPO / "configs/default.yaml")],
+    ):
+        assert run_cluster.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: directory {tmp_path / 'none'} not found"), err
+
+
+def test_restructure_left_rareclip_scores_unchanged(tiny_config):
+    """Scores and maps of five variants, stored before the detector-contract restructure (bitwise
+    equal on the machine that stored them; to 1e-6 here, so another CPU's kernels cannot fail it)."""
+    stored = json.loads(STORED.read_text())
+    frames = textured_frames(24)
+    variants = {"online": ({}, 0), "dprb": ({"rarity_branch": "dprb"}, 0), "kshot2": ({}, 2),
+                "dprb_kshot2": ({"rarity_branch": "dprb"}, 2), "greedy": ({"sampler": "greedy"}, 0)}
+    for name, (update, k) in variants.items():
+        detector = build_detector(tiny_config.model_copy(update=update))
+        detector.add_normal_references(frames[20 : 20 + k])
+        for frame, (score, map_sum, map_max) in zip(frames[:14], stored[name]):
+            result = detector.step(frame)
+            got = [result.score, float(result.anomaly_map.astype(np.float64).sum()), float(result.anomaly_map.max())]
+            assert got == pytest.approx([score, map_sum, map_max], rel=0, abs=1e-6), name
+
+
+def test_a_second_kind_plugs_in_through_the_registry(local_ray, tmp_path):
+    assert DETECTORS["brightness"].detector is BrightnessDetector
+    config = detector_config_from_dict({"kind": "brightness"})
+    assert isinstance(config, BrightnessConfig) and not BrightnessDetector.supports_references
+    with pytest.raises(NotImplementedError, match="no normal references"):
+        build_detector(config).add_normal_references([])
+    images = {line: line_frames(seed, 6) for seed, line in enumerate(["a", "b"])}
+    for line, frames in images.items():
+        write_folder(tmp_path / "src", line, frames)
+    counts = run_replay(pipeline_config(config, tmp_path / "src", tmp_path / "out"), progress=False)
+    assert counts == {"a": 6, "b": 6}
+    rows = read_rows(tmp_path / "out" / "results")
+    assert [(r["line_id"], r["seq"]) for r in rows] == [(line, s) for line in "ab" for s in range(6)]
+    for row in rows:
+        expected = images[row["line_id"]][row["seq"]].mean() / 255 + row["seq"] * 1e-3
+        assert row["status"] == "ok" and row["score"] == pytest.approx(expected)
+        assert row["model_id"] == config.model_id and row["model_id"].startswith("brightness:")

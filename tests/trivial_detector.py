@@ -1,0 +1,46 @@
+"""A second detector kind for the registry tests: the mean brightness of each frame, with a
+memory of how many frames it has seen. It registers itself when imported (as a Ray worker does
+when it receives its settings)."""
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+
+from rareclip_core import DetectionResult, Detector, DetectorSettings, register_detector
+from rareclip_core.data.images import to_rgb_image
+
+
+class BrightnessConfig(DetectorSettings):
+    kind: Literal["brightness"] = "brightness"
+    pretrained: Optional[str] = None
+    image_size: int = 32
+
+
+class BrightnessDetector(Detector):
+    kind = "brightness"
+
+    def __init__(self, config: BrightnessConfig):
+        self.config = config
+        self.reset()
+
+    def reset(self) -> None:
+        self.seen = 0
+
+    def encode(self, images, timings=None):
+        return [float(np.asarray(to_rgb_image(im), dtype=np.float64).mean() / 255) for im in images]
+
+    def step_features(self, features, update=None, timings=None):
+        score = features + self.seen * 1e-3
+        if update is not False:
+            self.seen += 1
+        size = self.config.image_size
+        return DetectionResult(score, np.full((size, size), features, dtype=np.float32), {"seen": self.seen})
+
+    def state_dict(self):
+        return {"seen": torch.tensor(self.seen)}
+
+    def load_state_dict(self, state):
+        self.seen = int(state["seen"])
+
+
+register_detector("brightness", BrightnessConfig, BrightnessDetector)
