@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import Field, SerializeAsAny, field_validator
+from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from rareclip_core.config import DetectorSettings, StrictModel
 from rareclip_core.detectors.rareclip.config import RareCLIPConfig
@@ -69,6 +69,10 @@ class PipelineConfig(StrictModel):
     detector: SerializeAsAny[DetectorSettings] = Field(
         default_factory=RareCLIPConfig, description="the detector's settings; `kind` selects it (default rareclip)"
     )
+    line_detector: dict[str, dict] = Field(
+        default_factory=dict,
+        description="per-line detector settings that differ from `detector`, e.g. {widget: {product: 'metal disc'}}",
+    )
     source: SourceConfig
     out: str = Field("out", description="results in <out>/results, snapshots in <out>/snapshots")
     threshold: Optional[float] = Field(None, description="is_anomaly = score >= threshold; null leaves it empty")
@@ -101,6 +105,19 @@ class PipelineConfig(StrictModel):
     def threshold_for(self, line_id: str) -> Optional[float]:
         return self.thresholds.get(line_id, self.threshold)
 
+    def detector_for(self, line_id: str) -> DetectorSettings:
+        """The detector settings of one line: `detector` with the line's `line_detector` entries."""
+        changes = self.line_detector.get(line_id)
+        if not changes:
+            return self.detector
+        return detector_config_from_dict({**self.detector.model_dump(), **changes}, prefix=f"line_detector.{line_id}.")
+
+    @model_validator(mode="after")
+    def _line_detectors_are_valid(self):
+        for line_id in self.line_detector:
+            self.detector_for(line_id)  # raises ConfigError naming the field
+        return self
+
     @field_validator("detector", mode="before")
     @classmethod
     def _detector_of_its_kind(cls, value):
@@ -112,6 +129,10 @@ class PipelineConfig(StrictModel):
         """Validated settings; the detector section first, so that its errors name its fields."""
         if isinstance(data.get("detector"), dict):
             data = {**data, "detector": detector_config_from_dict(data["detector"], source, "detector.")}
+        base = data.get("detector") or RareCLIPConfig()
+        for line_id, changes in (data.get("line_detector") or {}).items():
+            if isinstance(changes, dict):
+                detector_config_from_dict({**base.model_dump(), **changes}, source, f"line_detector.{line_id}.")
         return super().from_dict(data, source)
 
 

@@ -2,11 +2,14 @@
 result table and a per-line summary. Needs no arguments, no GPU, no download."""
 from __future__ import annotations
 
+import sys
 import time
 
 import ray
 
+from configs.loading import load_detector_config
 from configs.pipeline import CONFIG_DIR
+from rareclip_core.config import ConfigError
 
 from .common import load_config_or_exit, quiet_logs
 from .query import format_table, lines_summary
@@ -18,12 +21,18 @@ DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 def add_arguments(parser) -> None:
     parser.add_argument("--out", help="output folder (default: the demo config's, out/demo)")
     parser.add_argument("--config", default=str(DEMO_CONFIG), help="pipeline YAML (default: configs/demo.yaml)")
+    parser.add_argument("--detector", help="a detector YAML to run instead of the config's (e.g. another kind's tiny config)")
     parser.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     parser.add_argument("--no-progress", action="store_true")
 
 
 def main(args) -> int:
-    cfg = load_config_or_exit(args.config, out=args.out)
+    try:
+        detector = load_detector_config(args.detector) if args.detector else None
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    cfg = load_config_or_exit(args.config, out=args.out, detector=detector)
     if cfg is None:
         return 2
     quiet_logs()

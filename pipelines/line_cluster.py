@@ -80,7 +80,7 @@ class LineCluster:
                 num_cpus=place.num_cpus,
                 num_gpus=place.num_gpus,
                 resources=cfg.line_resources,
-            ).remote(line, cfg.detector, self.writer, self._line_settings(line, supervisor_name))
+            ).remote(line, cfg.detector_for(line), self.writer, self._line_settings(line, supervisor_name))
             for line in self.lines
         }
         n = min(cfg.ingest_actors, len(self.lines))

@@ -65,8 +65,8 @@ def list_snapshots(cfg, line=None) -> int:
     if not lines:
         print(f"no snapshots under {root}")
         return 0
-    fingerprint = cfg.detector.fingerprint()
     for line_id in lines:
+        fingerprint = cfg.detector_for(line_id).fingerprint()
         store = SnapshotStore(root, line_id)
         infos = store.list()
         print(f"{line_id}: {len(infos)} snapshot(s) in {store.dir}, newest first")
@@ -125,7 +125,7 @@ def reset_line(cfg, line: str, address=None) -> int:
         print(f"error: line {line} has no rows in {cfg.results_dir} and no snapshots: nothing to reset", file=sys.stderr)
         return 2
     next_seq = persisted.get(line, -1) + 1
-    detector = build_detector(cfg.detector)
+    detector = build_detector(cfg.detector_for(line))
     # the new snapshot first, then the old ones go: a crash in between leaves the reset one newest
     saved = store.save(detector.state_dict(), next_seq, detector.config.fingerprint())
     for info in old:
@@ -146,7 +146,7 @@ def restore_line(cfg, line: str, name: str, address=None) -> int:
         names = ", ".join(i.name for i in reversed(infos)) or "none"
         print(f"error: line {line} has no snapshot {name} (it has: {names})", file=sys.stderr)
         return 2
-    problem = store.describe(target, cfg.detector.fingerprint())["problem"]
+    problem = store.describe(target, cfg.detector_for(line).fingerprint())["problem"]
     if problem:
         print(f"error: snapshot {target.name} would be rejected: {problem}", file=sys.stderr)
         return 1

@@ -4,7 +4,12 @@ import math
 
 import torch
 
-from rareclip_core.backbone import VisionOptions, create_clip_model, value_value_attention, vision_forward
+from rareclip_core.backbone import (
+    VisionOptions,
+    create_clip_model,
+    value_value_attention,
+    vision_forward,
+)
 
 
 def tiny_visual(tiny_config):

@@ -8,6 +8,7 @@ import pytest
 
 import run_cluster
 from configs.loading import load_detector_config, load_pipeline_config
+from configs.pipeline import PipelineConfig
 from pipelines.replay import run_replay
 from rareclip_core import (
     DETECTORS,
@@ -91,3 +92,21 @@ def test_a_second_kind_plugs_in_through_the_registry(local_ray, tmp_path):
         expected = images[row["line_id"]][row["seq"]].mean() / 255 + row["seq"] * 1e-3
         assert row["status"] == "ok" and row["score"] == pytest.approx(expected)
         assert row["model_id"] == config.model_id and row["model_id"].startswith("brightness:")
+
+
+def test_per_line_detector_settings_override_the_pipelines(tiny_config, tmp_path):
+    cfg = pipeline_config(tiny_config, tmp_path, tmp_path / "out", line_detector={"b": {"max_images": 7}})
+    assert cfg.detector_for("a") is cfg.detector and cfg.detector_for("b").max_images == 7
+    assert cfg.detector_for("b").fingerprint() != cfg.detector.fingerprint()
+    data = {"detector": tiny_config.model_dump(), "source": {"kind": "folder", "root": str(tmp_path)},
+            "line_detector": {"b": {"max_images": 0}}}
+    with pytest.raises(ConfigError, match=r"\n  line_detector\.b\.max_images: Input should be greater"):
+        PipelineConfig.from_dict(data)
+
+
+def test_demo_runs_another_detector_yaml(tmp_path, capsys):
+    detector = tmp_path / "brightness.yaml"
+    detector.write_text("kind: rareclip\nmodel: rareclip-tiny\npretrained: null\nimage_size: 224\n"
+                        "rarity_blocks: [1, 2, 3, 4]\ntext_blocks: [1, 2, 3, 4]\nmax_features: 0\n")
+    assert run_cluster.main(["demo", "--detector", str(detector), "--out", str(tmp_path / "out")]) == 2
+    assert "max_features" in capsys.readouterr().err
