@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from rareclip_core import Detector, DetectorSettings, build_detector
+from rareclip_core.data.frames import decode_frame
+from rareclip_core.data.sources import read_uri
 
 from .frames import Frame
 from .result_table import STATUS_ERROR, STATUS_OK
@@ -38,6 +40,14 @@ class LineSettings:
     snapshot_root: Optional[str] = None  # None: no snapshots
     snapshot_keep: int = 3
     supervisor_name: Optional[str] = None
+    references: tuple[str, ...] = ()  # normal reference images the line learns first (k-shot)
+
+
+def start_afresh(detector: Detector, references: tuple[str, ...]) -> None:
+    """Empty the detector, then have it learn the line's normal references (k-shot), if any."""
+    detector.reset()
+    if references:
+        detector.add_normal_references([decode_frame(read_uri(uri)) for uri in references])
 
 
 class LineSequencer:
@@ -132,6 +142,7 @@ class LineActor:
         self.writes: list = []
         self.watcher = None
         self.store = SnapshotStore(settings.snapshot_root, line_id) if settings.snapshot_root else None
+        self.references = settings.references
         self.snapshot_keep = settings.snapshot_keep
         self.generation = 0  # bumped by restore/reset: a snapshot taken across one is stale
         restored = self.restore()
@@ -218,7 +229,7 @@ class LineActor:
                 if newer.next_seq > at_most:
                     self.store.delete(newer)
         if info is None:
-            detector.reset()
+            self._start_afresh()
         else:
             detector.load_state_dict(state)
         self.sequencer.next_seq = info.next_seq if info else 0
@@ -226,13 +237,16 @@ class LineActor:
         self.gap_since = None
         return self.sequencer.next_seq
 
+    def _start_afresh(self) -> None:
+        start_afresh(self.sequencer.detector, self.references)
+
     async def reset(self) -> int:
-        """Start the line's learning afresh from its current seq (e.g. a product changeover):
-        a snapshot of the empty state is taken, then the older snapshots are deleted (so a
+        """Start the line's learning afresh from its current seq (e.g. a product changeover),
+        with only its configured normal references: a snapshot of that state is taken, then the older snapshots are deleted (so a
         restart can never bring back what the line had learned). Returns the seq of the first
         frame scored with the empty state."""
         self.generation += 1
-        self.sequencer.detector.reset()
+        self._start_afresh()
         reset_at = self.sequencer.next_seq  # frames from here on see the empty state
         if self.store:
             seq = await self.snapshot()

@@ -8,7 +8,7 @@ from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from rareclip_core.config import DetectorSettings, StrictModel
 from rareclip_core.detectors.rareclip.config import RareCLIPConfig
-from rareclip_core.registry import detector_config_from_dict
+from rareclip_core.registry import detector_class, detector_config_from_dict
 
 CONFIG_DIR = Path(__file__).parent
 
@@ -73,6 +73,10 @@ class PipelineConfig(StrictModel):
         default_factory=dict,
         description="per-line detector settings that differ from `detector`, e.g. {widget: {product: 'metal disc'}}",
     )
+    references: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="per line, normal reference images (paths or URIs) the line learns first (k-shot)",
+    )
     source: SourceConfig
     out: str = Field("out", description="results in <out>/results, snapshots in <out>/snapshots")
     threshold: Optional[float] = Field(None, description="is_anomaly = score >= threshold; null leaves it empty")
@@ -116,6 +120,13 @@ class PipelineConfig(StrictModel):
     def _line_detectors_are_valid(self):
         for line_id in self.line_detector:
             self.detector_for(line_id)  # raises ConfigError naming the field
+        for line_id, uris in self.references.items():
+            detector = self.detector_for(line_id)
+            if uris and not detector_class(detector).supports_references:
+                raise ValueError(f"references.{line_id}: detector kind {detector.kind!r} takes no normal references")
+            for i, uri in enumerate(uris):
+                if "://" not in uri and not Path(uri).expanduser().is_file():
+                    raise ValueError(f"references.{line_id}[{i}]: no file at {uri!r}")
         return self
 
     @field_validator("detector", mode="before")

@@ -32,7 +32,7 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -80,17 +80,24 @@ class Plan:
     seeds: tuple[int, ...]
     out: Path
     samples: dict[str, list[Sample]]  # category -> samples in the official test order
+    shots: int = 0  # normal references per category
+    train: dict[str, list[Sample]] = field(default_factory=dict)  # category -> train (good) samples, with shots
 
     @property
     def categories(self) -> list[str]:
         return list(self.samples)
+
+    def references(self, category: str, seed: int) -> list[str]:
+        """The category's normal references for a seed: the first `shots` train images in the
+        order `random.seed(seed); random.shuffle` gives (as the test order; ours)."""
+        return [s.path for s in shuffled(self.train.get(category, []), seed)[: self.shots]]
 
     def results_dir(self, seed: int) -> Path:
         return self.out / f"seed-{seed}" / "results"
 
 
 def plan_evaluation(dataset, root, detector_config, seeds=DEFAULT_SEEDS, mode=None, out="out/evaluate",
-                    categories=None) -> Plan:
+                    categories=None, shots: int = 0) -> Plan:
     """Validate everything before any actor starts. Raises ConfigError (bad detector config),
     FileNotFoundError / ValueError (missing or malformed dataset, unknown category, bad seeds)
     or FileExistsError (a seed's result table already exists under `out`)."""
@@ -114,7 +121,17 @@ def plan_evaluation(dataset, root, detector_config, seeds=DEFAULT_SEEDS, mode=No
         data = {c: data[c] for c in dict.fromkeys(categories)}
     if "mean" in data:
         raise ValueError("a category named 'mean' would clash with the tables' mean row; evaluate the others")
-    plan = Plan(dataset, root, detector, seeds, Path(out), dict(sorted(data.items())))
+    train = {}
+    if shots < 0:
+        raise ValueError(f"--shots must be >= 0, got {shots}")
+    if shots:
+        if not detector_class(detector).supports_references:
+            raise ConfigError(f"--shots: detector kind {detector.kind!r} takes no normal references")
+        train = load_dataset(dataset, root, split="train")
+        short = {c: len(train.get(c, [])) for c in data if len(train.get(c, [])) < shots}
+        if short:
+            raise ValueError(f"--shots {shots}: too few train images in {short}")
+    plan = Plan(dataset, root, detector, seeds, Path(out), dict(sorted(data.items())), shots, train)
     for seed in seeds:
         folder = plan.results_dir(seed).parent  # results and any snapshot a line would restore
         if folder.is_dir() and any(folder.iterdir()):
@@ -123,12 +140,12 @@ def plan_evaluation(dataset, root, detector_config, seeds=DEFAULT_SEEDS, mode=No
 
 
 def evaluate(dataset, root, detector_config, seeds=DEFAULT_SEEDS, mode=None, out="out/evaluate",
-             categories=None, address=None, progress: bool = True) -> dict:
+             categories=None, address=None, progress: bool = True, shots: int = 0) -> dict:
     """Run the protocol and write metrics.md/.csv/.json under `out`; returns the metrics.json
     content (with NaN, not null). `detector_config`: detector settings, a dict, or the path of a
     detector YAML or of a pipeline YAML with a `detector:` section; `mode` ('online' or
-    'offline') overrides its `mode`, None keeps it."""
-    plan = plan_evaluation(dataset, root, detector_config, seeds, mode, out, categories)
+    'offline') overrides its `mode`, None keeps it; `shots` normal references per category."""
+    plan = plan_evaluation(dataset, root, detector_config, seeds, mode, out, categories, shots)
     run_plan(plan, address, progress)
     return score_plan(plan)
 
@@ -148,6 +165,7 @@ def run_plan(plan: Plan, address=None, progress: bool = True) -> None:
             threshold=None,
             map_resolution=MAP_RESOLUTION,
             map_dtype="float32",
+            references={c: plan.references(c, seed) for c in plan.categories} if plan.shots else {},
             # no snapshots: a restarted line replays its category from seq 0 with a fresh state,
             # which gives the same rows; the paper model's banks would cost ~0.2 GB per snapshot
             snapshot=SnapshotConfig(every_frames=None, every_s=None),
@@ -195,6 +213,7 @@ def score_plan(plan: Plan) -> dict:
         "root": plan.root,
         "mode": getattr(detector, "mode", None),
         "seeds": list(plan.seeds),
+        "shots": plan.shots,
         "categories": plan.categories,
         "metrics": list(METRICS),
         "units": "%",
@@ -207,17 +226,18 @@ def score_plan(plan: Plan) -> dict:
         "per_seed": {c: {str(s): v for s, v in seeds.items()} for c, seeds in per_seed.items()}
         | {"mean": {str(s): v for s, v in seed_means.items()}},
         "summary": summary,
-        "paper": paper_figures(plan.dataset, detector),
+        "paper": paper_figures(plan.dataset, detector, plan.shots),
         "notes": notes,
     }
     write_tables(plan, result)
     return result
 
 
-def paper_figures(dataset: str, detector: DetectorSettings) -> Optional[dict]:
-    """The detector's paper figures for this dataset and setting (None where the paper reports
-    none): per metric its value (mean, std) and status (reported, unreadable, not reported)."""
-    figures = detector_class(detector).paper_figures(dataset, detector)
+def paper_figures(dataset: str, detector: DetectorSettings, shots: int = 0) -> Optional[dict]:
+    """The detector's paper figures for this dataset, setting and number of references (None
+    where the paper reports none): per metric its value (mean, std) and status (reported,
+    unreadable, not reported)."""
+    figures = detector_class(detector).paper_figures(dataset, detector, shots)
     if figures is None:
         return None
     values = figures.values
@@ -321,7 +341,9 @@ def format_markdown(result: dict) -> str:
         f"# Evaluation of {det['kind']}: {result['dataset']} ({result['root']})"
         + (f", {result['mode']} mode" if result["mode"] else ""),
         "",
-        f"Detector `{result['model_id']}` (image size {det['image_size']}). Seeds {seeds}: "
+        f"Detector `{result['model_id']}` (image size {det['image_size']})"
+        + (f", {result['shots']} normal references per category (the first of its train images shuffled by the "
+           f"seed, learned before the test images)" if result["shots"] else "") + f". Seeds {seeds}: "
         f"each category's official test order shuffled by `random.seed(s); random.shuffle`, a fresh state per "
         f"category and seed. Metrics in %, maps and masks at {result['map_resolution']}x{result['map_resolution']}; "
         f"each cell is the mean ± {result['std']}; the mean row averages the categories per seed first "
@@ -401,13 +423,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="out/evaluate",
                         help="result tables in <out>/seed-<s>/results, metrics.md/.csv/.json in <out> (default: %(default)s)")
     parser.add_argument("--categories", nargs="+", help="evaluate only these categories (default: all)")
+    parser.add_argument("--shots", type=int, default=0,
+                        help="normal references per category from its train split, learned first (k-shot; default 0)")
     parser.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def main(args) -> int:
     try:
-        plan = plan_evaluation(args.dataset, args.root, args.config, args.seeds, args.mode, args.out, args.categories)
+        plan = plan_evaluation(args.dataset, args.root, args.config, args.seeds, args.mode, args.out, args.categories,
+                               args.shots)
     except (ConfigError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

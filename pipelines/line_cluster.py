@@ -113,6 +113,7 @@ class LineCluster:
             snapshot_root=cfg.snapshot_root,
             snapshot_keep=cfg.snapshot.keep,
             supervisor_name=supervisor_name,
+            references=tuple(str(Path(u).expanduser().resolve()) if "://" not in u else u for u in cfg.references.get(line, ())),
         )
 
     def source_totals(self) -> dict[str, int]:

@@ -116,6 +116,7 @@ def reset_line(cfg, line: str, address=None) -> int:
         print(f"line {line}: reset by the running job; it learns afresh from seq {next_seq}")
         return 0
 
+    from actors.line import start_afresh
     from rareclip_core import build_detector
 
     store = SnapshotStore(cfg.snapshot_root, line)
@@ -126,6 +127,7 @@ def reset_line(cfg, line: str, address=None) -> int:
         return 2
     next_seq = persisted.get(line, -1) + 1
     detector = build_detector(cfg.detector_for(line))
+    start_afresh(detector, tuple(cfg.references.get(line, ())))
     # the new snapshot first, then the old ones go: a crash in between leaves the reset one newest
     saved = store.save(detector.state_dict(), next_seq, detector.config.fingerprint())
     for info in old:

@@ -20,7 +20,8 @@ def format_validation_error(err: ValidationError, source: str, prefix: str = "")
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
         field = prefix + ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
+        message = e["msg"].removeprefix("Value error, ")  # our own checks' messages need no prefix
+        lines.append(f"  {field}: {message} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 

@@ -13,8 +13,8 @@ interface, and builds it only through the registry (`rareclip_core.build_detecto
   `model_id` names the model in the result table.
 - Optional capabilities are declared, not probed: `supports_references` says whether
   `add_normal_references(images)` (k normal images of the line) is available.
-- `paper_figures(dataset, config)`: the paper's reference figures for `evaluate`, where the
-  paper reports some for that dataset and setting.
+- `paper_figures(dataset, config, shots)`: the paper's reference figures for `evaluate`, where
+  the paper reports some for that dataset, setting and number of normal references.
 """
 from __future__ import annotations
 
@@ -94,6 +94,7 @@ class Detector(ABC):
         raise NotImplementedError(f"detector kind {self.kind!r} takes no normal references")
 
     @classmethod
-    def paper_figures(cls, dataset: str, config: DetectorSettings) -> Optional[PaperFigures]:
-        """The paper's figures for `dataset` with this config's setting, or None."""
+    def paper_figures(cls, dataset: str, config: DetectorSettings, shots: int = 0) -> Optional[PaperFigures]:
+        """The paper's figures for `dataset` with this config's setting and `shots` normal
+        references, or None."""
         return None

@@ -4,13 +4,13 @@ import csv
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.dataset as pads
 import pytest
 
 import run_cluster
+from actors.result_table import read_results
 from pipelines.evaluate import (
     METRICS,
     Plan,
@@ -19,7 +19,9 @@ from pipelines.evaluate import (
     paper_figures,
     score_plan,
 )
+from rareclip_core import build_detector
 from rareclip_core.data.datasets import load_mask, load_mvtec, shuffled
+from rareclip_core.data.frames import decode_frame
 from rareclip_core.data.synthetic import write_mvtec_dataset
 from rareclip_core.detectors.rareclip.config import RareCLIPConfig
 from rareclip_core.metrics import image_metrics, pixel_metrics
@@ -29,9 +31,9 @@ SEEDS = [0, 1]
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    # 2 categories x 10 test images (6 good, 4 defective with masks), 96 x 96
+    # 2 categories x 10 test images (6 good, 4 defective with masks) and 3 train images, 96 x 96
     root = tmp_path_factory.mktemp("mvtec")
-    return write_mvtec_dataset(root, n_train_good=0, n_test_good=6, n_test_defect=4, size=96)
+    return write_mvtec_dataset(root, n_train_good=3, n_test_good=6, n_test_defect=4, size=96)
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +43,7 @@ def online(local_ray, dataset, tiny_config, tmp_path_factory):
 
 
 def read_rows(results_dir) -> list[dict]:
-    partitioning = pads.partitioning(pa.schema([("line_id", pa.string()), ("date", pa.string())]), flavor="hive")
-    table = pads.dataset(str(results_dir), format="parquet", partitioning=partitioning).to_table()
-    return sorted(table.to_pylist(), key=lambda r: (r["line_id"], r["seq"]))
+    return sorted(read_results(results_dir).to_pylist(), key=lambda r: (r["line_id"], r["seq"]))
 
 
 def test_evaluate_writes_sane_tables(online, dataset):
@@ -141,6 +141,23 @@ def test_offline_mode_gives_the_same_metrics_for_every_seed(local_ray, dataset, 
     assert "| paper: RareCLIP, offline | | 91.5 |" in (tmp_path / "metrics.md").read_text()
 
 
+def test_shots_learn_train_references_before_the_test_images(local_ray, dataset, tiny_config, tmp_path):
+    result = evaluate("mvtec", dataset, tiny_config, [1], "online", tmp_path, categories=["widget"], progress=False,
+                      shots=2)
+    assert result["shots"] == 2 and result["paper"] is None  # the paper reports 0 and 4 shots only
+    rows = read_rows(tmp_path / "seed-1" / "results")
+    test = shuffled(load_mvtec(dataset)["widget"], 1)
+    references = shuffled(load_mvtec(dataset, split="train")["widget"], 1)[:2]
+    assert [r["uri"] for r in rows] == [s.path for s in test]  # references give no rows
+    detector = build_detector(tiny_config)
+    detector.add_normal_references([decode_frame(Path(s.path).read_bytes()) for s in references])
+    expected = [detector.step(decode_frame(Path(s.path).read_bytes())).score for s in test]
+    assert [r["score"] for r in rows] == expected
+    assert "2 normal references per category" in (tmp_path / "metrics.md").read_text()
+    with pytest.raises(ValueError, match="too few train images"):
+        evaluate("mvtec", dataset, tiny_config, [1], "online", tmp_path / "x", shots=4)
+
+
 def test_paper_figures_say_what_the_paper_does_not_give():
     def figures(dataset, mode, branch):
         return paper_figures(dataset, RareCLIPConfig(mode=mode, rarity_branch=branch))
@@ -149,6 +166,8 @@ def test_paper_figures_say_what_the_paper_does_not_give():
     assert visa["values"]["P-AUROC"] == {"mean": 95.7, "std": None} and visa["status"]["PRO"] == "unreadable"
     assert set(figures("mvtec", "offline", "dprb")["status"].values()) == {"not reported"}
     assert figures("folder", "online", "iprb") is None
+    four = paper_figures("visa", RareCLIPConfig(mode="online"), shots=4)
+    assert four["values"]["I-AUROC"] == {"mean": 95.5, "std": None} and four["status"]["PRO"] == "not reported"
 
 
 def test_bad_inputs_exit_2_with_the_readers_message_before_any_actor(tmp_path, dataset, capsys):

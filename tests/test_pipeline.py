@@ -10,9 +10,10 @@ import ray
 from PIL import Image
 
 from actors.frames import Frame
-from actors.line import LineActor, LineSettings
+from actors.line import LineActor, LineSettings, start_afresh
 from actors.writer import ResultWriter, ResultWriterCore
 from pipelines.replay import run_replay
+from rareclip_core.data.frames import decode_frame
 from rareclip_core.detectors.rareclip.detector import RareCLIPDetector
 from tests.pipeline_helpers import line_frames, pipeline_config, read_rows, write_folder
 
@@ -106,6 +107,21 @@ def test_replay_is_deterministic_and_batching_changes_nothing(local_ray, tiny_co
         scores.append([(r["line_id"], r["seq"], r["score"]) for r in read_rows(tmp_path / out / "results")])
     assert len(scores[0]) == 24
     assert scores[0] == scores[1] == scores[2]
+
+
+def test_a_line_with_references_learns_them_first_and_again_after_a_reset(local_ray, tiny_config, tmp_path):
+    images = line_frames(21, 8)
+    write_folder(tmp_path / "src", "k", images[3:])
+    references = write_folder(tmp_path / "refs", "k", images[:3])
+    cfg = pipeline_config(tiny_config, tmp_path / "src", tmp_path / "out", references={"k": [str(p) for p in references]})
+    run_replay(cfg, progress=False)
+    detector = RareCLIPDetector(tiny_config)
+    detector.add_normal_references([decode_frame(p.read_bytes()) for p in references])
+    expected = [detector.step(decode_frame(p.read_bytes())).score for p in sorted((tmp_path / "src" / "k").iterdir())]
+    assert [r["score"] for r in read_rows(tmp_path / "out" / "results")] == expected
+    # a reset (product changeover, or a fresh start without a snapshot) keeps the references only
+    start_afresh(detector, tuple(str(p) for p in references))
+    assert detector.images_seen == detector.n_references == 3
 
 
 def test_writer_keeps_one_row_per_seq_and_no_holes(tmp_path):

@@ -110,3 +110,14 @@ def test_demo_runs_another_detector_yaml(tmp_path, capsys):
                         "rarity_blocks: [1, 2, 3, 4]\ntext_blocks: [1, 2, 3, 4]\nmax_features: 0\n")
     assert run_cluster.main(["demo", "--detector", str(detector), "--out", str(tmp_path / "out")]) == 2
     assert "max_features" in capsys.readouterr().err
+
+
+def test_references_are_checked_before_any_actor(tiny_config, tmp_path):
+    source = {"kind": "folder", "root": str(tmp_path)}
+    with pytest.raises(ConfigError, match=r"references.a\[0\]: no file at"):
+        PipelineConfig.from_dict({"detector": tiny_config.model_dump(), "source": source,
+                                  "references": {"a": [str(tmp_path / "missing.png")]}})
+    (tmp_path / "ok.png").write_bytes(b"")
+    with pytest.raises(ConfigError, match="references.a: detector kind 'brightness' takes no normal references"):
+        PipelineConfig.from_dict({"detector": {"kind": "brightness"}, "source": source,
+                                  "references": {"a": [str(tmp_path / "ok.png")]}})

@@ -98,8 +98,8 @@ class RareCLIPDetector(Detector):
         self.reset()
 
     @classmethod
-    def paper_figures(cls, dataset: str, config: RareCLIPConfig) -> Optional[PaperFigures]:
-        return paper_figures(dataset, config.mode, config.rarity_branch)
+    def paper_figures(cls, dataset: str, config: RareCLIPConfig, shots: int = 0) -> Optional[PaperFigures]:
+        return paper_figures(dataset, config.mode, config.rarity_branch, shots)
 
     # ---- state -------------------------------------------------------------------------------
     def reset(self) -> None:
