@@ -37,7 +37,20 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
     args = build_parser(command).parse_args(argv)
-    return int(args._module.main(args) or 0)
+    from pipelines.line_cluster import SupervisorLost
+    from rareclip_core.config import ConfigError
+
+    try:
+        return int(args._module.main(args) or 0)
+    except ConfigError as err:  # found once the job had started (another job holds `out`, say)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except SupervisorLost as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # before or after a job's own handling (starting Ray, say)
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -6,11 +6,12 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import ray
 
 from configs.pipeline import open_source
-from rareclip_core.data.frames import FrameError, decode_frame
+from rareclip_core.data.frames import MAX_PIXELS, FrameError, decode_frame
 from rareclip_core.data.sources import FrameRef, read_uri
 
 from .frames import Frame
@@ -18,11 +19,11 @@ from .frames import Frame
 log = logging.getLogger(__name__)
 
 
-def load_frame(ref: FrameRef) -> Frame:
+def load_frame(ref: FrameRef, max_pixels: int = MAX_PIXELS) -> Frame:
     """Read and decode one frame; any failure becomes a refused Frame with the reason."""
     now = time.time()
     try:
-        return Frame(ref.line_id, ref.seq, ref.uri, now, decode_frame(read_uri(ref.uri)))
+        return Frame(ref.line_id, ref.seq, ref.uri, now, decode_frame(read_uri(ref.uri), max_pixels))
     except FrameError as err:
         return Frame(ref.line_id, ref.seq, ref.uri, now, None, str(err))
     except OSError as err:
@@ -34,12 +35,18 @@ class IngestSettings:
     max_in_flight: int = 8  # frames submitted to a line but not yet scored
     frames_per_submit: int = 1  # frames per call to a line (its backbone batch, so a call fills one)
     poll_s: float = 1.0  # a live source is listed again this often when it has nothing new
+    ledger_dir: Optional[str] = None  # where each line's frames get their seqs (folder, manifest)
+    max_pixels: int = MAX_PIXELS  # larger frames get an error row
 
 
 @ray.remote(num_cpus=0, max_concurrency=2, max_restarts=-1)
 class IngestActor:
-    def __init__(self, source_config, lines: list[str], line_actors: dict, settings: IngestSettings):
-        self.source = open_source(source_config)
+    def __init__(
+        self, source_config, lines: list[str], line_actors: dict, settings: IngestSettings, index: int = 0,
+        supervisor_name: Optional[str] = None,
+    ):
+        self.source = open_source(source_config, settings.ledger_dir)
+        self.max_pixels = settings.max_pixels
         self.lines = lines
         self.line_actors = line_actors
         self.chunk = settings.frames_per_submit
@@ -50,6 +57,11 @@ class IngestActor:
         self.lock = threading.Lock()
         self.running = False
         self.rewinds: dict[str, int] = {}
+        if supervisor_name:
+            try:  # a restart (the first start comes before the supervisor exists)
+                ray.get_actor(supervisor_name).ingest_started.remote(index)
+            except ValueError:
+                pass
 
     def totals(self) -> dict[str, int] | None:
         """Frames per line in a finite source; None for a live one (it grows)."""
@@ -98,7 +110,7 @@ class IngestActor:
                         listed_at[line] = time.monotonic()
                     continue
                 progressed = True
-                frames = [load_frame(r) for r in refs]
+                frames = [load_frame(r, self.max_pixels) for r in refs]
                 while len(in_flight[line]) >= self.max_chunks_in_flight:
                     _, in_flight[line] = ray.wait(in_flight[line], num_returns=1)
                 in_flight[line].append(self.line_actors[line].submit.remote(frames))

@@ -134,7 +134,12 @@ class LineActor:
     supervisor, which has ingestion replay the frames after it."""
 
     def __init__(self, line_id: str, detector_config: DetectorSettings, writer, settings: LineSettings):
-        detector = build_detector(detector_config)
+        self.error: Optional[str] = None  # why the detector could not be built (reported by `progress`)
+        try:
+            detector = build_detector(detector_config)
+        except Exception as err:  # noqa: BLE001 - reported to the driver, which stops the job with it
+            self.error = f"{type(err).__name__}: {err}"
+            return
         self.sequencer = LineSequencer(line_id, detector, settings)
         self.writer = writer
         self.gap_timeout_s = settings.gap_timeout_s
@@ -186,6 +191,8 @@ class LineActor:
         return self.sequencer.next_seq
 
     def progress(self) -> dict:
+        if self.error:
+            return {"error": self.error}
         return {
             "next_seq": self.sequencer.next_seq,
             "pending": len(self.sequencer.pending),

@@ -6,6 +6,7 @@ being written, or not part of the table)."""
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Optional
@@ -47,6 +48,17 @@ PARTITIONING = pads.partitioning(pa.schema([(name, pa.string()) for name in PART
 # the complete Parquet files, as a glob relative to the results folder (for DuckDB)
 VISIBLE_PARQUET = os.path.join("line_id=*", "date=*", "[!._]*.parquet")
 MAPS_DIR = "_maps"
+# a line id is a folder name of the table: letters, digits, '.', '_' and '-', not starting with
+# '.' or '_' (hidden or ignored names), at most 128 characters; '001' stays the string '001'
+LINE_ID = re.compile(r"[A-Za-z0-9-][A-Za-z0-9._-]{0,127}")
+
+
+def line_id_problem(line_id: str) -> Optional[str]:
+    """Why `line_id` cannot name a line of the table, or None."""
+    if LINE_ID.fullmatch(line_id):
+        return None
+    return (f"line id {line_id!r} is not allowed: use letters, digits, '.', '_' and '-' (not first), "
+            "at most 128 characters (it names a folder of the result table)")
 
 
 def map_path(line_id: str, seq: int) -> str:

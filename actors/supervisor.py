@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from typing import Optional
 
 import ray
@@ -54,6 +55,8 @@ class Supervisor:
         self.snapshot_time = {line: time.monotonic() for line in lines}
         self.snapshotting: dict[str, asyncio.Task] = {}
         self.events: list[str] = []
+        self.event_counts: Counter = Counter()  # kind of recovery -> how many
+        self.stopping = False
         self.watcher = None
 
     async def start(self) -> None:
@@ -69,13 +72,23 @@ class Supervisor:
         self.watcher = asyncio.get_running_loop().create_task(self._watch())
 
     # ---- notifications from restarted actors ---------------------------------------------------
+    def _event(self, kind: str, text: str) -> None:
+        self.events.append(text)
+        self.event_counts[kind] += 1
+        log.info(text)
+
     async def line_started(self, line: str, next_seq: int, rejected: Optional[list] = None) -> None:
-        self.events.append(f"line {line} restarted, restored at seq {next_seq}")
-        self.events.extend(f"line {line} rejected a snapshot: {reason}" for reason in rejected or [])
+        self._event("line restarts", f"line {line} restarted, restored at seq {next_seq}")
+        for reason in rejected or []:
+            self._event("snapshots rejected", f"line {line} rejected a snapshot: {reason}")
         await self._replay(line, next_seq)
 
+    def ingest_started(self, index: int) -> None:
+        """A restarted ingest actor: a feed it ran fails and `_check_feeds` starts it again."""
+        self._event("ingest restarts", f"ingest {index} restarted (feeding {self.ingest[index][1]})")
+
     async def writer_started(self, persisted: dict) -> None:
-        self.events.append(f"writer restarted with rows persisted up to {persisted}")
+        self._event("writer restarts", f"writer restarted with rows persisted up to {persisted}")
         for line, actor in self.lines.items():
             next_seq = await _call(actor.restore.remote(persisted.get(line, -1) + 1), timeout=60)
             if next_seq is not None:  # a line that is itself restarting reports through line_started
@@ -83,7 +96,7 @@ class Supervisor:
 
     async def line_restored(self, line: str, next_seq: int, why: str) -> None:
         """A line was made to load a snapshot while running (an operator's restore): replay."""
-        self.events.append(f"line {line} restored at seq {next_seq}: {why}")
+        self._event("operator restores", f"line {line} restored at seq {next_seq}: {why}")
         await self._replay(line, next_seq)
 
     async def _replay(self, line: str, seq: int) -> None:
@@ -139,11 +152,29 @@ class Supervisor:
 
     # ---- for the driver ----------------------------------------------------------------------------
     def status(self) -> dict:
-        return {"progress": dict(self.progress), "totals": dict(self.totals), "events": list(self.events)}
+        return {
+            "progress": dict(self.progress),
+            "totals": dict(self.totals),
+            "events": list(self.events),
+            "event_counts": dict(self.event_counts),
+        }
 
     def stop(self) -> None:
+        """Stop reading: the feeds end after their frames in flight, and `wait_done` waits for
+        those only."""
+        self.stopping = True
         for actor, _ in self.ingest:
             actor.stop.remote()
+
+    async def snapshot_all(self) -> None:
+        """A snapshot of every line now (after a stop: a re-run resumes right there)."""
+        if self.every_frames is None and self.every_s is None:
+            return
+        for task in list(self.snapshotting.values()):
+            await task
+        for line, actor in self.lines.items():
+            if self.progress[line] > self.snapshot_seq[line]:
+                await self._snapshot(line, actor)
 
     async def wait_done(self) -> dict[str, int]:
         """Once every feed has ended, every line has scored up to its end and the writer has
@@ -152,7 +183,10 @@ class Supervisor:
             await asyncio.sleep(0.2)
             if any(ref is not None for ref in self.feeds.values()):
                 continue
-            targets = {line: self.totals.get(line) or self.fed_to.get(line, 0) for line in self.lines}
+            targets = {
+                line: self.fed_to.get(line, 0) if self.stopping else self.totals.get(line) or self.fed_to.get(line, 0)
+                for line in self.lines
+            }
             if any(self.progress[line] < targets[line] for line in self.lines):
                 continue
             await _call(self.writer.flush.remote(), timeout=30)

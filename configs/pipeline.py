@@ -20,7 +20,10 @@ class FolderSourceConfig(StrictModel):
     root: str
     lines: Optional[list[str]] = None
     watch: bool = False
-    poll_s: float = Field(1.0, gt=0)
+    poll_s: float = Field(1.0, gt=0, description="how often a watched folder is listed again")
+    settle_s: float = Field(
+        1.0, ge=0, description="watched folders: a file is taken once unmodified for this long (a camera still writing it)"
+    )
 
 
 class ManifestSourceConfig(StrictModel):
@@ -88,6 +91,7 @@ class PipelineConfig(StrictModel):
     )
     ingest_actors: int = Field(1, ge=1)
     max_in_flight: int = Field(8, ge=1, description="frames submitted but not yet scored, per line")
+    max_pixels: int = Field(100_000_000, ge=64, description="frames with more pixels get an error row")
     gap_timeout_s: float = Field(60.0, gt=0, description="wait this long for a missing seq, then an error row")
     map_resolution: Optional[int] = Field(64, ge=8, description="stored anomaly map side; null stores none")
     map_dtype: Literal["float16", "float32"] = Field(
@@ -97,6 +101,11 @@ class PipelineConfig(StrictModel):
     writer_batch_rows: int = Field(256, ge=1)
     writer_flush_s: float = Field(2.0, gt=0)
     snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
+
+    @property
+    def ledger_dir(self) -> str:
+        """Where ingestion records each line's frames and their seqs (folder and manifest sources)."""
+        return str(Path(self.out).resolve() / "ledger")
 
     @property
     def results_dir(self) -> Path:
@@ -147,14 +156,20 @@ class PipelineConfig(StrictModel):
         return super().from_dict(data, source)
 
 
-def open_source(source: SourceConfig):
-    """The frame source a (materialized) source config describes."""
-    from rareclip_core.data.sources import DatasetSource, FolderSource, ManifestSource
+def open_source(source: SourceConfig, ledger_dir: Optional[str] = None):
+    """The frame source a (materialized) source config describes. With `ledger_dir`, folder and
+    manifest sources record each line's frames in a ledger there (only ingestion writes it)."""
+    from rareclip_core.data.sources import (
+        DatasetSource,
+        FolderSource,
+        ManifestSource,
+        Source,
+    )
 
     if isinstance(source, FolderSourceConfig):
-        return FolderSource(source.root, source.lines, live=source.watch)
+        return Source(FolderSource(source.root, source.lines, source.watch, source.settle_s), ledger_dir)
     if isinstance(source, ManifestSourceConfig):
-        return ManifestSource(source.path, source.lines)
+        return Source(ManifestSource(source.path, source.lines), ledger_dir)
     if isinstance(source, DatasetSourceConfig):
-        return DatasetSource(source.dataset, source.root, source.lines, source.shuffle_seed)
+        return Source(DatasetSource(source.dataset, source.root, source.lines, source.shuffle_seed))
     raise ValueError("synthetic sources are written to folders first (pipelines.line_cluster.materialize_source)")

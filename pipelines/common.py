@@ -8,6 +8,10 @@ from configs.loading import load_pipeline_config
 from configs.pipeline import PipelineConfig
 from rareclip_core.config import ConfigError
 
+from .preflight import job_problems
+
+EXIT_INTERRUPTED = 130  # a job stopped by Ctrl-C (the shell's convention for SIGINT)
+
 
 def add_cluster_arguments(parser, config_required: bool = True) -> None:
     parser.add_argument("--config", required=config_required, help="pipeline YAML (see configs/)")
@@ -16,13 +20,18 @@ def add_cluster_arguments(parser, config_required: bool = True) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def load_config_or_exit(path: str, **overrides) -> PipelineConfig | None:
-    """The validated config, or None after printing why it is invalid (before any actor starts)."""
+def load_config_or_exit(path: str, check: bool = True, lines=None, **overrides) -> PipelineConfig | None:
+    """The validated config, or None after printing why it is invalid; with `check`, also every
+    problem that would stop the job later (`preflight.job_problems` for `lines`, default all)."""
     try:
-        return load_pipeline_config(path, **overrides)
+        cfg = load_pipeline_config(path, **overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return None
+    problems = job_problems(cfg, lines) if check else []
+    for problem in problems:
+        print(f"error: {path}: {problem}", file=sys.stderr)
+    return None if problems else cfg
 
 
 def quiet_logs() -> None:

@@ -11,7 +11,7 @@ from configs.loading import load_detector_config
 from configs.pipeline import CONFIG_DIR
 from rareclip_core.config import ConfigError
 
-from .common import load_config_or_exit, quiet_logs
+from .common import EXIT_INTERRUPTED, load_config_or_exit, quiet_logs
 from .query import format_table, lines_summary
 from .replay import run_replay
 
@@ -37,8 +37,12 @@ def main(args) -> int:
         return 2
     quiet_logs()
     started = time.monotonic()
-    counts = run_replay(cfg, args.address, progress=not args.no_progress)
+    summary = run_replay(cfg, args.address, progress=not args.no_progress)
     ray.shutdown()
+    if summary.interrupted:
+        print("\n".join(summary.describe(cfg.results_dir)))
+        return EXIT_INTERRUPTED
+    counts = summary.counts
     summary = lines_summary(str(cfg.results_dir)).select(
         ["line_id", "frames", "errors", "anomalies", "score_p50", "score_max", "latency_p50_ms"]
     )

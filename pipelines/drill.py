@@ -48,20 +48,33 @@ def compare_results(reference_dir: Path, candidate_dir: Path) -> dict:
     }
 
 
+RESTART_KIND = {"line": "line restarts", "ingest": "ingest restarts", "writer": "writer restarts"}
+
+
 class FaultInjector:
     """Kills `kills` random actors, one each time the stream passes the next of `kills` progress
-    marks spread over the run."""
+    marks spread over the run, and only once the supervisor has seen the previous victim come
+    back (so every kill is matched by one restart in the report)."""
 
     def __init__(self, cluster: LineCluster, kills: int, total: int, seed: int):
         self.cluster = cluster
         self.rng = random.Random(seed)
         self.marks = sorted(self.rng.uniform(0.1, 0.8) * total for _ in range(kills))
         self.killed: list[str] = []
+        self.awaiting: tuple[str, int] | None = None  # (restart kind, its count before the kill)
 
     def __call__(self, status: dict) -> None:
+        counts = status["event_counts"]
+        if self.awaiting is not None:
+            kind, before = self.awaiting
+            if counts.get(kind, 0) <= before:
+                return  # the last victim is not back yet
+            self.awaiting = None
         if self.marks and sum(status["progress"].values()) >= self.marks[0]:
             self.marks.pop(0)
             name, actor = self.rng.choice(sorted(self.cluster.actors().items()))
+            kind = RESTART_KIND[name.split(":")[0]]
+            self.awaiting = (kind, counts.get(kind, 0))
             ray.kill(actor, no_restart=False)
             self.killed.append(name)
             print(f"drill: killed {name}", flush=True)
@@ -81,15 +94,14 @@ def run_drill(cfg, kills: int, seed: int = 0, address=None, progress=False) -> d
             injector = None
             if name == "faulty":
                 injector = FaultInjector(cluster, kills, sum(cluster.source_totals().values()), seed)
-            cluster.run(progress=progress, on_poll=injector)
+            summary = cluster.run(progress=progress, on_poll=injector)
             runs[name] = run_cfg.results_dir
             if injector:
-                events = ray.get(cluster.supervisor.status.remote())["events"]
-                killed = injector.killed
+                events, restarts, killed = summary.events, summary.event_counts, injector.killed
         finally:
             cluster.shutdown()
     verdict = compare_results(runs["reference"], runs["faulty"])
-    verdict.update({"killed": killed, "events": events})
+    verdict.update({"killed": killed, "events": events, "restarts": restarts})
     return verdict
 
 
@@ -106,7 +118,9 @@ def main(args) -> int:
     quiet_logs()
     v = run_drill(cfg, args.kills, args.seed, args.address, progress=not args.no_progress)
     ray.shutdown()
-    print(f"killed: {', '.join(v['killed']) or 'nothing (the stream ended first)'}")
+    print(f"killed {len(v['killed'])}: {', '.join(v['killed']) or 'nothing (the stream ended first)'}")
+    restarts = {kind: n for kind, n in v["restarts"].items() if kind in RESTART_KIND.values()}
+    print(f"restarts seen {sum(restarts.values())}: " + (", ".join(f"{n} {k}" for k, n in sorted(restarts.items())) or "none"))
     for event in v["events"]:
         print(f"  supervisor: {event}")
     print(

@@ -51,7 +51,7 @@ from rareclip_core.config import ConfigError
 from rareclip_core.data.datasets import Sample, load_dataset, load_mask, shuffled
 from rareclip_core.metrics import image_metrics, pixel_metrics
 
-from .common import quiet_logs
+from .common import EXIT_INTERRUPTED, quiet_logs
 
 DEFAULT_CONFIG = CONFIG_DIR / "detector-paper.yaml"
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
@@ -175,9 +175,12 @@ def run_plan(plan: Plan, address=None, progress: bool = True) -> None:
               file=sys.stderr, flush=True)
         cluster = LineCluster(cfg, fit_all=True)  # every category at once
         try:
-            done = cluster.run(progress=progress)
+            summary = cluster.run(progress=progress)
         finally:
             cluster.shutdown()
+        if summary.interrupted:
+            raise KeyboardInterrupt
+        done = summary.counts
         short = {c: done.get(c, 0) for c, s in plan.samples.items() if done.get(c, 0) < len(s)}
         if short:
             raise EvaluationError(f"seed {seed}: the run stopped early (frames fed per category: {short})")
@@ -446,6 +449,10 @@ def main(args) -> int:
     except EvaluationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"interrupted: the seeds finished so far are in {plan.out}; an evaluation starts afresh "
+              "(remove its folder or choose another --out)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         ray.shutdown()
     print(f"\nevaluated {len(plan.categories)} categories x {len(plan.seeds)} seeds in "

@@ -3,7 +3,10 @@ actors from a validated PipelineConfig, and watch them with progress bars."""
 from __future__ import annotations
 
 import os
+import sys
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -14,6 +17,7 @@ from tqdm import tqdm
 from actors.ingest import IngestActor, IngestSettings
 from actors.line import LineActor, LineSettings
 from actors.names import NAMESPACE, job_key, line_actor_name, supervisor_actor_name
+from actors.result_table import STATUS_ERROR, read_results
 from actors.supervisor import Supervisor
 from actors.writer import ResultWriter
 from configs.pipeline import (
@@ -22,8 +26,10 @@ from configs.pipeline import (
     SyntheticSourceConfig,
     open_source,
 )
+from rareclip_core.config import ConfigError
 from rareclip_core.data.synthetic import write_line_folder
 
+from .job_lock import JobLock
 from .placement import place_lines
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +41,7 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> 
         return
     env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT), "TQDM_DISABLE": "1"}}
     if address:
-        ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=False)
     else:
         ray.init(
             address="local",  # a new instance even when `ray start` left a cluster on this machine
@@ -43,6 +49,7 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> 
             namespace=NAMESPACE,
             runtime_env=env,
             include_dashboard=False,
+            log_to_driver=False,  # actors' logs stay in Ray's log folder; the job reports what matters
         )
 
 
@@ -60,6 +67,45 @@ def materialize_source(cfg: PipelineConfig) -> PipelineConfig:
     return cfg.model_copy(update={"source": folder_source})
 
 
+class SupervisorLost(RuntimeError):
+    """The job's supervisor died; what was written is kept and a re-run resumes."""
+
+    def __init__(self, cause):
+        super().__init__(
+            f"the job's supervisor died ({type(cause).__name__}); every row written so far is kept: "
+            "run the same command again to resume from the lines' snapshots"
+        )
+
+
+@dataclass
+class RunSummary:
+    """How a run ended: frames per line scored and persisted (`counts`), the source's totals
+    where known, whether it was interrupted, and what the supervisor saw."""
+
+    counts: dict[str, int]
+    totals: dict[str, Optional[int]]
+    interrupted: bool
+    events: list[str]
+    event_counts: dict[str, int]
+
+    def describe(self, results_dir: Path) -> list[str]:
+        """One line per line of the job (rows, error rows, where it stands) and one for the
+        recoveries seen; the resume hint when interrupted."""
+        table = read_results(results_dir, columns=["line_id", "status"])
+        rows = Counter(table["line_id"].to_pylist())
+        errors = Counter(line for line, st in zip(table["line_id"].to_pylist(), table["status"].to_pylist()) if st == STATUS_ERROR)
+        out = []
+        for line, count in self.counts.items():
+            total = self.totals.get(line)
+            where = f"{count} of {total}" if total is not None else str(count)
+            out.append(f"  {line}: {where} frames scored; table {rows[line]} rows, {errors[line]} error rows")
+        seen = ", ".join(f"{n} {kind}" for kind, n in sorted(self.event_counts.items())) or "none"
+        out.append(f"  recoveries seen: {seen}")
+        if self.interrupted:
+            out.append("  interrupted: run the same command again to resume where each line stopped")
+        return out
+
+
 class LineCluster:
     """The actors of one job: a ResultWriter, a LineActor per line, IngestActors over the lines,
     and the Supervisor that snapshots lines and brings crashed actors back."""
@@ -67,6 +113,14 @@ class LineCluster:
     def __init__(self, cfg: PipelineConfig, lines: Optional[list[str]] = None, fit_all: bool = False):
         """`fit_all`: every line must run at once (evaluate), so the GPU and CPU shares are made
         to fit the cluster (see `placement.place_lines`)."""
+        self.lock = JobLock(cfg.out).acquire()  # before anything is written to `out`
+        try:
+            self._start(cfg, lines, fit_all)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _start(self, cfg: PipelineConfig, lines: Optional[list[str]], fit_all: bool) -> None:
         self.cfg = cfg = materialize_source(cfg)
         self.source = open_source(cfg.source)
         self.lines = lines or self.source.lines()
@@ -89,12 +143,18 @@ class LineCluster:
             max_in_flight=cfg.max_in_flight,
             frames_per_submit=cfg.backbone_batch,
             poll_s=cfg.source.poll_s if isinstance(cfg.source, FolderSourceConfig) else IngestSettings.poll_s,
+            ledger_dir=cfg.ledger_dir,
+            max_pixels=cfg.max_pixels,
         )
         self.ingest = [
-            IngestActor.remote(cfg.source, group, {line: self.line_actors[line] for line in group}, ingest)
-            for group in groups
+            IngestActor.remote(cfg.source, group, {line: self.line_actors[line] for line in group}, ingest, i, supervisor_name)
+            for i, group in enumerate(groups)
         ]
-        ray.get([a.progress.remote() for a in self.line_actors.values()])  # constructed (and restored)
+        started = ray.get([a.progress.remote() for a in self.line_actors.values()])  # constructed (and restored)
+        failed = [f"line {line}: {p['error']}" for line, p in zip(self.line_actors, started) if p.get("error")]
+        if failed:
+            self.shutdown_actors()
+            raise ConfigError("a line's detector could not be built:\n  " + "\n  ".join(failed))
         # the supervisor cannot be restarted (its feeds and positions would be lost): it runs on
         # the driver's node, so that only what ends the job anyway (the driver's node) ends it
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -127,33 +187,54 @@ class LineCluster:
         named["writer"] = self.writer
         return named
 
-    def run(self, progress: bool = True, flush_every_s: Optional[float] = None, on_poll=None) -> dict[str, int]:
+    def run(self, progress: bool = True, flush_every_s: Optional[float] = None, on_poll=None) -> RunSummary:
         """Feed all lines until the source ends (a live source: until interrupted), wait until
-        every row is persisted. Returns the number of frames per line. `on_poll(status)` is
-        called about twice a second (the fault drill uses it)."""
-        ray.get(self.supervisor.start.remote())
-        done = self.supervisor.wait_done.remote()
-        status = ray.get(self.supervisor.status.remote())
-        bars = self._bars(status["totals"]) if progress else None
-        last_flush = time.monotonic()
+        every row is persisted. `on_poll(status)` is called about twice a second (the fault
+        drill uses it). Ctrl-C stops reading, finishes the frames in flight, flushes and
+        snapshots every line (a second Ctrl-C leaves at once: the next run resumes all the same)."""
         try:
-            while not ray.wait([done], timeout=0.5)[0]:
-                status = ray.get(self.supervisor.status.remote())
-                if bars:
-                    self._update(bars, status["progress"])
-                if on_poll:
-                    on_poll(status)
-                if flush_every_s and time.monotonic() - last_flush >= flush_every_s:
-                    self.writer.flush.remote()
-                    last_flush = time.monotonic()
-        except KeyboardInterrupt:
-            ray.get(self.supervisor.stop.remote())
-        counts = ray.get(done)
-        if bars:
-            self._update(bars, counts)
-            for bar in bars.values():
-                bar.close()
-        return counts
+            ray.get(self.supervisor.start.remote())
+            done = self.supervisor.wait_done.remote()
+            status = ray.get(self.supervisor.status.remote())
+        except ray.exceptions.RayActorError as err:
+            raise SupervisorLost(err) from None
+        totals = status["totals"]
+        bars = self._bars(totals) if progress else None
+        last_flush = time.monotonic()
+        interrupted = abandoned = False
+        try:
+            try:
+                while not ray.wait([done], timeout=0.5)[0]:
+                    status = ray.get(self.supervisor.status.remote())
+                    if bars:
+                        self._update(bars, status["progress"])
+                    if on_poll:
+                        on_poll(status)
+                    if flush_every_s and time.monotonic() - last_flush >= flush_every_s:
+                        self.writer.flush.remote()
+                        last_flush = time.monotonic()
+            except KeyboardInterrupt:
+                interrupted = True
+                print("\nstopping: scoring the frames in flight, then flushing and snapshotting every line "
+                      "(Ctrl-C again to leave at once)", file=sys.stderr, flush=True)
+                ray.get(self.supervisor.stop.remote())
+            try:
+                counts = ray.get(done)
+                if interrupted:
+                    ray.get(self.supervisor.snapshot_all.remote())
+            except KeyboardInterrupt:
+                abandoned = True
+                counts = ray.get(self.writer.status.remote())["last_seq"]
+                counts = {line: counts.get(line, -1) + 1 for line in self.lines}
+            status = ray.get(self.supervisor.status.remote())
+        except ray.exceptions.RayActorError as err:
+            raise SupervisorLost(err) from None
+        finally:
+            if bars:
+                for bar in bars.values():
+                    bar.close()
+        return RunSummary(counts, {line: totals.get(line) for line in self.lines}, interrupted or abandoned,
+                          status["events"], status["event_counts"])
 
     def _bars(self, totals: dict[str, Optional[int]]) -> dict[str, tqdm]:
         known = [t for t in totals.values() if t is not None]
@@ -169,6 +250,11 @@ class LineCluster:
             bars[line].update(seq - bars[line].n)
         bars["__all__"].update(sum(progress.values()) - bars["__all__"].n)
 
+    def shutdown_actors(self) -> None:
+        for actor in [getattr(self, "supervisor", None), *self.ingest, *self.line_actors.values(), self.writer]:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+
     def shutdown(self) -> None:
-        for actor in [self.supervisor, *self.ingest, *self.line_actors.values(), self.writer]:
-            ray.kill(actor, no_restart=True)
+        self.shutdown_actors()
+        self.lock.release()

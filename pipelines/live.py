@@ -5,7 +5,12 @@ import ray
 
 from configs.pipeline import FolderSourceConfig
 
-from .common import add_cluster_arguments, load_config_or_exit, quiet_logs
+from .common import (
+    EXIT_INTERRUPTED,
+    add_cluster_arguments,
+    load_config_or_exit,
+    quiet_logs,
+)
 from .line_cluster import LineCluster, start_ray
 
 
@@ -15,7 +20,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    cfg = load_config_or_exit(args.config, out=args.out)
+    cfg = load_config_or_exit(args.config, lines=args.lines, out=args.out)
     if cfg is None:
         return 2
     if isinstance(cfg.source, FolderSourceConfig) and not cfg.source.watch:
@@ -25,9 +30,10 @@ def main(args) -> int:
     cluster = LineCluster(cfg, args.lines)
     print(f"live: {len(cluster.lines)} lines -> {cfg.results_dir} (Ctrl-C to stop)")
     try:
-        counts = cluster.run(progress=not args.no_progress, flush_every_s=cfg.writer_flush_s)
+        summary = cluster.run(progress=not args.no_progress, flush_every_s=cfg.writer_flush_s)
     finally:
         cluster.shutdown()
-    print(f"stopped after {sum(counts.values())} frames")
     ray.shutdown()
-    return 0
+    print(f"stopped after {sum(summary.counts.values())} frames")
+    print("\n".join(summary.describe(cfg.results_dir)))
+    return EXIT_INTERRUPTED if summary.interrupted else 0

@@ -2,16 +2,22 @@
 lines in parallel, with the same results a live run gives."""
 from __future__ import annotations
 
+import sys
 import time
 
 import ray
 
-from .common import add_cluster_arguments, load_config_or_exit, quiet_logs
-from .line_cluster import LineCluster, start_ray
+from .common import (
+    EXIT_INTERRUPTED,
+    add_cluster_arguments,
+    load_config_or_exit,
+    quiet_logs,
+)
+from .line_cluster import LineCluster, RunSummary, start_ray
 
 
-def run_replay(cfg, address=None, progress=True) -> dict[str, int]:
-    """Replay every line of `cfg.source` once; returns frames per line."""
+def run_replay(cfg, address=None, progress=True) -> RunSummary:
+    """Replay every line of `cfg.source` once (or what is left of it after an interrupted run)."""
     start_ray(address)
     cluster = LineCluster(cfg)
     try:
@@ -31,9 +37,11 @@ def main(args) -> int:
         return 2
     quiet_logs()
     started = time.monotonic()
-    counts = run_replay(cfg, args.address, progress=not args.no_progress)
-    elapsed = time.monotonic() - started
-    total = sum(counts.values())
-    print(f"replayed {total} frames of {len(counts)} lines in {elapsed:.1f}s; results in {cfg.results_dir}")
+    summary = run_replay(cfg, args.address, progress=not args.no_progress)
     ray.shutdown()
-    return 0
+    total = sum(summary.counts.values())
+    verb = "stopped after" if summary.interrupted else "replayed"
+    print(f"{verb} {total} frames of {len(summary.counts)} lines in {time.monotonic() - started:.1f}s; "
+          f"results in {cfg.results_dir}", file=sys.stderr if summary.interrupted else sys.stdout)
+    print("\n".join(summary.describe(cfg.results_dir)))
+    return EXIT_INTERRUPTED if summary.interrupted else 0

@@ -175,7 +175,7 @@ def restore_line(cfg, line: str, name: str, address=None) -> int:
 
 
 def main(args) -> int:
-    cfg = load_config_or_exit(args.config, out=args.out)
+    cfg = load_config_or_exit(args.config, check=False, out=args.out)
     if cfg is None:
         return 2
     quiet_logs()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -63,6 +64,11 @@ class StrictModel(BaseModel):
 
 
 
+def names_a_file(value: str) -> bool:
+    """Whether a weights setting is a file path rather than a tag such as 'openai'."""
+    return os.sep in value or value.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
 class DetectorSettings(StrictModel):
     """What every detector kind's settings have: the `kind` that selects it in the registry, the
     CLIP backbone and where it runs. Each kind subclasses this with its own fields."""
@@ -81,6 +87,22 @@ class DetectorSettings(StrictModel):
     text_cache_dir: Optional[str] = Field(
         "~/.cache/rareclip", description="where cached text embeddings live; null disables"
     )
+
+    # settings that name weight files (besides `pretrained`, which may also be a tag)
+    weight_fields: ClassVar[tuple[str, ...]] = ()
+
+    def missing_weight_files(self) -> list[str]:
+        """One message per configured weights file that does not exist (checked before a job
+        starts its actors)."""
+        files = {name: getattr(self, name) for name in self.weight_fields}
+        if self.pretrained is not None and names_a_file(self.pretrained):
+            files["pretrained"] = self.pretrained
+        return [
+            f"detector.{name}: no file at {path!r}; set it to the downloaded file's path"
+            + (" (or null for random weights, tests only)" if name == "pretrained" else "")
+            for name, path in files.items()
+            if path is not None and not Path(path).expanduser().is_file()
+        ]
 
     def fingerprint(self) -> str:
         """Hash of every setting that changes the detector's state or results."""

@@ -69,7 +69,7 @@ def test_a_line_resumes_on_another_node_when_its_node_is_removed(multinode, tiny
 
     try:
         plan = KillPlan(job, [("node-of:l0", "l0", 5)], min_snapshots=1, kill=remove_node_of)
-        counts = job.run(progress=False, on_poll=plan)
+        counts = job.run(progress=False, on_poll=plan).counts
         events = ray.get(job.supervisor.status.remote())["events"]
         moved["to"] = ray.get(job.line_actors["l0"].node_id.remote())
     finally:

@@ -84,7 +84,7 @@ def test_a_second_kind_plugs_in_through_the_registry(local_ray, tmp_path):
     images = {line: line_frames(seed, 6) for seed, line in enumerate(["a", "b"])}
     for line, frames in images.items():
         write_folder(tmp_path / "src", line, frames)
-    counts = run_replay(pipeline_config(config, tmp_path / "src", tmp_path / "out"), progress=False)
+    counts = run_replay(pipeline_config(config, tmp_path / "src", tmp_path / "out"), progress=False).counts
     assert counts == {"a": 6, "b": 6}
     rows = read_rows(tmp_path / "out" / "results")
     assert [(r["line_id"], r["seq"]) for r in rows] == [(line, s) for line in "ab" for s in range(6)]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError, DetectorSettings
+from ..config import ConfigError, DetectorSettings, names_a_file
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
@@ -63,7 +62,7 @@ def create_clip_model(config: DetectorSettings) -> torch.nn.Module:
                 return open_clip.create_model(config.model, pretrained=None, force_image_size=config.image_size)
         finally:
             root.setLevel(level)
-    looks_like_path = os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    looks_like_path = names_a_file(pretrained)
     if looks_like_path and not Path(pretrained).expanduser().is_file():
         raise ConfigError(
             f"detector.pretrained points to {pretrained!r}, which does not exist; set it to the "

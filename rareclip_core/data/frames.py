@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import io
-import warnings
+import threading
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .images import HIGH_BIT_MODES
 
 MIN_SIDE = 8
-MAX_PIXELS = 100_000_000
+MAX_PIXELS = 100_000_000  # the default of the pipeline's `max_pixels`
+_PILLOW_LIMIT = threading.Lock()  # Pillow's own pixel limit is a module global
 
 
 class FrameError(ValueError):
@@ -18,25 +19,31 @@ class FrameError(ValueError):
 
 
 def decode_frame(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Image file bytes -> H x W x 3 uint8 RGB.
+    """Image file bytes -> H x W x 3 uint8 RGB, upright (EXIF orientation applied).
 
     Grayscale, palette and RGBA frames are converted to RGB; empty, non-image, truncated,
-    16-bit/float, tiny and absurdly large frames raise FrameError.
+    16-bit/float, tiny and larger than `max_pixels` frames raise FrameError. `max_pixels` is the
+    only pixel limit: Pillow's own decompression-bomb limit is lifted while decoding, so that
+    the project's (configurable) one applies instead.
     """
     if not data:
         raise FrameError("empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise FrameError(f"image is {width}x{height}, over the {max_pixels} pixel limit")
-            image.load()
+        with _PILLOW_LIMIT:
+            pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                image = Image.open(io.BytesIO(data))
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise FrameError(
+                        f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}; "
+                        "raise `max_pixels` in the pipeline config to accept it"
+                    )
+                image.load()
+            finally:
+                Image.MAX_IMAGE_PIXELS = pillow_limit
     except FrameError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise FrameError(f"image too large: {err}") from None
     except Image.UnidentifiedImageError:
         raise FrameError("not an image file PIL can read (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError) as err:
@@ -45,4 +52,5 @@ def decode_frame(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise FrameError(f"{image.mode} image (more than 8 bits per channel) is not supported; export 8-bit frames")
     if min(width, height) < MIN_SIDE:
         raise FrameError(f"image is {width}x{height}, smaller than {MIN_SIDE} pixels on a side")
+    image = ImageOps.exif_transpose(image)
     return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))

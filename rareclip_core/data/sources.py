@@ -6,6 +6,10 @@ after a crash gives every frame the same number again (exactly-once rests on tha
 from __future__ import annotations
 
 import csv
+import os
+import threading
+import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -33,11 +37,13 @@ def read_uri(uri: str) -> bytes:
 
 
 class FolderSource:
-    """One folder per line under `root` (or the given `lines`); files sorted by name. `live`
-    sources grow: re-reading from a seq later yields the files that appeared since (their
-    names must sort after the earlier ones)."""
+    """One folder per line under `root` (or the given `lines`). `listing(line)` is the line's
+    frames present now, by name: every entry that is not a folder or hidden (a name starting with
+    '.', the way to write a file before renaming it complete), broken links included (they get an
+    error row). A `live` source grows, and takes a file only once it is complete: not modified
+    for `settle_s` seconds (a camera still writing it keeps touching it)."""
 
-    def __init__(self, root: str, lines: Optional[list[str]] = None, live: bool = False):
+    def __init__(self, root: str, lines: Optional[list[str]] = None, live: bool = False, settle_s: float = 0.0):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"source folder {self.root} does not exist (expected <root>/<line_id>/<images>)")
@@ -45,36 +51,46 @@ class FolderSource:
         if not self._lines:
             raise FileNotFoundError(f"source folder {self.root} has no line subfolders")
         self.live = live
+        self.settle_s = settle_s if live else 0.0
 
     def lines(self) -> list[str]:
         return list(self._lines)
 
-    def frames(self, line_id: str, start_seq: int = 0) -> Iterator[FrameRef]:
-        """The frames present now, from `start_seq` on."""
+    def listing(self, line_id: str) -> list[str]:
         folder = self.root / line_id
-        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")) if folder.is_dir() else []
-        for seq, path in enumerate(files[start_seq:], start=start_seq):
-            yield FrameRef(line_id, seq, str(path))
+        if not folder.is_dir():
+            return []
+        now = time.time()
+        found = []
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or entry.is_dir():
+                    continue
+                if self.settle_s and now - entry.stat(follow_symlinks=False).st_mtime < self.settle_s:
+                    continue  # still being written
+                found.append(entry.name)
+        return [str(folder / name) for name in sorted(found)]
 
 
 class ManifestSource:
-    """A CSV or Parquet table with columns line_id, uri and optional timestamp; a line's order is
-    by timestamp when present (stable), else the table's row order."""
+    """A CSV or Parquet table with columns line_id, uri and optional timestamp (or a folder of
+    such tables, read in name order: a job's ingest ledger folder replays its frames exactly); a
+    line's order is by timestamp when present (stable), else the table's row order."""
 
     live = False
 
     def __init__(self, path: str, lines: Optional[list[str]] = None):
-        file = Path(path)
-        if not file.is_file():
-            raise FileNotFoundError(f"manifest {file} does not exist")
-        if file.suffix == ".parquet":
-            rows = pq.read_table(file).to_pylist()
+        target = Path(path)
+        if target.is_dir():
+            files = sorted(p for p in target.iterdir() if p.suffix in (".csv", ".parquet") and not p.name.startswith("."))
+        elif target.is_file():
+            files = [target]
         else:
-            with file.open(newline="") as fh:
-                rows = list(csv.DictReader(fh))
+            raise FileNotFoundError(f"manifest {target} does not exist")
+        rows = [row for file in files for row in _table_rows(file)]
         missing = {"line_id", "uri"} - set(rows[0] if rows else {})
         if missing:
-            raise ValueError(f"manifest {file} lacks column(s) {sorted(missing)}; needs line_id, uri[, timestamp]")
+            raise ValueError(f"manifest {target} lacks column(s) {sorted(missing)}; needs line_id, uri[, timestamp]")
         self._by_line: dict[str, list[str]] = {}
         has_time = "timestamp" in rows[0]
         order = sorted(range(len(rows)), key=lambda i: (str(rows[i]["timestamp"]), i)) if has_time else range(len(rows))
@@ -86,9 +102,8 @@ class ManifestSource:
     def lines(self) -> list[str]:
         return sorted(self._by_line)
 
-    def frames(self, line_id: str, start_seq: int = 0) -> Iterator[FrameRef]:
-        for seq, uri in enumerate(self._by_line.get(line_id, [])[start_seq:], start=start_seq):
-            yield FrameRef(line_id, seq, uri)
+    def listing(self, line_id: str) -> list[str]:
+        return list(self._by_line.get(line_id, []))
 
 
 class DatasetSource:
@@ -109,6 +124,79 @@ class DatasetSource:
     def lines(self) -> list[str]:
         return sorted(self.samples)
 
+    def listing(self, line_id: str) -> list[str]:
+        return [sample.path for sample in self.samples[line_id]]
+
+
+def _table_rows(file: Path) -> list[dict]:
+    if file.suffix == ".parquet":
+        return pq.read_table(file).to_pylist()
+    with file.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+class FrameLedger:
+    """One line's frames in the order they were first seen: seq -> uri, kept in a CSV file
+    (`line_id,seq,uri`, readable as a manifest). New frames are appended and fsynced before
+    they are fed, so a frame's seq never depends on a later listing: a file whose name sorts
+    before those already seen simply gets the next seq when it appears."""
+
+    def __init__(self, path: Path, line_id: str):
+        self.path, self.line_id = path, line_id
+        self.uris: list[str] = [row["uri"] for row in _table_rows(path)] if path.is_file() else []
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+    def extend(self, listing: list[str]) -> int:
+        """Append the entries of `listing` not yet in the ledger (as many times as a uri is listed
+        more often than recorded), in listing order; returns how many."""
+        recorded = Counter(self.uris)
+        new = []
+        for uri in listing:
+            if recorded[uri]:
+                recorded[uri] -= 1
+            else:
+                new.append(uri)
+        if new:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fresh = not self.path.is_file() or self.path.stat().st_size == 0
+            with self.path.open("a", newline="") as fh:
+                writer = csv.writer(fh)
+                if fresh:
+                    writer.writerow(["line_id", "seq", "uri"])
+                writer.writerows([self.line_id, len(self.uris) + i, uri] for i, uri in enumerate(new))
+                fh.flush()
+                os.fsync(fh.fileno())
+            self.uris.extend(new)
+        return len(new)
+
+
+class Source:
+    """What ingestion reads: a source's lines and, per line, its frames with their seqs. With a
+    ledger folder, seqs come from the line's `FrameLedger` (folder and manifest sources: their
+    listings can change between runs); a dataset's fixed order needs none."""
+
+    def __init__(self, inner, ledger_dir: Optional[str] = None):
+        self.inner = inner
+        self.live = inner.live
+        self.ledger_dir = None if ledger_dir is None else Path(ledger_dir)
+        self._ledgers: dict[str, FrameLedger] = {}
+        self._lock = threading.Lock()  # an ingest actor lists from two threads (feeding, totals)
+
+    def lines(self) -> list[str]:
+        return self.inner.lines()
+
     def frames(self, line_id: str, start_seq: int = 0) -> Iterator[FrameRef]:
-        for seq, sample in enumerate(self.samples[line_id][start_seq:], start=start_seq):
-            yield FrameRef(line_id, seq, sample.path)
+        """The line's frames known now, from `start_seq` on (new ones are recorded first)."""
+        if self.ledger_dir is None:
+            uris = self.inner.listing(line_id)
+        else:
+            with self._lock:
+                ledger = self._ledgers.get(line_id)
+                if ledger is None:
+                    ledger = self._ledgers[line_id] = FrameLedger(self.ledger_dir / f"{line_id}.csv", line_id)
+                ledger.extend(self.inner.listing(line_id))
+                uris = list(ledger.uris)
+        for seq in range(start_seq, len(uris)):
+            yield FrameRef(line_id, seq, uris[seq])

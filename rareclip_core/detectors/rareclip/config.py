@@ -2,7 +2,7 @@
 (docs/algorithms/rareclip.md)."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -13,6 +13,7 @@ class RareCLIPConfig(DetectorSettings):
     """RareCLIP detector settings. Defaults are the paper's and the authors' (docs/algorithms/rareclip.md)."""
 
     kind: Literal["rareclip"] = "rareclip"
+    weight_fields: ClassVar[tuple[str, ...]] = ("tpb_weights",)
     # Backbone (sec. 1): model, pretrained, image_size, seed, device, precision (DetectorSettings)
     rarity_blocks: list[int] = Field(default_factory=lambda: [6, 12, 18, 24], min_length=1)
     text_blocks: list[int] = Field(default_factory=lambda: [12, 16, 20, 24], min_length=1)

@@ -1,0 +1,59 @@
+"""Checks a job's configuration can pass before Ray starts: every problem found, each naming the
+setting at fault and the fix, so that nothing fails later inside an actor."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from actors.result_table import line_id_problem
+from configs.pipeline import (
+    FolderSourceConfig,
+    ManifestSourceConfig,
+    PipelineConfig,
+    SyntheticSourceConfig,
+    open_source,
+)
+
+
+def job_problems(cfg: PipelineConfig, lines: Optional[list[str]] = None) -> list[str]:
+    """What would stop the job: an unreadable source, lines that do not exist or cannot be
+    named, settings for unknown lines, missing weight files. Empty when all is well."""
+    problems: list[str] = []
+    known = _source_lines(cfg, problems)
+    chosen = lines or known or []
+    if lines and known is not None:
+        problems += [f"--lines: no line {line!r} in the source (it has {', '.join(known)})" for line in lines if line not in known]
+    for line in chosen:
+        problem = line_id_problem(line)
+        if problem:
+            problems.append(f"source: {problem}; rename the line (its folder, or its id in the manifest)")
+    if known is not None:
+        for field in ("thresholds", "line_detector", "references"):
+            problems += [
+                f"{field}.{line}: no line {line!r} in the source (it has {', '.join(known)})"
+                for line in getattr(cfg, field)
+                if line not in known
+            ]
+    for line in chosen or [None]:
+        detector = cfg.detector if line is None else cfg.detector_for(line)
+        problems += [p for p in detector.missing_weight_files() if p not in problems]
+    return problems
+
+
+def _source_lines(cfg: PipelineConfig, problems: list[str]) -> Optional[list[str]]:
+    """The source's lines (None when it cannot be read, with the reason added to `problems`)."""
+    source = cfg.source
+    if isinstance(source, SyntheticSourceConfig):
+        return list(source.lines)
+    if isinstance(source, FolderSourceConfig) and source.lines:
+        missing = [line for line in source.lines if not (Path(source.root) / line).is_dir()]
+        problems += [f"source.lines: no folder {Path(source.root) / line} for line {line!r}" for line in missing]
+    try:
+        found = open_source(source).lines()
+    except (FileNotFoundError, ValueError) as err:
+        field = "source.path" if isinstance(source, ManifestSourceConfig) else "source.root"
+        problems.append(f"{field}: {err}")
+        return None
+    if isinstance(source, ManifestSourceConfig) and source.lines:
+        problems += [f"source.lines: no line {line!r} in manifest {source.path}" for line in source.lines if line not in found]
+    return found

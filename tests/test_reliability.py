@@ -1,0 +1,318 @@
+"""Nothing lost, nothing doubled in real use: one job per output folder, a ledger of each line's
+frames, files taken once complete, Ctrl-C, line ids, checks before Ray, the pixel limit and EXIF,
+and the job's report of what happened."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from PIL import Image
+
+import run_cluster
+from actors.result_table import (
+    FILE_SCHEMA,
+    line_id_problem,
+    persisted_last_seqs,
+    read_results,
+)
+from pipelines.drill import compare_results
+from pipelines.job_lock import JobLock, JobLockError
+from pipelines.line_cluster import LineCluster, SupervisorLost
+from rareclip_core.data.frames import FrameError, decode_frame
+from rareclip_core.data.sources import FolderSource, FrameLedger, ManifestSource, Source
+from tests.pipeline_helpers import (
+    KillPlan,
+    line_frames,
+    pipeline_config,
+    read_rows,
+    write_folder,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_config(path: Path, source_root: Path, out: Path, **extra) -> Path:
+    config = {
+        "detector": "detector-tiny.yaml",
+        "source": {"kind": "folder", "root": str(source_root), **extra.pop("source", {})},
+        "out": str(out),
+        "map_resolution": None,
+        "line_num_cpus": 0.5,
+        "snapshot": {"every_frames": 5},
+        **extra,
+    }
+    path.write_text(json.dumps(config))  # JSON is YAML
+    # `detector: detector-tiny.yaml` is resolved beside the config file
+    (path.parent / "detector-tiny.yaml").write_text((REPO / "configs" / "detector-tiny.yaml").read_text())
+    return path
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "run_cluster.py", *args, "--no-progress"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_rows(results: Path, n: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if read_results(results, columns=["seq"]).num_rows >= n:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"fewer than {n} rows in {results} after {timeout}s")
+
+
+# ---- one job per output folder ------------------------------------------------------------------
+def test_the_job_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
+    first = JobLock(tmp_path).acquire()
+    with pytest.raises(JobLockError, match=f"another job is writing to {tmp_path}: pid {os.getpid()} on "):
+        JobLock(tmp_path).acquire()
+    first.release()
+    JobLock(tmp_path).acquire().release()
+    # a holder killed with SIGKILL leaves no stale lock
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, '.'); "
+                               "from pipelines.job_lock import JobLock; "
+                               f"JobLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(JobLockError, match=f"pid {holder.pid}"):
+        JobLock(tmp_path).acquire()
+    holder.kill()
+    holder.wait()
+    JobLock(tmp_path).acquire().release()
+
+
+def test_a_second_job_on_the_same_out_is_refused_and_live_stops_cleanly(tmp_path):
+    for i, line in enumerate(("a", "b")):
+        write_folder(tmp_path / "src", line, line_frames(40 + i, 6))
+    config = write_config(tmp_path / "job.yaml", tmp_path / "src", tmp_path / "out", source={"poll_s": 0.2})
+    live = start(["live", "--config", str(config)])
+    try:
+        wait_for_rows(tmp_path / "out" / "results", 12)
+        started = time.monotonic()
+        second = subprocess.run([sys.executable, "run_cluster.py", "replay", "--config", str(config), "--no-progress"],
+                                cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and time.monotonic() - started < 30, second.stderr
+        assert "another job is writing to" in second.stderr and f"pid {live.pid}" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        live.send_signal(signal.SIGINT)
+        out, err = live.communicate(timeout=120)
+    assert live.returncode == 130, err
+    assert "interrupted: run the same command again" in out and "Traceback" not in err
+    rows = read_rows(tmp_path / "out" / "results")
+    assert [(r["line_id"], r["seq"]) for r in rows] == [(line, s) for line in "ab" for s in range(6)]
+
+
+# ---- the ledger and complete files --------------------------------------------------------------
+def test_the_ledger_keeps_seqs_whatever_later_listings_say(tmp_path):
+    ledger = FrameLedger(tmp_path / "l.csv", "l")
+    assert ledger.extend(["IMG_9998.png", "IMG_9999.png"]) == 2
+    # a name that sorts first (IMG_10000 < IMG_9998), and one file listed twice by a manifest
+    assert ledger.extend(["IMG_10000.png", "IMG_9998.png", "IMG_9999.png", "x.png", "x.png"]) == 3
+    assert ledger.uris == ["IMG_9998.png", "IMG_9999.png", "IMG_10000.png", "x.png", "x.png"]
+    again = FrameLedger(tmp_path / "l.csv", "l")  # what a restarted ingest reads
+    assert again.uris == ledger.uris and again.extend(ledger.uris) == 0
+    # the ledger folder is a manifest: replaying it gives the same frames with the same seqs
+    manifest = Source(ManifestSource(str(tmp_path)))
+    assert [(r.seq, r.uri) for r in manifest.frames("l")] == list(enumerate(ledger.uris))
+
+
+def test_a_watched_folder_takes_files_once_complete_and_lists_broken_links(tmp_path):
+    folder = tmp_path / "src" / "line"
+    write_folder(tmp_path / "src", "line", line_frames(1, 2))
+    source = Source(FolderSource(str(tmp_path / "src"), live=True, settle_s=0.5), str(tmp_path / "ledger"))
+    assert list(source.frames("line")) == []  # just written: not yet settled
+    time.sleep(0.6)
+    (folder / "broken.png").symlink_to(folder / "nowhere.png")
+    (folder / ".partial.png").write_bytes(b"hidden: still being written")
+    first = [(r.seq, Path(r.uri).name) for r in source.frames("line")]
+    assert first == [(0, "frame_0000_b.png"), (1, "frame_0001_b.png")]
+    time.sleep(0.6)
+    (folder / "aaa_early.png").write_bytes(png(line_frames(2, 1)[0]))
+    time.sleep(0.6)
+    names = [Path(r.uri).name for r in source.frames("line")]
+    assert names == ["frame_0000_b.png", "frame_0001_b.png", "aaa_early.png", "broken.png"]
+
+
+def test_a_live_folder_gets_one_row_per_file_slow_writes_early_names_and_broken_links(tmp_path):
+    src = tmp_path / "src"
+    write_folder(src, "cam", line_frames(3, 3))
+    config = write_config(tmp_path / "job.yaml", src, tmp_path / "out", source={"poll_s": 0.2, "settle_s": 1.0})
+    live = start(["live", "--config", str(config)])
+    images = line_frames(4, 2)
+    try:
+        wait_for_rows(tmp_path / "out" / "results", 3)
+        data = png(images[0])
+        with open(src / "cam" / "slow.png", "wb") as fh:  # written in pieces over 2 s
+            for i in range(0, len(data), len(data) // 8 + 1):
+                fh.write(data[i : i + len(data) // 8 + 1])
+                fh.flush()
+                time.sleep(0.25)
+        (src / "cam" / "aaa_early.png").write_bytes(png(images[1]))
+        (src / "cam" / "zz_broken.png").symlink_to(src / "cam" / "gone.png")
+        wait_for_rows(tmp_path / "out" / "results", 6)
+    finally:
+        live.send_signal(signal.SIGINT)
+        live.communicate(timeout=120)
+    assert live.returncode == 130
+    rows = read_rows(tmp_path / "out" / "results")
+    by_name = {Path(r["uri"]).name: r for r in rows}
+    assert sorted(by_name) == sorted(p.name for p in (src / "cam").iterdir()) and len(rows) == 6
+    assert [r["seq"] for r in rows] == list(range(6))
+    assert by_name["slow.png"]["status"] == "ok" and by_name["aaa_early.png"]["status"] == "ok"
+    assert by_name["aaa_early.png"]["seq"] > 2  # the next seq when it appeared, nothing shifted
+    assert by_name["zz_broken.png"]["status"] == "error" and "cannot read" in by_name["zz_broken.png"]["error"]
+
+
+# ---- Ctrl-C ---------------------------------------------------------------------------------------
+def test_ctrl_c_on_replay_stops_cleanly_and_a_rerun_resumes(tmp_path):
+    for i, line in enumerate(("a", "b")):
+        write_folder(tmp_path / "src", line, line_frames(50 + i, 40))
+    config = write_config(tmp_path / "job.yaml", tmp_path / "src", tmp_path / "out", max_in_flight=2)
+    replay = start(["replay", "--config", str(config)])
+    wait_for_rows(tmp_path / "out" / "results", 10)
+    replay.send_signal(signal.SIGINT)
+    out, err = replay.communicate(timeout=90)
+    assert replay.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted: run the same command again" in out
+    stopped = read_rows(tmp_path / "out" / "results")
+    assert 10 <= len(stopped) < 80
+    resumed = subprocess.run([sys.executable, "run_cluster.py", "replay", "--config", str(config), "--no-progress"],
+                             cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr
+    reference = write_config(tmp_path / "ref.yaml", tmp_path / "src", tmp_path / "ref")
+    subprocess.run([sys.executable, "run_cluster.py", "replay", "--config", str(reference), "--no-progress"],
+                   cwd=REPO, capture_output=True, text=True, timeout=400, check=True)
+    verdict = compare_results(tmp_path / "ref" / "results", tmp_path / "out" / "results")
+    assert verdict["ok"] and verdict["rows"] == 80, verdict
+
+
+def test_a_second_ctrl_c_leaves_at_once_without_a_traceback(tmp_path):
+    write_folder(tmp_path / "src", "a", line_frames(60, 60))
+    config = write_config(tmp_path / "job.yaml", tmp_path / "src", tmp_path / "out", max_in_flight=2)
+    replay = start(["replay", "--config", str(config)])
+    wait_for_rows(tmp_path / "out" / "results", 3)
+    replay.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    replay.send_signal(signal.SIGINT)
+    out, err = replay.communicate(timeout=90)
+    assert replay.returncode == 130 and "Traceback" not in err, err
+    rows = read_rows(tmp_path / "out" / "results")
+    assert [r["seq"] for r in rows] == list(range(len(rows)))  # whatever was kept is contiguous
+
+
+# ---- line ids ----------------------------------------------------------------------------------
+def test_line_ids_are_checked_and_read_back_as_strings(tmp_path):
+    assert line_id_problem("001") is None and line_id_problem("line-7.b_2") is None
+    for bad in ("a=b", "a/b", ".hidden", "_maps", "has space", ""):
+        assert line_id_problem(bad), bad
+    write_folder(tmp_path / "src", "001", line_frames(5, 2))
+    write_folder(tmp_path / "src", "a=b", line_frames(6, 2))
+    config = write_config(tmp_path / "job.yaml", tmp_path / "src", tmp_path / "out")
+    assert run_cluster.main(["replay", "--config", str(config)]) == 2
+    results = tmp_path / "table"
+    (results / "line_id=001" / "date=2026-11-25").mkdir(parents=True)
+    row = {name: None for name in FILE_SCHEMA.names} | {"seq": 4, "status": "ok"}
+    pq.write_table(pa.Table.from_pylist([row], schema=FILE_SCHEMA), results / "line_id=001" / "date=2026-11-25" / "p.parquet")
+    assert persisted_last_seqs(results) == {"001": 4}
+
+
+def test_drill_on_numeric_line_ids_with_a_writer_kill_passes(local_ray, tiny_config, tmp_path):
+    for i, line in enumerate(("001", "002")):
+        write_folder(tmp_path / "src", line, line_frames(70 + i, 40))
+    outs = {}
+    for name, steps in (("clean", []), ("faulty", [("writer", "001", 6)])):
+        cfg = pipeline_config(tiny_config, tmp_path / "src", tmp_path / name, snapshot={"every_frames": 4},
+                              gap_timeout_s=600.0, max_in_flight=2)
+        cluster = LineCluster(cfg)
+        try:
+            plan = KillPlan(cluster, steps)
+            summary = cluster.run(progress=False, on_poll=plan)
+        finally:
+            cluster.shutdown()
+        assert summary.counts == {"001": 40, "002": 40} and len(plan.killed) == len(steps)
+        outs[name] = cfg.results_dir
+    assert summary.event_counts.get("writer restarts") == 1, summary.events
+    verdict = compare_results(outs["clean"], outs["faulty"])
+    assert verdict["ok"] and verdict["rows"] == 80, verdict
+
+
+# ---- checks before Ray ---------------------------------------------------------------------------
+def test_config_problems_are_found_before_ray_starts(tmp_path, capsys):
+    write_folder(tmp_path / "src", "a", line_frames(7, 1))
+    cases = [
+        ({"source": {"root": str(tmp_path / "none")}}, "source.root: source folder"),
+        ({"source": {"lines": ["a", "nosuchline"]}}, "source.lines: no folder"),
+        ({"thresholds": {"unknown_line": 1.0}}, "thresholds.unknown_line: no line 'unknown_line'"),
+        ({"line_detector": {"ghost": {"max_images": 5}}}, "line_detector.ghost: no line 'ghost'"),
+    ]
+    for i, (extra, message) in enumerate(cases):
+        source = extra.pop("source", {})
+        config = write_config(tmp_path / f"c{i}.yaml", tmp_path / "src", tmp_path / "out", **extra)
+        data = json.loads(config.read_text())
+        data["source"].update(source)
+        config.write_text(json.dumps(data))
+        assert run_cluster.main(["replay", "--config", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {config}: {message}" in err and "Traceback" not in err, err  # the pre-flight's
+    detector = tmp_path / "weights.yaml"
+    detector.write_text((REPO / "configs" / "detector-tiny.yaml").read_text()
+                        + f"tpb_weights: {tmp_path / 'tpb.pth'}\npretrained: {tmp_path / 'clip.pt'}\n")
+    config = write_config(tmp_path / "w.yaml", tmp_path / "src", tmp_path / "out")
+    config.write_text(config.read_text().replace('"detector-tiny.yaml"', f'"{detector.name}"'))
+    assert run_cluster.main(["replay", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "detector.tpb_weights: no file at" in err and "detector.pretrained: no file at" in err
+
+
+# ---- frames ------------------------------------------------------------------------------------
+def test_the_projects_pixel_limit_is_the_only_one(monkeypatch):
+    image = png(np.zeros((40, 40, 3), dtype=np.uint8))
+    with pytest.raises(FrameError, match="over the limit of 1000; raise `max_pixels`"):
+        decode_frame(image, max_pixels=1000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # Pillow's own limit does not apply
+    assert decode_frame(image, max_pixels=10_000).shape == (40, 40, 3)
+    assert Image.MAX_IMAGE_PIXELS == 500
+
+
+def test_exif_orientation_is_applied():
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :20] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to show
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", exif=exif, quality=95)
+    frame = decode_frame(buffer.getvalue())
+    assert frame.shape == (40, 20, 3)
+    assert frame[:20].mean() > 200 and frame[20:].mean() < 50  # the white half is now on top
+
+
+# ---- what the job reports ------------------------------------------------------------------------
+def test_a_lost_supervisor_says_how_to_resume(local_ray, tiny_config, tmp_path):
+    write_folder(tmp_path / "src", "a", line_frames(8, 30))
+    cluster = LineCluster(pipeline_config(tiny_config, tmp_path / "src", tmp_path / "out", max_in_flight=2))
+
+    def kill_supervisor(status):
+        if sum(status["progress"].values()) >= 3:
+            ray.kill(cluster.supervisor, no_restart=True)
+
+    try:
+        with pytest.raises(SupervisorLost, match="run the same command again to resume"):
+            cluster.run(progress=False, on_poll=kill_supervisor)
+    finally:
+        cluster.shutdown()
