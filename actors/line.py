@@ -18,6 +18,7 @@ from rareclip_core.data.frames import decode_frame
 from rareclip_core.data.sources import read_uri
 
 from .frames import Frame
+from .reference_log import ReferenceAddition, ReferenceLog, reference_images
 from .result_table import STATUS_ERROR, STATUS_OK
 from .snapshots import SnapshotStore
 
@@ -41,6 +42,7 @@ class LineSettings:
     snapshot_keep: int = 3
     supervisor_name: Optional[str] = None
     references: tuple[str, ...] = ()  # normal reference images the line learns first (k-shot)
+    reference_log: Optional[str] = None  # folder of the references added while it runs (ReferenceLog)
 
 
 def start_afresh(detector: Detector, references: tuple[str, ...]) -> None:
@@ -50,14 +52,26 @@ def start_afresh(detector: Detector, references: tuple[str, ...]) -> None:
         detector.add_normal_references([decode_frame(read_uri(uri)) for uri in references])
 
 
+def apply_reference_addition(detector: Detector, configured: tuple[str, ...], addition: ReferenceAddition) -> None:
+    """References added at a seq: a detector that takes them mid-stream adds them; any other
+    starts afresh with the configured references and these (its references come first)."""
+    if detector.references_mid_stream:
+        detector.add_normal_references(reference_images(addition))
+    else:
+        start_afresh(detector, configured + addition.files)
+
+
 class LineSequencer:
     """The ordering and scoring logic of a line, without Ray: frames are buffered by seq and
     scored when contiguous; a frame whose seq was already scored is skipped; refused frames
-    become error rows without touching the detector."""
+    become error rows without touching the detector. References added at a seq (`reference_log`)
+    are applied just before that frame, also when it is scored again after a restore."""
 
     def __init__(self, line_id: str, detector: Detector, settings: LineSettings, next_seq: int = 0):
         self.line_id = line_id
         self.detector = detector
+        self.configured_references = settings.references
+        self.reference_log = ReferenceLog(settings.reference_log) if settings.reference_log else None
         self.threshold = settings.threshold
         self.map_resolution = settings.map_resolution
         self.backbone_batch = settings.backbone_batch
@@ -90,6 +104,8 @@ class LineSequencer:
         features = iter(self.detector.encode([f.image for f in valid]) if valid else [])
         rows = []
         for frame in frames:
+            for addition in self.reference_log.at(frame.seq) if self.reference_log else []:
+                apply_reference_addition(self.detector, self.configured_references, addition)
             if frame.image is None:
                 rows.append(self._row(frame))
                 continue
@@ -189,6 +205,18 @@ class LineActor:
         writes, self.writes = self.writes, []
         await asyncio.gather(*writes)
         return self.sequencer.next_seq
+
+    def add_references(self, uris: list[str]) -> int:
+        """Normal references for this line from the next frame on (an operator's `references
+        add`): recorded in the line's reference log first, so a restore applies them again at
+        the same seq. Returns that seq."""
+        if not self.sequencer.detector.supports_references:
+            raise ValueError(f"detector kind {self.sequencer.detector.kind!r} takes no normal references")
+        if self.sequencer.reference_log is None:
+            raise ValueError("this job keeps no reference log (LineSettings.reference_log)")
+        at_seq = self.sequencer.next_seq
+        self.sequencer.reference_log.add(at_seq, uris)
+        return at_seq
 
     def progress(self) -> dict:
         if self.error:

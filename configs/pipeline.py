@@ -108,6 +108,14 @@ class PipelineConfig(StrictModel):
         return str(Path(self.out).resolve() / "ledger")
 
     @property
+    def references_dir(self) -> Path:
+        """Where the references added to lines while they run are kept (actors/reference_log.py)."""
+        return Path(self.out).resolve() / "references"
+
+    def reference_log_dir(self, line_id: str) -> str:
+        return str(self.references_dir / line_id)
+
+    @property
     def results_dir(self) -> Path:
         return Path(self.out) / "results"
 

@@ -67,6 +67,22 @@ def materialize_source(cfg: PipelineConfig) -> PipelineConfig:
     return cfg.model_copy(update={"source": folder_source})
 
 
+def running_line_actors(cfg: PipelineConfig, address: str, line: str):
+    """A running job's line actor and supervisor on the cluster at `address` (None, None when
+    the line is not running there; the supervisor None when it is gone)."""
+    start_ray(address)
+    key = job_key(cfg.results_dir)
+    try:
+        actor = ray.get_actor(line_actor_name(key, line), namespace=NAMESPACE)
+    except ValueError:
+        return None, None
+    try:
+        supervisor = ray.get_actor(supervisor_actor_name(key), namespace=NAMESPACE)
+    except ValueError:
+        supervisor = None
+    return actor, supervisor
+
+
 class SupervisorLost(RuntimeError):
     """The job's supervisor died; what was written is kept and a re-run resumes."""
 
@@ -174,6 +190,7 @@ class LineCluster:
             snapshot_keep=cfg.snapshot.keep,
             supervisor_name=supervisor_name,
             references=tuple(str(Path(u).expanduser().resolve()) if "://" not in u else u for u in cfg.references.get(line, ())),
+            reference_log=cfg.reference_log_dir(line),
         )
 
     def source_totals(self) -> dict[str, int]:

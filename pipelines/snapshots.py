@@ -79,32 +79,13 @@ def list_snapshots(cfg, line=None) -> int:
     return 0
 
 
-def _running_actors(cfg, address: str, line: str):
-    """The running job's line actor and supervisor on the cluster at `address`."""
-    import ray
-
-    from actors.names import NAMESPACE, job_key, line_actor_name, supervisor_actor_name
-
-    from .line_cluster import start_ray
-
-    start_ray(address)
-    key = job_key(cfg.results_dir)
-    try:
-        actor = ray.get_actor(line_actor_name(key, line), namespace=NAMESPACE)
-    except ValueError:
-        return None, None
-    try:
-        supervisor = ray.get_actor(supervisor_actor_name(key), namespace=NAMESPACE)
-    except ValueError:
-        supervisor = None
-    return actor, supervisor
-
-
 def reset_line(cfg, line: str, address=None) -> int:
     if address:
         import ray
 
-        actor, _ = _running_actors(cfg, address, line)
+        from .line_cluster import running_line_actors
+
+        actor, _ = running_line_actors(cfg, address, line)
         if actor is None:
             print(f"error: no running line actor for {line} of this job on {address}", file=sys.stderr)
             return 1
@@ -159,7 +140,9 @@ def restore_line(cfg, line: str, name: str, address=None) -> int:
     if address:
         import ray
 
-        actor, supervisor = _running_actors(cfg, address, line)
+        from .line_cluster import running_line_actors
+
+        actor, supervisor = running_line_actors(cfg, address, line)
         if actor is None:
             print(f"no running line actor for {line} on {address}: the next start resumes from {target.name}")
             return 0

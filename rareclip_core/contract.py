@@ -12,7 +12,10 @@ interface, and builds it only through the registry (`rareclip_core.build_detecto
 - `config` (the kind's `DetectorSettings`): `config.fingerprint()` guards snapshots,
   `model_id` names the model in the result table.
 - Optional capabilities are declared, not probed: `supports_references` says whether
-  `add_normal_references(images)` (k normal images of the line) is available.
+  `add_normal_references(images)` (k normal images of the line) is available, and
+  `references_mid_stream` whether it may also be called after frames, adding to what the
+  detector holds (otherwise references come before the first frame: a line given references
+  mid-stream starts afresh with them).
 - `paper_figures(dataset, config, shots)`: the paper's reference figures for `evaluate`, where
   the paper reports some for that dataset, setting and number of normal references.
 """
@@ -56,6 +59,7 @@ class Detector(ABC):
 
     kind: ClassVar[str]
     supports_references: ClassVar[bool] = False
+    references_mid_stream: ClassVar[bool] = False
     config: DetectorSettings
 
     @abstractmethod

@@ -1,0 +1,127 @@
+"""Normal references given to a line while it runs (`references add`): recorded at a seq, applied
+before exactly that frame, again after a crash and restore, so the table equals an uncrashed run."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from actors.frames import Frame
+from actors.line import LineSequencer, LineSettings, start_afresh
+from actors.reference_log import ReferenceLog
+from pipelines.drill import compare_results
+from pipelines.line_cluster import LineCluster
+from rareclip_core import build_detector
+from rareclip_core.data.frames import FrameError
+from tests.pipeline_helpers import KillPlan, line_frames, pipeline_config, read_rows, write_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def reference_file(tmp_path):
+    return write_folder(tmp_path / "refs", "r", line_frames(90, 2))
+
+
+def test_the_log_copies_images_and_keeps_additions_in_seq_order(tmp_path, reference_file):
+    log = ReferenceLog(tmp_path / "log")
+    first = log.add(3, [str(reference_file[0])])
+    log.add(3, [str(reference_file[1])])
+    reference_file[0].unlink()  # the copy is what a replay reads
+    again = ReferenceLog(tmp_path / "log")
+    assert [a.at_seq for a in again.additions] == [3, 3] and again.at(3) == log.at(3)
+    assert Path(first.files[0]).read_bytes() == Path(again.additions[0].files[0]).read_bytes()
+    with pytest.raises(ValueError, match="before the last addition's"):
+        again.add(2, [str(reference_file[1])])
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(FrameError):
+        again.add(5, [str(tmp_path / "bad.png")])
+    assert len(ReferenceLog(tmp_path / "log").additions) == 2  # nothing recorded for the refused one
+
+
+def _rows(sequencer, images, start):
+    frames = [Frame("a", seq, f"f{seq}", 0.0, images[seq]) for seq in range(start, len(images))]
+    return [(r["seq"], r["score"]) for r in sequencer.add(frames)]
+
+
+def test_an_addition_applies_before_its_frame_also_after_a_restore(tiny_config, tmp_path, reference_file):
+    images = line_frames(91, 9)
+    log = ReferenceLog(tmp_path / "log")
+    addition = log.add(4, [str(reference_file[0])])
+    settings = LineSettings(map_resolution=None, reference_log=str(tmp_path / "log"))
+    # by hand: frames 0-3, then RareCLIP starts afresh with the reference (its k-shot comes first)
+    detector = build_detector(tiny_config)
+    expected = [(s, detector.step(images[s]).score) for s in range(4)]
+    start_afresh(detector, addition.files)
+    expected += [(s, detector.step(images[s]).score) for s in range(4, 9)]
+
+    whole = LineSequencer("a", build_detector(tiny_config), settings)
+    assert _rows(whole, images, 0) == expected
+    for restored_at in (2, 6):  # a snapshot before the addition, and one after it
+        detector = build_detector(tiny_config)
+        for seq in range(restored_at):
+            if seq == 4:
+                start_afresh(detector, addition.files)
+            detector.step(images[seq])
+        state = detector.state_dict()
+        resumed = build_detector(tiny_config)
+        resumed.load_state_dict(state)
+        sequencer = LineSequencer("a", resumed, settings, next_seq=restored_at)
+        assert _rows(sequencer, images, restored_at) == expected[restored_at:]
+
+
+def test_references_added_while_running_survive_a_crash_bitwise(local_ray, tiny_config, tmp_path, reference_file):
+    write_folder(tmp_path / "src", "a", line_frames(92, 30))
+    faulty = pipeline_config(tiny_config, tmp_path / "src", tmp_path / "faulty", snapshot={"every_frames": 4},
+                             gap_timeout_s=600.0, max_in_flight=2)
+    cluster = LineCluster(faulty)
+    added = {}
+    try:
+        plan = KillPlan(cluster, [("line:a", "a", 2), ("line:a", "a", 7)], min_snapshots=1, margin=8)
+
+        def add_then_kill(status):
+            if not added:
+                while ray.get(cluster.line_actors["a"].progress.remote())["next_seq"] < 5:
+                    time.sleep(0.01)
+                added["at"] = ray.get(cluster.line_actors["a"].add_references.remote([str(reference_file[0])]))
+            plan(status)
+
+        summary = cluster.run(progress=False, on_poll=add_then_kill)
+    finally:
+        cluster.shutdown()
+    assert summary.counts == {"a": 30} and len(plan.killed) == 2
+    assert all(seq > added["at"] for _, seq in plan.killed), (plan.killed, added)
+    # the uncrashed run, given the same references at the same seq before it starts
+    clean = pipeline_config(tiny_config, tmp_path / "src", tmp_path / "clean", snapshot={"every_frames": 4})
+    ReferenceLog(clean.reference_log_dir("a")).add(added["at"], [str(reference_file[0])])
+    cluster = LineCluster(clean)
+    try:
+        cluster.run(progress=False)
+    finally:
+        cluster.shutdown()
+    verdict = compare_results(clean.results_dir, faulty.results_dir)
+    assert verdict["ok"] and verdict["rows"] == 30, verdict
+    # and the references made a difference from the frame they were given at
+    plain = read_rows(tmp_path / "clean" / "results")
+    assert plain[added["at"]]["score"] != pytest.approx(plain[added["at"] - 1]["score"], abs=0)
+
+
+def test_the_command_records_references_for_a_stopped_job(tmp_path, reference_file):
+    write_folder(tmp_path / "src", "a", line_frames(93, 3))
+    (tmp_path / "detector-tiny.yaml").write_text((REPO / "configs" / "detector-tiny.yaml").read_text())
+    config = tmp_path / "job.yaml"
+    config.write_text(json.dumps({"detector": "detector-tiny.yaml", "source": {"kind": "folder", "root": str(tmp_path / "src")},
+                                  "out": str(tmp_path / "out"), "map_resolution": None}))
+    run = [sys.executable, "run_cluster.py", "references"]
+    proc = subprocess.run(run + ["add", "--config", str(config), "--line", "a", "--seq", "7"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "has no scored frame with seq 7" in proc.stderr, proc.stderr
+    proc = subprocess.run(run + ["add", "--config", str(config), "--line", "a", "--image", str(reference_file[1])],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and "take effect at seq 0" in proc.stdout, proc.stderr
+    listed = subprocess.run(run + ["list", "--config", str(config)], cwd=REPO, capture_output=True, text=True)
+    assert "a  from seq 0: 0-0-0.png" in listed.stdout, listed.stdout + listed.stderr
