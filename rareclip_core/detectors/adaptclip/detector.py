@@ -18,6 +18,7 @@ from ...timing import stage_timer
 from .adapters import AdaptCLIPAdapters, AdapterShapes, read_checkpoint
 from .config import AdaptCLIPConfig
 from .encoder import AdaptCLIPEncoder, FrameFeatures, preprocess, resize_position_embedding, static_text_features
+from .heads import prompt_query_logits, text_alignment_logits, upsample, visual_adapter
 from .paper import paper_figures
 from .prompts import ABNORMAL_STATES, NORMAL_STATES, state_sentences
 
@@ -168,29 +169,29 @@ class AdaptCLIPDetector(Detector):
     def step_features(
         self, features: FrameFeatures, update: Optional[bool] = None, timings: dict[str, float] | None = None
     ) -> DetectionResult:
-        """Score one encoded frame. `update` is ignored: queries never change the state.
-        `timings`: adds seconds in 'visual', 'textual', 'prompt_query' and 'fusion'."""
+        """Score one encoded frame (fusion as the authors' code, docs/algorithms/adaptclip.md sec. 3).
+        `update` is ignored: queries never change the state. `timings`: adds seconds in 'visual',
+        'textual', 'prompt_query' and 'fusion'."""
         timer = stage_timer(timings, self.device)
         tokens = features.patch_tokens.to(self.device)  # n_layers x (1 + P) x D
-        global_feature = features.global_feature.to(self.device)
-        visual = self.adapters.visual_learner
-        y_map_v, y_v = self._text_branch(visual.local_adater(tokens[-1]), visual.global_adapter(global_feature[None])[0],
-                                         self.static_text)
+        global_feature = features.global_feature.to(self.device)[None]  # 1 x D
+        adapted = visual_adapter(self.adapters.visual_learner, tokens[-1:], global_feature)
+        y_map_v, y_v = self._probabilities(*text_alignment_logits(*adapted, self.static_text, self.config.temperature, self.grid))
         timer.lap("visual")
-        y_map_t, y_t = self._text_branch(tokens[-1], global_feature, self.learned_text)
+        raw = text_alignment_logits(tokens[-1:], global_feature, self.learned_text, self.config.temperature, self.grid)
+        y_map_t, y_t = self._probabilities(*raw)
         timer.lap("textual")
         k = self.n_references
         if k:
             y_map_p, y_p, distance = self._prompt_query(tokens[:, 1:])
             timer.lap("prompt_query")
             fused = harmonic_mean((y_map_v + y_map_t + y_map_p) / 3, distance)
-            image_term = (y_v + y_t + y_p) / 3
         else:
             fused = (y_map_v + y_map_t) / 2
         anomaly_map = gaussian_filter(fused.cpu().numpy(), sigma=self.config.blur_sigma)
         peak = torch.tensor(float(anomaly_map.max()), dtype=torch.float64)
         if k:
-            score = harmonic_mean(image_term.double().cpu(), peak)
+            score = harmonic_mean(((y_v + y_t + y_p) / 3).double().cpu(), peak)
         else:
             score = (y_v.double().cpu() + y_t.double().cpu() + peak) / 3
         timer.lap("fusion")
@@ -205,36 +206,23 @@ class AdaptCLIPDetector(Detector):
             },
         )
 
-    def _upsample(self, maps: torch.Tensor) -> torch.Tensor:
-        """B x h x w (or B x C x h x w) -> bilinear (align_corners=False) to S x S."""
-        squeeze = maps.dim() == 3
-        out = F.interpolate(maps[:, None] if squeeze else maps, size=(self.config.image_size,) * 2,
-                            mode="bilinear", align_corners=False)
-        return out[:, 0] if squeeze else out
-
-    def _text_branch(self, tokens: torch.Tensor, global_feature: torch.Tensor, text: torch.Tensor):
-        """Eq. 1-2 (the code's cos / temperature): tokens (1 + P) x D and a D global feature
-        against the 2 x D text features -> (S x S abnormal map, 0-dim abnormal probability)."""
-        t = self.config.temperature
-        patch = torch.softmax(F.normalize(tokens, dim=-1) @ text.T / t, dim=-1)[1:, 1]  # P, class token dropped
-        image = torch.softmax(F.normalize(global_feature, dim=-1) @ text.T / t, dim=-1)[1]
-        return self._upsample(patch.view(1, self.grid, self.grid))[0], image
+    def _probabilities(self, patch_logits: torch.Tensor, image_logits: torch.Tensor):
+        """(1 x 2 x h x w, 1 x 2) logits -> (S x S abnormal map, 0-dim abnormal probability):
+        softmax over the two classes, then bilinear upsampling."""
+        patch = torch.softmax(patch_logits, dim=1)[:, 1:]
+        return upsample(patch, self.config.image_size)[0, 0], torch.softmax(image_logits, dim=1)[0, 1]
 
     def _prompt_query(self, queries: torch.Tensor):
-        """Eq. 5-8 per layer against the references, averaged over layers. queries: n_layers x P x D.
-        Returns the S x S map Y_p, the 0-dim y_p and the harmonic mean over layers of the S x S
-        nearest-reference distance maps A_l."""
-        pq = self.adapters.pq_learner
-        g, maps, scores, distances = self.grid, [], [], []
+        """Eq. 5-8 per layer against every reference held, averaged over layers. queries:
+        n_layers x P x D. Returns Y_p (S x S), y_p (0-dim) and A (S x S): the harmonic mean over
+        layers of the upsampled nearest-reference distances."""
+        g, size = self.grid, self.config.image_size
+        maps, scores, distances = [], [], []
         for layer, memory in enumerate(self.references):
-            q = F.normalize(queries[layer], dim=-1)  # P x D
-            similarity, nearest = (q @ memory.T).max(dim=1)  # Eq. 5 with cosine (1 - cos distance)
-            distances.append(self._upsample((1 - similarity).view(1, g, g))[0])
-            joint = q + (q - memory[nearest]).abs()  # Eq. 6
-            joint = pq.sharebn[layer](joint.T.reshape(1, -1, g, g))  # 1 x D x g x g
-            local = torch.softmax(pq.local_adapter[layer](joint), dim=1)  # 1 x 2 x 4g x 4g (Eq. 7)
-            maps.append(self._upsample(local)[0, 1])
-            flat = joint.flatten(2)[0]  # D x P
-            pooled = (flat.mean(1) + flat.topk(min(self.config.top_k, flat.shape[1]), dim=1).values.mean(1)) / 2  # Eq. 8
-            scores.append(torch.softmax(pq.global_adapter[layer](pooled[None]), dim=-1)[0, 1])
+            q = F.normalize(queries[layer], dim=-1)[None]
+            local, image, distance = prompt_query_logits(self.adapters.pq_learner, layer, q, memory[None], g, self.config.top_k)
+            y_map, y = self._probabilities(local, image)
+            maps.append(y_map)
+            scores.append(y)
+            distances.append(upsample(distance.view(1, 1, g, g), size)[0, 0])
         return torch.stack(maps).mean(0), torch.stack(scores).mean(), harmonic_mean(*distances)
