@@ -12,6 +12,7 @@ from configs.loading import load_detector_config
 from pipelines.evaluate import paper_figures
 from pipelines.replay import run_replay
 from rareclip_core import ConfigError, build_detector, detector_config_from_dict
+from rareclip_core.backbone import VisionOptions, vision_forward
 from rareclip_core.detectors.adaptclip.adapters import (
     AdaptCLIPAdapters,
     AdapterShapes,
@@ -149,6 +150,23 @@ def test_harmonic_mean_and_position_embedding_resize_by_hand():
     # bilinear, align_corners=False: output column j samples input column (j + 0.5) / 2 - 0.5, clamped
     expected = [min(max((j + 0.5) / 2 - 0.5, 0), 13) for j in range(28)]
     assert new[1:29, 0].tolist() == pytest.approx(expected)
+
+
+def test_features_are_the_value_value_tokens_and_the_global_feature_skips_ln_post(detector):
+    image = preprocess(textured_frames(1)[0], 256)[None]
+    visual = detector.encoder.visual
+    out = vision_forward(visual, image, VisionOptions(blocks=(1, 2, 3, 4), value_value_from=1))
+    frame = detector.encoder(image)[0]
+    assert torch.equal(frame.global_feature, (out.final[0, :1] @ visual.proj)[0])
+    assert torch.equal(frame.patch_tokens[2], visual.ln_post(out.value_tokens[3][0]) @ visual.proj)
+    assert not torch.equal(out.value_tokens[3], out.tokens[3])  # the V-V path is not the ordinary one
+
+
+def test_untrained_adapters_warn_when_clip_is_real(tiny, tmp_path):
+    clip = tmp_path / "tiny-clip.pt"
+    torch.save(open_clip.create_model("rareclip-tiny", pretrained=None).state_dict(), clip)
+    with pytest.warns(UserWarning, match="detector.weights is not set: AdaptCLIP's adapters are untrained"):
+        build_detector(tiny.model_copy(update={"pretrained": str(clip)}))
 
 
 def test_preprocess_squashes_the_whole_frame():
