@@ -59,10 +59,11 @@ def adapter_shapes(config: AdaptCLIPConfig, model: torch.nn.Module) -> AdapterSh
 
 def init_adapters(config: AdaptCLIPConfig, model: torch.nn.Module) -> AdaptCLIPAdapters:
     """Seeded random adapters (the textual learner's frozen tokens from `model`), then the
-    configured checkpoint if any; eval mode."""
+    configured checkpoint if any; eval mode, on `model`'s device."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         adapters = AdaptCLIPAdapters(adapter_shapes(config, model))
+    adapters.to(next(model.parameters()).device)  # the text tower embeds the frozen prompt tokens there
     adapters.textual_learner.fill_frozen_tokens(model, open_clip.get_tokenizer(config.model))
     if config.weights is not None:
         adapters.load_checkpoint(read_checkpoint(config.weights), config.weights)
@@ -91,7 +92,7 @@ class AdaptCLIPDetector(Detector):
         self.config = config
         self.device = resolve_device(config.device)
         model = build_clip(config).to(self.device).eval().requires_grad_(False)
-        self.adapters = init_adapters(config, model).to(self.device)
+        self.adapters = init_adapters(config, model)
         sentences = tuple(state_sentences(s, config.object_noun) for s in (NORMAL_STATES, ABNORMAL_STATES))
         with torch.inference_mode():
             self.static_text = static_text_features(model, sentences, config.model).to(self.device)  # 2 x D

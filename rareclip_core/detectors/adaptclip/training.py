@@ -68,7 +68,7 @@ class _Trainer:
         self.config = config
         self.device = resolve_device(config.device)
         self.model = build_clip(config).to(self.device).eval().requires_grad_(False)
-        self.adapters = init_adapters(config, self.model).to(self.device).train().requires_grad_(True)
+        self.adapters = init_adapters(config, self.model).train().requires_grad_(True)
         self.adapters.textual_learner.requires_grad_(False)
         self.adapters.textual_learner.ctx_pos.requires_grad_(True)
         self.adapters.textual_learner.ctx_neg.requires_grad_(True)
