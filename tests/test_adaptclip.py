@@ -8,11 +8,14 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from PIL import Image
+
 from configs.loading import load_detector_config
 from pipelines.evaluate import paper_figures
 from pipelines.replay import run_replay
 from rareclip_core import ConfigError, build_detector, detector_config_from_dict
 from rareclip_core.backbone import VisionOptions, vision_forward
+from rareclip_core.data.datasets import Sample, load_mask
 from rareclip_core.detectors.adaptclip.adapters import (
     AdaptCLIPAdapters,
     AdapterShapes,
@@ -169,12 +172,19 @@ def test_untrained_adapters_warn_when_clip_is_real(tiny, tmp_path):
         build_detector(tiny.model_copy(update={"pretrained": str(clip)}))
 
 
-def test_preprocess_squashes_the_whole_frame():
+def test_preprocess_and_evaluation_masks_squash_the_whole_frame(tmp_path):
     frame = np.zeros((100, 300, 3), np.uint8)
     frame[:, :150] = 255  # left half white: after squashing, the left half of the square
     x = preprocess(frame, 64)
     assert x.shape == (3, 64, 64)
     assert (x[:, :, :30] > 1.5).all() and (x[:, :, 34:] < -1.4).all()
+    mask = np.zeros((100, 300), np.uint8)
+    mask[:, :100] = 255  # the left third: the left third of the squashed square, outside the centre crop
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    sample = Sample(str(tmp_path / "x.png"), 1, str(tmp_path / "mask.png"), "d", "c")
+    squashed = load_mask(sample, 64, AdaptCLIPConfig.input_view)
+    assert squashed[:, :21].all() and not squashed[:, 22:].any()
+    assert not load_mask(sample, 64).any()
 
 
 def test_zero_shot_results_do_not_depend_on_order_or_batch(detector):
