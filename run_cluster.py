@@ -17,6 +17,7 @@ COMMANDS = {
     "anomalies": ("pipelines.anomalies", "a line's anomalous frames (or its top N scores), highest first"),
     "report": ("pipelines.report", "HTML report of one line: score timeline, histogram, top frames with maps"),
     "train-tpb": ("pipelines.train_tpb", "train the text branch's linear layers (Eq. 4)"),
+    "train-adaptclip": ("pipelines.train_adaptclip", "train AdaptCLIP's three adapters (authors' checkpoint format)"),
     "snapshots": ("pipelines.snapshots", "list, reset or restore a line's snapshots"),
     "references": ("pipelines.references", "give a line normal reference images while it runs, or list them"),
 }

@@ -191,7 +191,7 @@ def score_plan(plan: Plan) -> dict:
     per_seed: dict[str, dict[int, dict]] = {}
     notes: list[str] = []
     for category, samples in plan.samples.items():
-        masks = _category_masks(samples, plan.detector.image_size)
+        masks = _category_masks(samples, plan.detector.image_size, plan.detector.input_view)
         per_seed[category] = {}
         seen: dict[str, list[int]] = {}  # message -> seeds it came up for
         for seed in plan.seeds:
@@ -307,8 +307,8 @@ def join_rows(samples: Sequence[Sample], seed: int, rows: list[dict], category: 
     return [(s, joined[s.path]) for s in samples]
 
 
-def _category_masks(samples: Sequence[Sample], image_size: int) -> dict[str, np.ndarray]:
-    return {s.path: load_mask(s, image_size) for s in samples if not (s.label and s.mask_path is None)}
+def _category_masks(samples: Sequence[Sample], image_size: int, view: str) -> dict[str, np.ndarray]:
+    return {s.path: load_mask(s, image_size, view) for s in samples if not (s.label and s.mask_path is None)}
 
 
 def _load_map(results_dir: Path, row: dict) -> np.ndarray:

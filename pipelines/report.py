@@ -2,7 +2,8 @@
 
 The page shows the line's summary figures, its score timeline and histogram (threshold drawn),
 the top-N frames by score with their stored anomaly maps overlaid, and the latest error rows.
-Maps are read as stored (never recomputed); a map covers the frame's centered min(H, W) square.
+Maps are read as stored (never recomputed); a map covers the frame's centered min(H, W) square,
+or the whole frame for kinds whose input is the squashed frame (`input_view`, e.g. adaptclip).
 """
 import datetime as dt
 import html
@@ -61,30 +62,41 @@ def write_report(results_dir, line: str, out_dir, top: int = DEFAULT_TOP) -> Pat
     maps = {row["seq"]: _load_map(Path(results_dir), row["map_uri"]) for row in top_rows}
     loaded = [m for m in maps.values() if isinstance(m, np.ndarray)]
     scale = (min(float(np.nanmin(m)) for m in loaded), max(float(np.nanmax(m)) for m in loaded)) if loaded else (0, 1)
-    frames = [_render_frame(row, maps[row["seq"]], scale, out) for row in top_rows]
+    views = {row["seq"]: map_view(row["model_id"]) for row in rows if row["model_id"] and row["seq"] in maps}
+    frames = [_render_frame(row, maps[row["seq"]], scale, out, views.get(row["seq"], "center_crop")) for row in top_rows]
 
     page = out / "index.html"
     page.write_text(_page(line, summary, rows, frames, scale), encoding="utf-8")
     return page
 
 
-def overlay_map(frame: Image.Image, anomaly_map: np.ndarray, scale) -> Image.Image:
-    """The frame (RGB, same size) with the map as a heat map over its centered min(W, H) square."""
+def map_view(model_id) -> str:
+    """What part of a frame a row's map covers ("center_crop" or "squash"), from the detector
+    kind its model_id names (unknown kinds: the centre square)."""
+    from rareclip_core import DETECTORS  # loads the detector modules: only when a map is drawn
+
+    entry = DETECTORS.get((model_id or "").split(":")[0])
+    return entry.config.input_view if entry is not None else "center_crop"
+
+
+def overlay_map(frame: Image.Image, anomaly_map: np.ndarray, scale, view: str = "center_crop") -> Image.Image:
+    """The frame (RGB, same size) with the map as a heat map over its centered min(W, H) square
+    (`view` "center_crop") or over the whole frame ("squash")."""
     frame = frame.convert("RGB")
     width, height = frame.size
     side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
+    box = (0, 0, width, height) if view == "squash" else (
+        (width - side) // 2, (height - side) // 2, (width - side) // 2 + side, (height - side) // 2 + side)
     low, high = scale
     values = np.nan_to_num(anomaly_map.astype(np.float32), nan=low, posinf=high, neginf=low)
-    resized = np.asarray(Image.fromarray(values).resize((side, side), Image.Resampling.BILINEAR))
+    resized = np.asarray(Image.fromarray(values).resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.BILINEAR))
     normalized = np.clip((resized - low) / max(high - low, 1e-12), 0.0, 1.0)
     heat = colormaps[HEAT_COLORMAP](normalized)[..., :3] * 255
     opacity = (HEAT_ALPHA[0] + (HEAT_ALPHA[1] - HEAT_ALPHA[0]) * normalized)[..., None]
-    box = (left, top, left + side, top + side)
     blended = (1 - opacity) * np.asarray(frame.crop(box), dtype=np.float32) + opacity * heat
     result = frame.copy()
     result.paste(Image.fromarray(np.round(blended).astype(np.uint8)), box[:2])
-    if side != max(width, height):  # show where the map stops
+    if box != (0, 0, width, height):  # show where the map stops
         ImageDraw.Draw(result).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), outline=(255, 255, 255))
     return result
 
@@ -156,7 +168,7 @@ def _load_map(results_dir: Path, map_uri):
     return anomaly_map
 
 
-def _render_frame(row: dict, anomaly_map, scale, out: Path) -> dict:
+def _render_frame(row: dict, anomaly_map, scale, out: Path, view: str) -> dict:
     """Write frame-<seq>.png (overlay, or the bare frame when there is no map); return the card's data."""
     card = {"row": row, "image": None, "note": None if isinstance(anomaly_map, np.ndarray) else anomaly_map}
     if not row["uri"]:
@@ -171,7 +183,7 @@ def _render_frame(row: dict, anomaly_map, scale, out: Path) -> dict:
     except (OSError, ValueError) as exc:
         card["note"] = f"frame image unreadable ({row['uri']}): {exc}"
         return card
-    shown = overlay_map(frame, anomaly_map, scale) if card["note"] is None else frame.convert("RGB")
+    shown = overlay_map(frame, anomaly_map, scale, view) if card["note"] is None else frame.convert("RGB")
     card["image"] = f"frame-{row['seq']}.png"
     shown.save(out / card["image"])
     return card

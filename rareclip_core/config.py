@@ -90,6 +90,9 @@ class DetectorSettings(StrictModel):
 
     # settings that name weight files (besides `pretrained`, which may also be a tag)
     weight_fields: ClassVar[tuple[str, ...]] = ()
+    # what part of a frame the model sees (and its maps cover): "center_crop" (the shorter side
+    # resized to image_size, then the centre square) or "squash" (the whole frame resized to a square)
+    input_view: ClassVar[str] = "center_crop"
 
     def missing_weight_files(self) -> list[str]:
         """One message per configured weights file that does not exist (checked before a job

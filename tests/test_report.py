@@ -13,7 +13,7 @@ from result_fixture import results_dir_under_test, write_results_fixture
 
 import run_cluster
 from pipelines.query import lines_summary, top_anomalies
-from pipelines.report import overlay_map
+from pipelines.report import map_view, overlay_map
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,10 @@ def test_overlay_covers_only_the_centre_square():
     assert (overlay[:, :20] == 128).all() and (overlay[:, 140:] == 128).all()  # outside the square: untouched
     hot, cold = overlay[10, 30], overlay[100, 120]  # inside: the corner is red, the rest blue
     assert hot[0] > hot[2] and cold[2] > cold[0]
+    # a squashed-input kind's map covers the whole frame: its hot corner is the frame's
+    assert map_view("adaptclip:ViT-L-14-336:openai:0123") == "squash" and map_view("rareclip:x") == "center_crop"
+    squashed = np.asarray(overlay_map(frame, anomaly_map, (0.0, 1.0), "squash")).astype(int)
+    assert squashed[5, 5, 0] > squashed[5, 5, 2] and squashed[5, 150, 2] > squashed[5, 150, 0]
 
 
 def test_unknown_line_exits_2(results_dir, tmp_path, capsys):

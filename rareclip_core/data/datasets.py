@@ -111,14 +111,15 @@ def shuffled(samples: Sequence[Sample], seed: int) -> list[Sample]:
     return out
 
 
-def load_mask(sample: Sample, image_size: int) -> np.ndarray:
+def load_mask(sample: Sample, image_size: int, view: str = "center_crop") -> np.ndarray:
     """Ground truth as an (image_size, image_size) bool array, aligned with the image transform.
 
     Any non-zero mask pixel is a defect (MVTec masks are 0/255; VisA masks hold small
-    defect indices), giving a 0/1 float mask; it is resized so the shorter side is
-    ``image_size`` (PIL bilinear, longer side truncated as torchvision's Resize does),
-    center cropped to ``image_size`` (torchvision's CenterCrop offsets) and binarized at
-    > 0.5. A sample without a mask must be good and gives all False.
+    defect indices), giving a 0/1 float mask. With `view` "center_crop" it is resized so the
+    shorter side is ``image_size`` (PIL bilinear, longer side truncated as torchvision's Resize
+    does), center cropped to ``image_size`` (torchvision's CenterCrop offsets); with "squash"
+    it is resized to ``image_size`` x ``image_size`` whatever its aspect (PIL bilinear). Then
+    binarized at > 0.5. A sample without a mask must be good and gives all False.
     """
     if sample.mask_path is None:
         if sample.label:
@@ -128,6 +129,8 @@ def load_mask(sample: Sample, image_size: int) -> np.ndarray:
     with Image.open(path) as im:
         raw = np.asarray(im.convert("L"))  # (H, W) uint8
     mask = Image.fromarray((raw > 0).astype(np.float32))  # mode "F"
+    if view == "squash":
+        return np.asarray(mask.resize((image_size, image_size), Image.BILINEAR)) > 0.5
     w, h = mask.size
     long_side = int(image_size * max(w, h) / min(w, h))
     new_w, new_h = (image_size, long_side) if w <= h else (long_side, image_size)

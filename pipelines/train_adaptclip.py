@@ -1,0 +1,74 @@
+"""`train-adaptclip`: train AdaptCLIP's three adapters (docs/algorithms/adaptclip.md sec. 5).
+
+As the authors, train on one dataset's test images with their masks (every category), each
+paired with a random good train image of its category as the normal prompt, and use the file
+on other datasets (VisA-trained for MVTec AD lines, MVTec-AD-trained for the rest): point the
+detector's `weights` at it. The file has the authors' checkpoint format. After every epoch
+`<out>.resume.pt` is written; `--resume` continues an interrupted run from it.
+"""
+import sys
+from pathlib import Path
+
+from configs.loading import load_detector_config
+from rareclip_core.config import ConfigError
+from rareclip_core.data.datasets import load_dataset
+from rareclip_core.detectors.adaptclip.config import AdaptCLIPConfig
+from rareclip_core.detectors.adaptclip.training import TrainingSettings, resume_path, train_adapters
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-adaptclip.yaml"
+DEFAULTS = TrainingSettings()
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--dataset", required=True, choices=("mvtec", "visa", "folder"), help="dataset layout")
+    parser.add_argument("--root", required=True, help="dataset root folder (test split: queries; train split: prompts)")
+    parser.add_argument("--out", required=True, help="where to write the adapters' checkpoint (.pth)")
+    parser.add_argument(
+        "--config", default=str(DEFAULT_CONFIG),
+        help="detector YAML, or a pipeline YAML with a `detector:` section (default: %(default)s)",
+    )
+    parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="order and prompt draws")
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="train on N query images spread evenly over the test split (quick runs)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>.resume.pt")
+
+
+def main(args) -> int:
+    if args.epochs < 1 or args.batch_size < 2 or (args.limit is not None and args.limit < 2):
+        print("error: --epochs must be >= 1, --batch-size and --limit >= 2 (BatchNorm needs two)", file=sys.stderr)
+        return 2
+    if resume_path(args.out).is_file() and not args.resume:
+        print(f"error: {resume_path(args.out)} holds an interrupted run: pass --resume, or delete it to start afresh",
+              file=sys.stderr)
+        return 2
+    try:
+        config = load_detector_config(args.config)
+        if not isinstance(config, AdaptCLIPConfig):
+            raise ConfigError(f"{args.config}: train-adaptclip trains AdaptCLIP's adapters; this config's detector is {config.kind!r}")
+        queries = [s for category in load_dataset(args.dataset, args.root, "test").values() for s in category]
+        normals = {c: [s for s in samples if not s.label] for c, samples in load_dataset(args.dataset, args.root, "train").items()}
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    unmasked = [s for s in queries if s.label and s.mask_path is None]
+    if unmasked:
+        print(f"skipping {len(unmasked)} anomalous images without a mask", file=sys.stderr)
+        queries = [s for s in queries if not (s.label and s.mask_path is None)]
+    if args.limit is not None and args.limit < len(queries):
+        queries = [queries[i * len(queries) // args.limit] for i in range(args.limit)]
+    settings = TrainingSettings(args.epochs, args.batch_size, args.lr, DEFAULTS.betas, args.seed)
+    print(f"training AdaptCLIP's adapters on {len(queries)} images ({sum(s.label for s in queries)} anomalous) "
+          f"from {len({s.category for s in queries})} categories of {args.root}")
+    try:
+        _, losses = train_adapters(config, queries, normals, args.out, settings, resume=args.resume)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    steps = max(1, len(losses) // args.epochs)
+    print(f"final loss {losses[-1]:.4f} (last epoch mean {sum(losses[-steps:]) / steps:.4f}, first epoch mean "
+          f"{sum(losses[:steps]) / steps:.4f})")
+    print(f"wrote AdaptCLIP weights to {args.out} (set detector.weights to use them)")
+    return 0

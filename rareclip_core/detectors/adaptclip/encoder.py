@@ -1,0 +1,90 @@
+"""AdaptCLIP's input and frozen backbone (sec. 1 of docs/algorithms/adaptclip.md): the whole
+frame squashed to S x S, CLIP's position embedding resized to the new grid by plain bilinear
+interpolation, and a forward with the value-value path whose patch tokens the adapters use."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ...backbone import VisionOptions, backbone_dtype, vision_forward
+from ...data.images import to_rgb_image
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def preprocess(image, size: int) -> torch.Tensor:
+    """A PIL image or uint8 array -> 3 x size x size: RGB (gray copied to 3 channels), resized to
+    exactly size x size whatever its aspect (bicubic, PIL's antialiasing), OpenAI mean/std."""
+    rgb = to_rgb_image(image).resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean, std = torch.tensor(OPENAI_MEAN)[:, None, None], torch.tensor(OPENAI_STD)[:, None, None]
+    return (x - mean) / std
+
+
+def resize_position_embedding(visual: torch.nn.Module, image_size: int) -> None:
+    """Resize `visual`'s position embedding in place to the grid of `image_size`: the class
+    token's row kept, the g x g grid bilinearly interpolated (align_corners=False, no
+    antialiasing; OpenCLIP's own resize is bicubic with antialiasing)."""
+    patch = visual.patch_size[0]
+    grid = image_size // patch
+    old = visual.positional_embedding.data  # (1 + g0^2) x C
+    g0 = int(round((old.shape[0] - 1) ** 0.5))
+    if g0 != grid:
+        table = old[1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2).float()  # 1 x C x g0 x g0
+        table = F.interpolate(table, size=(grid, grid), mode="bilinear", align_corners=False)
+        table = table.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(old.dtype)
+        visual.positional_embedding = torch.nn.Parameter(torch.cat([old[:1], table]), requires_grad=False)
+    visual.grid_size = (grid, grid)
+    visual.image_size = (image_size, image_size)
+
+
+@dataclass
+class FrameFeatures:
+    """The frozen backbone's output for one frame (no state involved, so frames batch)."""
+
+    global_feature: torch.Tensor  # D: class token of the last block, projected, no ln_post
+    patch_tokens: torch.Tensor  # n_layers x (1 + P) x D: V-V tokens of patch_blocks, ln_post, projected
+
+
+class AdaptCLIPEncoder(torch.nn.Module):
+    """The frozen vision tower: the global feature from the ordinary stream, and the V-V path's
+    tokens of `blocks` through ln_post and the projection."""
+
+    def __init__(self, visual: torch.nn.Module, blocks: list[int], value_value_from: int, device, precision: str):
+        super().__init__()
+        self.dtype = backbone_dtype(precision, device)
+        self.visual = visual.to(device=device, dtype=self.dtype).eval().requires_grad_(False)
+        self.device = device
+        self.options = VisionOptions(blocks=tuple(blocks), value_value_from=value_value_from)
+        self.grid = visual.grid_size[0]
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> list[FrameFeatures]:
+        """images: B x 3 x S x S, normalized. The projections run one frame at a time so that a
+        frame's features are bitwise the same alone or in a batch."""
+        visual = self.visual
+        out = vision_forward(visual, images.to(self.device, self.dtype), self.options)
+        tokens = torch.stack([out.value_tokens[b] for b in self.options.blocks], dim=1)  # B x n x L x C
+        frames = []
+        for i in range(images.shape[0]):
+            global_feature = (out.final[i, :1] @ visual.proj)[0]
+            patch_tokens = visual.ln_post(tokens[i]) @ visual.proj
+            frames.append(FrameFeatures(global_feature.float(), patch_tokens.float()))
+        return frames
+
+
+def static_text_features(model: torch.nn.Module, sentences: tuple[list[str], list[str]], model_name: str) -> torch.Tensor:
+    """w_n, w_a: 2 x D; per class the mean of the sentences' raw text embeddings, then L2-normalized."""
+    tokenizer = open_clip.get_tokenizer(model_name)
+    device = next(model.parameters()).device
+    rows = []
+    with torch.inference_mode():
+        for class_sentences in sentences:
+            rows.append(model.encode_text(tokenizer(class_sentences).to(device)).float().mean(0))
+    return F.normalize(torch.stack(rows), dim=-1).clone()
