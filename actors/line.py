@@ -214,6 +214,13 @@ class LineActor:
             raise ValueError(f"detector kind {self.sequencer.detector.kind!r} takes no normal references")
         if self.sequencer.reference_log is None:
             raise ValueError("this job keeps no reference log (LineSettings.reference_log)")
+        detector = self.sequencer.detector
+        if detector.references_mid_stream:  # a refusal (too many references, say) comes now, not at the frame
+            state = detector.state_dict()
+            try:
+                detector.add_normal_references([decode_frame(read_uri(uri)) for uri in uris])
+            finally:
+                detector.load_state_dict(state)
         at_seq = self.sequencer.next_seq
         self.sequencer.reference_log.add(at_seq, uris)
         return at_seq

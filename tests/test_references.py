@@ -15,7 +15,8 @@ from actors.line import LineSequencer, LineSettings, start_afresh
 from actors.reference_log import ReferenceLog
 from pipelines.drill import compare_results
 from pipelines.line_cluster import LineCluster
-from rareclip_core import build_detector
+from rareclip_core import build_detector, detector_config_from_yaml
+from rareclip_core.data.frames import decode_frame
 from rareclip_core.data.frames import FrameError
 from tests.pipeline_helpers import KillPlan, line_frames, pipeline_config, read_rows, write_folder
 
@@ -48,27 +49,38 @@ def _rows(sequencer, images, start):
     return [(r["seq"], r["score"]) for r in sequencer.add(frames)]
 
 
-def test_an_addition_applies_before_its_frame_also_after_a_restore(tiny_config, tmp_path, reference_file):
+def _given_at_4(detector, addition):
+    """What an addition means by hand: AdaptCLIP adds the references to those it holds; RareCLIP
+    (its k-shot references come first) starts afresh with them."""
+    if detector.kind == "adaptclip":
+        detector.add_normal_references([decode_frame(Path(f).read_bytes()) for f in addition.files])
+    else:
+        start_afresh(detector, addition.files)
+
+
+@pytest.mark.parametrize("kind", ["rareclip", "adaptclip"])
+def test_an_addition_applies_before_its_frame_also_after_a_restore(kind, tiny_config, tmp_path, reference_file):
+    config = tiny_config if kind == "rareclip" else detector_config_from_yaml(REPO / "configs" / "detector-adaptclip-tiny.yaml")
     images = line_frames(91, 9)
     log = ReferenceLog(tmp_path / "log")
     addition = log.add(4, [str(reference_file[0])])
     settings = LineSettings(map_resolution=None, reference_log=str(tmp_path / "log"))
-    # by hand: frames 0-3, then RareCLIP starts afresh with the reference (its k-shot comes first)
-    detector = build_detector(tiny_config)
+    detector = build_detector(config)
     expected = [(s, detector.step(images[s]).score) for s in range(4)]
-    start_afresh(detector, addition.files)
+    _given_at_4(detector, addition)
     expected += [(s, detector.step(images[s]).score) for s in range(4, 9)]
+    assert expected[4][1] != build_detector(config).step(images[4]).score  # the references count
 
-    whole = LineSequencer("a", build_detector(tiny_config), settings)
+    whole = LineSequencer("a", build_detector(config), settings)
     assert _rows(whole, images, 0) == expected
     for restored_at in (2, 6):  # a snapshot before the addition, and one after it
-        detector = build_detector(tiny_config)
+        detector = build_detector(config)
         for seq in range(restored_at):
             if seq == 4:
-                start_afresh(detector, addition.files)
+                _given_at_4(detector, addition)
             detector.step(images[seq])
         state = detector.state_dict()
-        resumed = build_detector(tiny_config)
+        resumed = build_detector(config)
         resumed.load_state_dict(state)
         sequencer = LineSequencer("a", resumed, settings, next_seq=restored_at)
         assert _rows(sequencer, images, restored_at) == expected[restored_at:]

@@ -87,6 +87,7 @@ class AdaptCLIPDetector(Detector):
 
     kind = "adaptclip"
     supports_references = True
+    references_mid_stream = True  # references add to those held, at any point of a stream
 
     def __init__(self, config: AdaptCLIPConfig):
         self.config = config
