@@ -24,31 +24,13 @@ from tqdm import tqdm
 from ...backbone import ClipBackbone, load_backbone, resolve_device
 from ...data.datasets import Sample, load_mask
 from ...data.images import to_rgb_image
+from ...ops.losses import dice_loss, focal_loss
 from .config import RareCLIPConfig
 from .text_branch import TextProjection, cached_state_embeddings, init_text_projection
 
 # Backbone outputs are kept in memory across epochs when they take at most this many bytes;
 # otherwise each epoch runs the frozen backbone again (ViT-L at 518 needs ~22 MB per image).
 FEATURE_CACHE_BYTES = 4 * 2**30
-
-
-def focal_loss(logits: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
-    """Focal loss (Lin et al.) of Eq. 4: mean over pixels of -(1 - p_t)^gamma log p_t.
-
-    logits: B x 2 x H x W (channel 0 normal, 1 abnormal); mask: B x H x W in {0, 1};
-    p_t = softmax(logits)[mask], computed as a log-softmax for stability.
-    """
-    log_pt = F.log_softmax(logits, dim=1).gather(1, mask[:, None].long())[:, 0]
-    return (-((1 - log_pt.exp()) ** gamma) * log_pt).mean()
-
-
-def dice_loss(probs: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Dice loss of Eq. 4: 1 - (2 sum(p y) + s) / (sum p + sum y + s) per image, mean over the batch.
-
-    probs, target: B x H x W.
-    """
-    p, y = probs.flatten(1), target.flatten(1).to(probs.dtype)
-    return (1 - (2 * (p * y).sum(1) + smooth) / (p.sum(1) + y.sum(1) + smooth)).mean()
 
 
 def tpb_loss(

@@ -1,0 +1,58 @@
+"""AFRCLIPConfig: AFR-CLIP's settings. Defaults are the paper's where it gives them; the fields
+marked [ours] fill its gaps (docs/algorithms/afrclip.md, "Our choices")."""
+from __future__ import annotations
+
+from typing import ClassVar, Literal, Optional
+
+from pydantic import Field, model_validator
+
+from ...config import DetectorSettings
+
+
+class AFRCLIPConfig(DetectorSettings):
+    """AFR-CLIP detector settings (backbone fields from DetectorSettings: ViT-L-14-336 at 518)."""
+
+    kind: Literal["afrclip"] = "afrclip"
+    weight_fields: ClassVar[tuple[str, ...]] = ("weights",)
+    weights: Optional[str] = Field(
+        None,
+        description="checkpoint of the learned parts (adapters, CMFR, self-prompting), written by "
+        "`run_cluster.py train-afrclip`; null: seeded random parts (tests only)",
+    )
+    product: str = Field("object", min_length=1, description="the line's product name c in the prompts [ours: fallback 'object']")
+    stage_blocks: list[int] = Field(
+        default_factory=lambda: [6, 12, 18, 24], min_length=1, description="1-indexed blocks ending the stages"
+    )
+    # Self-prompting (Eq. 15-18)
+    n_prompts: int = Field(5, ge=1, description="K, visual prompt tokens")
+    prompt_blocks: list[int] = Field(
+        default_factory=lambda: [2, 3, 4, 5, 6],
+        min_length=1,
+        description="blocks fed the prompt tokens: appended before the first, refreshed before the others, "
+        "dropped after the last [ours: the paper overwrites K patch tokens]",
+    )
+    cnn: str = Field("wide_resnet50_2", description="torchvision model builder of the prompt CNN [ours]; a ResNet-like model with `fc`")
+    cnn_weights: Optional[str] = Field(
+        "IMAGENET1K_V1",
+        description="torchvision weights name (e.g. IMAGENET1K_V1), a local state-dict file, or null for random weights",
+    )
+    cnn_image_size: Optional[int] = Field(None, ge=32, description="side of the CNN's input [ours]; null: image_size")
+    # Scoring (Eq. 7-14, 19-21)
+    mpfa_size: int = Field(3, ge=1, description="m, MPFA neighbourhood side (odd)")
+    temperature: float = Field(1.0, gt=0, description="tau in softmax(S / tau) [ours]; 1.0 is the paper's Eq. 9 and 13")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.mpfa_size % 2 == 0:
+            raise ValueError(f"mpfa_size must be odd, got {self.mpfa_size}")
+        if any(b < 1 for b in self.stage_blocks) or sorted(set(self.stage_blocks)) != self.stage_blocks:
+            raise ValueError(f"stage_blocks must be increasing 1-indexed blocks, got {self.stage_blocks}")
+        first = self.prompt_blocks[0]
+        if first < 2 or self.prompt_blocks != list(range(first, first + len(self.prompt_blocks))):
+            raise ValueError(f"prompt_blocks must be consecutive blocks from 2 on (block 1 runs unchanged), got {self.prompt_blocks}")
+        return self
+
+    def heads_shape(self, width: int, embed_dim: int, cnn_dim: int) -> dict:
+        """What fixes the learned parts' shapes (a checkpoint's `config`)."""
+        return {"model": self.model, "width": width, "embed_dim": embed_dim, "cnn": self.cnn, "cnn_dim": cnn_dim,
+                "stages": len(self.stage_blocks), "n_prompts": self.n_prompts}
