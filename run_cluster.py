@@ -17,6 +17,7 @@ COMMANDS = {
     "anomalies": ("pipelines.anomalies", "a line's anomalous frames (or its top N scores), highest first"),
     "report": ("pipelines.report", "HTML report of one line: score timeline, histogram, top frames with maps"),
     "train-tpb": ("pipelines.train_tpb", "train the text branch's linear layers (Eq. 4)"),
+    "train-afrclip": ("pipelines.train_afrclip", "train AFR-CLIP's adapters, CMFR and self-prompts on an annotated dataset"),
     "snapshots": ("pipelines.snapshots", "list, reset or restore a line's snapshots"),
 }
 

@@ -47,7 +47,7 @@ def read_checkpoint(path: str | Path, field: str) -> dict:
     return checkpoint
 
 
-def apply_checkpoint(heads: AFRCLIPHeads, checkpoint: dict, shape: dict, path: str | Path) -> None:
+def apply_checkpoint(heads: AFRCLIPHeads, checkpoint: dict, shape: dict, path: str | Path, field: str = "detector.weights") -> None:
     """Load the checkpoint's learned parts; ConfigError listing missing, unexpected or
     mismatched keys (and the settings that differ) when it was made for another model."""
     state = checkpoint["state_dict"]
@@ -59,7 +59,7 @@ def apply_checkpoint(heads: AFRCLIPHeads, checkpoint: dict, shape: dict, path: s
         saved = checkpoint.get("config", {})
         differ = {k: (saved.get(k), v) for k, v in shape.items() if saved.get(k) != v}
         raise ConfigError(
-            f"detector.weights: {path} does not fit this detector: missing keys {missing}, unexpected keys "
+            f"{field}: {path} does not fit this detector: missing keys {missing}, unexpected keys "
             f"{unexpected}, shape mismatches {mismatched}; settings (checkpoint, this config) that differ: {differ}. "
             "Use a checkpoint trained with the same model, cnn, stage_blocks and n_prompts."
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator
 
 from ...config import DetectorSettings
 
@@ -41,16 +41,26 @@ class AFRCLIPConfig(DetectorSettings):
     mpfa_size: int = Field(3, ge=1, description="m, MPFA neighbourhood side (odd)")
     temperature: float = Field(1.0, gt=0, description="tau in softmax(S / tau) [ours]; 1.0 is the paper's Eq. 9 and 13")
 
-    @model_validator(mode="after")
-    def _check(self):
-        if self.mpfa_size % 2 == 0:
-            raise ValueError(f"mpfa_size must be odd, got {self.mpfa_size}")
-        if any(b < 1 for b in self.stage_blocks) or sorted(set(self.stage_blocks)) != self.stage_blocks:
-            raise ValueError(f"stage_blocks must be increasing 1-indexed blocks, got {self.stage_blocks}")
-        first = self.prompt_blocks[0]
-        if first < 2 or self.prompt_blocks != list(range(first, first + len(self.prompt_blocks))):
-            raise ValueError(f"prompt_blocks must be consecutive blocks from 2 on (block 1 runs unchanged), got {self.prompt_blocks}")
-        return self
+    @field_validator("mpfa_size")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"must be odd, got {value}")
+        return value
+
+    @field_validator("stage_blocks")
+    @classmethod
+    def _increasing(cls, value: list[int]) -> list[int]:
+        if value[0] < 1 or sorted(set(value)) != value:
+            raise ValueError(f"must be increasing 1-indexed blocks, got {value}")
+        return value
+
+    @field_validator("prompt_blocks")
+    @classmethod
+    def _consecutive(cls, value: list[int]) -> list[int]:
+        if value[0] < 2 or value != list(range(value[0], value[0] + len(value))):
+            raise ValueError(f"must be consecutive blocks from 2 on (block 1 runs unchanged), got {value}")
+        return value
 
     def heads_shape(self, width: int, embed_dim: int, cnn_dim: int) -> dict:
         """What fixes the learned parts' shapes (a checkpoint's `config`)."""

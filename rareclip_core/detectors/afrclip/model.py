@@ -84,9 +84,9 @@ def encode_prompts(clip: torch.nn.Module, model_name: str, products: list[str]) 
     return out
 
 
-def load_model(config: AFRCLIPConfig, device: torch.device, products: list[str]) -> AFRCLIPModel:
+def load_model(config: AFRCLIPConfig, device: torch.device, products: list[str], training: bool = False) -> AFRCLIPModel:
     """CLIP (text tower used once, then dropped), the CNN, and the learned parts: `weights`, or
-    seeded random ones (with a warning where CLIP's weights are real)."""
+    seeded random ones (with a warning where CLIP's weights are real, unless `training`)."""
     clip = create_clip_model(config)
     depth = len(clip.visual.transformer.resblocks)
     for name in ("stage_blocks", "prompt_blocks"):
@@ -96,7 +96,7 @@ def load_model(config: AFRCLIPConfig, device: torch.device, products: list[str])
     cnn, cnn_dim = build_cnn(config)
     vision = PromptedVision(config, clip.visual, cnn, device)
     heads = load_heads(config, vision.width, clip.visual.output_dim, cnn_dim)
-    if config.weights is None and config.pretrained is not None:
+    if config.weights is None and config.pretrained is not None and not training:
         warnings.warn(
             "detector.weights is not set: AFR-CLIP's adapters, CMFR and prompts are untrained, so its scores "
             "are noise. Train them with `run_cluster.py train-afrclip` and set detector.weights to the file.",
