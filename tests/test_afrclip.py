@@ -10,7 +10,6 @@ from PIL import Image
 from rareclip_core import ConfigError, build_detector, detector_config_from_dict, detector_config_from_yaml
 from rareclip_core.detectors.afrclip.checkpoint import save_checkpoint
 from rareclip_core.detectors.afrclip.config import AFRCLIPConfig
-from rareclip_core.detectors.afrclip.detector import AFRCLIPDetector
 from rareclip_core.detectors.afrclip.parts import AFRCLIPHeads
 from rareclip_core.ops.maps import neighbourhood_mean
 from tests.conftest import REPO, textured_frames
@@ -37,6 +36,8 @@ def test_configs_load_with_the_papers_settings(config):
     assert paper.missing_weight_files() == []
     assert AFRCLIPConfig(weights="/nowhere/afr.pth").missing_weight_files() == [
         "detector.weights: no file at '/nowhere/afr.pth'; set it to the downloaded file's path"]
+    assert AFRCLIPConfig(cnn_weights="/nowhere/wrn.pth").missing_weight_files()[0].startswith(
+        "detector.cnn_weights: no file at '/nowhere/wrn.pth'")
     with pytest.raises(ConfigError, match="mpfa_size: must be odd"):
         detector_config_from_dict({"kind": "afrclip", "mpfa_size": 2})
     with pytest.raises(ConfigError, match="prompt_blocks: must be consecutive blocks from 2 on"):
@@ -138,3 +139,18 @@ def test_a_checkpoint_loads_back_bitwise_and_bad_ones_name_the_problem(config, d
                     tmp_path / "three.pth")
     with pytest.raises(ConfigError, match=r"missing keys \['sp.proj.3.bias'.*'n_prompts': \(3, 5\)"):
         build_detector(config.model_copy(update={"weights": str(tmp_path / "three.pth")}))
+
+
+def test_the_cnn_loads_a_local_state_dict_and_refuses_a_foreign_one(config, tmp_path):
+    from rareclip_core.detectors.afrclip.cnn import build_cnn
+
+    source, dim = build_cnn(config.model_copy(update={"seed": 7}))  # random resnet18 weights, another seed
+    assert dim == 512
+    state = dict(source.state_dict())
+    state.update({"fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)})  # a full classifier's file
+    torch.save(state, tmp_path / "resnet18.pth")
+    loaded, _ = build_cnn(config.model_copy(update={"cnn_weights": str(tmp_path / "resnet18.pth")}))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in source.state_dict().items())
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "foreign.pth")
+    with pytest.raises(ConfigError, match="detector.cnn_weights .*foreign.pth' does not fit detector.cnn"):
+        build_cnn(config.model_copy(update={"cnn_weights": str(tmp_path / "foreign.pth")}))

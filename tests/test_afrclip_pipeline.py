@@ -1,7 +1,6 @@
 """AFR-CLIP through the real jobs: replay (two lines, one with its own product name, backbone
 batches, snapshots) gives the detector's own scores, and evaluate gives the same metrics for
 every shuffle of the test order (it keeps no stream state)."""
-import numpy as np
 import pytest
 
 from pipelines.evaluate import METRICS, evaluate

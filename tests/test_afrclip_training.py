@@ -71,7 +71,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(config, samples, tmp_path):
                                                    checkpoint_dir=tmp_path / "b", resume=True))
 
 
-def test_cli_writes_the_checkpoint_format(config, samples, tmp_path, capsys):
+def test_cli_writes_the_checkpoint_format(config, tmp_path, capsys):
     root = str(tmp_path / "data")
     write_mvtec_dataset(root, n_train_good=0, n_test_good=2, n_test_defect=2, size=64)
     pipeline = tmp_path / "pipeline.yaml"  # a pipeline-style YAML with a `detector:` section

@@ -53,9 +53,18 @@ def _load_state_file(cnn: torch.nn.Module, path: str) -> None:
     if not file.is_file():
         raise ConfigError(f"detector.cnn_weights: no file at {path!r}; set it to a {type(cnn).__name__} state dict, a weights name, or null")
     state = torch.load(file, map_location="cpu", weights_only=True)
-    missing, unexpected = cnn.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"detector.cnn_weights {path!r} does not fit detector.cnn: missing keys {missing[:5]}, unexpected {unexpected[:5]}")
+    expected = cnn.state_dict()
+    if not isinstance(state, dict):
+        state = {}
+    missing = sorted(set(expected) - set(state))
+    mismatched = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or mismatched or unexpected:
+        raise ConfigError(
+            f"detector.cnn_weights {path!r} does not fit detector.cnn: missing keys {missing[:5]}, shape "
+            f"mismatches {mismatched[:5]}, unexpected keys {unexpected[:5]}; use a state dict of torchvision's {type(cnn).__name__}"
+        )
+    cnn.load_state_dict(state)
 
 
 _CLIP_MEAN, _CLIP_STD = torch.tensor(OPENAI_DATASET_MEAN), torch.tensor(OPENAI_DATASET_STD)

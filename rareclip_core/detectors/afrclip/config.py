@@ -2,11 +2,12 @@
 marked [ours] fill its gaps (docs/algorithms/afrclip.md, "Our choices")."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, field_validator
 
-from ...config import DetectorSettings
+from ...config import DetectorSettings, names_a_file
 
 
 class AFRCLIPConfig(DetectorSettings):
@@ -61,6 +62,16 @@ class AFRCLIPConfig(DetectorSettings):
         if value[0] < 2 or value != list(range(value[0], value[0] + len(value))):
             raise ValueError(f"must be consecutive blocks from 2 on (block 1 runs unchanged), got {value}")
         return value
+
+    def missing_weight_files(self) -> list[str]:
+        """`weights`, `pretrained` and, where it names a file rather than a torchvision weights
+        name, `cnn_weights` (checked before a job starts its actors)."""
+        missing = super().missing_weight_files()
+        cnn = self.cnn_weights
+        if cnn is not None and names_a_file(cnn) and not Path(cnn).expanduser().is_file():
+            missing.append(f"detector.cnn_weights: no file at {cnn!r}; set it to the downloaded {self.cnn} "
+                           "state dict, a torchvision weights name, or null for random weights (tests only)")
+        return missing
 
     def heads_shape(self, width: int, embed_dim: int, cnn_dim: int) -> dict:
         """What fixes the learned parts' shapes (a checkpoint's `config`)."""
