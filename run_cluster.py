@@ -18,6 +18,7 @@ COMMANDS = {
     "report": ("pipelines.report", "HTML report of one line: score timeline, histogram, top frames with maps"),
     "train-tpb": ("pipelines.train_tpb", "train the text branch's linear layers (Eq. 4)"),
     "train-adaptclip": ("pipelines.train_adaptclip", "train AdaptCLIP's three adapters (authors' checkpoint format)"),
+    "train-afrclip": ("pipelines.train_afrclip", "train AFR-CLIP's adapters, CMFR and self-prompts on an annotated dataset"),
     "snapshots": ("pipelines.snapshots", "list, reset or restore a line's snapshots"),
     "references": ("pipelines.references", "give a line normal reference images while it runs, or list them"),
 }

@@ -166,6 +166,7 @@ def run_plan(plan: Plan, address=None, progress: bool = True) -> None:
             map_resolution=MAP_RESOLUTION,
             map_dtype="float32",
             references={c: plan.references(c, seed) for c in plan.categories} if plan.shots else {},
+            line_detector=category_products(plan),
             # no snapshots: a restarted line replays its category from seq 0 with a fresh state,
             # which gives the same rows; the paper model's banks would cost ~0.2 GB per snapshot
             snapshot=SnapshotConfig(every_frames=None, every_s=None),
@@ -184,6 +185,14 @@ def run_plan(plan: Plan, address=None, progress: bool = True) -> None:
         short = {c: done.get(c, 0) for c, s in plan.samples.items() if done.get(c, 0) < len(s)}
         if short:
             raise EvaluationError(f"seed {seed}: the run stopped early (frames fed per category: {short})")
+
+
+def category_products(plan: Plan) -> dict[str, dict]:
+    """For class-aware kinds (a `product` setting, e.g. AFR-CLIP's prompts): each category's
+    line gets its name as the product ('metal_nut' -> 'metal nut')."""
+    if "product" not in type(plan.detector).model_fields:
+        return {}
+    return {c: {"product": c.replace("_", " ")} for c in plan.categories}
 
 
 def score_plan(plan: Plan) -> dict:

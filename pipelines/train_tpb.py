@@ -1,25 +1,23 @@
-"""`train-tpb`: train the text prompt branch's 4 linear layers (Eq. 4) on a dataset's test split.
-
-As in the paper, the layers are trained on one dataset's test images with their masks (all
-categories) and used to test the other (VisA -> MVTec AD and vice versa): point the
-detector's `tpb_weights` at the written file. The file has the authors' checkpoint format.
+"""`train-tpb`: train the text prompt branch's 4 linear layers (Eq. 4) on a dataset's test split
+(`training_data`); point the detector's `tpb_weights` at the written file, which has the
+authors' checkpoint format.
 """
 import sys
 from pathlib import Path
 
 from configs.loading import load_detector_config
 from rareclip_core.config import ConfigError
-from rareclip_core.data.datasets import load_dataset
 from rareclip_core.detectors.rareclip.config import RareCLIPConfig
 from rareclip_core.detectors.rareclip.text_branch import save_tpb_checkpoint
 from rareclip_core.detectors.rareclip.training import train_text_projection
+
+from .training_data import add_dataset_arguments, annotated_samples
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-paper.yaml"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--dataset", required=True, choices=("mvtec", "visa", "folder"), help="dataset layout")
-    parser.add_argument("--root", required=True, help="dataset root folder")
+    add_dataset_arguments(parser)
     parser.add_argument("--out", required=True, help="where to write the TPB checkpoint (.pth)")
     parser.add_argument(
         "--config",
@@ -30,10 +28,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--seed", type=int, default=0, help="shuffling seed")
-    parser.add_argument(
-        "--limit", type=int, default=None, metavar="N",
-        help="train on N images spread evenly over the test split (quick runs)",
-    )
 
 
 def main(args) -> int:
@@ -44,17 +38,10 @@ def main(args) -> int:
         config = load_detector_config(args.config)
         if not isinstance(config, RareCLIPConfig):
             raise ConfigError(f"{args.config}: train-tpb trains RareCLIP's text branch; this config's detector is {config.kind!r}")
-        by_category = load_dataset(args.dataset, args.root, "test")
+        samples = annotated_samples(args.dataset, args.root, args.limit)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    samples = [s for category in by_category.values() for s in category]
-    unmasked = [s for s in samples if s.label and s.mask_path is None]
-    if unmasked:
-        print(f"skipping {len(unmasked)} anomalous images without a mask", file=sys.stderr)
-        samples = [s for s in samples if not (s.label and s.mask_path is None)]
-    if args.limit is not None and args.limit < len(samples):
-        samples = [samples[i * len(samples) // args.limit] for i in range(args.limit)]
     if not samples:
         print(f"error: no usable training images under {args.root}", file=sys.stderr)
         return 2

@@ -13,6 +13,8 @@ from .config import ConfigError, DetectorSettings, read_yaml
 from .contract import Detector
 from .detectors.adaptclip.config import AdaptCLIPConfig
 from .detectors.adaptclip.detector import AdaptCLIPDetector
+from .detectors.afrclip.config import AFRCLIPConfig
+from .detectors.afrclip.detector import AFRCLIPDetector
 from .detectors.rareclip.config import RareCLIPConfig
 from .detectors.rareclip.detector import RareCLIPDetector
 
@@ -28,6 +30,7 @@ class DetectorEntry:
 DETECTORS: dict[str, DetectorEntry] = {
     "rareclip": DetectorEntry(RareCLIPConfig, RareCLIPDetector),
     "adaptclip": DetectorEntry(AdaptCLIPConfig, AdaptCLIPDetector),
+    "afrclip": DetectorEntry(AFRCLIPConfig, AFRCLIPDetector),
 }
 
 

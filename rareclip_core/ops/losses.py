@@ -1,4 +1,4 @@
-"""Segmentation losses shared by the detectors' training (RareCLIP's TPB, AdaptCLIP's adapters)."""
+"""Segmentation losses shared by the detectors' training (RareCLIP's TPB, AdaptCLIP's adapters, AFR-CLIP)."""
 from __future__ import annotations
 
 import torch

@@ -7,13 +7,20 @@ import torch
 import torch.nn.functional as F
 
 
-def neighbourhood_mean(tokens: torch.Tensor, grid: int, r: int) -> torch.Tensor:
-    """Average over the r x r neighbourhood on the grid with replicate padding; B x M x C -> B x M x C."""
+def neighbourhood_mean(tokens: torch.Tensor, grid: int, r: int, border: str = "replicate") -> torch.Tensor:
+    """Average over the r x r neighbourhood on the grid; B x M x C -> B x M x C. At the border,
+    `border` 'replicate' repeats the edge patches (RareCLIP), 'inside' averages only the
+    neighbours inside the grid (zero padding not counted; AFR-CLIP's MPFA)."""
     if r == 1:
         return tokens
     b, m, c = tokens.shape
     x = tokens.transpose(1, 2).reshape(b, c, grid, grid)
-    x = F.avg_pool2d(F.pad(x, [r // 2] * 4, mode="replicate"), r, stride=1)
+    if border == "replicate":
+        x = F.avg_pool2d(F.pad(x, [r // 2] * 4, mode="replicate"), r, stride=1)
+    elif border == "inside":
+        x = F.avg_pool2d(x, r, stride=1, padding=r // 2, count_include_pad=False)
+    else:
+        raise ValueError(f"border must be 'replicate' or 'inside', got {border!r}")
     return x.reshape(b, c, m).transpose(1, 2)
 
 

@@ -1,0 +1,77 @@
+"""`train-afrclip`: train AFR-CLIP's learned parts (adapters, CMFR, self-prompting) on a
+dataset's annotated test split (`training_data`) with the paper's recipe (Adam, lr 1e-3 /
+(epoch + 1), batch 4, 100 epochs); point the detector's `weights` at the written file.
+
+A checkpoint is written after every epoch to `--checkpoints` (default `<out>.checkpoints/`,
+the newest `--keep` kept); `--resume` continues from the newest one, exactly as if the run had
+not stopped. The final file has the format of `rareclip_core/detectors/afrclip/checkpoint.py`.
+"""
+import sys
+from pathlib import Path
+
+from configs.loading import load_detector_config
+from rareclip_core.config import ConfigError
+from rareclip_core.detectors.afrclip.checkpoint import save_checkpoint
+from rareclip_core.detectors.afrclip.config import AFRCLIPConfig
+from rareclip_core.detectors.afrclip.training import TrainingSettings, train_afrclip
+
+from .training_data import add_dataset_arguments, annotated_samples
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-afrclip.yaml"
+
+
+def add_arguments(parser) -> None:
+    add_dataset_arguments(parser)
+    parser.add_argument("--out", required=True, help="where to write the trained parts (.pth)")
+    parser.add_argument(
+        "--config",
+        default=str(DEFAULT_CONFIG),
+        help="detector YAML (kind: afrclip), or a pipeline YAML with a `detector:` section (default: %(default)s)",
+    )
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-3, help="initial learning rate; epoch e uses lr / (e + 1)")
+    parser.add_argument("--seed", type=int, default=0, help="shuffling seed")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16", "config"), default="fp32",
+                        help="the frozen backbone's precision while training ('config': the config's; default %(default)s)")
+    parser.add_argument("--checkpoints", help="folder of the per-epoch checkpoints (default: <out>.checkpoints)")
+    parser.add_argument("--keep", type=int, default=2, help="newest epoch checkpoints kept (default %(default)s)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest epoch checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args) -> int:
+    if min(args.epochs, args.batch_size, args.keep) < 1 or (args.limit is not None and args.limit < 1):
+        print("error: --epochs, --batch-size, --keep and --limit must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        config = load_detector_config(args.config)
+        if not isinstance(config, AFRCLIPConfig):
+            raise ConfigError(f"{args.config}: train-afrclip trains AFR-CLIP; this config's detector is {config.kind!r}")
+        if args.precision != "config":
+            config = config.model_copy(update={"precision": args.precision})
+        samples = annotated_samples(args.dataset, args.root, args.limit)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not samples:
+        print(f"error: no usable training images under {args.root}", file=sys.stderr)
+        return 2
+    checkpoints = Path(args.checkpoints or f"{args.out}.checkpoints")
+    print(f"training AFR-CLIP on {len(samples)} images ({sum(s.label for s in samples)} anomalous) from "
+          f"{len({s.category for s in samples})} categories of {args.root}; epoch checkpoints in {checkpoints}")
+    settings = TrainingSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                checkpoint_dir=checkpoints, keep_checkpoints=args.keep, resume=args.resume,
+                                progress=not args.no_progress)
+    try:
+        heads, shape, losses = train_afrclip(config, samples, settings)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    save_checkpoint(heads, shape, args.out)
+    steps = -(-len(samples) // args.batch_size)
+    if losses:
+        print(f"final loss {losses[-1]:.4f} (last epoch mean {sum(losses[-steps:]) / len(losses[-steps:]):.4f}, first "
+              f"epoch mean {sum(losses[:steps]) / len(losses[:steps]):.4f})")
+    print(f"wrote AFR-CLIP weights to {args.out} (set detector.weights to use them)")
+    return 0
