@@ -185,3 +185,13 @@ def test_backbone_precision_auto_is_half_on_cuda_only(tiny_config):
     assert backbone_dtype("bf16", cpu) == torch.bfloat16 and backbone_dtype("fp32", cuda) == torch.float32
     assert RareCLIPConfig().precision == "auto"
     assert RareCLIPDetector(tiny_config).backbone.dtype == torch.float32  # the tiny config runs on CPU
+
+
+def test_the_text_cache_keeps_random_models_of_other_image_sizes_apart(tiny_config, tmp_path):
+    """Seeded random weights depend on the image size (the text tower is drawn after the vision
+    tower): a cache shared by two sizes must give each its own text embeddings."""
+    for size in (224, 112):
+        cfg = tiny_config.model_copy(update={"image_size": size, "text_cache_dir": str(tmp_path)})
+        cached = RareCLIPDetector(cfg).text_features
+        fresh = RareCLIPDetector(cfg.model_copy(update={"text_cache_dir": None})).text_features
+        assert torch.equal(cached, fresh), size

@@ -96,6 +96,9 @@ def text_cache_key(config: RareCLIPConfig) -> str:
         "model": config.model,
         "pretrained": pretrained,
         "seed": config.seed if config.pretrained is None else None,
+        # seeded random weights depend on the whole architecture: the text tower is drawn after
+        # a vision tower whose size follows the image size
+        "image_size": config.image_size if config.pretrained is None else None,
         "prompts": [state_sentences(NORMAL_STATES), state_sentences(ABNORMAL_STATES)],
         "open_clip": open_clip.__version__,
     }
