@@ -15,13 +15,14 @@ from rareclip_core.data.datasets import load_dataset
 from rareclip_core.detectors.adaptclip.config import AdaptCLIPConfig
 from rareclip_core.detectors.adaptclip.training import TrainingSettings, resume_path, train_adapters
 
+from .training_data import add_dataset_arguments, annotated_samples
+
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-adaptclip.yaml"
 DEFAULTS = TrainingSettings()
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--dataset", required=True, choices=("mvtec", "visa", "folder"), help="dataset layout")
-    parser.add_argument("--root", required=True, help="dataset root folder (test split: queries; train split: prompts)")
+    add_dataset_arguments(parser)  # the test split's annotated images are the queries; the train split's good ones the prompts
     parser.add_argument("--out", required=True, help="where to write the adapters' checkpoint (.pth)")
     parser.add_argument(
         "--config", default=str(DEFAULT_CONFIG),
@@ -31,8 +32,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="order and prompt draws")
-    parser.add_argument("--limit", type=int, default=None, metavar="N",
-                        help="train on N query images spread evenly over the test split (quick runs)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>.resume.pt")
 
 
@@ -48,17 +47,11 @@ def main(args) -> int:
         config = load_detector_config(args.config)
         if not isinstance(config, AdaptCLIPConfig):
             raise ConfigError(f"{args.config}: train-adaptclip trains AdaptCLIP's adapters; this config's detector is {config.kind!r}")
-        queries = [s for category in load_dataset(args.dataset, args.root, "test").values() for s in category]
+        queries = annotated_samples(args.dataset, args.root, args.limit)
         normals = {c: [s for s in samples if not s.label] for c, samples in load_dataset(args.dataset, args.root, "train").items()}
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    unmasked = [s for s in queries if s.label and s.mask_path is None]
-    if unmasked:
-        print(f"skipping {len(unmasked)} anomalous images without a mask", file=sys.stderr)
-        queries = [s for s in queries if not (s.label and s.mask_path is None)]
-    if args.limit is not None and args.limit < len(queries):
-        queries = [queries[i * len(queries) // args.limit] for i in range(args.limit)]
     settings = TrainingSettings(args.epochs, args.batch_size, args.lr, DEFAULTS.betas, args.seed)
     print(f"training AdaptCLIP's adapters on {len(queries)} images ({sum(s.label for s in queries)} anomalous) "
           f"from {len({s.category for s in queries})} categories of {args.root}")

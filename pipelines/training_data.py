@@ -1,4 +1,4 @@
-"""What the training jobs (train-tpb, train-afrclip) share: their dataset arguments and the
+"""What the training jobs (train-tpb, train-afrclip, train-adaptclip) share: their dataset arguments and the
 choice of annotated images. As in the papers, the learned parts are trained on one dataset's
 test images with their masks (all categories) and used on another (VisA -> MVTec AD and back)."""
 from __future__ import annotations
