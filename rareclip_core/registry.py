@@ -11,6 +11,8 @@ from pathlib import Path
 
 from .config import ConfigError, DetectorSettings, read_yaml
 from .contract import Detector
+from .detectors.dual_image.config import DualImageConfig
+from .detectors.dual_image.detector import DualImageDetector
 from .detectors.rareclip.config import RareCLIPConfig
 from .detectors.rareclip.detector import RareCLIPDetector
 
@@ -25,6 +27,7 @@ class DetectorEntry:
 
 DETECTORS: dict[str, DetectorEntry] = {
     "rareclip": DetectorEntry(RareCLIPConfig, RareCLIPDetector),
+    "dual_image": DetectorEntry(DualImageConfig, DualImageDetector),
 }
 
 
