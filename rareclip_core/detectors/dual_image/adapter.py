@@ -39,6 +39,7 @@ class TokenAdapter(torch.nn.Module):
 class Adaptation:
     scores: torch.Tensor  # M, the query's adapted abnormal probabilities after the last step (S')
     losses: list[float]  # the total loss before each step and after the last (steps + 1 values)
+    adapter: TokenAdapter  # as trained (for inspection)
 
 
 def adapt(
@@ -72,4 +73,4 @@ def adapt(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    return Adaptation(scores.detach(), losses)
+    return Adaptation(scores.detach(), losses, adapter.requires_grad_(False))
