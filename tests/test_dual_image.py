@@ -182,3 +182,11 @@ def test_tta_loss_falls_and_lifts_the_pseudo_anomalous_patches(dual_config):
         rise = pseudo_scores(trained.adapter) - pseudo_scores(untrained.adapter)
         margins.append(float(rise[pseudo.patches].mean() - rise[~pseudo.patches].mean()))
     assert sum(m > 0 for m in margins) >= 8 and np.mean(margins) > 0.01, margins
+
+
+def test_evaluate_names_each_category_in_the_prompts(dual_config, tiny_config):
+    from pipelines.evaluate import category_settings
+
+    assert category_settings(dual_config, "metal_nut") == {"product": "metal nut", "is_texture": False}
+    assert category_settings(dual_config, "carpet") == {"product": "carpet", "is_texture": True}
+    assert category_settings(tiny_config, "carpet") == {}  # RareCLIP's prompts are category-agnostic
