@@ -34,6 +34,14 @@ class FrameFeatures:
     tokens: torch.Tensor  # M x D, V-V patch tokens after ln_post and proj (not normalized)
 
 
+def map_to_image(patch_map: torch.Tensor, grid: int, smoothing: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A patch map (M) -> (the r x r mean on the grid with replicate padding, g x g; that map
+    bilinearly upsampled to size x size, align_corners) (AnoVL's post-processing; no Gaussian)."""
+    smoothed = neighbourhood_mean(patch_map.view(1, -1, 1), grid, smoothing).view(grid, grid)
+    full = F.interpolate(smoothed[None, None], size=(size, size), mode="bilinear", align_corners=True)[0, 0]
+    return smoothed, full
+
+
 class DualImageDetector(Detector):
     """One line's Dual-Image CLIP detector (online: references are the line's earlier frames).
 
@@ -161,8 +169,7 @@ class DualImageDetector(Detector):
             adaptation, pseudo_patches = self._adapt(features, tokens, joint_map, timer)
             final_map = (1 - cfg.tta_map_weight) * joint_map + cfg.tta_map_weight * adaptation.scores
         timer.lap("tta")
-        smoothed = neighbourhood_mean(final_map.view(1, -1, 1), self.grid, cfg.map_smoothing).view(1, 1, self.grid, self.grid)
-        full = F.interpolate(smoothed, size=(cfg.image_size,) * 2, mode="bilinear", align_corners=True)[0, 0]
+        smoothed, full = map_to_image(final_map, self.grid, cfg.map_smoothing, cfg.image_size)
         score = float(cfg.text_weight * text_score + (1 - cfg.text_weight) * smoothed.max())  # Eq. 13 (ours)
         frame = self.frames_seen
         reference_frames = [self.bank.frames[i] for i in references]
