@@ -11,9 +11,8 @@ from safetensors.torch import load, save
 
 from configs.pipeline import PipelineConfig
 from rareclip_core import ConfigError, build_detector, detector_config_from_dict, detector_config_from_yaml
-from rareclip_core.detectors.dual_image.adapter import AdaptationSettings, adapt
+from rareclip_core.detectors.dual_image.adapter import adapt
 from rareclip_core.detectors.dual_image.config import DualImageConfig
-from rareclip_core.detectors.dual_image.detector import DualImageDetector
 from rareclip_core.detectors.dual_image.prompts import state_sentences
 from rareclip_core.detectors.dual_image.pseudo_anomaly import synthesize
 from rareclip_core.detectors.dual_image.reference_bank import ReferenceBank

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import torch
 
-POLICIES = ("uniform", "lowest_score")
-
 
 class ReferenceBank:
     def __init__(self, capacity: int):
