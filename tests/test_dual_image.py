@@ -189,3 +189,13 @@ def test_evaluate_names_each_category_in_the_prompts(dual_config, tiny_config):
     assert category_settings(dual_config, "metal_nut") == {"product": "metal nut", "is_texture": False}
     assert category_settings(dual_config, "carpet") == {"product": "carpet", "is_texture": True}
     assert category_settings(tiny_config, "carpet") == {}  # RareCLIP's prompts are category-agnostic
+
+
+def test_a_step_under_inference_mode_adapts_the_same(dual_config, stream):
+    """Callers may wrap steps in torch.inference_mode: TTA still trains, with the same result."""
+    plain, inside = build_detector(dual_config), build_detector(dual_config)
+    for frame in stream[:3]:
+        expected = plain.step(frame)
+        with torch.inference_mode():
+            got = inside.step(frame)
+        assert got.score == expected.score and got.parts["tta_losses"] == expected.parts["tta_losses"]

@@ -56,11 +56,13 @@ def adapt(
 
     L = mask_weight * L_mask + sim_weight * L_sim, with L_mask = -mean over Omega of
     log S~'_a (ours; zero when Omega is empty) and L_sim = mean (S' - target)^2 (ours)."""
-    adapter = TokenAdapter(query.shape[-1], generator).to(query.device)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    masked = pseudo[pseudo_patches]
     losses = []
-    with torch.enable_grad():
+    # autograd on, also when the caller runs under torch.inference_mode (inputs copied out of it)
+    with torch.inference_mode(False), torch.enable_grad():
+        adapter = TokenAdapter(query.shape[-1], generator).to(query.device)
+        optimizer = torch.optim.AdamW(adapter.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        query, target, text = query.clone(), target.clone(), text.clone()
+        masked = pseudo[pseudo_patches].clone()
         for step in range(settings.steps + 1):
             scores = abnormal_probability(F.normalize(adapter(query), dim=-1), text, settings.temperature)
             loss = settings.sim_weight * (scores - target).pow(2).mean()
