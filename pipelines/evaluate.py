@@ -62,6 +62,7 @@ METRICS = (*IMAGE_METRICS, *PIXEL_METRICS)
 COUNTS = ("images", "anomalous", "errors", "pixel_images")
 STD_NOTE = "population standard deviation over seeds (numpy.std, ddof=0)"
 
+MVTEC_TEXTURES = frozenset({"carpet", "grid", "leather", "tile", "wood"})
 _UNREADABLE = "n/a*"
 _UNREADABLE_NOTE = "*reported in the paper but not readable unambiguously from our text copy of the table"
 
@@ -150,6 +151,17 @@ def evaluate(dataset, root, detector_config, seeds=DEFAULT_SEEDS, mode=None, out
     return score_plan(plan)
 
 
+def category_settings(detector: DetectorSettings, category: str) -> dict:
+    """The per-category detector settings the protocol implies: kinds with class-aware prompts
+    (a `product` setting) name the category ('metal_nut' -> 'metal nut'), and use texture
+    prompts for MVTec AD's five textures where they have an `is_texture` setting."""
+    fields = type(detector).model_fields
+    settings = {"product": category.replace("_", " ")} if "product" in fields else {}
+    if "is_texture" in fields:
+        settings["is_texture"] = category in MVTEC_TEXTURES
+    return settings
+
+
 def run_plan(plan: Plan, address=None, progress: bool = True) -> None:
     """Replay every seed's shuffled categories through a fresh LineCluster."""
     from .line_cluster import LineCluster, start_ray
@@ -166,7 +178,7 @@ def run_plan(plan: Plan, address=None, progress: bool = True) -> None:
             map_resolution=MAP_RESOLUTION,
             map_dtype="float32",
             references={c: plan.references(c, seed) for c in plan.categories} if plan.shots else {},
-            line_detector=category_products(plan),
+            line_detector={c: category_settings(plan.detector, c) for c in plan.categories},
             # no snapshots: a restarted line replays its category from seq 0 with a fresh state,
             # which gives the same rows; the paper model's banks would cost ~0.2 GB per snapshot
             snapshot=SnapshotConfig(every_frames=None, every_s=None),
@@ -185,14 +197,6 @@ def run_plan(plan: Plan, address=None, progress: bool = True) -> None:
         short = {c: done.get(c, 0) for c, s in plan.samples.items() if done.get(c, 0) < len(s)}
         if short:
             raise EvaluationError(f"seed {seed}: the run stopped early (frames fed per category: {short})")
-
-
-def category_products(plan: Plan) -> dict[str, dict]:
-    """For class-aware kinds (a `product` setting, e.g. AFR-CLIP's prompts): each category's
-    line gets its name as the product ('metal_nut' -> 'metal nut')."""
-    if "product" not in type(plan.detector).model_fields:
-        return {}
-    return {c: {"product": c.replace("_", " ")} for c in plan.categories}
 
 
 def score_plan(plan: Plan) -> dict:

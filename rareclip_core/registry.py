@@ -15,6 +15,8 @@ from .detectors.adaptclip.config import AdaptCLIPConfig
 from .detectors.adaptclip.detector import AdaptCLIPDetector
 from .detectors.afrclip.config import AFRCLIPConfig
 from .detectors.afrclip.detector import AFRCLIPDetector
+from .detectors.dual_image.config import DualImageConfig
+from .detectors.dual_image.detector import DualImageDetector
 from .detectors.rareclip.config import RareCLIPConfig
 from .detectors.rareclip.detector import RareCLIPDetector
 
@@ -31,6 +33,7 @@ DETECTORS: dict[str, DetectorEntry] = {
     "rareclip": DetectorEntry(RareCLIPConfig, RareCLIPDetector),
     "adaptclip": DetectorEntry(AdaptCLIPConfig, AdaptCLIPDetector),
     "afrclip": DetectorEntry(AFRCLIPConfig, AFRCLIPDetector),
+    "dual_image": DetectorEntry(DualImageConfig, DualImageDetector),
 }
 
 

@@ -1,16 +1,14 @@
 """Text prompt branch (TPB): prompt embeddings, the 4 linear layers, Eq. 1-3 (sec. 2)."""
 from __future__ import annotations
 
-import hashlib
-import json
 import warnings
 from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
+from ...backbone.text_cache import cached_text_tensor, weights_identity
 from ...config import ConfigError
 from .config import RareCLIPConfig
 from .prompts import ABNORMAL_STATES, NORMAL_STATES, state_sentences
@@ -87,41 +85,12 @@ def encode_state_embeddings(model: torch.nn.Module, tokenizer) -> torch.Tensor:
     return torch.stack(columns, dim=1).cpu()
 
 
-def text_cache_key(config: RareCLIPConfig) -> str:
-    pretrained = config.pretrained
-    if pretrained is not None and Path(pretrained).expanduser().is_file():
-        stat = Path(pretrained).expanduser().stat()
-        pretrained = f"{Path(pretrained).expanduser().resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    ident = {
-        "model": config.model,
-        "pretrained": pretrained,
-        "seed": config.seed if config.pretrained is None else None,
-        # seeded random weights depend on the whole architecture: the text tower is drawn after
-        # a vision tower whose size follows the image size
-        "image_size": config.image_size if config.pretrained is None else None,
-        "prompts": [state_sentences(NORMAL_STATES), state_sentences(ABNORMAL_STATES)],
-        "open_clip": open_clip.__version__,
-    }
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
-
-
 def cached_state_embeddings(config: RareCLIPConfig, model: torch.nn.Module) -> torch.Tensor:
-    """F_text from the cache (safetensors) or computed with the text tower once."""
-    cache = None
-    if config.text_cache_dir is not None:
-        cache = Path(config.text_cache_dir).expanduser() / f"text-{text_cache_key(config)}.safetensors"
-        if cache.is_file():
-            try:
-                return load_file(str(cache))["text_features"]
-            except Exception:  # noqa: BLE001 - a broken cache file is recomputed
-                cache.unlink(missing_ok=True)
-    features = encode_state_embeddings(model, open_clip.get_tokenizer(config.model))
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{id(features)}")
-        save_file({"text_features": features.contiguous()}, str(tmp))
-        tmp.replace(cache)
-    return features
+    """F_text from the text cache (`backbone.text_cache`) or computed with the text tower once."""
+    identity = {**weights_identity(config), "prompts": [state_sentences(NORMAL_STATES), state_sentences(ABNORMAL_STATES)]}
+    return cached_text_tensor(
+        config.text_cache_dir, "text", identity, lambda: encode_state_embeddings(model, open_clip.get_tokenizer(config.model))
+    )
 
 
 def text_anomaly_map(projected: list[torch.Tensor], text_features: torch.Tensor, temperature: float) -> torch.Tensor:
