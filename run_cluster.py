@@ -26,6 +26,7 @@ def build_parser(command=None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        command_parser.add_argument("-v", "--verbose", action="store_true", help="informational log lines too (Ray's included)")
         if name == command:
             module = importlib.import_module(module_name)
             module.add_arguments(command_parser)
@@ -37,8 +38,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
     args = build_parser(command).parse_args(argv)
+    from pipelines.common import configure_console
     from pipelines.line_cluster import SupervisorLost
     from rareclip_core.config import ConfigError
+
+    configure_console(args.verbose)
 
     try:
         return int(args._module.main(args) or 0)

@@ -133,7 +133,9 @@ class LineActor:
     On (re)start the actor restores the newest valid snapshot of its line and tells the
     supervisor, which has ingestion replay the frames after it."""
 
-    def __init__(self, line_id: str, detector_config: DetectorSettings, writer, settings: LineSettings):
+    def __init__(self, line_id: str, detector_config: DetectorSettings, writer_name: str, settings: LineSettings):
+        """`writer_name`: the ResultWriter's actor name (a name, not a handle: a restart must not
+        depend on a constructor argument kept in the object store)."""
         self.error: Optional[str] = None  # why the detector could not be built (reported by `progress`)
         try:
             detector = build_detector(detector_config)
@@ -141,7 +143,7 @@ class LineActor:
             self.error = f"{type(err).__name__}: {err}"
             return
         self.sequencer = LineSequencer(line_id, detector, settings)
-        self.writer = writer
+        self.writer = ray.get_actor(writer_name)
         self.gap_timeout_s = settings.gap_timeout_s
         self.gap_since: Optional[float] = None
         self.writes: list = []

@@ -11,7 +11,7 @@ from configs.loading import load_detector_config
 from configs.pipeline import CONFIG_DIR
 from rareclip_core.config import ConfigError
 
-from .common import EXIT_INTERRUPTED, load_config_or_exit, quiet_logs
+from .common import EXIT_INTERRUPTED, load_config_or_exit
 from .query import format_table, lines_summary
 from .replay import run_replay
 
@@ -35,7 +35,6 @@ def main(args) -> int:
     cfg = load_config_or_exit(args.config, out=args.out, detector=detector)
     if cfg is None:
         return 2
-    quiet_logs()
     started = time.monotonic()
     summary = run_replay(cfg, args.address, progress=not args.no_progress)
     ray.shutdown()

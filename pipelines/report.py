@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from actors.result_table import STATUS_ERROR, STATUS_OK
 from pipelines import query
+from rareclip_core.config import ConfigError
 
 DEFAULT_TOP = 8
 ERRORS_SHOWN = 50
@@ -25,15 +26,17 @@ HEAT_COLORMAP = "jet"
 
 def add_arguments(parser) -> None:
     parser.add_argument("--line", required=True, help="line id")
-    parser.add_argument("--out", required=True, help="directory for index.html and its PNG files")
-    parser.add_argument("--results", default=query.DEFAULT_RESULTS, help="result dataset directory (default: results)")
+    query.add_results_arguments(parser)
+    parser.add_argument("--report-dir", help="where index.html and its PNG files go (default: <out>/report/<line>)")
     parser.add_argument("--top", type=int, default=DEFAULT_TOP, help="frames shown, highest scores first (default: 8)")
 
 
 def main(args) -> int:
     try:
-        page = write_report(args.results, args.line, args.out, top=args.top)
-    except (query.QueryError, FileNotFoundError) as exc:
+        results = query.results_dir_of(args)
+        report_dir = args.report_dir or results.parent / "report" / args.line
+        page = write_report(results, args.line, report_dir, top=args.top)
+    except (query.QueryError, FileNotFoundError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(page)

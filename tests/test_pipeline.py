@@ -26,11 +26,11 @@ def in_process_scores(tiny_config, images) -> list[float]:
 
 
 def test_lines_score_out_of_order_frames_in_sequence_once(local_ray, tiny_config, tmp_path):
-    writer = ResultWriter.remote(str(tmp_path / "results"), 16, 0.5)
+    writer = ResultWriter.options(name=f"writer-{tmp_path.name}").remote(str(tmp_path / "results"), 16, 0.5)
     lines = {f"line{i}": line_frames(i, 30) for i in range(3)}
     actors = {
         name: LineActor.options(num_cpus=0.5).remote(
-            name, tiny_config, writer, LineSettings(threshold=1.5, map_resolution=16, gap_timeout_s=30.0)
+            name, tiny_config, f"writer-{tmp_path.name}", LineSettings(threshold=1.5, map_resolution=16, gap_timeout_s=30.0)
         )
         for name in lines
     }
@@ -57,9 +57,9 @@ def test_lines_score_out_of_order_frames_in_sequence_once(local_ray, tiny_config
 
 
 def test_missing_frame_ends_in_an_error_row_after_the_gap_timeout(local_ray, tiny_config, tmp_path):
-    writer = ResultWriter.remote(str(tmp_path / "results"), 1, 0.1)
+    writer = ResultWriter.options(name=f"writer-{tmp_path.name}").remote(str(tmp_path / "results"), 1, 0.1)
     actor = LineActor.options(num_cpus=0.5).remote(
-        "gap", tiny_config, writer, LineSettings(map_resolution=None, gap_timeout_s=1.0)
+        "gap", tiny_config, f"writer-{tmp_path.name}", LineSettings(map_resolution=None, gap_timeout_s=1.0)
     )
     images = line_frames(5, 4)
     frames = [Frame("gap", s, f"mem://{s}", time.time(), images[s]) for s in (0, 1, 3)]

@@ -23,7 +23,7 @@ def results_dir(tmp_path_factory):
 
 def write_report(results_dir, line, out, top=8) -> str:
     """Run `report` through run_cluster; return the page's HTML."""
-    argv = ["report", "--line", line, "--out", str(out), "--results", str(results_dir), "--top", str(top)]
+    argv = ["report", "--line", line, "--report-dir", str(out), "--results", str(results_dir), "--top", str(top)]
     assert run_cluster.main(argv) == 0
     return (Path(out) / "index.html").read_text(encoding="utf-8")
 
@@ -86,5 +86,5 @@ def test_overlay_covers_only_the_centre_square():
 
 
 def test_unknown_line_exits_2(results_dir, tmp_path, capsys):
-    code = run_cluster.main(["report", "--line", "no-such-line", "--out", str(tmp_path), "--results", str(results_dir)])
+    code = run_cluster.main(["report", "--line", "no-such-line", "--report-dir", str(tmp_path), "--results", str(results_dir)])
     assert code == 2 and "no-such-line" in capsys.readouterr().err
