@@ -5,14 +5,16 @@ from __future__ import annotations
 import sys
 import time
 
+import pyarrow as pa
 import ray
 
 from configs.loading import load_detector_config
 from configs.pipeline import CONFIG_DIR
 from rareclip_core.config import ConfigError
+from rareclip_core.data.synthetic import SyntheticLine
 
 from .common import EXIT_INTERRUPTED, load_config_or_exit
-from .query import format_table, lines_summary
+from .query import format_table, lines_summary, query_table
 from .replay import run_replay
 
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
@@ -46,10 +48,41 @@ def main(args) -> int:
         ["line_id", "frames", "errors", "anomalies", "score_p50", "score_max", "latency_p50_ms"]
     )
     print(format_table(summary, "table"))
+    print("Known defects (the synthetic lines drew them; the demo's model has random weights, so its scores "
+          "say little):")
+    print(format_table(known_defects(cfg), "table"))
+    out = cfg.out
     print(
-        f"\n{sum(counts.values())} frames of {len(counts)} lines in {time.monotonic() - started:.0f}s. "
+        f"{sum(counts.values())} frames of {len(counts)} lines in {time.monotonic() - started:.0f}s. "
         f"Results: {cfg.results_dir} (Parquet, partitioned by line_id/date).\n"
-        f"Try: python run_cluster.py lines --results {cfg.results_dir}\n"
-        f"     python run_cluster.py report --line {next(iter(counts))} --results {cfg.results_dir} --out {cfg.out}/report"
+        f"Try: python run_cluster.py anomalies --line widget --out {out}\n"
+        f"     python run_cluster.py dashboard --out {out}\n"
+        f"     python run_cluster.py report --line widget --out {out}"
     )
     return 0
+
+
+def known_defects(cfg) -> pa.Table:
+    """Per line of a synthetic source, each defective frame's seq, defect, score, threshold and
+    verdict (`flagged`: is_anomaly; null while an `auto` threshold calibrates), read back from
+    the table; and the good frames that were flagged (`false alarm`)."""
+    source = cfg.source
+    defects = [
+        {"line_id": line, "seq": seq, "defect": SyntheticLine(kind, source.seed + i, source.size, source.defect_rate).defect_type(seq)}
+        for i, (line, kind) in enumerate(source.lines.items())
+        for seq in range(source.frames)
+    ]
+    truth = pa.Table.from_pylist(defects)
+    return query_table(
+        """
+        SELECT t.line_id, t.seq, t.defect, r.score, r.threshold,
+               CASE WHEN r.is_anomaly IS NULL THEN 'not judged (calibrating)'
+                    WHEN r.is_anomaly AND t.defect = 'good' THEN 'false alarm'
+                    WHEN r.is_anomaly THEN 'flagged' ELSE 'missed' END AS verdict
+        FROM truth t JOIN results r USING (line_id, seq)
+        WHERE t.defect <> 'good' OR r.is_anomaly
+        ORDER BY t.line_id, t.seq
+        """,
+        cfg.results_dir,
+        tables={"truth": truth},
+    )

@@ -16,7 +16,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from actors.ingest import IngestActor, IngestSettings
-from actors.line import LineActor, LineSettings
+from actors.line import AutoThreshold, LineActor, LineSettings
 from actors.names import NAMESPACE, job_key, line_actor_name, supervisor_actor_name, writer_actor_name
 from actors.result_table import STATUS_ERROR, read_results
 from actors.supervisor import Supervisor
@@ -216,8 +216,10 @@ class LineCluster:
 
     def _line_settings(self, line: str, supervisor_name: str) -> LineSettings:
         cfg = self.cfg
+        threshold = cfg.threshold_for(line)
         return LineSettings(
-            threshold=cfg.threshold_for(line),
+            threshold=None if threshold == "auto" else threshold,
+            auto_threshold=AutoThreshold(cfg.auto_threshold.frames, cfg.auto_threshold.mads) if threshold == "auto" else None,
             map_resolution=cfg.map_resolution,
             map_dtype=cfg.map_dtype,
             backbone_batch=cfg.backbone_batch,

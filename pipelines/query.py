@@ -29,10 +29,13 @@ class QueryError(Exception):
     """The engine rejected a query (message: the engine's, on one line), or the line is unknown."""
 
 
-def query_table(sql: str, results_dir, params=None) -> pa.Table:
-    """Run `sql` (DuckDB dialect, `$name` or `?` parameters) where `results` is the dataset."""
+def query_table(sql: str, results_dir, params=None, tables=None) -> pa.Table:
+    """Run `sql` (DuckDB dialect, `$name` or `?` parameters) where `results` is the dataset and
+    each of `tables` ({name: Arrow table}) a view of that name."""
     for attempt in range(2):
         connection = _connect(str(results_dir))
+        for name, table in (tables or {}).items():
+            connection.register(name, table)
         try:
             relation = connection.sql(sql, params=params)
             return pa.table({}) if relation is None else relation.to_arrow_table()

@@ -1,5 +1,6 @@
 """The Ray pipeline on a real local Ray: order, exactly-once, error rows, replay determinism."""
 import random
+import re
 import subprocess
 import sys
 import time
@@ -160,3 +161,5 @@ def test_demo_runs_from_the_command_line(tmp_path):
     rows = read_rows(out / "results")
     assert len(rows) == 120 and len({(r["line_id"], r["seq"]) for r in rows}) == 120
     assert "widget" in proc.stdout and str(out / "results") in proc.stdout
+    assert re.search(r"widget +5 +contamination +1\.44\d* +1\.4 +flagged", proc.stdout)  # the known defect, flagged
+    assert "WARNING" not in proc.stderr and "core_worker" not in proc.stderr  # no Ray internals on the console
