@@ -15,6 +15,7 @@ COMMANDS = {
     "query": ("pipelines.query", "run SQL over the result dataset (view `results`)"),
     "lines": ("pipelines.lines", "per-line summary: frames, errors, anomaly rate, score and latency percentiles"),
     "anomalies": ("pipelines.anomalies", "a line's anomalous frames (or its top N scores), highest first"),
+    "dashboard": ("pipelines.dashboard", "a live web page of every line: latest frames, score timelines, anomalies with heat maps"),
     "report": ("pipelines.report", "HTML report of one line: score timeline, histogram, top frames with maps"),
     "train-tpb": ("pipelines.train_tpb", "train the text branch's linear layers (Eq. 4)"),
     "snapshots": ("pipelines.snapshots", "list, reset or restore a line's snapshots"),

@@ -12,7 +12,7 @@ from PIL import Image
 from result_fixture import results_dir_under_test, write_results_fixture
 
 import run_cluster
-from pipelines.query import lines_summary, top_anomalies
+from pipelines.query import lines_summary, query_table, top_anomalies
 from pipelines.report import overlay_map
 
 
@@ -55,6 +55,10 @@ def test_report_lists_error_rows(results_dir, tmp_path):
     summary = max(lines_summary(results_dir).to_pylist(), key=lambda r: r["errors"])
     page = write_report(results_dir, summary["line_id"], tmp_path, top=1)
     assert f"Errors ({summary['errors']})" in page or f"of {summary['errors']})" in page
+    errors = query_table(
+        "SELECT uri FROM results WHERE line_id = $line AND status = 'error'", results_dir, {"line": summary["line_id"]}
+    ).column("uri").to_pylist()
+    assert all(os.path.basename(uri) in page for uri in errors if uri)  # the file of each error row is named
 
 
 def test_missing_frame_or_map_gives_a_note(tmp_path):
