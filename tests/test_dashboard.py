@@ -4,6 +4,8 @@ import datetime as dt
 import io
 import json
 import os
+import shutil
+import subprocess
 import threading
 import urllib.request
 
@@ -101,3 +103,29 @@ def test_the_server_answers_on_a_free_local_port(results):
     finally:
         server.shutdown()
         thread.join()
+
+
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no headless browser installed (apt-get install chromium)")
+def test_a_headless_browser_renders_every_line_with_its_elements(results, tmp_path):
+    server = make_server("127.0.0.1", 0, create_app(results), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    shot = tmp_path / "dashboard.png"
+    browser = [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=8000",
+               "--window-size=1400,1200", f"--user-data-dir={tmp_path / 'profile'}"]
+    url = f"http://127.0.0.1:{server.port}/"
+    try:
+        dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+        subprocess.run([*browser, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    finally:
+        server.shutdown()
+        thread.join()
+    for line in ("bottle", "cable", "screw"):  # the page as the script drew it from the JSON
+        assert f'id="line-{line}"' in dom
+    assert dom.count('class="timeline"') == 3 and "anomaly-dot" in dom and "error-tick" in dom
+    assert 'class="flagged"' in dom and "size=thumb" in dom
+    with Image.open(shot) as image:
+        assert image.size == (1400, 1200)
