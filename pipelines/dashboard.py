@@ -104,7 +104,12 @@ class ResultFeed:
             return {line: self.lines[line].view(today) for line in sorted(self.lines)}
 
     def frame_row(self, line: str, seq: int):
-        """The row of (line, seq), or None."""
+        """The row of (line, seq), or None: from the rows the page shows, else from the table."""
+        with self.lock:
+            feed = self.lines.get(line)
+            shown = [r for r in (*feed.recent, *feed.anomalies) if r["seq"] == seq] if feed else []
+        if shown:
+            return shown[0]
         rows = query.query_table(
             f"SELECT {', '.join(COLUMNS)} FROM results WHERE line_id = $line AND seq = $seq",
             self.results_dir,
@@ -138,7 +143,9 @@ def create_app(results_dir) -> Flask:
     @app.get("/frame/<line>/<int:seq>.png")
     def frame_png(line: str, seq: int):
         data = _render(str(results_dir), line, seq, request.args.get("size") == "thumb", feed)
-        return Response(data, mimetype="image/png") if data else abort(404)
+        if not data:
+            abort(404)
+        return Response(data, mimetype="image/png", headers={"Cache-Control": "max-age=86400"})  # rows never change
 
     return app
 
@@ -332,7 +339,9 @@ async function refresh() {
 
 async function openFrame(line, seq) {
   const f = await (await fetch(`api/frame/${encodeURIComponent(line)}/${seq}`)).json();
-  document.getElementById("modal-img").src = f.has_image ? `frame/${encodeURIComponent(line)}/${seq}.png` : "";
+  const img = document.getElementById("modal-img");
+  img.style.display = f.has_image ? "block" : "none";
+  img.src = f.has_image ? `frame/${encodeURIComponent(line)}/${seq}.png` : "";
   const bar = f.map_low === null ? "" : ` · anomaly map ${num(f.map_low)} <span class=colorbar><i></i></span> ${num(f.map_high)}`;
   document.getElementById("modal-text").innerHTML = `<b>${esc(line)} seq ${seq}</b> · score ${num(f.score)} · <span class="${f.verdict === "anomaly" ? "anomaly" : ""}">${esc(f.verdict)}</span> (threshold ${num(f.threshold)})${bar}<br><small>${esc(f.time)} UTC · <span title="${esc(f.uri)}">${esc(f.file)}</span>${f.error ? " · " + esc(f.error) : ""}</small>`;
   document.getElementById("modal").classList.add("open");
