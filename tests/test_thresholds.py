@@ -1,12 +1,17 @@
 """`threshold: auto`: the robust rule on hand-computed cases, the rows before and after
 calibration, and a restore from a snapshot giving bitwise the same threshold and rows."""
+import time
+
 import numpy as np
 import pytest
-from trivial_detector import BrightnessConfig, BrightnessDetector
+import ray
+from tests.trivial_detector import BrightnessConfig, BrightnessDetector
 
 from actors.frames import Frame
-from actors.line import CALIBRATION_KEY, AutoThreshold, LineSequencer, LineSettings
+from actors.line import CALIBRATION_KEY, AutoThreshold, LineActor, LineSequencer, LineSettings
+from actors.result_table import read_results
 from actors.snapshots import SnapshotStore
+from actors.writer import ResultWriter
 from configs.pipeline import PipelineConfig
 from rareclip_core.config import ConfigError
 from rareclip_core.ops.threshold import robust_threshold
@@ -85,3 +90,26 @@ def test_config_accepts_auto_or_a_number_per_line():
     assert (cfg.threshold_for("a"), cfg.threshold_for("b"), cfg.auto_threshold.frames) == (1.5, "auto", 30)
     with pytest.raises(ConfigError, match="threshold"):
         PipelineConfig.from_dict({"source": {"kind": "folder", "root": "x"}, "threshold": "automatic"})
+
+
+def test_a_line_actor_restarted_after_calibration_keeps_its_threshold(local_ray, tmp_path):
+    writer_name = f"writer-{tmp_path.name}"
+    writer = ResultWriter.options(name=writer_name).remote(str(tmp_path / "results"), 1, 0.1)
+    settings = LineSettings(auto_threshold=AUTO, map_resolution=None, snapshot_root=str(tmp_path / "snapshots"))
+    actor = LineActor.options(num_cpus=0.5).remote("l", BrightnessConfig(), writer_name, settings)
+    stream = frames(range(12))
+    ray.get(actor.submit.remote(stream[:8]))
+    assert ray.get(actor.snapshot.remote()) == 8  # calibrated at the 5th frame: the snapshot has it
+    ray.kill(actor, no_restart=False)  # the line's process dies; Ray starts it again, it restores seq 8
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            assert ray.get(actor.submit.remote(stream[8:])) == 12
+            break
+        except ray.exceptions.RayActorError:
+            assert time.monotonic() < deadline, "the line actor did not come back"
+            time.sleep(0.5)
+    ray.get(actor.wait_until.remote(12))
+    ray.get(writer.flush.remote())
+    rows = sorted(read_results(tmp_path / "results").to_pylist(), key=lambda r: r["seq"])
+    assert columns(rows) == columns(sequencer().add(stream))  # bitwise: scores, thresholds, verdicts
