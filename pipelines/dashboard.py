@@ -110,11 +110,14 @@ class ResultFeed:
             shown = [r for r in (*feed.recent, *feed.anomalies) if r["seq"] == seq] if feed else []
         if shown:
             return shown[0]
-        rows = query.query_table(
-            f"SELECT {', '.join(COLUMNS)} FROM results WHERE line_id = $line AND seq = $seq",
-            self.results_dir,
-            {"line": line, "seq": seq},
-        ).to_pylist()
+        try:
+            rows = query.query_table(
+                f"SELECT {', '.join(COLUMNS)} FROM results WHERE line_id = $line AND seq = $seq",
+                self.results_dir,
+                {"line": line, "seq": seq},
+            ).to_pylist()
+        except FileNotFoundError:  # no table yet: a job about to start
+            return None
         return rows[0] if rows else None
 
 

@@ -129,3 +129,9 @@ def test_a_headless_browser_renders_every_line_with_its_elements(results, tmp_pa
     assert 'class="flagged"' in dom and "size=thumb" in dom
     with Image.open(shot) as image:
         assert image.size == (1400, 1200)
+
+
+def test_before_any_row_the_page_is_empty_not_broken(tmp_path):
+    client = create_app(tmp_path / "not-yet" / "results").test_client()
+    assert lines_json(client) == {}
+    assert client.get("/api/frame/a/0").status_code == 404 and client.get("/").status_code == 200
