@@ -2,7 +2,7 @@
 
 Per line: its latest frames with score and verdict, a score timeline with the threshold (error
 rows in a strip below), anomalies today, errors, and its last anomalies as thumbnails with their
-stored heat map; a click shows a frame full size. The page asks for `/api/lines` every few
+stored heat map; a click shows a frame full size (`#frame=<line>/<seq>` links to it). The page asks for `/api/lines` every few
 seconds; each request first reads the result files that appeared since the last one (files are
 written atomically and never change, so each is read once), so it works while a job writes and
 after it ends. Served by Flask on 127.0.0.1 by default.
@@ -278,7 +278,7 @@ PAGE = """<!DOCTYPE html>
 h3 { font-size: 13px; margin: 4px 0; color: #444; }
 #modal { position: fixed; inset: 0; background: rgba(0,0,0,.6); display: none; align-items: center; justify-content: center; }
 #modal.open { display: flex; } #modal div { background: #fff; padding: 12px; border-radius: 8px; max-width: 92vw; max-height: 92vh; overflow: auto; }
-#modal img { max-width: 86vw; max-height: 76vh; min-width: 320px; image-rendering: auto; display: block; }
+#modal img { max-width: 86vw; max-height: 76vh; min-width: 480px; display: block; margin: auto; }
 </style></head><body>
 <h1>Lines</h1>
 <p class=sub id=status data-results="$RESULTS">$RESULTS · loading…</p>
@@ -348,13 +348,21 @@ async function openFrame(line, seq) {
   const bar = f.map_low === null ? "" : ` · anomaly map ${num(f.map_low)} <span class=colorbar><i></i></span> ${num(f.map_high)}`;
   document.getElementById("modal-text").innerHTML = `<b>${esc(line)} seq ${seq}</b> · score ${num(f.score)} · <span class="${f.verdict === "anomaly" ? "anomaly" : ""}">${esc(f.verdict)}</span> (threshold ${num(f.threshold)})${bar}<br><small>${esc(f.time)} UTC · <span title="${esc(f.uri)}">${esc(f.file)}</span>${f.error ? " · " + esc(f.error) : ""}</small>`;
   document.getElementById("modal").classList.add("open");
+  history.replaceState(null, "", `#frame=${encodeURIComponent(line)}/${seq}`);
+}
+
+function closeFrame() {
+  document.getElementById("modal").classList.remove("open");
+  history.replaceState(null, "", location.pathname);
 }
 
 document.addEventListener("click", ev => {
   const target = ev.target.closest("[data-seq]");
   if (target) openFrame(target.dataset.line, target.dataset.seq);
-  else if (ev.target.closest("#modal")) document.getElementById("modal").classList.remove("open");
+  else if (ev.target.closest("#modal")) closeFrame();
 });
+const linked = location.hash.match(/^#frame=(.+)\/(\d+)$/);  // a link to one frame
+if (linked) openFrame(decodeURIComponent(linked[1]), linked[2]);
 refresh();
 setInterval(refresh, REFRESH_MS);
 </script></body></html>
