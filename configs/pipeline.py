@@ -95,7 +95,9 @@ class PipelineConfig(StrictModel):
     thresholds: dict[str, Union[float, Literal["auto"]]] = Field(
         default_factory=dict, description="per-line thresholds (a number or `auto`)"
     )
-    auto_threshold: AutoThresholdConfig = Field(default_factory=lambda: AutoThresholdConfig())
+    auto_threshold: AutoThresholdConfig = Field(
+        default_factory=AutoThresholdConfig, description="how lines with `threshold: auto` calibrate it"
+    )
     lines_per_gpu: int = Field(4, ge=1, description="each line actor takes 1/lines_per_gpu of a GPU")
     line_num_cpus: float = Field(0.5, gt=0, description="CPU share reserved per line actor")
     line_resources: dict[str, float] = Field(

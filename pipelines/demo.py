@@ -9,12 +9,13 @@ import pyarrow as pa
 import ray
 
 from configs.loading import load_detector_config
-from configs.pipeline import CONFIG_DIR
+from configs.pipeline import CONFIG_DIR, SyntheticSourceConfig
 from rareclip_core.config import ConfigError
 from rareclip_core.data.synthetic import SyntheticLine
 
 from .common import EXIT_INTERRUPTED, load_config_or_exit
 from .query import format_table, lines_summary, query_table
+from .line_cluster import synthetic_lines
 from .replay import run_replay
 
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
@@ -48,30 +49,28 @@ def main(args) -> int:
         ["line_id", "frames", "errors", "anomalies", "score_p50", "score_max", "latency_p50_ms"]
     )
     print(format_table(summary, "table"))
-    print("Known defects (the synthetic lines drew them; the demo's model has random weights, so its scores "
-          "say little):")
-    print(format_table(known_defects(cfg), "table"))
-    out = cfg.out
+    if isinstance(cfg.source, SyntheticSourceConfig):
+        print("Known defects (the synthetic lines drew them; the demo's model has random weights, so its "
+              "scores say little):")
+        print(format_table(known_defects(cfg.source, cfg.results_dir), "table"))
+    out, line = cfg.out, next(iter(counts))
     print(
         f"{sum(counts.values())} frames of {len(counts)} lines in {time.monotonic() - started:.0f}s. "
         f"Results: {cfg.results_dir} (Parquet, partitioned by line_id/date).\n"
-        f"Try: python run_cluster.py anomalies --line widget --out {out}\n"
+        f"Try: python run_cluster.py anomalies --line {line} --out {out}\n"
         f"     python run_cluster.py dashboard --out {out}\n"
-        f"     python run_cluster.py report --line widget --out {out}"
+        f"     python run_cluster.py report --line {line} --out {out}"
     )
     return 0
 
 
-def known_defects(cfg) -> pa.Table:
-    """Per line of a synthetic source, each defective frame's seq, defect, score, threshold and
-    verdict (`flagged`: is_anomaly; null while an `auto` threshold calibrates), read back from
-    the table; and the good frames that were flagged (`false alarm`)."""
-    source = cfg.source
-    defects = [
-        {"line_id": line, "seq": seq, "defect": SyntheticLine(kind, source.seed + i, source.size, source.defect_rate).defect_type(seq)}
-        for i, (line, kind) in enumerate(source.lines.items())
-        for seq in range(source.frames)
-    ]
+def known_defects(source: SyntheticSourceConfig, results_dir) -> pa.Table:
+    """Each defective frame of the synthetic lines with its score, threshold and verdict read
+    back from the table (not judged while an `auto` threshold calibrates), and the good frames
+    that were flagged (false alarms)."""
+    lines = {line: SyntheticLine(kind, seed, source.size, source.defect_rate) for line, (kind, seed) in synthetic_lines(source).items()}
+    defects = [{"line_id": line, "seq": seq, "defect": drawn.defect_type(seq)}
+               for line, drawn in lines.items() for seq in range(source.frames)]
     truth = pa.Table.from_pylist(defects)
     return query_table(
         """
@@ -83,6 +82,6 @@ def known_defects(cfg) -> pa.Table:
         WHERE t.defect <> 'good' OR r.is_anomaly
         ORDER BY t.line_id, t.seq
         """,
-        cfg.results_dir,
+        results_dir,
         tables={"truth": truth},
     )

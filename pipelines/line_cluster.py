@@ -57,16 +57,21 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> 
         )
 
 
+def synthetic_lines(source: SyntheticSourceConfig) -> dict[str, tuple[str, int]]:
+    """Each synthetic line's (kind, seed): the i-th line draws from `seed + i`."""
+    return {line: (kind, source.seed + i) for i, (line, kind) in enumerate(source.lines.items())}
+
+
 def materialize_source(cfg: PipelineConfig) -> PipelineConfig:
     """Synthetic lines are written as image folders (real files, so reports can show them)."""
     source = cfg.source
     if not isinstance(source, SyntheticSourceConfig):
         return cfg
     root = Path(cfg.out) / "frames"
-    for i, (line, kind) in enumerate(source.lines.items()):
+    for line, (kind, seed) in synthetic_lines(source).items():
         folder = root / line
         if not folder.is_dir() or len(list(folder.glob("*.png"))) != source.frames:
-            write_line_folder(folder, source.frames, kind, source.seed + i, source.size, source.defect_rate)
+            write_line_folder(folder, source.frames, kind, seed, source.size, source.defect_rate)
     folder_source = FolderSourceConfig(kind="folder", root=str(root), lines=list(source.lines))
     return cfg.model_copy(update={"source": folder_source})
 
