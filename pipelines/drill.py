@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import time
 from pathlib import Path
 
 import ray
@@ -62,6 +63,7 @@ class FaultInjector:
         self.marks = sorted(self.rng.uniform(0.1, 0.8) * total for _ in range(kills))
         self.killed: list[str] = []
         self.awaiting: tuple[str, int] | None = None  # (restart kind, its count before the kill)
+        self.furthest = 0
 
     def __call__(self, status: dict) -> None:
         counts = status["event_counts"]
@@ -70,14 +72,32 @@ class FaultInjector:
             if counts.get(kind, 0) <= before:
                 return  # the last victim is not back yet
             self.awaiting = None
-        if self.marks and sum(status["progress"].values()) >= self.marks[0]:
+        self.furthest = max(self.furthest, sum(status["progress"].values()))  # a restored line goes back
+        if self.marks and self.furthest >= self.marks[0]:
             self.marks.pop(0)
-            name, actor = self.rng.choice(sorted(self.cluster.actors().items()))
+            # a line that has scored its whole stream would come back after the run has ended
+            finished = {f"line:{line}" for line, seq in status["progress"].items() if seq >= (status["totals"].get(line) or 1e18)}
+            victims = sorted((name, actor) for name, actor in self.cluster.actors().items() if name not in finished)
+            name, actor = self.rng.choice(victims)
             kind = RESTART_KIND[name.split(":")[0]]
             self.awaiting = (kind, counts.get(kind, 0))
             ray.kill(actor, no_restart=False)
             self.killed.append(name)
             print(f"drill: killed {name}", flush=True)
+
+    def wait_for_last_restart(self, timeout_s: float = 120.0) -> dict:
+        """The supervisor's status once the last victim is back (a kill just before the stream
+        ended is seen restarting after the run)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = ray.get(self.cluster.supervisor.status.remote())
+            if self.awaiting is None or time.monotonic() > deadline:
+                return status
+            kind, before = self.awaiting
+            if status["event_counts"].get(kind, 0) > before:
+                self.awaiting = None
+                return status
+            time.sleep(0.2)
 
 
 def run_drill(cfg, kills: int, seed: int = 0, address=None, progress=False) -> dict:
@@ -94,10 +114,11 @@ def run_drill(cfg, kills: int, seed: int = 0, address=None, progress=False) -> d
             injector = None
             if name == "faulty":
                 injector = FaultInjector(cluster, kills, sum(cluster.source_totals().values()), seed)
-            summary = cluster.run(progress=progress, on_poll=injector)
+            cluster.run(progress=progress, on_poll=injector)
             runs[name] = run_cfg.results_dir
             if injector:
-                events, restarts, killed = summary.events, summary.event_counts, injector.killed
+                status = injector.wait_for_last_restart()
+                events, restarts, killed = status["events"], status["event_counts"], injector.killed
         finally:
             cluster.shutdown()
     verdict = compare_results(runs["reference"], runs["faulty"])
