@@ -15,6 +15,7 @@ COMMANDS = {
     "query": ("pipelines.query", "run SQL over the result dataset (view `results`)"),
     "lines": ("pipelines.lines", "per-line summary: frames, errors, anomaly rate, score and latency percentiles"),
     "anomalies": ("pipelines.anomalies", "a line's anomalous frames (or its top N scores), highest first"),
+    "dashboard": ("pipelines.dashboard", "a live web page of every line: latest frames, score timelines, anomalies with heat maps"),
     "report": ("pipelines.report", "HTML report of one line: score timeline, histogram, top frames with maps"),
     "train-tpb": ("pipelines.train_tpb", "train the text branch's linear layers (Eq. 4)"),
     "train-adaptclip": ("pipelines.train_adaptclip", "train AdaptCLIP's three adapters (authors' checkpoint format)"),
@@ -29,6 +30,7 @@ def build_parser(command=None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        command_parser.add_argument("-v", "--verbose", action="store_true", help="informational log lines too (Ray's included)")
         if name == command:
             module = importlib.import_module(module_name)
             module.add_arguments(command_parser)
@@ -40,8 +42,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
     args = build_parser(command).parse_args(argv)
+    from pipelines.common import configure_console
     from pipelines.line_cluster import SupervisorLost
     from rareclip_core.config import ConfigError
+
+    configure_console(args.verbose)
 
     try:
         return int(args._module.main(args) or 0)

@@ -42,13 +42,15 @@ class IngestSettings:
 @ray.remote(num_cpus=0, max_concurrency=2, max_restarts=-1)
 class IngestActor:
     def __init__(
-        self, source_config, lines: list[str], line_actors: dict, settings: IngestSettings, index: int = 0,
-        supervisor_name: Optional[str] = None,
+        self, source_config, lines: list[str], line_actor_names: dict[str, str], settings: IngestSettings,
+        index: int = 0, supervisor_name: Optional[str] = None,
     ):
+        """`line_actor_names`: line -> its LineActor's name (names, not handles: a restart must
+        not depend on constructor arguments kept in the object store)."""
         self.source = open_source(source_config, settings.ledger_dir)
         self.max_pixels = settings.max_pixels
         self.lines = lines
-        self.line_actors = line_actors
+        self.line_actors = {line: ray.get_actor(name) for line, name in line_actor_names.items()}
         self.chunk = settings.frames_per_submit
         self.max_chunks_in_flight = max(1, settings.max_in_flight // self.chunk)
         self.poll_s = settings.poll_s

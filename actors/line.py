@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from rareclip_core import Detector, DetectorSettings, build_detector
 from rareclip_core.data.frames import decode_frame
 from rareclip_core.data.sources import read_uri
+from rareclip_core.ops.threshold import robust_threshold
 
 from .frames import Frame
 from .reference_log import ReferenceAddition, ReferenceLog, reference_images
@@ -23,6 +24,7 @@ from .result_table import STATUS_ERROR, STATUS_OK
 from .snapshots import SnapshotStore
 
 log = logging.getLogger(__name__)
+CALIBRATION_KEY = "line.threshold_calibration"  # in a snapshot's state beside the detector's tensors
 
 
 def utc(ts: float) -> dt.datetime:
@@ -30,10 +32,20 @@ def utc(ts: float) -> dt.datetime:
 
 
 @dataclass(frozen=True)
+class AutoThreshold:
+    """`threshold: auto`: calibrated on the line's first `frames` ok scores (`robust_threshold`
+    with `mads`), then fixed; rows before it is known have neither threshold nor is_anomaly."""
+
+    frames: int = 20
+    mads: float = 3.0
+
+
+@dataclass(frozen=True)
 class LineSettings:
     """How one line actor scores, stores and recovers (from the pipeline config)."""
 
     threshold: Optional[float] = None  # is_anomaly = score >= threshold; None leaves it empty
+    auto_threshold: Optional[AutoThreshold] = None  # calibrate the threshold from the first scores instead
     map_resolution: Optional[int] = 64  # side of the stored anomaly map; None stores none
     map_dtype: str = "float16"
     backbone_batch: int = 1  # frames per backbone call
@@ -52,15 +64,6 @@ def start_afresh(detector: Detector, references: tuple[str, ...]) -> None:
         detector.add_normal_references([decode_frame(read_uri(uri)) for uri in references])
 
 
-def apply_reference_addition(detector: Detector, configured: tuple[str, ...], addition: ReferenceAddition) -> None:
-    """References added at a seq: a detector that takes them mid-stream adds them; any other
-    starts afresh with the configured references and these (its references come first)."""
-    if detector.references_mid_stream:
-        detector.add_normal_references(reference_images(addition))
-    else:
-        start_afresh(detector, configured + addition.files)
-
-
 class LineSequencer:
     """The ordering and scoring logic of a line, without Ray: frames are buffered by seq and
     scored when contiguous; a frame whose seq was already scored is skipped; refused frames
@@ -73,6 +76,8 @@ class LineSequencer:
         self.configured_references = settings.references
         self.reference_log = ReferenceLog(settings.reference_log) if settings.reference_log else None
         self.threshold = settings.threshold
+        self.auto = settings.auto_threshold
+        self.calibration: list[float] = []  # the first ok scores, while `auto` calibrates
         self.map_resolution = settings.map_resolution
         self.backbone_batch = settings.backbone_batch
         self.next_seq = next_seq
@@ -105,13 +110,49 @@ class LineSequencer:
         rows = []
         for frame in frames:
             for addition in self.reference_log.at(frame.seq) if self.reference_log else []:
-                apply_reference_addition(self.detector, self.configured_references, addition)
+                self._apply(addition)
             if frame.image is None:
                 rows.append(self._row(frame))
                 continue
             result = self.detector.step_features(next(features))
             rows.append(self._row(frame, result.score, self._stored_map(result.anomaly_map)))
+            self._calibrate(result.score)
         return rows
+
+    def _apply(self, addition: ReferenceAddition) -> None:
+        """References added at a seq: a detector that takes them mid-stream adds them; any other
+        starts afresh with the configured references and these (its references come first), and
+        an `auto` threshold calibrates again."""
+        if self.detector.references_mid_stream:
+            self.detector.add_normal_references(reference_images(addition))
+        else:
+            start_afresh(self.detector, self.configured_references + addition.files)
+            self.restart_calibration()
+
+    def _calibrate(self, score: float) -> None:
+        """With `auto`, collect ok scores until there are `frames`, then fix the threshold."""
+        if self.auto is None or self.threshold is not None:
+            return
+        self.calibration.append(float(score))
+        if len(self.calibration) == self.auto.frames:
+            self.threshold = robust_threshold(self.calibration, self.auto.mads)
+
+    def restart_calibration(self) -> None:
+        """With `auto`, calibrate again from the next ok scores (a line started afresh)."""
+        if self.auto is not None:
+            self.threshold, self.calibration = None, []
+
+    def threshold_state(self) -> dict[str, torch.Tensor]:
+        """What a snapshot keeps of the calibration: the scores collected (the threshold follows)."""
+        if self.auto is None:
+            return {}
+        return {CALIBRATION_KEY: torch.tensor(self.calibration, dtype=torch.float64)}
+
+    def load_threshold_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Back to a snapshot's calibration: the same scores give bitwise the same threshold."""
+        self.restart_calibration()
+        for score in state.get(CALIBRATION_KEY, torch.zeros(0, dtype=torch.float64)).tolist():
+            self._calibrate(score)
 
     def _stored_map(self, anomaly_map: np.ndarray) -> Optional[np.ndarray]:
         if self.map_resolution is None:
@@ -149,7 +190,9 @@ class LineActor:
     On (re)start the actor restores the newest valid snapshot of its line and tells the
     supervisor, which has ingestion replay the frames after it."""
 
-    def __init__(self, line_id: str, detector_config: DetectorSettings, writer, settings: LineSettings):
+    def __init__(self, line_id: str, detector_config: DetectorSettings, writer_name: str, settings: LineSettings):
+        """`writer_name`: the ResultWriter's actor name (a name, not a handle: a restart must not
+        depend on a constructor argument kept in the object store)."""
         self.error: Optional[str] = None  # why the detector could not be built (reported by `progress`)
         try:
             detector = build_detector(detector_config)
@@ -157,7 +200,7 @@ class LineActor:
             self.error = f"{type(err).__name__}: {err}"
             return
         self.sequencer = LineSequencer(line_id, detector, settings)
-        self.writer = writer
+        self.writer = ray.get_actor(writer_name)
         self.gap_timeout_s = settings.gap_timeout_s
         self.gap_since: Optional[float] = None
         self.writes: list = []
@@ -240,7 +283,7 @@ class LineActor:
         replay from it). Not taken: when the writer has not persisted every row before it (it
         restarted and lost buffered rows, which the replay it triggers writes again), or when
         the line restored or reset meanwhile (the state captured is no longer the line's)."""
-        state = self.sequencer.detector.state_dict()
+        state = {**self.sequencer.detector.state_dict(), **self.sequencer.threshold_state()}
         next_seq = self.sequencer.next_seq
         generation = self.generation
         writes, self.writes = self.writes, []
@@ -273,7 +316,8 @@ class LineActor:
         if info is None:
             self._start_afresh()
         else:
-            detector.load_state_dict(state)
+            self.sequencer.load_threshold_state(state)
+            detector.load_state_dict({k: v for k, v in state.items() if k != CALIBRATION_KEY})
         self.sequencer.next_seq = info.next_seq if info else 0
         self.sequencer.pending.clear()
         self.gap_since = None
@@ -281,6 +325,7 @@ class LineActor:
 
     def _start_afresh(self) -> None:
         start_afresh(self.sequencer.detector, self.references)
+        self.sequencer.restart_calibration()
 
     async def reset(self) -> int:
         """Start the line's learning afresh from its current seq (e.g. a product changeover),

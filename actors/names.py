@@ -17,5 +17,9 @@ def line_actor_name(job: str, line_id: str) -> str:
     return f"rareclip-line-{job}-{line_id}"
 
 
+def writer_actor_name(job: str) -> str:
+    return f"rareclip-writer-{job}"
+
+
 def supervisor_actor_name(job: str) -> str:
     return f"rareclip-supervisor-{job}"

@@ -68,6 +68,13 @@ class SnapshotConfig(StrictModel):
     root: Optional[str] = Field(None, description="local path or object-store URI; default <out>/snapshots")
 
 
+class AutoThresholdConfig(StrictModel):
+    """`threshold: auto`: median + mads * MAD (normal-scaled) of the line's first `frames` ok scores."""
+
+    frames: int = Field(20, ge=3, description="ok frames a line's `auto` threshold is calibrated on")
+    mads: float = Field(3.0, gt=0, description="how many normal-scaled MADs above the median the threshold lies")
+
+
 class PipelineConfig(StrictModel):
     detector: SerializeAsAny[DetectorSettings] = Field(
         default_factory=RareCLIPConfig, description="the detector's settings; `kind` selects it (default rareclip)"
@@ -82,8 +89,15 @@ class PipelineConfig(StrictModel):
     )
     source: SourceConfig
     out: str = Field("out", description="results in <out>/results, snapshots in <out>/snapshots")
-    threshold: Optional[float] = Field(None, description="is_anomaly = score >= threshold; null leaves it empty")
-    thresholds: dict[str, float] = Field(default_factory=dict, description="per-line thresholds")
+    threshold: Optional[Union[float, Literal["auto"]]] = Field(
+        None, description="is_anomaly = score >= threshold; `auto`: calibrated per line (auto_threshold); null leaves it empty"
+    )
+    thresholds: dict[str, Union[float, Literal["auto"]]] = Field(
+        default_factory=dict, description="per-line thresholds (a number or `auto`)"
+    )
+    auto_threshold: AutoThresholdConfig = Field(
+        default_factory=AutoThresholdConfig, description="how lines with `threshold: auto` calibrate it"
+    )
     lines_per_gpu: int = Field(4, ge=1, description="each line actor takes 1/lines_per_gpu of a GPU")
     line_num_cpus: float = Field(0.5, gt=0, description="CPU share reserved per line actor")
     line_resources: dict[str, float] = Field(
@@ -123,7 +137,8 @@ class PipelineConfig(StrictModel):
     def snapshot_root(self) -> str:
         return self.snapshot.root or str(Path(self.out).resolve() / "snapshots")
 
-    def threshold_for(self, line_id: str) -> Optional[float]:
+    def threshold_for(self, line_id: str) -> Optional[Union[float, Literal["auto"]]]:
+        """The line's threshold: a number, `auto` (calibrated by the line), or None."""
         return self.thresholds.get(line_id, self.threshold)
 
     def detector_for(self, line_id: str) -> DetectorSettings:

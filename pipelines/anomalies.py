@@ -11,7 +11,7 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     return query.print_result(
-        lambda: query.top_anomalies(args.results, args.line, since=args.since, top=args.top), args.format
+        lambda: query.top_anomalies(query.results_dir_of(args), args.line, since=args.since, top=args.top), args.format
     )
 
 

@@ -34,6 +34,10 @@ def load_config_or_exit(path: str, check: bool = True, lines=None, **overrides) 
     return None if problems else cfg
 
 
-def quiet_logs() -> None:
-    logging.getLogger("ray").setLevel(logging.WARNING)
-    logging.getLogger().setLevel(logging.WARNING)
+def configure_console(verbose: bool = False) -> None:
+    """Warnings and errors on the console (Ray's own logs stay in its log folder); `verbose`
+    (-v): also this project's and Ray's informational lines."""
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
+    logging.getLogger("ray").setLevel(level if verbose else logging.ERROR)

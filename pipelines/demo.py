@@ -5,14 +5,17 @@ from __future__ import annotations
 import sys
 import time
 
+import pyarrow as pa
 import ray
 
 from configs.loading import load_detector_config
-from configs.pipeline import CONFIG_DIR
+from configs.pipeline import CONFIG_DIR, SyntheticSourceConfig
 from rareclip_core.config import ConfigError
+from rareclip_core.data.synthetic import SyntheticLine
 
-from .common import EXIT_INTERRUPTED, load_config_or_exit, quiet_logs
-from .query import format_table, lines_summary
+from .common import EXIT_INTERRUPTED, load_config_or_exit
+from .query import format_table, lines_summary, query_table
+from .line_cluster import synthetic_lines
 from .replay import run_replay
 
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
@@ -35,7 +38,6 @@ def main(args) -> int:
     cfg = load_config_or_exit(args.config, out=args.out, detector=detector)
     if cfg is None:
         return 2
-    quiet_logs()
     started = time.monotonic()
     summary = run_replay(cfg, args.address, progress=not args.no_progress)
     ray.shutdown()
@@ -47,10 +49,39 @@ def main(args) -> int:
         ["line_id", "frames", "errors", "anomalies", "score_p50", "score_max", "latency_p50_ms"]
     )
     print(format_table(summary, "table"))
+    if isinstance(cfg.source, SyntheticSourceConfig):
+        print("Known defects (the synthetic lines drew them; the demo's model has random weights, so its "
+              "scores say little):")
+        print(format_table(known_defects(cfg.source, cfg.results_dir), "table"))
+    out, line = cfg.out, next(iter(counts))
     print(
-        f"\n{sum(counts.values())} frames of {len(counts)} lines in {time.monotonic() - started:.0f}s. "
+        f"{sum(counts.values())} frames of {len(counts)} lines in {time.monotonic() - started:.0f}s. "
         f"Results: {cfg.results_dir} (Parquet, partitioned by line_id/date).\n"
-        f"Try: python run_cluster.py lines --results {cfg.results_dir}\n"
-        f"     python run_cluster.py report --line {next(iter(counts))} --results {cfg.results_dir} --out {cfg.out}/report"
+        f"Try: python run_cluster.py anomalies --line {line} --out {out}\n"
+        f"     python run_cluster.py dashboard --out {out}\n"
+        f"     python run_cluster.py report --line {line} --out {out}"
     )
     return 0
+
+
+def known_defects(source: SyntheticSourceConfig, results_dir) -> pa.Table:
+    """Each defective frame of the synthetic lines with its score, threshold and verdict read
+    back from the table (not judged while an `auto` threshold calibrates), and the good frames
+    that were flagged (false alarms)."""
+    lines = {line: SyntheticLine(kind, seed, source.size, source.defect_rate) for line, (kind, seed) in synthetic_lines(source).items()}
+    defects = [{"line_id": line, "seq": seq, "defect": drawn.defect_type(seq)}
+               for line, drawn in lines.items() for seq in range(source.frames)]
+    truth = pa.Table.from_pylist(defects)
+    return query_table(
+        """
+        SELECT t.line_id, t.seq, t.defect, r.score, r.threshold,
+               CASE WHEN r.is_anomaly IS NULL THEN 'not judged (calibrating)'
+                    WHEN r.is_anomaly AND t.defect = 'good' THEN 'false alarm'
+                    WHEN r.is_anomaly THEN 'flagged' ELSE 'missed' END AS verdict
+        FROM truth t JOIN results r USING (line_id, seq)
+        WHERE t.defect <> 'good' OR r.is_anomaly
+        ORDER BY t.line_id, t.seq
+        """,
+        results_dir,
+        tables={"truth": truth},
+    )

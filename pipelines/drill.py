@@ -12,7 +12,7 @@ import ray
 
 from actors.result_table import read_results
 
-from .common import add_cluster_arguments, load_config_or_exit, quiet_logs
+from .common import add_cluster_arguments, load_config_or_exit
 from .line_cluster import LineCluster, start_ray
 
 
@@ -136,7 +136,6 @@ def main(args) -> int:
     cfg = load_config_or_exit(args.config, out=args.out)
     if cfg is None:
         return 2
-    quiet_logs()
     v = run_drill(cfg, args.kills, args.seed, args.address, progress=not args.no_progress)
     ray.shutdown()
     print(f"killed {len(v['killed'])}: {', '.join(v['killed']) or 'nothing (the stream ended first)'}")

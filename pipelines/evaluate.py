@@ -51,7 +51,7 @@ from rareclip_core.config import ConfigError
 from rareclip_core.data.datasets import Sample, load_dataset, load_mask, shuffled
 from rareclip_core.metrics import image_metrics, pixel_metrics
 
-from .common import EXIT_INTERRUPTED, quiet_logs
+from .common import EXIT_INTERRUPTED
 
 DEFAULT_CONFIG = CONFIG_DIR / "detector-paper.yaml"
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
@@ -454,7 +454,6 @@ def main(args) -> int:
         return 2
     import ray
 
-    quiet_logs()
     started = time.monotonic()
     try:
         run_plan(plan, args.address, progress=not args.no_progress)

@@ -2,6 +2,7 @@
 actors from a validated PipelineConfig, and watch them with progress bars."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -15,8 +16,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from actors.ingest import IngestActor, IngestSettings
-from actors.line import LineActor, LineSettings
-from actors.names import NAMESPACE, job_key, line_actor_name, supervisor_actor_name
+from actors.line import AutoThreshold, LineActor, LineSettings
+from actors.names import NAMESPACE, job_key, line_actor_name, supervisor_actor_name, writer_actor_name
 from actors.result_table import STATUS_ERROR, read_results
 from actors.supervisor import Supervisor
 from actors.writer import ResultWriter
@@ -40,8 +41,10 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> 
     if ray.is_initialized():
         return
     env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT), "TQDM_DISABLE": "1"}}
+    # Ray's console lines (token-auth notice, "Started a local Ray instance") only with -v
+    console = {"logging_level": logging.INFO if logging.getLogger("ray").isEnabledFor(logging.INFO) else logging.ERROR}
     if address:
-        ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=False)
+        ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=False, **console)
     else:
         ray.init(
             address="local",  # a new instance even when `ray start` left a cluster on this machine
@@ -50,7 +53,13 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> 
             runtime_env=env,
             include_dashboard=False,
             log_to_driver=False,  # actors' logs stay in Ray's log folder; the job reports what matters
+            **console,
         )
+
+
+def synthetic_lines(source: SyntheticSourceConfig) -> dict[str, tuple[str, int]]:
+    """Each synthetic line's (kind, seed): the i-th line draws from `seed + i`."""
+    return {line: (kind, source.seed + i) for i, (line, kind) in enumerate(source.lines.items())}
 
 
 def materialize_source(cfg: PipelineConfig) -> PipelineConfig:
@@ -59,10 +68,10 @@ def materialize_source(cfg: PipelineConfig) -> PipelineConfig:
     if not isinstance(source, SyntheticSourceConfig):
         return cfg
     root = Path(cfg.out) / "frames"
-    for i, (line, kind) in enumerate(source.lines.items()):
+    for line, (kind, seed) in synthetic_lines(source).items():
         folder = root / line
         if not folder.is_dir() or len(list(folder.glob("*.png"))) != source.frames:
-            write_line_folder(folder, source.frames, kind, source.seed + i, source.size, source.defect_rate)
+            write_line_folder(folder, source.frames, kind, seed, source.size, source.defect_rate)
     folder_source = FolderSourceConfig(kind="folder", root=str(root), lines=list(source.lines))
     return cfg.model_copy(update={"source": folder_source})
 
@@ -122,6 +131,51 @@ class RunSummary:
         return out
 
 
+class TerminalProgress:
+    """A bar for all lines and one per line (tqdm), redrawn in place on a terminal."""
+
+    def __init__(self, lines: list[str], totals: dict[str, Optional[int]]):
+        known = [totals.get(line) for line in lines if totals.get(line) is not None]
+        overall = sum(known) if len(known) == len(lines) else None
+        self.bars = {"__all__": tqdm(total=overall, desc="all lines", position=0, unit="img")}
+        for i, line in enumerate(lines, start=1):
+            self.bars[line] = tqdm(total=totals.get(line), desc=line, position=i, unit="img")
+
+    def update(self, progress: dict[str, int]) -> None:
+        for line, seq in progress.items():
+            self.bars[line].update(seq - self.bars[line].n)
+        self.bars["__all__"].update(sum(progress.values()) - self.bars["__all__"].n)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+class PlainProgress:
+    """Off a terminal (a log file, CI): one plain line every `every_s` seconds, and at the end."""
+
+    def __init__(self, lines: list[str], totals: dict[str, Optional[int]], every_s: float = 10.0, stream=None):
+        self.totals, self.every_s, self.stream = totals, every_s, stream or sys.stderr
+        self.progress = {line: 0 for line in lines}
+        self.last = time.monotonic()
+        self.started = self.last
+
+    def update(self, progress: dict[str, int]) -> None:
+        self.progress.update(progress)
+        if time.monotonic() - self.last >= self.every_s:
+            self._print()
+
+    def close(self) -> None:
+        self._print()
+
+    def _print(self) -> None:
+        self.last = time.monotonic()
+        parts = [f"{line} {n}" + (f"/{self.totals[line]}" if self.totals.get(line) is not None else "")
+                 for line, n in self.progress.items()]
+        print(f"progress {self.last - self.started:.0f}s: {sum(self.progress.values())} frames ({', '.join(parts)})",
+              file=self.stream, flush=True)
+
+
 class LineCluster:
     """The actors of one job: a ResultWriter, a LineActor per line, IngestActors over the lines,
     and the Supervisor that snapshots lines and brings crashed actors back."""
@@ -143,14 +197,15 @@ class LineCluster:
         self.key = job_key(cfg.results_dir)
         supervisor_name = supervisor_actor_name(self.key)
         place = place_lines(len(self.lines), ray.cluster_resources(), cfg.lines_per_gpu, cfg.line_num_cpus, fit_all)
-        self.writer = ResultWriter.remote(str(cfg.results_dir), cfg.writer_batch_rows, cfg.writer_flush_s, supervisor_name)
+        writer_name = writer_actor_name(self.key)
+        self.writer = ResultWriter.options(name=writer_name).remote(str(cfg.results_dir), cfg.writer_batch_rows, cfg.writer_flush_s, supervisor_name)
         self.line_actors = {
             line: LineActor.options(
                 name=line_actor_name(self.key, line),
                 num_cpus=place.num_cpus,
                 num_gpus=place.num_gpus,
                 resources=cfg.line_resources,
-            ).remote(line, cfg.detector_for(line), self.writer, self._line_settings(line, supervisor_name))
+            ).remote(line, cfg.detector_for(line), writer_name, self._line_settings(line, supervisor_name))
             for line in self.lines
         }
         n = min(cfg.ingest_actors, len(self.lines))
@@ -163,7 +218,9 @@ class LineCluster:
             max_pixels=cfg.max_pixels,
         )
         self.ingest = [
-            IngestActor.remote(cfg.source, group, {line: self.line_actors[line] for line in group}, ingest, i, supervisor_name)
+            IngestActor.remote(
+                cfg.source, group, {line: line_actor_name(self.key, line) for line in group}, ingest, i, supervisor_name
+            )
             for i, group in enumerate(groups)
         ]
         started = ray.get([a.progress.remote() for a in self.line_actors.values()])  # constructed (and restored)
@@ -180,8 +237,10 @@ class LineCluster:
 
     def _line_settings(self, line: str, supervisor_name: str) -> LineSettings:
         cfg = self.cfg
+        threshold = cfg.threshold_for(line)
         return LineSettings(
-            threshold=cfg.threshold_for(line),
+            threshold=None if threshold == "auto" else threshold,
+            auto_threshold=AutoThreshold(cfg.auto_threshold.frames, cfg.auto_threshold.mads) if threshold == "auto" else None,
             map_resolution=cfg.map_resolution,
             map_dtype=cfg.map_dtype,
             backbone_batch=cfg.backbone_batch,
@@ -216,7 +275,7 @@ class LineCluster:
         except ray.exceptions.RayActorError as err:
             raise SupervisorLost(err) from None
         totals = status["totals"]
-        bars = self._bars(totals) if progress else None
+        bars = (TerminalProgress if sys.stderr.isatty() else PlainProgress)(self.lines, totals) if progress else None
         last_flush = time.monotonic()
         interrupted = abandoned = False
         try:
@@ -224,7 +283,7 @@ class LineCluster:
                 while not ray.wait([done], timeout=0.5)[0]:
                     status = ray.get(self.supervisor.status.remote())
                     if bars:
-                        self._update(bars, status["progress"])
+                        bars.update(status["progress"])
                     if on_poll:
                         on_poll(status)
                     if flush_every_s and time.monotonic() - last_flush >= flush_every_s:
@@ -243,29 +302,16 @@ class LineCluster:
                 abandoned = True
                 counts = ray.get(self.writer.status.remote())["last_seq"]
                 counts = {line: counts.get(line, -1) + 1 for line in self.lines}
+            if bars:
+                bars.update(counts)
             status = ray.get(self.supervisor.status.remote())
         except ray.exceptions.RayActorError as err:
             raise SupervisorLost(err) from None
         finally:
             if bars:
-                for bar in bars.values():
-                    bar.close()
+                bars.close()
         return RunSummary(counts, {line: totals.get(line) for line in self.lines}, interrupted or abandoned,
                           status["events"], status["event_counts"])
-
-    def _bars(self, totals: dict[str, Optional[int]]) -> dict[str, tqdm]:
-        known = [t for t in totals.values() if t is not None]
-        overall = sum(known) if len(known) == len(self.lines) else None
-        bars = {"__all__": tqdm(total=overall, desc="all lines", position=0, unit="img")}
-        for i, line in enumerate(self.lines, start=1):
-            bars[line] = tqdm(total=totals.get(line), desc=line, position=i, unit="img")
-        return bars
-
-    @staticmethod
-    def _update(bars: dict[str, tqdm], progress: dict[str, int]) -> None:
-        for line, seq in progress.items():
-            bars[line].update(seq - bars[line].n)
-        bars["__all__"].update(sum(progress.values()) - bars["__all__"].n)
 
     def shutdown_actors(self) -> None:
         for actor in [getattr(self, "supervisor", None), *self.ingest, *self.line_actors.values(), self.writer]:

@@ -7,4 +7,4 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    return query.print_result(lambda: query.lines_summary(args.results), args.format)
+    return query.print_result(lambda: query.lines_summary(query.results_dir_of(args)), args.format)

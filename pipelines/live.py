@@ -9,7 +9,6 @@ from .common import (
     EXIT_INTERRUPTED,
     add_cluster_arguments,
     load_config_or_exit,
-    quiet_logs,
 )
 from .line_cluster import LineCluster, start_ray
 
@@ -25,7 +24,6 @@ def main(args) -> int:
         return 2
     if isinstance(cfg.source, FolderSourceConfig) and not cfg.source.watch:
         cfg = cfg.model_copy(update={"source": cfg.source.model_copy(update={"watch": True})})
-    quiet_logs()
     start_ray(args.address)
     cluster = LineCluster(cfg, args.lines)
     print(f"live: {len(cluster.lines)} lines -> {cfg.results_dir} (Ctrl-C to stop)")

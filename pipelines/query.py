@@ -12,13 +12,15 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
 from actors.result_table import RESULT_SCHEMA, STATUS_ERROR, STATUS_OK, VISIBLE_PARQUET
+from rareclip_core.config import ConfigError
 
-DEFAULT_RESULTS = "results"
+DEFAULT_OUT = "out"  # the pipeline config's default `out`
 FORMATS = ("table", "csv", "json")
 TOP_COLUMNS = "line_id, seq, date, scored_time, score, threshold, is_anomaly, uri, map_uri"
 
@@ -27,10 +29,13 @@ class QueryError(Exception):
     """The engine rejected a query (message: the engine's, on one line), or the line is unknown."""
 
 
-def query_table(sql: str, results_dir, params=None) -> pa.Table:
-    """Run `sql` (DuckDB dialect, `$name` or `?` parameters) where `results` is the dataset."""
+def query_table(sql: str, results_dir, params=None, tables=None) -> pa.Table:
+    """Run `sql` (DuckDB dialect, `$name` or `?` parameters) where `results` is the dataset and
+    each of `tables` ({name: Arrow table}) a view of that name."""
     for attempt in range(2):
         connection = _connect(str(results_dir))
+        for name, table in (tables or {}).items():
+            connection.register(name, table)
         try:
             relation = connection.sql(sql, params=params)
             return pa.table({}) if relation is None else relation.to_arrow_table()
@@ -126,17 +131,50 @@ def format_table(table: pa.Table, fmt: str) -> str:
     return _text_table(table, names, rows)
 
 
+def add_results_arguments(parser) -> None:
+    """Where the result table is: a job's `--out` (as every job takes it), a pipeline `--config`
+    (its `out`), or the table folder itself (`--results`)."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", help="a job's output folder; the table is <out>/results (default: ./out, "
+                                     "or the one job folder under it, e.g. out/demo)")
+    where.add_argument("--config", help="a pipeline YAML: the table of its `out`")
+    where.add_argument("--results", help="the result table folder itself")
+
+
 def add_output_arguments(parser) -> None:
-    """The --results and --format options every query command takes."""
-    parser.add_argument("--results", default=DEFAULT_RESULTS, help="result dataset directory (default: %(default)s)")
+    """Where the table is, and --format: the options every query command takes."""
+    add_results_arguments(parser)
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: %(default)s)")
+
+
+def results_dir_of(args) -> Path:
+    """The result table folder `args` name (see `add_results_arguments`). With none named:
+    ./out/results, else the only `out/*/results` there (said on stderr); else FileNotFoundError
+    naming the options."""
+    if args.results:
+        return Path(args.results)
+    if args.out:
+        return Path(args.out) / "results"
+    if args.config:
+        from configs.loading import load_pipeline_config
+
+        return load_pipeline_config(args.config).results_dir
+    default = Path(DEFAULT_OUT) / "results"
+    if default.is_dir():
+        return default
+    found = sorted(Path(DEFAULT_OUT).glob("*/results"))
+    if len(found) == 1:
+        print(f"reading {found[0]} (the one job folder under {DEFAULT_OUT}/; --out DIR names another)", file=sys.stderr)
+        return found[0]
+    choices = f" (job folders here: {', '.join(str(f.parent) for f in found)})" if found else ""
+    raise FileNotFoundError(f"no result table at {default}: pass --out DIR, a job's output folder{choices}")
 
 
 def print_result(produce, fmt: str) -> int:
     """Print the table `produce()` returns; on a query error print one line to stderr and return 2."""
     try:
         table = produce()
-    except (QueryError, FileNotFoundError) as exc:
+    except (QueryError, FileNotFoundError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     sys.stdout.write(format_table(table, fmt))
@@ -149,7 +187,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    return print_result(lambda: query_table(args.sql, args.results), args.format)
+    return print_result(lambda: query_table(args.sql, results_dir_of(args)), args.format)
 
 
 def _connect(results_dir: str) -> duckdb.DuckDBPyConnection:

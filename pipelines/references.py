@@ -25,7 +25,7 @@ from actors.result_table import persisted_last_seqs, read_results
 from rareclip_core.config import ConfigError
 from rareclip_core.registry import detector_class
 
-from .common import add_cluster_arguments, load_config_or_exit, quiet_logs
+from .common import add_cluster_arguments, load_config_or_exit
 from .job_lock import JobLock
 
 ACTIONS = ("add", "list")
@@ -97,7 +97,6 @@ def main(args) -> int:
     cfg = load_config_or_exit(args.config, check=False, out=args.out)
     if cfg is None:
         return 2
-    quiet_logs()
     if args.action == "list":
         return list_references(cfg, args.line)
     if not args.line or not (args.seq or args.image):

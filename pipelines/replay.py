@@ -11,7 +11,6 @@ from .common import (
     EXIT_INTERRUPTED,
     add_cluster_arguments,
     load_config_or_exit,
-    quiet_logs,
 )
 from .line_cluster import LineCluster, RunSummary, start_ray
 
@@ -35,7 +34,6 @@ def main(args) -> int:
     cfg = load_config_or_exit(args.config, out=args.out, backbone_batch=args.batch)
     if cfg is None:
         return 2
-    quiet_logs()
     started = time.monotonic()
     summary = run_replay(cfg, args.address, progress=not args.no_progress)
     ray.shutdown()

@@ -16,25 +16,28 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 from actors.result_table import STATUS_ERROR, STATUS_OK
+from pipelines import page_style as style
 from pipelines import query
+from rareclip_core.config import ConfigError
 
 DEFAULT_TOP = 8
 ERRORS_SHOWN = 50
 HEAT_ALPHA = (0.15, 0.65)  # opacity of the heat map where the map is lowest, highest
-HEAT_COLORMAP = "jet"
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--line", required=True, help="line id")
-    parser.add_argument("--out", required=True, help="directory for index.html and its PNG files")
-    parser.add_argument("--results", default=query.DEFAULT_RESULTS, help="result dataset directory (default: results)")
+    query.add_results_arguments(parser)
+    parser.add_argument("--report-dir", help="where index.html and its PNG files go (default: <out>/report/<line>)")
     parser.add_argument("--top", type=int, default=DEFAULT_TOP, help="frames shown, highest scores first (default: 8)")
 
 
 def main(args) -> int:
     try:
-        page = write_report(args.results, args.line, args.out, top=args.top)
-    except (query.QueryError, FileNotFoundError) as exc:
+        results = query.results_dir_of(args)
+        report_dir = args.report_dir or results.parent / "report" / args.line
+        page = write_report(results, args.line, report_dir, top=args.top)
+    except (query.QueryError, FileNotFoundError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(page)
@@ -45,7 +48,7 @@ def write_report(results_dir, line: str, out_dir, top: int = DEFAULT_TOP) -> Pat
     """Write `out_dir/index.html` and its PNG files for `line`; return the page's path."""
     query.require_line(results_dir, line)
     rows = query.query_table(
-        "SELECT seq, status, score, is_anomaly, threshold, scored_time, error, model_id "
+        "SELECT seq, uri, status, score, is_anomaly, threshold, scored_time, error, model_id "
         "FROM results WHERE line_id = $line ORDER BY seq",
         results_dir,
         {"line": line},
@@ -91,7 +94,7 @@ def overlay_map(frame: Image.Image, anomaly_map: np.ndarray, scale, view: str = 
     values = np.nan_to_num(anomaly_map.astype(np.float32), nan=low, posinf=high, neginf=low)
     resized = np.asarray(Image.fromarray(values).resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.BILINEAR))
     normalized = np.clip((resized - low) / max(high - low, 1e-12), 0.0, 1.0)
-    heat = colormaps[HEAT_COLORMAP](normalized)[..., :3] * 255
+    heat = colormaps[style.HEAT_COLORMAP](normalized)[..., :3] * 255
     opacity = (HEAT_ALPHA[0] + (HEAT_ALPHA[1] - HEAT_ALPHA[0]) * normalized)[..., None]
     blended = (1 - opacity) * np.asarray(frame.crop(box), dtype=np.float32) + opacity * heat
     result = frame.copy()
@@ -102,29 +105,30 @@ def overlay_map(frame: Image.Image, anomaly_map: np.ndarray, scale, view: str = 
 
 
 def plot_timeline(rows: list, path: Path) -> None:
-    """Score against seq; anomalies in red, the threshold as a dashed step line, errors as grey crosses."""
-    figure = Figure(figsize=(11, 3.4), dpi=100, layout="constrained")
-    axes = figure.add_subplot()
+    """Score against seq (anomalies in red, the threshold as a dashed step line) and, below on
+    the same seq axis, a strip with a tick per error row (errors have no score)."""
+    figure = Figure(figsize=(11, 3.6), dpi=100, layout="constrained")
+    axes, strip = figure.subplots(2, 1, sharex=True, height_ratios=[6, 1])
     scored = [r for r in rows if r["status"] == STATUS_OK and r["score"] is not None]
     anomalous = [r for r in scored if r["is_anomaly"]]
     with_threshold = [r for r in rows if r["threshold"] is not None]
     errors = [r for r in rows if r["status"] == STATUS_ERROR]
-    axes.plot([r["seq"] for r in scored], [r["score"] for r in scored], color="#4a78b5", lw=0.8,
+    axes.plot([r["seq"] for r in scored], [r["score"] for r in scored], color=style.SCORE, lw=0.8,
               marker=".", ms=3, label="score")
-    axes.scatter([r["seq"] for r in anomalous], [r["score"] for r in anomalous], color="#d62728", s=22,
+    axes.scatter([r["seq"] for r in anomalous], [r["score"] for r in anomalous], color=style.ANOMALY, s=22,
                  zorder=3, label=f"anomaly ({len(anomalous)})")
     if with_threshold:
         axes.step([r["seq"] for r in with_threshold], [r["threshold"] for r in with_threshold], where="post",
-                  color="#ff7f0e", ls="--", lw=1.2, label="threshold")
-    if errors:
-        bottom = min([r["score"] for r in scored] + [r["threshold"] for r in with_threshold] + [0.0])
-        axes.scatter([r["seq"] for r in errors], [bottom] * len(errors), marker="x", color="grey", s=22,
-                     zorder=3, label=f"error ({len(errors)})")
-    axes.xaxis.get_major_locator().set_params(integer=True)
-    axes.set_xlabel("seq")
+                  color=style.THRESHOLD, ls="--", lw=1.2, label="threshold")
     axes.set_ylabel("score")
     axes.grid(alpha=0.3)
     axes.legend(loc="lower left", bbox_to_anchor=(0, 1), fontsize=8, ncols=4, frameon=False)
+    strip.vlines([r["seq"] for r in errors], 0, 1, color=style.ERROR, lw=1.5)
+    strip.set_ylim(0, 1)
+    strip.set_yticks([])
+    strip.set_ylabel(f"errors\n({len(errors)})", rotation=0, ha="right", va="center", fontsize=8)
+    strip.xaxis.get_major_locator().set_params(integer=True)
+    strip.set_xlabel("seq")
     figure.savefig(path)
 
 
@@ -138,12 +142,12 @@ def plot_histogram(rows: list, path: Path) -> None:
         bins = np.histogram_bin_edges(scores, bins=min(40, max(10, int(np.sqrt(len(scores))))))
         anomalous = np.array([bool(r["is_anomaly"]) for r in scored])
         axes.hist([scores[~anomalous], scores[anomalous]], bins=bins, stacked=True,
-                  color=["#4a78b5", "#d62728"], label=["normal", "anomaly"])
+                  color=[style.SCORE, style.ANOMALY], label=["normal", "anomaly"])
     else:
         axes.text(0.5, 0.5, "no scored frames", ha="center", va="center", transform=axes.transAxes)
     thresholds = [r["threshold"] for r in rows if r["threshold"] is not None]
     if thresholds:
-        axes.axvline(thresholds[-1], color="#ff7f0e", ls="--", lw=1.2, label=f"threshold {thresholds[-1]:.4g}")
+        axes.axvline(thresholds[-1], color=style.THRESHOLD, ls="--", lw=1.2, label=f"threshold {thresholds[-1]:.4g}")
     axes.set_xlabel("score")
     axes.set_ylabel("frames")
     axes.grid(alpha=0.3)
@@ -195,21 +199,22 @@ def _page(line: str, summary: dict, rows: list, frames: list, scale) -> str:
     times = [r["scored_time"] for r in rows if r["scored_time"] is not None]
     models = sorted({r["model_id"] for r in rows if r["model_id"]})
     thresholds = [r["threshold"] for r in rows if r["threshold"] is not None]
+    n = style.number
     figures = [
-        ("frames", summary["frames"]),
-        ("ok", summary["ok"]),
-        ("errors", summary["errors"]),
-        ("anomalies", summary["anomalies"]),
-        ("anomaly rate", _percent(summary["anomaly_rate"])),
-        ("last seq", summary["last_seq"]),
-        ("threshold (latest)", _number(thresholds[-1] if thresholds else None)),
-        ("score p05 / p50 / p95", " / ".join(_number(summary[k]) for k in ("score_p05", "score_p50", "score_p95"))),
-        ("score max", _number(summary["score_max"])),
-        ("latency p50 / p99", f"{_number(summary['latency_p50_ms'])} / {_number(summary['latency_p99_ms'])} ms"),
-        ("scored (UTC)", f"{_time(min(times))} – {_time(max(times))}" if times else "–"),
-        ("model", ", ".join(models) or "–"),
+        ("frames", summary["frames"], ""),
+        ("ok", summary["ok"], ""),
+        ("errors", summary["errors"], ""),
+        ("anomalies", summary["anomalies"], ""),
+        ("anomaly rate", style.percent(summary["anomaly_rate"]), ""),
+        ("last seq", summary["last_seq"], ""),
+        ("threshold (latest)", n(thresholds[-1] if thresholds else None), ""),
+        ("score max", n(summary["score_max"]), ""),
+        ("score p05 / p50 / p95", " / ".join(n(summary[k]) for k in ("score_p05", "score_p50", "score_p95")), "wide"),
+        ("latency p50 / p99", f"{n(summary['latency_p50_ms'])} / {n(summary['latency_p99_ms'])} ms", "wide"),
+        ("scored (UTC)", style.time_range(min(times), max(times)) if times else "–", "wide"),
+        ("model", ", ".join(models) or "–", "full"),
     ]
-    summary_html = "".join(f"<div class=fig><span>{e(k)}</span><b>{e(str(v))}</b></div>" for k, v in figures)
+    summary_html = "".join(f"<div class='fig {w}'><span>{e(k)}</span><b>{e(str(v))}</b></div>" for k, v, w in figures)
 
     cards = []
     for card in frames:
@@ -218,63 +223,45 @@ def _page(line: str, summary: dict, rows: list, frames: list, scale) -> str:
         note = f'<p class=note>{e(card["note"])}</p>' if card["note"] else ""
         flag = "anomaly" if row["is_anomaly"] else "normal"
         cards.append(
-            f'<figure class={flag}>{picture}{note}<figcaption><b>seq {row["seq"]}</b> · score '
-            f'{_number(row["score"])} · {flag}<br><small>{e(_time(row["scored_time"]))}<br>'
-            f'{e(str(row["uri"]))}</small></figcaption></figure>'
+            f'<figure class={"flagged" if row["is_anomaly"] else "normal"}>{picture}{note}<figcaption><b>seq {row["seq"]}</b> · score '
+            f'{n(row["score"])} · <span class={flag}>{flag}</span><br><small>{e(style.utc_time(row["scored_time"]))}'
+            f'<br><span title="{e(str(row["uri"]))}">{e(_file_name(row["uri"]))}</span></small></figcaption></figure>'
         )
     frames_html = "".join(cards) or "<p>No scored frames.</p>"
 
     errors = [r for r in rows if r["status"] == STATUS_ERROR]
     error_rows = "".join(
-        f"<tr><td>{r['seq']}</td><td>{e(_time(r['scored_time']))}</td><td>{e(str(r['error']))}</td></tr>"
+        f"<tr><td class=num>{r['seq']}</td><td title='{e(str(r['uri']))}'>{e(_file_name(r['uri']))}</td>"
+        f"<td>{e(style.utc_time(r['scored_time']))}</td><td>{e(str(r['error']))}</td></tr>"
         for r in errors[-ERRORS_SHOWN:]
     )
     shown = f"latest {ERRORS_SHOWN} of {len(errors)}" if len(errors) > ERRORS_SHOWN else str(len(errors))
     errors_html = (
-        f"<table><tr><th>seq</th><th>time</th><th>error</th></tr>{error_rows}</table>" if errors else "<p>None.</p>"
+        f"<table><tr><th>seq</th><th>file</th><th>time (UTC)</th><th>error</th></tr>{error_rows}</table>"
+        if errors else "<p>None.</p>"
     )
     generated = dt.datetime.now(dt.timezone.utc)
     return f"""<!DOCTYPE html>
 <html lang=en><head><meta charset=utf-8><title>Line {e(line)} — anomaly report</title>
-<style>
-body {{ font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; max-width: 1200px; }}
-h1 {{ margin-bottom: 0; }} .sub {{ color: #666; margin-top: 4px; }}
-.figs {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 8px; }}
-.fig {{ background: #f4f6f8; border-radius: 6px; padding: 8px 10px; }}
-.fig span {{ display: block; color: #666; font-size: 12px; }} .fig b {{ font-size: 15px; overflow-wrap: anywhere; }}
-.charts {{ display: flex; flex-wrap: wrap; gap: 12px; }} .charts img {{ max-width: 100%; }}
-.frames {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(260px, 1fr)); gap: 12px;
-          align-items: start; }}
-figure {{ margin: 0; border: 2px solid #ccc; border-radius: 6px; padding: 6px; }}
-figure.anomaly {{ border-color: #d62728; }}
-figure img {{ width: 100%; }}
-figcaption small {{ color: #666; word-break: break-all; }}
-.note {{ background: #fff4e5; padding: 6px; border-radius: 4px; word-break: break-all; }}
-table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ddd; padding: 3px 8px; text-align: left; }}
+<style>{style.CSS}
+body {{ max-width: 1200px; }} .charts {{ display: flex; flex-wrap: wrap; gap: 12px; }} .charts img {{ max-width: 100%; }}
+.thumbs {{ grid-template-columns: repeat(auto-fill, minmax(260px, 1fr)); }}
 </style></head><body>
 <h1>Line {e(line)}</h1>
-<p class=sub>Anomaly report · generated {e(_time(generated))} UTC</p>
+<p class=sub>Anomaly report · generated {e(style.utc_time(generated))} UTC</p>
 <h2>Summary</h2><div class=figs>{summary_html}</div>
 <p class=sub>Anomaly rate over ok frames; score and latency figures over ok frames.</p>
 <h2>Scores</h2>
 <div class=charts><img src="timeline.png" alt="score timeline"><img src="histogram.png" alt="score histogram"></div>
 <h2>Top {len(frames)} frames by score</h2>
-<p class=sub>Stored anomaly maps over the centered square each map covers (outlined on non-square frames);
-heat scale {_number(scale[0])} (blue) to {_number(scale[1])} (red), shared by all frames.</p>
-<div class=frames>{frames_html}</div>
+<p class=sub>Stored anomaly maps over the centered square each map covers (outlined on non-square frames),
+one heat scale for all frames: {style.colorbar(scale[0], scale[1])}</p>
+<div class=thumbs>{frames_html}</div>
 <h2>Errors ({shown})</h2>{errors_html}
 </body></html>
 """
 
 
-def _number(value) -> str:
-    return "–" if value is None else f"{value:.4g}"
-
-
-def _percent(value) -> str:
-    return "–" if value is None else f"{100 * value:.1f}%"
-
-
-def _time(value) -> str:
-    """A UTC time to the second, without the zone suffix."""
-    return "–" if value is None else value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+def _file_name(uri) -> str:
+    """The last part of a path or URI (the whole is in the element's title)."""
+    return "–" if not uri else str(uri).rstrip("/").rsplit("/", 1)[-1]

@@ -23,7 +23,7 @@ import sys
 from actors.result_table import persisted_last_seqs
 from actors.snapshots import SnapshotStore, snapshot_lines
 
-from .common import add_cluster_arguments, load_config_or_exit, quiet_logs
+from .common import add_cluster_arguments, load_config_or_exit
 
 ACTIONS = ("list", "reset", "restore")
 
@@ -161,7 +161,6 @@ def main(args) -> int:
     cfg = load_config_or_exit(args.config, check=False, out=args.out)
     if cfg is None:
         return 2
-    quiet_logs()
     if args.action != "list" and not args.line:
         print(f"error: snapshots {args.action} needs --line", file=sys.stderr)
         return 2

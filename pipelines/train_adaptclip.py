@@ -4,7 +4,7 @@ As the authors, train on one dataset's test images with their masks (every categ
 paired with a random good train image of its category as the normal prompt, and use the file
 on other datasets (VisA-trained for MVTec AD lines, MVTec-AD-trained for the rest): point the
 detector's `weights` at it. The file has the authors' checkpoint format. After every epoch
-`<out>.resume.pt` is written; `--resume` continues an interrupted run from it.
+`<save>.resume.pt` is written; `--resume` continues an interrupted run from it.
 """
 import sys
 from pathlib import Path
@@ -23,7 +23,7 @@ DEFAULTS = TrainingSettings()
 
 def add_arguments(parser) -> None:
     add_dataset_arguments(parser)  # the test split's annotated images are the queries; the train split's good ones the prompts
-    parser.add_argument("--out", required=True, help="where to write the adapters' checkpoint (.pth)")
+    parser.add_argument("--save", required=True, metavar="FILE", help="where to write the adapters' checkpoint (.pth)")
     parser.add_argument(
         "--config", default=str(DEFAULT_CONFIG),
         help="detector YAML, or a pipeline YAML with a `detector:` section (default: %(default)s)",
@@ -32,15 +32,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="order and prompt draws")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>.resume.pt")
+    parser.add_argument("--resume", action="store_true", help="continue from <save>.resume.pt")
 
 
 def main(args) -> int:
     if args.epochs < 1 or args.batch_size < 2 or (args.limit is not None and args.limit < 2):
         print("error: --epochs must be >= 1, --batch-size and --limit >= 2 (BatchNorm needs two)", file=sys.stderr)
         return 2
-    if resume_path(args.out).is_file() and not args.resume:
-        print(f"error: {resume_path(args.out)} holds an interrupted run: pass --resume, or delete it to start afresh",
+    if resume_path(args.save).is_file() and not args.resume:
+        print(f"error: {resume_path(args.save)} holds an interrupted run: pass --resume, or delete it to start afresh",
               file=sys.stderr)
         return 2
     try:
@@ -56,12 +56,12 @@ def main(args) -> int:
     print(f"training AdaptCLIP's adapters on {len(queries)} images ({sum(s.label for s in queries)} anomalous) "
           f"from {len({s.category for s in queries})} categories of {args.root}")
     try:
-        _, losses = train_adapters(config, queries, normals, args.out, settings, resume=args.resume)
+        _, losses = train_adapters(config, queries, normals, args.save, settings, resume=args.resume)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     steps = max(1, len(losses) // args.epochs)
     print(f"final loss {losses[-1]:.4f} (last epoch mean {sum(losses[-steps:]) / steps:.4f}, first epoch mean "
           f"{sum(losses[:steps]) / steps:.4f})")
-    print(f"wrote AdaptCLIP weights to {args.out} (set detector.weights to use them)")
+    print(f"wrote AdaptCLIP weights to {args.save} (set detector.weights to use them)")
     return 0

@@ -2,7 +2,7 @@
 dataset's annotated test split (`training_data`) with the paper's recipe (Adam, lr 1e-3 /
 (epoch + 1), batch 4, 100 epochs); point the detector's `weights` at the written file.
 
-A checkpoint is written after every epoch to `--checkpoints` (default `<out>.checkpoints/`,
+A checkpoint is written after every epoch to `--checkpoints` (default `<save>.checkpoints/`,
 the newest `--keep` kept); `--resume` continues from the newest one, exactly as if the run had
 not stopped. The final file has the format of `rareclip_core/detectors/afrclip/checkpoint.py`.
 """
@@ -22,7 +22,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-afr
 
 def add_arguments(parser) -> None:
     add_dataset_arguments(parser)
-    parser.add_argument("--out", required=True, help="where to write the trained parts (.pth)")
+    parser.add_argument("--save", required=True, metavar="FILE", help="where to write the trained parts (.pth)")
     parser.add_argument(
         "--config",
         default=str(DEFAULT_CONFIG),
@@ -34,7 +34,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="shuffling seed")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16", "config"), default="fp32",
                         help="the frozen backbone's precision while training ('config': the config's; default %(default)s)")
-    parser.add_argument("--checkpoints", help="folder of the per-epoch checkpoints (default: <out>.checkpoints)")
+    parser.add_argument("--checkpoints", help="folder of the per-epoch checkpoints (default: <save>.checkpoints)")
     parser.add_argument("--keep", type=int, default=2, help="newest epoch checkpoints kept (default %(default)s)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest epoch checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -57,7 +57,7 @@ def main(args) -> int:
     if not samples:
         print(f"error: no usable training images under {args.root}", file=sys.stderr)
         return 2
-    checkpoints = Path(args.checkpoints or f"{args.out}.checkpoints")
+    checkpoints = Path(args.checkpoints or f"{args.save}.checkpoints")
     print(f"training AFR-CLIP on {len(samples)} images ({sum(s.label for s in samples)} anomalous) from "
           f"{len({s.category for s in samples})} categories of {args.root}; epoch checkpoints in {checkpoints}")
     settings = TrainingSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -68,10 +68,10 @@ def main(args) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    save_checkpoint(heads, shape, args.out)
+    save_checkpoint(heads, shape, args.save)
     steps = -(-len(samples) // args.batch_size)
     if losses:
         print(f"final loss {losses[-1]:.4f} (last epoch mean {sum(losses[-steps:]) / len(losses[-steps:]):.4f}, first "
               f"epoch mean {sum(losses[:steps]) / len(losses[:steps]):.4f})")
-    print(f"wrote AFR-CLIP weights to {args.out} (set detector.weights to use them)")
+    print(f"wrote AFR-CLIP weights to {args.save} (set detector.weights to use them)")
     return 0

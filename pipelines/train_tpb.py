@@ -18,7 +18,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-pap
 
 def add_arguments(parser) -> None:
     add_dataset_arguments(parser)
-    parser.add_argument("--out", required=True, help="where to write the TPB checkpoint (.pth)")
+    parser.add_argument("--save", required=True, metavar="FILE", help="where to write the TPB checkpoint (.pth)")
     parser.add_argument(
         "--config",
         default=str(DEFAULT_CONFIG),
@@ -57,9 +57,9 @@ def main(args) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    save_tpb_checkpoint(projection, args.out)
+    save_tpb_checkpoint(projection, args.save)
     steps = len(losses) // args.epochs
     print(f"final loss {losses[-1]:.4f} (last epoch mean {sum(losses[-steps:]) / steps:.4f}, first epoch mean "
           f"{sum(losses[:steps]) / steps:.4f})")
-    print(f"wrote TPB weights to {args.out} (set detector.tpb_weights to use them)")
+    print(f"wrote TPB weights to {args.save} (set detector.tpb_weights to use them)")
     return 0

@@ -53,9 +53,9 @@ def test_loss_falls_and_the_checkpoint_loads(config, dataset, tmp_path):
 def test_cli_refuses_a_stale_resume_file_and_other_kinds(dataset, tmp_path, capsys):
     out = tmp_path / "a.pth"
     resume_path(out).write_bytes(b"")
-    assert run_cluster.main(["train-adaptclip", "--dataset", "mvtec", "--root", dataset, "--out", str(out)]) == 2
+    assert run_cluster.main(["train-adaptclip", "--dataset", "mvtec", "--root", dataset, "--save", str(out)]) == 2
     assert "pass --resume, or delete it" in capsys.readouterr().err
-    argv = ["train-adaptclip", "--dataset", "mvtec", "--root", dataset, "--out", str(tmp_path / "b.pth"),
+    argv = ["train-adaptclip", "--dataset", "mvtec", "--root", dataset, "--save", str(tmp_path / "b.pth"),
             "--config", str(REPO / "configs" / "detector-tiny.yaml")]
     assert run_cluster.main(argv) == 2
     assert "this config's detector is 'rareclip'" in capsys.readouterr().err

@@ -77,7 +77,7 @@ def test_cli_writes_the_checkpoint_format(config, tmp_path, capsys):
     pipeline = tmp_path / "pipeline.yaml"  # a pipeline-style YAML with a `detector:` section
     pipeline.write_text(yaml.safe_dump({"detector": config.model_copy(update={"image_size": 64}).model_dump(mode="json")}))
     out = tmp_path / "afr.pth"
-    argv = ["train-afrclip", "--dataset", "mvtec", "--root", root, "--out", str(out), "--config", str(pipeline),
+    argv = ["train-afrclip", "--dataset", "mvtec", "--root", root, "--save", str(out), "--config", str(pipeline),
             "--epochs", "2", "--limit", "4", "--no-progress"]
     assert run_cluster.main(argv) == 0
     printed = capsys.readouterr().out

@@ -1,5 +1,6 @@
 """The Ray pipeline on a real local Ray: order, exactly-once, error rows, replay determinism."""
 import random
+import re
 import subprocess
 import sys
 import time
@@ -26,11 +27,11 @@ def in_process_scores(tiny_config, images) -> list[float]:
 
 
 def test_lines_score_out_of_order_frames_in_sequence_once(local_ray, tiny_config, tmp_path):
-    writer = ResultWriter.remote(str(tmp_path / "results"), 16, 0.5)
+    writer = ResultWriter.options(name=f"writer-{tmp_path.name}").remote(str(tmp_path / "results"), 16, 0.5)
     lines = {f"line{i}": line_frames(i, 30) for i in range(3)}
     actors = {
         name: LineActor.options(num_cpus=0.5).remote(
-            name, tiny_config, writer, LineSettings(threshold=1.5, map_resolution=16, gap_timeout_s=30.0)
+            name, tiny_config, f"writer-{tmp_path.name}", LineSettings(threshold=1.5, map_resolution=16, gap_timeout_s=30.0)
         )
         for name in lines
     }
@@ -57,9 +58,9 @@ def test_lines_score_out_of_order_frames_in_sequence_once(local_ray, tiny_config
 
 
 def test_missing_frame_ends_in_an_error_row_after_the_gap_timeout(local_ray, tiny_config, tmp_path):
-    writer = ResultWriter.remote(str(tmp_path / "results"), 1, 0.1)
+    writer = ResultWriter.options(name=f"writer-{tmp_path.name}").remote(str(tmp_path / "results"), 1, 0.1)
     actor = LineActor.options(num_cpus=0.5).remote(
-        "gap", tiny_config, writer, LineSettings(map_resolution=None, gap_timeout_s=1.0)
+        "gap", tiny_config, f"writer-{tmp_path.name}", LineSettings(map_resolution=None, gap_timeout_s=1.0)
     )
     images = line_frames(5, 4)
     frames = [Frame("gap", s, f"mem://{s}", time.time(), images[s]) for s in (0, 1, 3)]
@@ -160,3 +161,5 @@ def test_demo_runs_from_the_command_line(tmp_path):
     rows = read_rows(out / "results")
     assert len(rows) == 120 and len({(r["line_id"], r["seq"]) for r in rows}) == 120
     assert "widget" in proc.stdout and str(out / "results") in proc.stdout
+    assert re.search(r"widget +5 +contamination +1\.44\d* +1\.4 +flagged", proc.stdout)  # the known defect, flagged
+    assert "WARNING" not in proc.stderr and "core_worker" not in proc.stderr  # no Ray internals on the console

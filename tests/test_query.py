@@ -139,6 +139,23 @@ def test_missing_directory_and_unknown_line_are_named(capsys, tmp_path):
     assert code == 2 and "'nope'" in err
 
 
+def test_the_table_is_found_from_a_jobs_out_folder(capsys, results_dir, direct, tmp_path, monkeypatch):
+    job = results_dir.parent  # the fixture's table is <job>/results, as every job writes it
+    expected = {line: len(c["seq"]) for line, c in direct.items()}
+    assert {r["line_id"]: r["frames"] for r in run_json(capsys, "lines", "--out", job)} == expected
+    config = tmp_path / "job.yaml"
+    config.write_text(f"source: {{kind: folder, root: x}}\nout: {job}\n")
+    assert {r["line_id"]: r["frames"] for r in run_json(capsys, "lines", "--config", config)} == expected
+
+    monkeypatch.chdir(tmp_path)  # no --out: ./out/results, else the one job folder under ./out
+    code, _, err = run(capsys, "lines")
+    assert code == 2 and "--out" in err
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "demo").symlink_to(job)
+    rows = run_json(capsys, "anomalies", "--line", sorted(direct)[0], "--top", "1")
+    assert len(rows) == 1
+
+
 BATCH = 7  # rows per file written by the background writer
 
 

@@ -86,13 +86,13 @@ def test_an_addition_applies_before_its_frame_also_after_a_restore(kind, tiny_co
 
 
 def test_references_added_while_running_survive_a_crash_bitwise(local_ray, tiny_config, tmp_path, reference_file):
-    write_folder(tmp_path / "src", "a", line_frames(92, 30))
+    write_folder(tmp_path / "src", "a", line_frames(92, 60))
     faulty = pipeline_config(tiny_config, tmp_path / "src", tmp_path / "faulty", snapshot={"every_frames": 4},
                              gap_timeout_s=600.0, max_in_flight=2)
     cluster = LineCluster(faulty)
     added = {}
     try:
-        plan = KillPlan(cluster, [("line:a", "a", 2), ("line:a", "a", 7)], min_snapshots=1, margin=8)
+        plan = KillPlan(cluster, [("line:a", "a", 2), ("line:a", "a", 7)], min_snapshots=1)
 
         def add_then_kill(status):
             if not added:
@@ -104,7 +104,7 @@ def test_references_added_while_running_survive_a_crash_bitwise(local_ray, tiny_
         summary = cluster.run(progress=False, on_poll=add_then_kill)
     finally:
         cluster.shutdown()
-    assert summary.counts == {"a": 30} and len(plan.killed) == 2
+    assert summary.counts == {"a": 60} and len(plan.killed) == 2
     assert all(seq > added["at"] for _, seq in plan.killed), (plan.killed, added)
     # the uncrashed run, given the same references at the same seq before it starts
     clean = pipeline_config(tiny_config, tmp_path / "src", tmp_path / "clean", snapshot={"every_frames": 4})
@@ -115,7 +115,7 @@ def test_references_added_while_running_survive_a_crash_bitwise(local_ray, tiny_
     finally:
         cluster.shutdown()
     verdict = compare_results(clean.results_dir, faulty.results_dir)
-    assert verdict["ok"] and verdict["rows"] == 30, verdict
+    assert verdict["ok"] and verdict["rows"] == 60, verdict
     # and the references made a difference from the frame they were given at
     plain = read_rows(tmp_path / "clean" / "results")
     assert plain[added["at"]]["score"] != pytest.approx(plain[added["at"] - 1]["score"], abs=0)

@@ -51,7 +51,7 @@ def test_evaluate_and_train_tpb_accept_pipeline_configs(tmp_path, capsys):
     # they fail on the missing dataset, after the config was read (exit 2, no traceback)
     for argv in (
         ["evaluate", "--dataset", "folder", "--root", str(tmp_path / "none"), "--config", str(REPO / "configs/demo.yaml")],
-        ["train-tpb", "--dataset", "folder", "--root", str(tmp_path / "none"), "--out", str(tmp_path / "t.pth"),
+        ["train-tpb", "--dataset", "folder", "--root", str(tmp_path / "none"), "--save", str(tmp_path / "t.pth"),
          "--config", str(REPO / "configs/default.yaml")],
     ):
         assert run_cluster.main(argv) == 2

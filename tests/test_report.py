@@ -12,7 +12,7 @@ from PIL import Image
 from result_fixture import results_dir_under_test, write_results_fixture
 
 import run_cluster
-from pipelines.query import lines_summary, top_anomalies
+from pipelines.query import lines_summary, query_table, top_anomalies
 from pipelines.report import map_view, overlay_map
 
 
@@ -23,7 +23,7 @@ def results_dir(tmp_path_factory):
 
 def write_report(results_dir, line, out, top=8) -> str:
     """Run `report` through run_cluster; return the page's HTML."""
-    argv = ["report", "--line", line, "--out", str(out), "--results", str(results_dir), "--top", str(top)]
+    argv = ["report", "--line", line, "--report-dir", str(out), "--results", str(results_dir), "--top", str(top)]
     assert run_cluster.main(argv) == 0
     return (Path(out) / "index.html").read_text(encoding="utf-8")
 
@@ -55,6 +55,10 @@ def test_report_lists_error_rows(results_dir, tmp_path):
     summary = max(lines_summary(results_dir).to_pylist(), key=lambda r: r["errors"])
     page = write_report(results_dir, summary["line_id"], tmp_path, top=1)
     assert f"Errors ({summary['errors']})" in page or f"of {summary['errors']})" in page
+    errors = query_table(
+        "SELECT uri FROM results WHERE line_id = $line AND status = 'error'", results_dir, {"line": summary["line_id"]}
+    ).column("uri").to_pylist()
+    assert all(os.path.basename(uri) in page for uri in errors if uri)  # the file of each error row is named
 
 
 def test_missing_frame_or_map_gives_a_note(tmp_path):
@@ -90,5 +94,5 @@ def test_overlay_covers_only_the_centre_square():
 
 
 def test_unknown_line_exits_2(results_dir, tmp_path, capsys):
-    code = run_cluster.main(["report", "--line", "no-such-line", "--out", str(tmp_path), "--results", str(results_dir)])
+    code = run_cluster.main(["report", "--line", "no-such-line", "--report-dir", str(tmp_path), "--results", str(results_dir)])
     assert code == 2 and "no-such-line" in capsys.readouterr().err

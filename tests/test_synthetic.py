@@ -133,3 +133,10 @@ def test_write_mvtec_dataset_loads(tmp_path):
     again = write_mvtec_dataset(tmp_path / "mv2", cats, 3, 4, 5, size=64, seed=1)
     for a, b in zip(load_mvtec(root)["widget"], load_mvtec(again)["widget"]):
         assert Path(a.path).read_bytes() == Path(b.path).read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["object", "texture"])
+def test_defect_type_names_the_rendered_frames_defect(kind):
+    line = SyntheticLine(kind, seed=3, size=32, defect_rate=0.3)
+    assert [line.defect_type(i) for i in range(30)] == [line.frame(i).defect_type for i in range(30)]
+    assert any(line.defect_type(i) != "good" for i in range(30))

@@ -94,7 +94,7 @@ def test_cli_writes_authors_checkpoint_that_changes_the_detector(config, dataset
     config_file = tmp_path / "pipeline.yaml"
     config_file.write_text(yaml.safe_dump({"detector": config.model_dump(mode="json")}))
     out = tmp_path / "tpb.pth"
-    argv = ["train-tpb", "--dataset", "mvtec", "--root", dataset, "--out", str(out), "--config", str(config_file),
+    argv = ["train-tpb", "--dataset", "mvtec", "--root", dataset, "--save", str(out), "--config", str(config_file),
             "--epochs", "1", "--batch-size", "8", "--limit", "8"]
     assert run_cluster.main(argv) == 0
     printed = capsys.readouterr().out
@@ -120,7 +120,7 @@ def test_cli_writes_authors_checkpoint_that_changes_the_detector(config, dataset
 def test_cli_missing_dataset_exits_2(config, tmp_path, capsys):
     config_file = tmp_path / "detector.yaml"
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    argv = ["train-tpb", "--dataset", "mvtec", "--root", str(tmp_path / "nowhere"), "--out",
+    argv = ["train-tpb", "--dataset", "mvtec", "--root", str(tmp_path / "nowhere"), "--save",
             str(tmp_path / "x.pth"), "--config", str(config_file)]
     assert run_cluster.main(argv) == 2
     err = capsys.readouterr().err

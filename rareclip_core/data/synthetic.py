@@ -75,10 +75,10 @@ class SyntheticLine:
 
     def frame(self, i: int, *, defect_type: str | None = None) -> SyntheticFrame:
         """Frame ``i``; ``defect_type`` ('good' or a defect name) overrides the random choice."""
-        rng = np.random.default_rng([self.seed, _KIND_ID[self.kind], 1, i])  # choice, pose, light
+        rng = self._frame_rng(i)
         drng = np.random.default_rng([self.seed, _KIND_ID[self.kind], 2, i])  # defect geometry
         types = DEFECT_TYPES[self.kind]
-        drawn = types[rng.integers(len(types))] if rng.random() < self.defect_rate else GOOD
+        drawn = self._drawn_defect(rng)
         defect = drawn if defect_type is None else defect_type
         if defect != GOOD and defect not in types:
             raise ValueError(f"defect_type must be 'good' or one of {types}, got {defect!r}")
@@ -92,6 +92,18 @@ class SyntheticLine:
         image = image * light[..., None] + rng.normal(0, 0.012, image.shape)
         image = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
         return SyntheticFrame(image, mask, int(defect != GOOD), defect)
+
+    def defect_type(self, i: int) -> str:
+        """The defect frame ``i`` carries ('good' for none), without rendering it."""
+        return self._drawn_defect(self._frame_rng(i))
+
+    def _frame_rng(self, i: int) -> np.random.Generator:
+        """Frame ``i``'s draws, in order: the defect choice, then pose and light."""
+        return np.random.default_rng([self.seed, _KIND_ID[self.kind], 1, i])
+
+    def _drawn_defect(self, rng: np.random.Generator) -> str:
+        types = DEFECT_TYPES[self.kind]
+        return types[rng.integers(len(types))] if rng.random() < self.defect_rate else GOOD
 
     def _render_object(self, rng, drng, defect):
         """Disc part: (H, W, 3) float image and (H, W) defect mask."""

@@ -1,0 +1,137 @@
+"""`dashboard`: its JSON against the table read directly, rows appearing while it runs, frame
+images, and the real server answering on a free port of 127.0.0.1."""
+import datetime as dt
+import io
+import json
+import os
+import shutil
+import subprocess
+import threading
+import urllib.request
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from result_fixture import write_results_fixture
+from werkzeug.serving import make_server
+
+from actors.result_table import FILE_SCHEMA, read_results
+from pipelines.dashboard import LAST_ANOMALIES, create_app
+
+
+@pytest.fixture
+def results(tmp_path):
+    return write_results_fixture(tmp_path)
+
+
+def lines_json(client) -> dict:
+    response = client.get("/api/lines")
+    assert response.status_code == 200
+    return response.get_json()["lines"]
+
+
+def append_rows(results, line: str, seqs, score: float) -> None:
+    """A new file of `line` dated today, written as the ResultWriter does (temporary name, rename)."""
+    now = dt.datetime.now(dt.timezone.utc)
+    rows = [{"seq": s, "uri": None, "ingest_time": now, "scored_time": now, "latency_ms": 1.0, "score": score,
+             "is_anomaly": True, "threshold": 0.7, "status": "ok", "error": None, "model_id": "m", "map_uri": None}
+            for s in seqs]
+    directory = results / f"line_id={line}" / f"date={now.date().isoformat()}"
+    directory.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=FILE_SCHEMA), directory / ".tmp-new.parquet")
+    os.replace(directory / ".tmp-new.parquet", directory / f"part-{seqs[0]:010d}-new.parquet")
+
+
+def test_every_line_with_its_counts_threshold_and_latest_frames(results):
+    lines = lines_json(create_app(results).test_client())
+    table = read_results(results).to_pylist()
+    assert sorted(lines) == sorted({r["line_id"] for r in table})
+    for line, view in lines.items():
+        rows = sorted((r for r in table if r["line_id"] == line), key=lambda r: r["seq"])
+        flagged = [r for r in rows if r["is_anomaly"]]
+        assert view["frames"] == len(rows)
+        assert view["errors"] == sum(r["status"] == "error" for r in rows)
+        assert view["anomalies"] == len(flagged) and view["anomalies_today"] == 0  # the fixture's dates are past
+        assert view["threshold"] == rows[-1]["threshold"]
+        assert [f["seq"] for f in view["latest"]] == [r["seq"] for r in rows[::-1][:len(view["latest"])]]
+        assert [f["seq"] for f in view["last_anomalies"]] == [r["seq"] for r in flagged[::-1][:LAST_ANOMALIES]]
+        assert [p[0] for p in view["timeline"]] == [r["seq"] for r in rows]
+        errors = [p[0] for p in view["timeline"] if p[4]]  # errors: their own strip, no score
+        assert errors == [r["seq"] for r in rows if r["status"] == "error"]
+
+
+def test_rows_written_while_it_runs_appear_and_count_today(results):
+    app = create_app(results)
+    client = app.test_client()
+    before = lines_json(client)["cable"]
+    append_rows(results, "cable", [40, 41, 42], score=0.9)
+    after = lines_json(client)["cable"]
+    assert after["frames"] == before["frames"] + 3
+    assert after["anomalies_today"] == 3 and after["anomalies"] == before["anomalies"] + 3
+    assert [f["seq"] for f in after["latest"][:3]] == [42, 41, 40]
+    assert lines_json(client)["cable"]["frames"] == after["frames"]  # each file is read once
+
+
+def test_frame_images_full_size_and_thumbnail(results):
+    client = create_app(results).test_client()
+    row = next(r for r in read_results(results, line_id="bottle").to_pylist() if r["is_anomaly"])
+    with Image.open(row["uri"]) as frame:
+        size = frame.size
+    full = client.get(f"/frame/bottle/{row['seq']}.png")
+    assert full.status_code == 200 and full.mimetype == "image/png"
+    assert Image.open(io.BytesIO(full.data)).size == size
+    thumb = Image.open(io.BytesIO(client.get(f"/frame/bottle/{row['seq']}.png?size=thumb").data))
+    assert thumb.width <= 240
+    info = client.get(f"/api/frame/bottle/{row['seq']}").get_json()
+    assert info["verdict"] == "anomaly" and info["file"] == os.path.basename(row["uri"]) and info["map_high"] > info["map_low"]
+    assert client.get("/frame/bottle/9999.png").status_code == 404
+    assert client.get("/frame/no-such-line/0.png").status_code == 404
+
+
+def test_the_server_answers_on_a_free_local_port(results):
+    server = make_server("127.0.0.1", 0, create_app(results), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        with urllib.request.urlopen(f"{base}/", timeout=10) as response:
+            page = response.read().decode()
+        assert 'id=lines' in page and 'id=modal' in page and "api/lines" in page
+        with urllib.request.urlopen(f"{base}/api/lines", timeout=10) as response:
+            assert sorted(json.loads(response.read())["lines"]) == ["bottle", "cable", "screw"]
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no headless browser installed (apt-get install chromium)")
+def test_a_headless_browser_renders_every_line_with_its_elements(results, tmp_path):
+    server = make_server("127.0.0.1", 0, create_app(results), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    shot = tmp_path / "dashboard.png"
+    browser = [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=8000",
+               "--window-size=1400,1200", f"--user-data-dir={tmp_path / 'profile'}"]
+    url = f"http://127.0.0.1:{server.port}/"
+    try:
+        dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+        subprocess.run([*browser, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    finally:
+        server.shutdown()
+        thread.join()
+    for line in ("bottle", "cable", "screw"):  # the page as the script drew it from the JSON
+        assert f'id="line-{line}"' in dom
+    assert dom.count('class="timeline"') == 3 and "anomaly-dot" in dom and "error-tick" in dom
+    assert 'class="flagged"' in dom and "size=thumb" in dom
+    with Image.open(shot) as image:
+        assert image.size == (1400, 1200)
+
+
+def test_before_any_row_the_page_is_empty_not_broken(tmp_path):
+    client = create_app(tmp_path / "not-yet" / "results").test_client()
+    assert lines_json(client) == {}
+    assert client.get("/api/frame/a/0").status_code == 404 and client.get("/").status_code == 200
