@@ -23,7 +23,8 @@ def load_frame(ref: FrameRef, max_pixels: int = MAX_PIXELS) -> Frame:
     """Read and decode one frame; any failure becomes a refused Frame with the reason."""
     now = time.time()
     try:
-        return Frame(ref.line_id, ref.seq, ref.uri, now, decode_frame(read_uri(ref.uri), max_pixels))
+        data = ref.data if ref.data is not None else read_uri(ref.uri)
+        return Frame(ref.line_id, ref.seq, ref.uri, now, decode_frame(data, max_pixels))
     except FrameError as err:
         return Frame(ref.line_id, ref.seq, ref.uri, now, None, str(err))
     except OSError as err:

@@ -127,7 +127,9 @@ class LineCluster:
         self.key = job_key(cfg.results_dir)
         supervisor_name = supervisor_actor_name(self.key)
         place = place_lines(len(self.lines), ray.cluster_resources(), cfg.lines_per_gpu, cfg.line_num_cpus, fit_all)
-        self.writer = ResultWriter.remote(str(cfg.results_dir), cfg.writer_batch_rows, cfg.writer_flush_s, supervisor_name)
+        self.writer = ResultWriter.remote(
+            str(cfg.results_dir), cfg.writer_batch_rows, cfg.writer_flush_s, supervisor_name, cfg.verdict_stream
+        )
         self.line_actors = {
             line: LineActor.options(
                 name=line_actor_name(self.key, line),
@@ -142,7 +144,7 @@ class LineCluster:
         ingest = IngestSettings(
             max_in_flight=cfg.max_in_flight,
             frames_per_submit=cfg.backbone_batch,
-            poll_s=cfg.source.poll_s if isinstance(cfg.source, FolderSourceConfig) else IngestSettings.poll_s,
+            poll_s=getattr(cfg.source, "poll_s", IngestSettings.poll_s),  # folder and NATS sources
             ledger_dir=cfg.ledger_dir,
             max_pixels=cfg.max_pixels,
         )
