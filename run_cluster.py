@@ -18,6 +18,8 @@ COMMANDS = {
     "report": ("pipelines.report", "HTML report of one line: score timeline, histogram, top frames with maps"),
     "train-tpb": ("pipelines.train_tpb", "train the text branch's linear layers (Eq. 4)"),
     "snapshots": ("pipelines.snapshots", "list, reset or restore a line's snapshots"),
+    "nats-server": ("pipelines.nats_server", "start a local NATS server with JetStream (to try the NATS source)"),
+    "camera": ("pipelines.camera", "publish a folder of images to a line's NATS subject at a given rate"),
 }
 
 

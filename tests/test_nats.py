@@ -4,7 +4,6 @@ what a folder run of the same images scores, and with line, ingest and writer ac
 during `live`, and the server killed mid-stream, every frame has one row and one verdict."""
 import io
 import json
-import threading
 import time
 
 import numpy as np
@@ -158,65 +157,57 @@ def test_a_nats_replay_scores_what_a_folder_run_scores_with_one_verdict_each(ref
     finally:
         cluster.shutdown()
     assert_one_row_and_one_verdict_per_frame(reference, cfg.results_dir, server.url)
-    cluster = LineCluster(cfg)  # a second run of the same job publishes nothing again
-    try:
-        assert cluster.run(progress=False).counts == {line: FRAMES for line in LINES}
-    finally:
-        cluster.shutdown()
-    assert_one_row_and_one_verdict_per_frame(reference, cfg.results_dir, server.url)
 
 
-class LiveFaults:
-    """`on_poll` for a live run: kills the named actors one by one as the frames scored pass
-    `at` (each once the previous one's restart was seen), then stops the run when every frame
-    is scored."""
+class LiveCamera:
+    """`on_poll` for a live run, a camera in lock step with the job: it publishes each line's
+    next frame once every line has scored all but the last one published; before publishing
+    frame n it runs `faults[n]` (`fault(cluster, name)`: kill an actor, or the server), so every
+    fault lands mid-stream. Stops the run once every frame is scored."""
 
-    def __init__(self, cluster, kills: list[tuple[str, int]], kill=None):
-        self.cluster, self.kills = cluster, list(kills)
-        self.kill = kill or (lambda name: ray.kill(cluster.actors()[name], no_restart=False))
-        self.events_seen, self.killed, self.stopped = 0, [], False
+    def __init__(self, cluster, url, images, published: int, faults: dict[int, str], fault):
+        self.cluster, self.images, self.published, self.faults, self.fault = cluster, images, published, dict(faults), fault
+        self.link, self.settings = NatsLink(url), StreamSettings(url, "FRAMES", "frames")
+        self.done, self.stopped = [], False
 
     def __call__(self, status):
-        scored = sum(status["progress"].values())
-        if self.kills and len(status["events"]) >= self.events_seen and scored >= self.kills[0][1]:
-            name, _ = self.kills.pop(0)
-            self.events_seen = len(status["events"]) + 1
-            self.kill(name)
-            self.killed.append((name, scored))
-        elif not self.kills and not self.stopped and all(status["progress"][line] >= FRAMES for line in LINES):
+        progress = status["progress"]
+        if self.published < FRAMES and all(progress[line] >= self.published - 1 for line in LINES):
+            if self.published in self.faults:
+                name = self.faults.pop(self.published)
+                self.fault(self.cluster, name)
+                self.done.append((name, self.published))
+            for line in LINES:
+                frame = png(self.images[line][self.published])
+                publish_frame(self.link, self.settings, line, frame, msg_id=f"{line}:{self.published}")
+            self.published += 1
+        elif self.published == FRAMES and not self.stopped and all(progress[line] >= FRAMES for line in LINES):
             self.stopped = True
             ray.get(self.cluster.supervisor.stop.remote())
 
 
-def run_live(cfg, url, images, kills, kill=None):
-    publish(url, images, range(3))
-    later = threading.Thread(target=publish, args=(url, images, range(3, FRAMES), 0.3))
+def test_live_with_server_line_ingest_and_writer_killed_gives_one_row_and_verdict_per_frame(
+    reference, tiny_config, images, server, tmp_path
+):
+    cfg = nats_config(tiny_config, server.url, tmp_path / "out", watch=True)
+
+    def fault(cluster, name):
+        if name == "server":  # SIGKILL, back on the same port and storage a second later
+            server.stop(kill=True)
+            time.sleep(1.0)
+            server.process = start_nats_server(server.store_dir, server.port).process
+        else:
+            ray.kill(cluster.actors()[name], no_restart=False)
+
+    faults = {3: "server", 5: "line:l0", 7: "ingest:0", 8: "writer"}
+    publish(server.url, images, range(3))
     cluster = LineCluster(cfg)
     try:
-        faults = LiveFaults(cluster, kills, kill)
-        later.start()
-        summary = cluster.run(progress=False, on_poll=faults)
+        camera = LiveCamera(cluster, server.url, images, 3, faults, fault)
+        summary = cluster.run(progress=False, on_poll=camera)
     finally:
-        later.join()
+        camera.link.close()
         cluster.shutdown()
-    assert [name for name, _ in faults.killed] == [name for name, _ in kills] and faults.stopped, (faults.killed, summary.events)
-    return summary
-
-
-def test_live_with_line_ingest_and_writer_killed_gives_one_row_and_verdict_per_frame(reference, tiny_config, images, server, tmp_path):
-    cfg = nats_config(tiny_config, server.url, tmp_path / "out", watch=True)
-    summary = run_live(cfg, server.url, images, [("line:l0", 3), ("ingest:0", 7), ("writer", 11)])
+    assert camera.done == [(name, n) for n, name in faults.items()] and camera.stopped, (camera.done, summary.events)
     assert {"line restarts", "ingest restarts", "writer restarts"} <= set(summary.event_counts), summary.events
-    assert_one_row_and_one_verdict_per_frame(reference, cfg.results_dir, server.url)
-
-
-def test_live_loses_nothing_when_the_server_is_killed_mid_stream(reference, tiny_config, images, server, tmp_path):
-    cfg = nats_config(tiny_config, server.url, tmp_path / "out", watch=True)
-
-    def kill_and_restart_server(_):
-        server.stop(kill=True)
-        time.sleep(1.0)
-        server.process = start_nats_server(server.store_dir, server.port).process
-
-    run_live(cfg, server.url, images, [("server", 7)], kill_and_restart_server)
     assert_one_row_and_one_verdict_per_frame(reference, cfg.results_dir, server.url)

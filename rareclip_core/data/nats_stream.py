@@ -120,6 +120,15 @@ class NatsLink:
                 raise NatsError(f"the NATS server at {self.url} has no JetStream: start it with `-js` ({START_HINT})") from None
             raise
 
+    def subscribe(self, subject: str, on_message) -> None:
+        """Call `on_message(data)` (on the link's thread) for each message published to `subject`
+        from now on (a plain subscription: what a reject gate listening live would do)."""
+
+        async def handler(msg):
+            on_message(msg.data)
+
+        self.call(self.nc.subscribe(subject, cb=handler))
+
     def close(self) -> None:
         nc = getattr(self, "nc", None)
         if nc is not None and not nc.is_closed:
@@ -277,10 +286,10 @@ class VerdictPublisher:
 
 
 def publish_frame(link: NatsLink, settings: StreamSettings, line_id: str, data: bytes, uri: Optional[str] = None,
-                  msg_id: Optional[str] = None) -> int:
+                  msg_id: Optional[str] = None, within_s: float = 60.0) -> int:
     """Publish one frame's encoded bytes to its line (what a camera does); returns its stream seq.
     `msg_id` (unique per frame) makes a publish retried after a lost acknowledgement (the server
-    restarting) store the frame once. A frame over the server's max payload raises NatsError
+    restarting; retried for `within_s`) store the frame once. A frame over the server's max payload raises NatsError
     naming the setting to raise."""
     if len(data) > link.nc.max_payload:
         raise NatsError(f"frame {uri or 'to ' + settings.subject(line_id)} is {len(data)} bytes, over the NATS server's max_payload of "
@@ -290,5 +299,5 @@ def publish_frame(link: NatsLink, settings: StreamSettings, line_id: str, data: 
     if msg_id:
         headers[MSG_ID_HEADER] = msg_id
     ack = link.retry(lambda: link.js.publish(settings.subject(line_id), data, stream=settings.stream, headers=dict(headers)),
-                     f"publishing to {settings.subject(line_id)}", link.request_timeout_s * 2)
+                     f"publishing to {settings.subject(line_id)}", within_s)
     return ack.seq
