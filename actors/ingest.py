@@ -64,6 +64,11 @@ class IngestActor:
             except ValueError:
                 pass
 
+    def ready(self) -> bool:
+        """Constructed (its source open): the job waits for this before creating the supervisor,
+        so that only a restart reports itself to the supervisor."""
+        return True
+
     def totals(self) -> dict[str, int] | None:
         """Frames per line in a finite source; None for a live one (it grows)."""
         if self.source.live:

