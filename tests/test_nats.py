@@ -82,10 +82,9 @@ def nats_config(tiny_config, url, out, watch=False, **kw) -> PipelineConfig:
         out=str(out),
         map_resolution=None,
         line_num_cpus=0.5,
-        snapshot={"every_frames": 3},
         gap_timeout_s=600.0,
         max_in_flight=2,
-        **kw,
+        **{"snapshot": {"every_frames": 3}, **kw},
     )
 
 
@@ -189,7 +188,9 @@ class LiveCamera:
 def test_live_with_server_line_ingest_and_writer_killed_gives_one_row_and_verdict_per_frame(
     reference, tiny_config, images, server, tmp_path
 ):
-    cfg = nats_config(tiny_config, server.url, tmp_path / "out", watch=True)
+    # rows wait in the writer between snapshots: the writer's kill loses rows whose verdicts
+    # are out, and the lines score them again
+    cfg = nats_config(tiny_config, server.url, tmp_path / "out", watch=True, snapshot={"every_frames": 4}, writer_flush_s=60.0)
 
     def fault(cluster, name):
         if name == "server":  # SIGKILL, back on the same port and storage a second later
