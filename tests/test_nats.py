@@ -108,6 +108,21 @@ def test_a_frames_seq_is_its_position_in_its_lines_subject(server):
         opened.close()
 
 
+def test_the_camera_command_publishes_a_folder_in_name_order(server, images, tmp_path, capsys):
+    folder = tmp_path / "cam"
+    paths = write_folder(tmp_path, "cam", images["l0"][:2])
+    (folder / "notes.txt").write_text("not an image: not published")
+    args = ["camera", "--url", server.url, "--line", "l0", "--folder", str(folder), "--rate", "0", "--wait-s", "0"]
+    assert run_cluster.main(args) == 0
+    source = NatsFrameSource(StreamSettings(server.url, "FRAMES", "frames"), ["l0"])
+    refs = list(source.frames("l0"))
+    source.close()
+    assert [(r.seq, r.uri, r.data) for r in refs] == [(i, str(p.resolve()), p.read_bytes()) for i, p in enumerate(paths)]
+    (folder / "huge.png").write_bytes(bytes(2 << 20))
+    assert run_cluster.main(args) == 2
+    assert "over the NATS server's max_payload of 1048576 bytes: raise `max_payload`" in capsys.readouterr().err
+
+
 def test_an_unreachable_server_is_named_before_ray_starts(tmp_path, capsys):
     url = "nats://127.0.0.1:1"
     config = tmp_path / "job.yaml"
