@@ -22,6 +22,8 @@ COMMANDS = {
     "train-afrclip": ("pipelines.train_afrclip", "train AFR-CLIP's adapters, CMFR and self-prompts on an annotated dataset"),
     "snapshots": ("pipelines.snapshots", "list, reset or restore a line's snapshots"),
     "references": ("pipelines.references", "give a line normal reference images while it runs, or list them"),
+    "nats-server": ("pipelines.nats_server", "start a local NATS server with JetStream (to try the NATS source)"),
+    "camera": ("pipelines.camera", "publish a folder of images to a line's NATS subject at a given rate"),
 }
 
 

@@ -23,7 +23,8 @@ def load_frame(ref: FrameRef, max_pixels: int = MAX_PIXELS) -> Frame:
     """Read and decode one frame; any failure becomes a refused Frame with the reason."""
     now = time.time()
     try:
-        return Frame(ref.line_id, ref.seq, ref.uri, now, decode_frame(read_uri(ref.uri), max_pixels))
+        data = ref.data if ref.data is not None else read_uri(ref.uri)
+        return Frame(ref.line_id, ref.seq, ref.uri, now, decode_frame(data, max_pixels))
     except FrameError as err:
         return Frame(ref.line_id, ref.seq, ref.uri, now, None, str(err))
     except OSError as err:
@@ -39,7 +40,7 @@ class IngestSettings:
     max_pixels: int = MAX_PIXELS  # larger frames get an error row
 
 
-@ray.remote(num_cpus=0, max_concurrency=2, max_restarts=-1)
+@ray.remote(num_cpus=0, max_concurrency=3, max_restarts=-1)  # a feed, the one replacing it, a control call
 class IngestActor:
     def __init__(
         self, source_config, lines: list[str], line_actor_names: dict[str, str], settings: IngestSettings,
@@ -55,15 +56,20 @@ class IngestActor:
         self.max_chunks_in_flight = max(1, settings.max_in_flight // self.chunk)
         self.poll_s = settings.poll_s
         self.stopped = threading.Event()
-        self.next_seq: dict[str, int] = {}
         self.lock = threading.Lock()
         self.running = False
+        self.feed = 0  # the current `run`; an older one ends when a new one starts
         self.rewinds: dict[str, int] = {}
         if supervisor_name:
             try:  # a restart (the first start comes before the supervisor exists)
                 ray.get_actor(supervisor_name).ingest_started.remote(index)
             except ValueError:
                 pass
+
+    def ready(self) -> bool:
+        """Constructed (its source open): the job waits for this before creating the supervisor,
+        so that only a restart reports itself to the supervisor."""
+        return True
 
     def totals(self) -> dict[str, int] | None:
         """Frames per line in a finite source; None for a live one (it grows)."""
@@ -85,20 +91,24 @@ class IngestActor:
     def run(self, start_seqs: dict[str, int] | None = None) -> dict[str, int]:
         """Feed every line from its start seq (default 0) until the source ends (or, for a live
         source, until `stop`). Lines are interleaved chunk by chunk. Returns next seq per line.
-        Sequence numbers are source positions, so any seq can be read again for a replay."""
+        Sequence numbers are source positions, so any seq can be read again for a replay. A
+        `run` replaces one still running (the supervisor started a new feed when it could not
+        reach this actor): the older one ends, so that the actor's threads stay free for `stop`."""
         with self.lock:
             self.running = True
-        self.next_seq = {line: (start_seqs or {}).get(line, 0) for line in self.lines}
-        iterators = {line: self.source.frames(line, self.next_seq[line]) for line in self.lines}
+            self.feed += 1
+            feed = self.feed
+        next_seq = {line: (start_seqs or {}).get(line, 0) for line in self.lines}
+        iterators = {line: self.source.frames(line, next_seq[line]) for line in self.lines}
         listed_at = {line: time.monotonic() for line in self.lines}
         in_flight: dict[str, list] = {line: [] for line in self.lines}
-        while not self.stopped.is_set():
+        while not self.stopped.is_set() and self.feed == feed:
             progressed = False
             with self.lock:
-                rewinds, self.rewinds = self.rewinds, {}
+                rewinds, self.rewinds = (self.rewinds, {}) if self.feed == feed else ({}, self.rewinds)
             for line, seq in rewinds.items():
                 iterators[line] = self.source.frames(line, seq)
-                self.next_seq[line] = seq
+                next_seq[line] = seq
                 progressed = True
             for line in self.lines:
                 refs = []
@@ -108,7 +118,7 @@ class IngestActor:
                         break
                 if not refs:
                     if self.source.live and time.monotonic() - listed_at[line] >= self.poll_s:
-                        iterators[line] = self.source.frames(line, self.next_seq[line])  # look for new files
+                        iterators[line] = self.source.frames(line, next_seq[line])  # look for new files
                         listed_at[line] = time.monotonic()
                     continue
                 progressed = True
@@ -116,11 +126,11 @@ class IngestActor:
                 while len(in_flight[line]) >= self.max_chunks_in_flight:
                     _, in_flight[line] = ray.wait(in_flight[line], num_returns=1)
                 in_flight[line].append(self.line_actors[line].submit.remote(frames))
-                self.next_seq[line] = refs[-1].seq + 1
+                next_seq[line] = refs[-1].seq + 1
             if not progressed:
                 with self.lock:
                     if not self.source.live and not self.rewinds:
-                        self.running = False
+                        self.running = self.running and self.feed != feed
                         break
                 time.sleep(min(0.2, self.poll_s))
         for ref in [r for refs in in_flight.values() for r in refs]:
@@ -129,5 +139,6 @@ class IngestActor:
             except ray.exceptions.RayError as err:  # a line died: its restart triggers a rewind
                 log.info("a submit failed: %s", type(err).__name__)
         with self.lock:
-            self.running = False
-        return dict(self.next_seq)
+            if self.feed == feed:
+                self.running = False
+        return next_seq

@@ -128,9 +128,10 @@ class Supervisor:
             try:
                 self.fed_to.update(await ref)
                 self.feeds[i] = None
-            except ray.exceptions.RayError:
+            except ray.exceptions.RayError as err:
                 group = self.ingest[i][1]
-                self.events.append(f"ingest {i} failed; feeding {group} again from the lines' positions")
+                cause = str(getattr(err, "cause", None) or type(err).__name__).strip().splitlines()[-1][:300]
+                self.events.append(f"ingest {i} failed; feeding {group} again from the lines' positions ({cause})")
                 self.feeds[i] = self.ingest[i][0].run.remote({line: self.progress[line] for line in group})
 
     def _maybe_snapshot(self, line: str, actor) -> None:

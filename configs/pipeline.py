@@ -11,6 +11,7 @@ from rareclip_core.detectors.rareclip.config import RareCLIPConfig
 from rareclip_core.registry import detector_class, detector_config_from_dict
 
 CONFIG_DIR = Path(__file__).parent
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"  # where `run_cluster.py nats-server` listens
 
 
 class FolderSourceConfig(StrictModel):
@@ -55,8 +56,21 @@ class SyntheticSourceConfig(StrictModel):
     defect_rate: float = Field(0.1, ge=0, le=1)
 
 
+class NatsSourceConfig(StrictModel):
+    """NATS JetStream: a camera publishes each frame's bytes to `<subject_prefix>.<line_id>`; a
+    frame's seq is its position in its line's subject. `watch` (set by `live`) follows new frames."""
+
+    kind: Literal["nats"]
+    url: str = DEFAULT_NATS_URL
+    stream: str = Field("FRAMES", pattern=r"^[A-Za-z0-9_-]+$", description="the JetStream stream (created if missing)")
+    subject_prefix: str = "frames"
+    lines: list[str] = Field(min_length=1, description="the lines to read (one subject each)")
+    watch: bool = False
+    poll_s: float = Field(0.05, gt=0, description="how often a watched line looks for new frames")
+
+
 SourceConfig = Annotated[
-    Union[FolderSourceConfig, ManifestSourceConfig, DatasetSourceConfig, SyntheticSourceConfig],
+    Union[FolderSourceConfig, ManifestSourceConfig, DatasetSourceConfig, SyntheticSourceConfig, NatsSourceConfig],
     Field(discriminator="kind"),
 ]
 
@@ -73,6 +87,16 @@ class AutoThresholdConfig(StrictModel):
 
     frames: int = Field(20, ge=3, description="ok frames a line's `auto` threshold is calibrated on")
     mads: float = Field(3.0, gt=0, description="how many normal-scaled MADs above the median the threshold lies")
+
+
+class VerdictsConfig(StrictModel):
+    """Every row is also published as a JSON verdict to `<subject_prefix>.<line_id>` once scored."""
+
+    kind: Literal["nats"]
+    url: Optional[str] = Field(None, description="default: the NATS source's url")
+    stream: str = Field("VERDICTS", pattern=r"^[A-Za-z0-9_-]+$", description="the JetStream stream (created if missing)")
+    subject_prefix: str = "verdicts"
+    duplicate_window_s: float = Field(120.0, gt=0, description="a new stream's message-id deduplication window")
 
 
 class PipelineConfig(StrictModel):
@@ -115,6 +139,7 @@ class PipelineConfig(StrictModel):
     writer_batch_rows: int = Field(256, ge=1)
     writer_flush_s: float = Field(2.0, gt=0)
     snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
+    verdicts: Optional[VerdictsConfig] = Field(None, description="also publish each row as a verdict (NATS)")
 
     @property
     def ledger_dir(self) -> str:
@@ -136,6 +161,16 @@ class PipelineConfig(StrictModel):
     @property
     def snapshot_root(self) -> str:
         return self.snapshot.root or str(Path(self.out).resolve() / "snapshots")
+
+    @property
+    def verdict_stream(self):
+        """Where verdicts are published (`StreamSettings`), or None."""
+        from rareclip_core.data.nats_stream import StreamSettings
+
+        if self.verdicts is None:
+            return None
+        url = self.verdicts.url or (self.source.url if isinstance(self.source, NatsSourceConfig) else DEFAULT_NATS_URL)
+        return StreamSettings(url, self.verdicts.stream, self.verdicts.subject_prefix, self.verdicts.duplicate_window_s)
 
     def threshold_for(self, line_id: str) -> Optional[Union[float, Literal["auto"]]]:
         """The line's threshold: a number, `auto` (calibrated by the line), or None."""
@@ -181,7 +216,8 @@ class PipelineConfig(StrictModel):
 
 def open_source(source: SourceConfig, ledger_dir: Optional[str] = None):
     """The frame source a (materialized) source config describes. With `ledger_dir`, folder and
-    manifest sources record each line's frames in a ledger there (only ingestion writes it)."""
+    manifest sources record each line's frames in a ledger there (only ingestion writes it); a
+    NATS stream is its own ledger (it only grows at its end)."""
     from rareclip_core.data.sources import (
         DatasetSource,
         FolderSource,
@@ -195,4 +231,8 @@ def open_source(source: SourceConfig, ledger_dir: Optional[str] = None):
         return Source(ManifestSource(source.path, source.lines), ledger_dir)
     if isinstance(source, DatasetSourceConfig):
         return Source(DatasetSource(source.dataset, source.root, source.lines, source.shuffle_seed))
+    if isinstance(source, NatsSourceConfig):
+        from rareclip_core.data.nats_stream import NatsFrameSource, StreamSettings
+
+        return NatsFrameSource(StreamSettings(source.url, source.stream, source.subject_prefix), source.lines, source.watch)
     raise ValueError("synthetic sources are written to folders first (pipelines.line_cluster.materialize_source)")

@@ -198,7 +198,9 @@ class LineCluster:
         supervisor_name = supervisor_actor_name(self.key)
         place = place_lines(len(self.lines), ray.cluster_resources(), cfg.lines_per_gpu, cfg.line_num_cpus, fit_all)
         writer_name = writer_actor_name(self.key)
-        self.writer = ResultWriter.options(name=writer_name).remote(str(cfg.results_dir), cfg.writer_batch_rows, cfg.writer_flush_s, supervisor_name)
+        self.writer = ResultWriter.options(name=writer_name).remote(
+            str(cfg.results_dir), cfg.writer_batch_rows, cfg.writer_flush_s, supervisor_name, cfg.verdict_stream
+        )
         self.line_actors = {
             line: LineActor.options(
                 name=line_actor_name(self.key, line),
@@ -213,7 +215,7 @@ class LineCluster:
         ingest = IngestSettings(
             max_in_flight=cfg.max_in_flight,
             frames_per_submit=cfg.backbone_batch,
-            poll_s=cfg.source.poll_s if isinstance(cfg.source, FolderSourceConfig) else IngestSettings.poll_s,
+            poll_s=getattr(cfg.source, "poll_s", IngestSettings.poll_s),  # folder and NATS sources
             ledger_dir=cfg.ledger_dir,
             max_pixels=cfg.max_pixels,
         )
@@ -224,6 +226,7 @@ class LineCluster:
             for i, group in enumerate(groups)
         ]
         started = ray.get([a.progress.remote() for a in self.line_actors.values()])  # constructed (and restored)
+        ray.get([a.ready.remote() for a in self.ingest])
         failed = [f"line {line}: {p['error']}" for line, p in zip(self.line_actors, started) if p.get("error")]
         if failed:
             self.shutdown_actors()
@@ -320,4 +323,6 @@ class LineCluster:
 
     def shutdown(self) -> None:
         self.shutdown_actors()
+        if hasattr(self.source, "close"):  # a NATS source's connection
+            self.source.close()
         self.lock.release()

@@ -1,9 +1,10 @@
-"""live: stream the configured lines until stopped (Ctrl-C); folder sources are watched for new files."""
+"""live: stream the configured lines until stopped (Ctrl-C); folder and NATS sources are watched
+for new frames."""
 from __future__ import annotations
 
 import ray
 
-from configs.pipeline import FolderSourceConfig
+from configs.pipeline import FolderSourceConfig, NatsSourceConfig
 
 from .common import (
     EXIT_INTERRUPTED,
@@ -22,7 +23,7 @@ def main(args) -> int:
     cfg = load_config_or_exit(args.config, lines=args.lines, out=args.out)
     if cfg is None:
         return 2
-    if isinstance(cfg.source, FolderSourceConfig) and not cfg.source.watch:
+    if isinstance(cfg.source, (FolderSourceConfig, NatsSourceConfig)) and not cfg.source.watch:
         cfg = cfg.model_copy(update={"source": cfg.source.model_copy(update={"watch": True})})
     start_ray(args.address)
     cluster = LineCluster(cfg, args.lines)

@@ -9,6 +9,7 @@ from actors.result_table import line_id_problem
 from configs.pipeline import (
     FolderSourceConfig,
     ManifestSourceConfig,
+    NatsSourceConfig,
     PipelineConfig,
     SyntheticSourceConfig,
     open_source,
@@ -34,6 +35,13 @@ def job_problems(cfg: PipelineConfig, lines: Optional[list[str]] = None) -> list
                 for line in getattr(cfg, field)
                 if line not in known
             ]
+    if cfg.verdict_stream is not None:
+        from rareclip_core.data.nats_stream import NatsError, NatsLink
+
+        try:
+            NatsLink(cfg.verdict_stream.url).close()
+        except NatsError as err:
+            problems.append(f"verdicts.url: {err}")
     for line in chosen or [None]:
         detector = cfg.detector if line is None else cfg.detector_for(line)
         problems += [p for p in detector.missing_weight_files() if p not in problems]
@@ -49,9 +57,12 @@ def _source_lines(cfg: PipelineConfig, problems: list[str]) -> Optional[list[str
         missing = [line for line in source.lines if not (Path(source.root) / line).is_dir()]
         problems += [f"source.lines: no folder {Path(source.root) / line} for line {line!r}" for line in missing]
     try:
-        found = open_source(source).lines()
-    except (FileNotFoundError, ValueError) as err:
-        field = "source.path" if isinstance(source, ManifestSourceConfig) else "source.root"
+        opened = open_source(source)
+        found = opened.lines()
+        if isinstance(source, NatsSourceConfig):
+            opened.close()
+    except (FileNotFoundError, ValueError, ConnectionError) as err:
+        field = {ManifestSourceConfig: "source.path", NatsSourceConfig: "source.url"}.get(type(source), "source.root")
         problems.append(f"{field}: {err}")
         return None
     if isinstance(source, ManifestSourceConfig) and source.lines:

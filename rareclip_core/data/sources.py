@@ -25,6 +25,7 @@ class FrameRef:
     line_id: str
     seq: int
     uri: str
+    data: Optional[bytes] = None  # the frame's bytes when the source carries them (NATS), else read from `uri`
 
 
 def read_uri(uri: str) -> bytes:

