@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import time
 
 import numpy as np
 import torch
 
+from benchmarks.records import append_records, device_name
 from configs.loading import load_detector_config
 from rareclip_core import build_detector
 from rareclip_core.data.synthetic import SyntheticLine
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--references", type=int, default=0, help="normal references learned first (if supported)")
     parser.add_argument("--size", type=int, default=256, help="side of the synthetic frames")
+    parser.add_argument("--json", default=None, help="append the figures as a record to this JSON list")
     args = parser.parse_args()
     config = load_detector_config(args.config)
     update = {}
@@ -73,11 +74,18 @@ def main() -> None:
             times.append((time.perf_counter() - start) * 1000)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb("VmHWM") - base_rss
     p50, p99 = np.percentile(times, 50), np.percentile(times, 99)
-    device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    device = device_name(detector.device if cuda else "cpu")
     print(f"{datetime.date.today()} {device}; {config.kind} {config.model} @ {config.image_size}; "
           f"{len(times)} timed steps of {args.frames}, {args.references} references")
     print(f"step latency: p50 {p50:.1f} ms, p99 {p99:.1f} ms, mean {np.mean(times):.1f} ms")
     print(f"p50_ms={p50:.2f} p99_ms={p99:.2f} peak_mem_mb={peak:.1f}")
+    append_records(args.json, [{
+        "what": "detector_latency", "kind": config.kind, "device": device,
+        "config": args.config, "model": config.model, "image_size": config.image_size, "lines": 1,
+        "references": args.references, "steps": len(times), "p50_ms": float(p50), "p99_ms": float(p99),
+        "max_memory_mb": peak if cuda else None, "cpu_peak_rss_rise_mb": None if cuda else peak,
+        "images_per_s": 1000 / float(p50),
+    }])
 
 
 if __name__ == "__main__":

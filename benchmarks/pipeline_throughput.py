@@ -1,14 +1,24 @@
 """Aggregate throughput and latency of L lines sharing one machine through the Ray pipeline,
-and replay throughput with backbone batching. Prints figures; not a test.
+and replay throughput of one line with backbone batching. Prints figures; not a test.
 
     python benchmarks/pipeline_throughput.py --config configs/detector-tiny.yaml --lines 1 4 --frames 40
+    python benchmarks/pipeline_throughput.py --config configs/detector-paper.yaml --pretrained none \
+        --lines 1 4 8 16 --replay-batches 1 8 32 --json docs/benchmarks/DATE-pipeline.json
+
+With L lines the L line actors share the machine's GPU(s) at lines_per_gpu = L. Images/s is
+counted over the scoring itself (first to last scored frame), so actor start-up (model load) is
+left out. Latency is each row's `latency_ms`: ingest to scored, so it includes the wait in the
+line's queue (up to max_in_flight frames). GPU memory is the peak of `nvidia-smi`'s used memory
+over the run, all processes together (weights, state, work space and each process's CUDA context).
 """
 from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +27,53 @@ import ray
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.result_table import read_results  # noqa: E402
+from benchmarks.records import append_records  # noqa: E402
 from configs.loading import load_detector_config  # noqa: E402
 from configs.pipeline import PipelineConfig  # noqa: E402
 from pipelines.line_cluster import LineCluster, start_ray  # noqa: E402
 from rareclip_core import DetectorSettings  # noqa: E402
 from rareclip_core.data.synthetic import write_line_folder  # noqa: E402
+
+
+class GpuMemoryPeak:
+    """Peak of nvidia-smi's used memory (MiB, all GPUs summed) sampled every 0.2 s while active;
+    None where nvidia-smi is missing."""
+
+    def __init__(self):
+        self.peak = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def used_mb():
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return sum(float(v) for v in out.split())
+
+    def _sample(self):
+        while not self._stop.wait(0.2):
+            used = self.used_mb()
+            if used is not None:
+                self.peak = max(self.peak or 0.0, used)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def gpu_name():
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "no GPU (CPU)"
 
 
 def run_once(detector: DetectorSettings, source_root: Path, out: Path, lines: list[str], batch: int, lines_per_gpu: int):
@@ -37,25 +89,33 @@ def run_once(detector: DetectorSettings, source_root: Path, out: Path, lines: li
     )
     cluster = LineCluster(cfg)
     try:
-        cluster.run(progress=False)
+        with GpuMemoryPeak() as memory:
+            cluster.run(progress=False)
     finally:
         cluster.shutdown()
-    table = read_results(cfg.results_dir, columns=["latency_ms", "scored_time"])
+    table = read_results(cfg.results_dir, columns=["line_id", "latency_ms", "scored_time"])
     latency = np.asarray(table["latency_ms"])
     scored = np.sort(np.asarray(table["scored_time"]).astype("datetime64[us]").astype(np.int64)) / 1e6
     # throughput over the scoring itself: actor start-up (model load) is not counted
     rate = (len(scored) - 1) / (scored[-1] - scored[0])
-    return rate, float(np.percentile(latency, 50)), float(np.percentile(latency, 99))
+    line_ids = np.asarray(table["line_id"])
+    per_line_p50 = [float(np.percentile(latency[line_ids == line], 50)) for line in lines]
+    return {
+        "images": len(scored), "images_per_s": rate, "p50_ms": float(np.percentile(latency, 50)),
+        "p99_ms": float(np.percentile(latency, 99)), "worst_line_p50_ms": max(per_line_p50),
+        "max_memory_mb": memory.peak,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="configs/detector-tiny.yaml")
     parser.add_argument("--pretrained", help="override detector.pretrained ('none' for random weights)")
-    parser.add_argument("--lines", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--lines", type=int, nargs="*", default=[1, 4, 16, 32])
     parser.add_argument("--frames", type=int, default=60, help="frames per line")
-    parser.add_argument("--batch", type=int, default=8, help="backbone batch for the replay figure")
+    parser.add_argument("--replay-batches", type=int, nargs="*", default=[8], help="backbone batches for the replay figures")
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--json", default=None, help="append the figures as records to this JSON list")
     args = parser.parse_args()
     detector = load_detector_config(args.config)
     if args.pretrained:
@@ -63,16 +123,26 @@ def main() -> None:
     detector = detector.model_copy(update={"device": "auto"})
     work = Path(tempfile.mkdtemp(prefix="rareclip-bench-"))
     try:
-        names = [f"line{i:02d}" for i in range(max(args.lines))]
+        names = [f"line{i:02d}" for i in range(max(args.lines + [1]))]
         for i, name in enumerate(names):
             write_line_folder(work / "src" / name, args.frames, "object" if i % 2 else "texture", i, args.size)
         start_ray()
-        print(f"{args.frames} frames per line, {args.size}px, model {detector.model}, device {detector.device}")
+        device = gpu_name()
+        print(f"{args.frames} frames per line, {args.size}px, model {detector.model} @ {detector.image_size}, {device}")
+        common = {"what": "pipeline", "device": device, "config": args.config, "model": detector.model,
+                  "image_size": detector.image_size, "frames_per_line": args.frames}
+        records = []
         for n in args.lines:
-            ips, p50, p99 = run_once(detector, work / "src", work / f"out-{n}", names[:n], 1, max(n, 1))
-            print(f"lines={n} aggregate_img_s={ips:.1f} latency_p50_ms={p50:.0f} latency_p99_ms={p99:.0f}")
-        ips, p50, p99 = run_once(detector, work / "src", work / "out-replay", names[:1], args.batch, 1)
-        print(f"replay_one_line batch={args.batch} img_s={ips:.1f}")
+            figures = run_once(detector, work / "src", work / f"out-{n}", names[:n], 1, max(n, 1))
+            records.append({**common, "lines": n, "backbone_batch": 1, **figures})
+            print(f"lines={n} aggregate_img_s={figures['images_per_s']:.1f} latency_p50_ms={figures['p50_ms']:.0f} "
+                  f"latency_p99_ms={figures['p99_ms']:.0f} worst_line_p50_ms={figures['worst_line_p50_ms']:.0f} "
+                  f"gpu_mem_peak_mb={figures['max_memory_mb']}")
+        for batch in args.replay_batches:
+            figures = run_once(detector, work / "src", work / f"out-replay-{batch}", names[:1], batch, 1)
+            records.append({**common, "what": "replay", "lines": 1, "backbone_batch": batch, **figures})
+            print(f"replay_one_line batch={batch} img_s={figures['images_per_s']:.1f} gpu_mem_peak_mb={figures['max_memory_mb']}")
+        append_records(args.json, records)
         ray.shutdown()
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
+from benchmarks.records import append_records, device_name
 from rareclip_core.detectors.rareclip.config import RareCLIPConfig
 from rareclip_core.detectors.rareclip.detector import FrameFeatures, RareCLIPDetector
 from rareclip_core.detectors.rareclip.memory import PatchRarityBank
@@ -174,9 +175,11 @@ def main() -> None:
     parser.add_argument("--pretrained", default=None, help="override: 'none' for random weights, or a path")
     parser.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "bf16"], help="backbone precision override")
     parser.add_argument("--bank-dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--branch", default=None, choices=["iprb", "dprb"], help="override rarity_branch (dprb: RareCLIP-d)")
     parser.add_argument("--frame-size", type=int, default=None, help="synthetic frame side (default: image_size)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="append the figures as a record to this JSON list")
     args = parser.parse_args()
 
     if args.threads:
@@ -191,6 +194,8 @@ def main() -> None:
         update["precision"] = args.precision
     if args.bank_dtype:
         update["bank_dtype"] = args.bank_dtype
+    if args.branch:
+        update["rarity_branch"] = args.branch
     cfg = cfg.model_copy(update=update)
 
     rss_before = rss_mb()
@@ -257,6 +262,15 @@ def main() -> None:
     print(f"state after: images_seen={detector.images_seen} state={state_mb(detector):.1f} MB")
     print(mem_note)
     print(f"p50_ms={np.percentile(lat, 50):.2f} p99_ms={np.percentile(lat, 99):.2f} peak_mem_mb={peak_mb:.1f}")
+    append_records(args.json, [{
+        "what": "step_latency", "device": device_name(device), "config": args.config, "model": cfg.model,
+        "image_size": cfg.image_size, "lines": 1, "precision": str(detector.backbone.dtype), "bank_dtype": cfg.bank_dtype,
+        "rarity_branch": cfg.rarity_branch, "banks_full": full, "steps": args.steps,
+        "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+        "max_memory_mb": peak_mb if device.type == "cuda" else None, "cpu_peak_rss_rise_mb": None if device.type == "cuda" else peak_mb,
+        "images_per_s": 1000 / float(np.percentile(lat, 50)),
+        "breakdown_p50_ms": {k: float(np.percentile([s.get(k, 0.0) for s in sections], 50) * 1000) for k in SECTIONS},
+    }])
 
 
 if __name__ == "__main__":

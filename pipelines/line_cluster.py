@@ -40,7 +40,9 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> 
     """Join a cluster at `address`, or start an embedded local Ray (the default)."""
     if ray.is_initialized():
         return
-    env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT), "TQDM_DISABLE": "1"}}
+    # the repository first, then whatever the caller's PYTHONPATH already holds
+    pythonpath = os.pathsep.join(p for p in [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")] if p)
+    env = {"env_vars": {"PYTHONPATH": pythonpath, "TQDM_DISABLE": "1"}}
     # Ray's console lines (token-auth notice, "Started a local Ray instance") only with -v
     console = {"logging_level": logging.INFO if logging.getLogger("ray").isEnabledFor(logging.INFO) else logging.ERROR}
     if address:

@@ -21,7 +21,7 @@ class RareCLIPConfig(DetectorSettings):
     bank_dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32",
         description="storage of the banks' patch features; float16/bfloat16 halve it but move scores by "
-        "more than 1e-3 (SCS choices flip on near-ties): check with benchmarks/bank_precision.py",
+        "more than 1e-3 (SCS choices flip on near-ties): check with benchmarks/precision_effect.py",
     )
     # Text prompt branch (sec. 2)
     tpb_weights: Optional[str] = Field(
