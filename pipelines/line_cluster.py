@@ -94,6 +94,30 @@ def running_line_actors(cfg: PipelineConfig, address: str, line: str):
     return actor, supervisor
 
 
+class RunningLineError(RuntimeError):
+    """An operator's call to a running line failed: no such line actor runs, or the call raised."""
+
+
+def call_running_line(cfg: PipelineConfig, address: str, line: str, method: str, *args):
+    """`method(*args)` on the running line actor of `line` of this job on the cluster at
+    `address`, and its result; RunningLineError naming the line (and the fix) when no such
+    actor runs, when the call raised (its cause), or when the actor died meanwhile."""
+    actor, _ = running_line_actors(cfg, address, line)
+    if actor is None:
+        raise RunningLineError(
+            f"no running line actor for {line} of this job on {address}: check the line, --address and that "
+            "--config/--out name the running job (without --address the command acts on a stopped job)"
+        )
+    try:
+        return ray.get(getattr(actor, method).remote(*args))
+    except ray.exceptions.RayTaskError as err:
+        raise RunningLineError(f"line {line}: {method} failed: {err.cause}") from None
+    except ray.exceptions.RayActorError:
+        raise RunningLineError(
+            f"line {line}: its actor died during {method}; the job restarts it: run the command again"
+        ) from None
+
+
 class SupervisorLost(RuntimeError):
     """The job's supervisor died; what was written is kept and a re-run resumes."""
 

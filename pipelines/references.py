@@ -58,18 +58,12 @@ def frames_by_seq(cfg, line: str, seqs: list[int]) -> list[str]:
 
 def add_references(cfg, line: str, uris: list[str], address=None) -> int:
     if address:
-        import ray
+        from .line_cluster import RunningLineError, call_running_line
 
-        from .line_cluster import running_line_actors
-
-        actor, _ = running_line_actors(cfg, address, line)
-        if actor is None:
-            print(f"error: no running line actor for {line} of this job on {address}", file=sys.stderr)
-            return 1
         try:
-            at_seq = ray.get(actor.add_references.remote(uris))
-        except ray.exceptions.RayTaskError as err:
-            print(f"error: {err.cause if hasattr(err, 'cause') else err}", file=sys.stderr)
+            at_seq = call_running_line(cfg, address, line, "add_references", uris)
+        except RunningLineError as err:
+            print(f"error: {err}", file=sys.stderr)
             return 1
         print(f"line {line}: {len(uris)} reference(s) taken by the running line from seq {at_seq}")
         return 0

@@ -81,18 +81,12 @@ def list_snapshots(cfg, line=None) -> int:
 
 def reset_line(cfg, line: str, address=None) -> int:
     if address:
-        import ray
+        from .line_cluster import RunningLineError, call_running_line
 
-        from .line_cluster import running_line_actors
-
-        actor, _ = running_line_actors(cfg, address, line)
-        if actor is None:
-            print(f"error: no running line actor for {line} of this job on {address}", file=sys.stderr)
-            return 1
         try:
-            next_seq = ray.get(actor.reset.remote())
-        except ray.exceptions.RayTaskError as err:
-            print(f"error: {err.cause if hasattr(err, 'cause') else err}", file=sys.stderr)
+            next_seq = call_running_line(cfg, address, line, "reset")
+        except RunningLineError as err:
+            print(f"error: {err}", file=sys.stderr)
             return 1
         print(f"line {line}: reset by the running job; it learns afresh from seq {next_seq}")
         return 0

@@ -9,13 +9,12 @@ detector's `weights` at it. The file has the authors' checkpoint format. After e
 import sys
 from pathlib import Path
 
-from configs.loading import load_detector_config
 from rareclip_core.config import ConfigError
 from rareclip_core.data.datasets import load_dataset
 from rareclip_core.detectors.adaptclip.config import AdaptCLIPConfig
 from rareclip_core.detectors.adaptclip.training import TrainingSettings, resume_path, train_adapters
 
-from .training_data import add_dataset_arguments, annotated_samples
+from .training_data import add_config_argument, add_dataset_arguments, annotated_samples, training_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-adaptclip.yaml"
 DEFAULTS = TrainingSettings()
@@ -24,10 +23,7 @@ DEFAULTS = TrainingSettings()
 def add_arguments(parser) -> None:
     add_dataset_arguments(parser)  # the test split's annotated images are the queries; the train split's good ones the prompts
     parser.add_argument("--save", required=True, metavar="FILE", help="where to write the adapters' checkpoint (.pth)")
-    parser.add_argument(
-        "--config", default=str(DEFAULT_CONFIG),
-        help="detector YAML, or a pipeline YAML with a `detector:` section (default: %(default)s)",
-    )
+    add_config_argument(parser, AdaptCLIPConfig, DEFAULT_CONFIG)
     parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
@@ -44,9 +40,7 @@ def main(args) -> int:
               file=sys.stderr)
         return 2
     try:
-        config = load_detector_config(args.config)
-        if not isinstance(config, AdaptCLIPConfig):
-            raise ConfigError(f"{args.config}: train-adaptclip trains AdaptCLIP's adapters; this config's detector is {config.kind!r}")
+        config = training_config(args.config, AdaptCLIPConfig, "train-adaptclip trains AdaptCLIP's adapters")
         queries = annotated_samples(args.dataset, args.root, args.limit)
         normals = {c: [s for s in samples if not s.label] for c, samples in load_dataset(args.dataset, args.root, "train").items()}
     except (ConfigError, FileNotFoundError, ValueError) as err:

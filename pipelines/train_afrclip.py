@@ -9,13 +9,12 @@ not stopped. The final file has the format of `rareclip_core/detectors/afrclip/c
 import sys
 from pathlib import Path
 
-from configs.loading import load_detector_config
 from rareclip_core.config import ConfigError
 from rareclip_core.detectors.afrclip.checkpoint import save_checkpoint
 from rareclip_core.detectors.afrclip.config import AFRCLIPConfig
 from rareclip_core.detectors.afrclip.training import TrainingSettings, train_afrclip
 
-from .training_data import add_dataset_arguments, annotated_samples
+from .training_data import add_config_argument, add_dataset_arguments, annotated_samples, training_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-afrclip.yaml"
 
@@ -23,11 +22,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-afr
 def add_arguments(parser) -> None:
     add_dataset_arguments(parser)
     parser.add_argument("--save", required=True, metavar="FILE", help="where to write the trained parts (.pth)")
-    parser.add_argument(
-        "--config",
-        default=str(DEFAULT_CONFIG),
-        help="detector YAML (kind: afrclip), or a pipeline YAML with a `detector:` section (default: %(default)s)",
-    )
+    add_config_argument(parser, AFRCLIPConfig, DEFAULT_CONFIG)
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3, help="initial learning rate; epoch e uses lr / (e + 1)")
@@ -45,9 +40,7 @@ def main(args) -> int:
         print("error: --epochs, --batch-size, --keep and --limit must be >= 1", file=sys.stderr)
         return 2
     try:
-        config = load_detector_config(args.config)
-        if not isinstance(config, AFRCLIPConfig):
-            raise ConfigError(f"{args.config}: train-afrclip trains AFR-CLIP; this config's detector is {config.kind!r}")
+        config = training_config(args.config, AFRCLIPConfig, "train-afrclip trains AFR-CLIP")
         if args.precision != "config":
             config = config.model_copy(update={"precision": args.precision})
         samples = annotated_samples(args.dataset, args.root, args.limit)

@@ -5,13 +5,12 @@ authors' checkpoint format.
 import sys
 from pathlib import Path
 
-from configs.loading import load_detector_config
 from rareclip_core.config import ConfigError
 from rareclip_core.detectors.rareclip.config import RareCLIPConfig
 from rareclip_core.detectors.rareclip.text_branch import save_tpb_checkpoint
 from rareclip_core.detectors.rareclip.training import train_text_projection
 
-from .training_data import add_dataset_arguments, annotated_samples
+from .training_data import add_config_argument, add_dataset_arguments, annotated_samples, training_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-paper.yaml"
 
@@ -19,11 +18,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-pap
 def add_arguments(parser) -> None:
     add_dataset_arguments(parser)
     parser.add_argument("--save", required=True, metavar="FILE", help="where to write the TPB checkpoint (.pth)")
-    parser.add_argument(
-        "--config",
-        default=str(DEFAULT_CONFIG),
-        help="detector YAML, or a pipeline YAML with a `detector:` section (default: %(default)s)",
-    )
+    add_config_argument(parser, RareCLIPConfig, DEFAULT_CONFIG)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=0.005)
@@ -35,9 +30,7 @@ def main(args) -> int:
         print("error: --epochs, --batch-size and --limit must be >= 1", file=sys.stderr)
         return 2
     try:
-        config = load_detector_config(args.config)
-        if not isinstance(config, RareCLIPConfig):
-            raise ConfigError(f"{args.config}: train-tpb trains RareCLIP's text branch; this config's detector is {config.kind!r}")
+        config = training_config(args.config, RareCLIPConfig, "train-tpb trains RareCLIP's text branch")
         samples = annotated_samples(args.dataset, args.root, args.limit)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,11 +1,41 @@
-"""What the training jobs (train-tpb, train-afrclip, train-adaptclip) share: their dataset arguments and the
-choice of annotated images. As in the papers, the learned parts are trained on one dataset's
-test images with their masks (all categories) and used on another (VisA -> MVTec AD and back)."""
+"""What the training jobs (train-tpb, train-afrclip, train-adaptclip) share: their --config and
+dataset arguments, the check of the config's detector kind, and the choice of annotated images.
+As in the papers, the learned parts are trained on one dataset's test images with their masks
+(all categories) and used on another (VisA -> MVTec AD and back)."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+from configs.loading import load_detector_config
+from rareclip_core.config import ConfigError, DetectorSettings
 from rareclip_core.data.datasets import Sample, load_dataset
+
+
+def _kind(config_class: type[DetectorSettings]) -> str:
+    return config_class.model_fields["kind"].default
+
+
+def add_config_argument(parser, config_class: type[DetectorSettings], default: Path) -> None:
+    """--config: the detector to train, of `config_class`'s kind (`default`: the repository's YAML)."""
+    parser.add_argument(
+        "--config",
+        default=str(default),
+        help=f"detector YAML (kind: {_kind(config_class)}), or a pipeline YAML with a `detector:` section "
+        "(default: %(default)s)",
+    )
+
+
+def training_config(path: str, config_class: type[DetectorSettings], trains: str) -> DetectorSettings:
+    """The detector config at `path` (see `load_detector_config`); ConfigError when its kind is
+    not `config_class`'s, where `trains` says what the command trains ("train-tpb trains ...")."""
+    config = load_detector_config(path)
+    if not isinstance(config, config_class):
+        raise ConfigError(
+            f"{path}: {trains}; this config's detector is {config.kind!r}: "
+            f"pass --config with a detector of kind {_kind(config_class)!r}"
+        )
+    return config
 
 
 def add_dataset_arguments(parser) -> None:

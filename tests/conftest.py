@@ -42,10 +42,9 @@ def frames():
 @pytest.fixture(scope="module")
 def local_ray():
     """An embedded local Ray for one test module (shut down after it)."""
-    import ray
-
     from pipelines.line_cluster import start_ray
+    from tests.pipeline_helpers import stop_ray
 
     start_ray(num_cpus=8)
     yield
-    ray.shutdown()
+    stop_ray()

@@ -13,6 +13,7 @@ from tests.pipeline_helpers import (
     line_frames,
     pipeline_config,
     read_rows,
+    stop_ray,
     write_folder,
 )
 
@@ -26,7 +27,7 @@ def multinode():
     cluster.wait_for_nodes()
     start_ray(cluster.address)
     yield cluster, workers
-    ray.shutdown()
+    stop_ray()
     cluster.shutdown()
 
 

@@ -4,6 +4,7 @@ what a folder run of the same images scores, and with line, ingest and writer ac
 during `live`, and the server killed mid-stream, every frame has one row and one verdict."""
 import io
 import json
+import threading
 import time
 
 import numpy as np
@@ -37,6 +38,15 @@ def png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def no_link_left_open():
+    """A NatsLink left open keeps its thread retrying the stopped server for the rest of the
+    session, and a thread running Python while a later module's `ray.shutdown()` is under way
+    can end the process (see `pipeline_helpers.stop_ray`)."""
+    yield
+    assert "nats-link" not in [t.name for t in threading.enumerate()], "a NatsLink was left open: close it"
 
 
 @pytest.fixture
@@ -101,10 +111,11 @@ def test_a_frames_seq_is_its_position_in_its_lines_subject(server):
     # stream seqs interleave (a: 1, 3, 5, 7); seqs count the line's own messages only
     assert [(r.seq, r.uri, r.data) for r in finite.frames("a", 1)] == [(1, "cam://a/1", b"a1"), (2, "nats://FRAMES/5", b"a2")]
     assert [(r.seq, r.data) for r in live.frames("a", 2)] == [(2, b"a2"), (3, b"a3")]
-    assert [r.data for r in NatsFrameSource(settings, ["b"]).frames("b")] == [b"b0", b"b1", b"b2"]
+    only_b = NatsFrameSource(settings, ["b"])
+    assert [r.data for r in only_b.frames("b")] == [b"b0", b"b1", b"b2"]
     with pytest.raises(NatsError, match=r"is 2097152 bytes, over the NATS server's max_payload of 1048576 bytes: raise `max_payload`"):
         publish_frame(link, settings, "a", bytes(2 << 20))
-    for opened in (finite, live, link):
+    for opened in (finite, live, only_b, link):
         opened.close()
 
 

@@ -14,6 +14,7 @@ from actors.line import LineSequencer, LineSettings, start_afresh
 from actors.reference_log import ReferenceLog
 from pipelines.drill import compare_results
 from pipelines.line_cluster import LineCluster
+from pipelines.references import add_references
 from rareclip_core import build_detector, detector_config_from_yaml
 from rareclip_core.data.frames import decode_frame
 from rareclip_core.data.frames import FrameError
@@ -85,8 +86,9 @@ def test_an_addition_applies_before_its_frame_also_after_a_restore(kind, tiny_co
         assert _rows(sequencer, images, restored_at) == expected[restored_at:]
 
 
-def test_references_added_while_running_survive_a_crash_bitwise(local_ray, tiny_config, tmp_path, reference_file):
+def test_references_added_while_running_survive_a_crash_bitwise(local_ray, tiny_config, tmp_path, reference_file, capsys):
     write_folder(tmp_path / "src", "a", line_frames(92, 60))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
     faulty = pipeline_config(tiny_config, tmp_path / "src", tmp_path / "faulty", snapshot={"every_frames": 4},
                              gap_timeout_s=600.0, max_in_flight=2)
     cluster = LineCluster(faulty)
@@ -98,7 +100,12 @@ def test_references_added_while_running_survive_a_crash_bitwise(local_ray, tiny_
             if not added:
                 while ray.get(cluster.line_actors["a"].progress.remote())["next_seq"] < 5:
                     time.sleep(0.01)
-                added["at"] = ray.get(cluster.line_actors["a"].add_references.remote([str(reference_file[0])]))
+                # the command's errors: a line that does not run, an image the line refuses
+                assert add_references(faulty, "b", [str(reference_file[0])], address="this-cluster") == 1
+                assert add_references(faulty, "a", [str(tmp_path / "bad.png")], address="this-cluster") == 1
+                assert add_references(faulty, "a", [str(reference_file[0])], address="this-cluster") == 0
+                added["at"] = ReferenceLog(faulty.reference_log_dir("a")).additions[0].at_seq
+                added["stderr"] = capsys.readouterr().err
             plan(status)
 
         summary = cluster.run(progress=False, on_poll=add_then_kill)
@@ -106,6 +113,8 @@ def test_references_added_while_running_survive_a_crash_bitwise(local_ray, tiny_
         cluster.shutdown()
     assert summary.counts == {"a": 60} and len(plan.killed) == 2
     assert all(seq > added["at"] for _, seq in plan.killed), (plan.killed, added)
+    assert "no running line actor for b of this job on this-cluster" in added["stderr"], added["stderr"]
+    assert "line a: add_references failed:" in added["stderr"], added["stderr"]
     # the uncrashed run, given the same references at the same seq before it starts
     clean = pipeline_config(tiny_config, tmp_path / "src", tmp_path / "clean", snapshot={"every_frames": 4})
     ReferenceLog(clean.reference_log_dir("a")).add(added["at"], [str(reference_file[0])])
