@@ -6,7 +6,6 @@ import sys
 import time
 
 import pyarrow as pa
-import ray
 
 from configs.loading import load_detector_config
 from configs.pipeline import CONFIG_DIR, SyntheticSourceConfig
@@ -15,7 +14,7 @@ from rareclip_core.data.synthetic import SyntheticLine
 
 from .common import EXIT_INTERRUPTED, load_config_or_exit
 from .query import format_table, lines_summary, query_table
-from .line_cluster import synthetic_lines
+from .line_cluster import stop_ray, synthetic_lines
 from .replay import run_replay
 
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
@@ -40,7 +39,7 @@ def main(args) -> int:
         return 2
     started = time.monotonic()
     summary = run_replay(cfg, args.address, progress=not args.no_progress)
-    ray.shutdown()
+    stop_ray()
     if summary.interrupted:
         print("\n".join(summary.describe(cfg.results_dir)))
         return EXIT_INTERRUPTED

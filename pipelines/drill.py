@@ -13,7 +13,7 @@ import ray
 from actors.result_table import read_results
 
 from .common import add_cluster_arguments, load_config_or_exit
-from .line_cluster import LineCluster, start_ray
+from .line_cluster import LineCluster, start_ray, stop_ray
 
 
 def read_keyed_rows(results_dir: Path) -> dict[tuple[str, int], list[dict]]:
@@ -137,7 +137,7 @@ def main(args) -> int:
     if cfg is None:
         return 2
     v = run_drill(cfg, args.kills, args.seed, args.address, progress=not args.no_progress)
-    ray.shutdown()
+    stop_ray()
     print(f"killed {len(v['killed'])}: {', '.join(v['killed']) or 'nothing (the stream ended first)'}")
     restarts = {kind: n for kind, n in v["restarts"].items() if kind in RESTART_KIND.values()}
     print(f"restarts seen {sum(restarts.values())}: " + (", ".join(f"{n} {k}" for k, n in sorted(restarts.items())) or "none"))

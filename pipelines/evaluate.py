@@ -452,7 +452,7 @@ def main(args) -> int:
     except (ConfigError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    import ray
+    from .line_cluster import stop_ray
 
     started = time.monotonic()
     try:
@@ -466,7 +466,7 @@ def main(args) -> int:
               "(remove its folder or choose another --out)", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        ray.shutdown()
+        stop_ray()
     print(f"\nevaluated {len(plan.categories)} categories x {len(plan.seeds)} seeds in "
           f"{time.monotonic() - started:.0f}s; result tables in {plan.out}/seed-*/results, metrics in "
           f"{plan.out}/metrics.md, metrics.csv, metrics.json\n")

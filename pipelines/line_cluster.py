@@ -2,6 +2,7 @@
 actors from a validated PipelineConfig, and watch them with progress bars."""
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -57,6 +58,23 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> 
             log_to_driver=False,  # actors' logs stay in Ray's log folder; the job reports what matters
             **console,
         )
+
+
+def stop_ray() -> None:
+    """`ray.shutdown()` with no ObjectRef left in garbage cycles (an exception caught from
+    `ray.get` holds its refs in one) and Python's cycle collector off meanwhile. While the
+    driver's core worker shuts down, another thread running Python (a NATS link's, say) can
+    start a collection; an ObjectRef it frees calls into the core worker that is gone, and Ray
+    ends the whole process ("The core worker has already been shutdown ... The process will
+    exit", exit code 1, no pytest summary)."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        ray.shutdown()
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def synthetic_lines(source: SyntheticSourceConfig) -> dict[str, tuple[str, int]]:

@@ -2,7 +2,6 @@
 for new frames."""
 from __future__ import annotations
 
-import ray
 
 from configs.pipeline import FolderSourceConfig, NatsSourceConfig
 
@@ -11,7 +10,7 @@ from .common import (
     add_cluster_arguments,
     load_config_or_exit,
 )
-from .line_cluster import LineCluster, start_ray
+from .line_cluster import LineCluster, start_ray, stop_ray
 
 
 def add_arguments(parser) -> None:
@@ -32,7 +31,7 @@ def main(args) -> int:
         summary = cluster.run(progress=not args.no_progress, flush_every_s=cfg.writer_flush_s)
     finally:
         cluster.shutdown()
-    ray.shutdown()
+    stop_ray()
     print(f"stopped after {sum(summary.counts.values())} frames")
     print("\n".join(summary.describe(cfg.results_dir)))
     return EXIT_INTERRUPTED if summary.interrupted else 0

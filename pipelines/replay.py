@@ -5,14 +5,13 @@ from __future__ import annotations
 import sys
 import time
 
-import ray
 
 from .common import (
     EXIT_INTERRUPTED,
     add_cluster_arguments,
     load_config_or_exit,
 )
-from .line_cluster import LineCluster, RunSummary, start_ray
+from .line_cluster import LineCluster, RunSummary, start_ray, stop_ray
 
 
 def run_replay(cfg, address=None, progress=True) -> RunSummary:
@@ -36,7 +35,7 @@ def main(args) -> int:
         return 2
     started = time.monotonic()
     summary = run_replay(cfg, args.address, progress=not args.no_progress)
-    ray.shutdown()
+    stop_ray()
     total = sum(summary.counts.values())
     verb = "stopped after" if summary.interrupted else "replayed"
     print(f"{verb} {total} frames of {len(summary.counts)} lines in {time.monotonic() - started:.1f}s; "

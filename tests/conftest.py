@@ -43,7 +43,7 @@ def frames():
 def local_ray():
     """An embedded local Ray for one test module (shut down after it)."""
     from pipelines.line_cluster import start_ray
-    from tests.pipeline_helpers import stop_ray
+    from pipelines.line_cluster import stop_ray
 
     start_ray(num_cpus=8)
     yield

@@ -1,6 +1,5 @@
 """Helpers shared by the Ray pipeline tests: frame folders, configs, result rows, fault plans,
 and stopping a test module's Ray."""
-import gc
 import time
 from pathlib import Path
 
@@ -12,23 +11,6 @@ from actors.result_table import read_results
 from actors.snapshots import SnapshotStore
 from configs.pipeline import PipelineConfig
 from rareclip_core.data.synthetic import SyntheticLine
-
-
-def stop_ray() -> None:
-    """`ray.shutdown()` with no ObjectRef left in garbage cycles (an exception caught from
-    `ray.get` holds its refs in one) and Python's cycle collector off meanwhile. While the
-    driver's core worker shuts down, another thread running Python (a NATS link's, say) can
-    start a collection; an ObjectRef it frees calls into the core worker that is gone, and Ray
-    ends the whole process ("The core worker has already been shutdown ... The process will
-    exit", exit code 1, no pytest summary)."""
-    gc.collect()
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        ray.shutdown()
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def read_rows(results_dir) -> list[dict]:

@@ -7,13 +7,12 @@ import ray
 from ray.cluster_utils import Cluster
 
 from pipelines.drill import compare_results
-from pipelines.line_cluster import LineCluster, start_ray
+from pipelines.line_cluster import LineCluster, start_ray, stop_ray
 from tests.pipeline_helpers import (
     KillPlan,
     line_frames,
     pipeline_config,
     read_rows,
-    stop_ray,
     write_folder,
 )
 

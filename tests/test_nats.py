@@ -44,7 +44,7 @@ def png(image: np.ndarray) -> bytes:
 def no_link_left_open():
     """A NatsLink left open keeps its thread retrying the stopped server for the rest of the
     session, and a thread running Python while a later module's `ray.shutdown()` is under way
-    can end the process (see `pipeline_helpers.stop_ray`)."""
+    can end the process (see `pipelines.line_cluster.stop_ray`)."""
     yield
     assert "nats-link" not in [t.name for t in threading.enumerate()], "a NatsLink was left open: close it"
 
