@@ -36,7 +36,7 @@ def rss_mb(field: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="detector YAML (or pipeline YAML)")
-    parser.add_argument("--pretrained", help="override `pretrained` ('none' for random weights)")
+    parser.add_argument("--pretrained", help="override `pretrained` ('none': random weights, also for AFR-CLIP's CNN)")
     parser.add_argument("--device", help="override `device`")
     parser.add_argument("--frames", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
@@ -48,6 +48,8 @@ def main() -> None:
     update = {}
     if args.pretrained:
         update["pretrained"] = None if args.pretrained == "none" else args.pretrained
+        if args.pretrained == "none" and "cnn_weights" in type(config).model_fields:
+            update["cnn_weights"] = None  # same cost as ImageNet weights, and no download
     if args.device:
         update["device"] = args.device
     config = config.model_copy(update=update)

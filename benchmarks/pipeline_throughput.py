@@ -22,7 +22,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,7 +29,7 @@ from actors.result_table import read_results  # noqa: E402
 from benchmarks.records import append_records  # noqa: E402
 from configs.loading import load_detector_config  # noqa: E402
 from configs.pipeline import PipelineConfig  # noqa: E402
-from pipelines.line_cluster import LineCluster, start_ray  # noqa: E402
+from pipelines.line_cluster import LineCluster, start_ray, stop_ray  # noqa: E402
 from rareclip_core import DetectorSettings  # noqa: E402
 from rareclip_core.data.synthetic import write_line_folder  # noqa: E402
 
@@ -131,19 +130,17 @@ def main() -> None:
         print(f"{args.frames} frames per line, {args.size}px, model {detector.model} @ {detector.image_size}, {device}")
         common = {"what": "pipeline", "device": device, "config": args.config, "model": detector.model,
                   "image_size": detector.image_size, "frames_per_line": args.frames}
-        records = []
         for n in args.lines:
             figures = run_once(detector, work / "src", work / f"out-{n}", names[:n], 1, max(n, 1))
-            records.append({**common, "lines": n, "backbone_batch": 1, **figures})
+            append_records(args.json, [{**common, "lines": n, "backbone_batch": 1, **figures}])  # each as it comes: a cut run keeps it
             print(f"lines={n} aggregate_img_s={figures['images_per_s']:.1f} latency_p50_ms={figures['p50_ms']:.0f} "
                   f"latency_p99_ms={figures['p99_ms']:.0f} worst_line_p50_ms={figures['worst_line_p50_ms']:.0f} "
                   f"gpu_mem_peak_mb={figures['max_memory_mb']}")
         for batch in args.replay_batches:
             figures = run_once(detector, work / "src", work / f"out-replay-{batch}", names[:1], batch, 1)
-            records.append({**common, "what": "replay", "lines": 1, "backbone_batch": batch, **figures})
+            append_records(args.json, [{**common, "what": "replay", "lines": 1, "backbone_batch": batch, **figures}])
             print(f"replay_one_line batch={batch} img_s={figures['images_per_s']:.1f} gpu_mem_peak_mb={figures['max_memory_mb']}")
-        append_records(args.json, records)
-        ray.shutdown()
+        stop_ray()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
