@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rareclip_core.data.files import atomic_write
-from rareclip_core.data.frames import decode_frame
+from rareclip_core.data.frames import FrameError, decode_frame
 from rareclip_core.data.sources import read_uri
 
 LOG_FILE = "log.json"
@@ -42,10 +42,9 @@ class ReferenceLog:
         does not. `at_seq` may not precede an earlier addition's."""
         if self.additions and at_seq < self.additions[-1].at_seq:
             raise ValueError(f"references: seq {at_seq} is before the last addition's ({self.additions[-1].at_seq})")
+        contents = [self._checked(uri) for uri in uris]  # all refused or none: nothing copied before
         names = []
-        for i, uri in enumerate(uris):
-            data = read_uri(uri)
-            decode_frame(data)  # refuse a file that could not be scored, before it is recorded
+        for i, (uri, data) in enumerate(zip(uris, contents)):
             name = f"{at_seq}-{len(self.at(at_seq))}-{i}{Path(uri).suffix.lower() or '.img'}"
             atomic_write(self.folder / name, lambda tmp, data=data: tmp.write_bytes(data))
             names.append(name)
@@ -55,6 +54,16 @@ class ReferenceLog:
         addition = ReferenceAddition(at_seq, tuple(str(self.folder / n) for n in names))
         self.additions.append(addition)
         return addition
+
+    @staticmethod
+    def _checked(uri: str) -> bytes:
+        """The file's bytes, if they decode as a frame that could be scored."""
+        data = read_uri(uri)
+        try:
+            decode_frame(data)
+        except FrameError as err:
+            raise FrameError(f"reference {uri}: {err}") from None
+        return data
 
 
 def reference_images(addition: ReferenceAddition) -> list:

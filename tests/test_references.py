@@ -39,9 +39,11 @@ def test_the_log_copies_images_and_keeps_additions_in_seq_order(tmp_path, refere
     with pytest.raises(ValueError, match="before the last addition's"):
         again.add(2, [str(reference_file[1])])
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    with pytest.raises(FrameError):
-        again.add(5, [str(tmp_path / "bad.png")])
-    assert len(ReferenceLog(tmp_path / "log").additions) == 2  # nothing recorded for the refused one
+    copied = sorted((tmp_path / "log").iterdir())
+    with pytest.raises(FrameError, match="bad.png"):
+        again.add(5, [str(reference_file[1]), str(tmp_path / "bad.png")])
+    assert len(ReferenceLog(tmp_path / "log").additions) == 2  # nothing recorded for the refused batch
+    assert sorted((tmp_path / "log").iterdir()) == copied  # nor its good image copied
 
 
 def _rows(sequencer, images, start):
