@@ -114,12 +114,15 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=60, help="frames per line")
     parser.add_argument("--replay-batches", type=int, nargs="*", default=[8], help="backbone batches for the replay figures")
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--cuda-graphs", action="store_true", help="lines replay their backbone as CUDA graphs (RareCLIP)")
     parser.add_argument("--json", default=None, help="append the figures as records to this JSON list")
     args = parser.parse_args()
     detector = load_detector_config(args.config)
     if args.pretrained:
         detector = detector.model_copy(update={"pretrained": None if args.pretrained == "none" else args.pretrained})
-    detector = detector.model_copy(update={"device": "auto"})
+    if args.cuda_graphs and "cuda_graphs" not in type(detector).model_fields:
+        raise SystemExit(f"--cuda-graphs: detector kind {detector.kind!r} has no cuda_graphs setting")
+    detector = detector.model_copy(update={"device": "auto", **({"cuda_graphs": True} if args.cuda_graphs else {})})
     work = Path(tempfile.mkdtemp(prefix="rareclip-bench-"))
     try:
         names = [f"line{i:02d}" for i in range(max(args.lines + [1]))]
@@ -129,7 +132,8 @@ def main() -> None:
         device = gpu_name()
         print(f"{args.frames} frames per line, {args.size}px, model {detector.model} @ {detector.image_size}, {device}")
         common = {"what": "pipeline", "device": device, "config": args.config, "model": detector.model,
-                  "image_size": detector.image_size, "frames_per_line": args.frames}
+                  "image_size": detector.image_size, "frames_per_line": args.frames,
+                  "cuda_graphs": bool(getattr(detector, "cuda_graphs", False))}
         for n in args.lines:
             figures = run_once(detector, work / "src", work / f"out-{n}", names[:n], 1, max(n, 1))
             append_records(args.json, [{**common, "lines": n, "backbone_batch": 1, **figures}])  # each as it comes: a cut run keeps it

@@ -55,6 +55,22 @@ def test_a_batched_backbone_scores_as_one_frame_at_a_time(tiny_config, stream, p
     assert np.abs(np.array(one_by_one) - np.array(together)).max() < (1e-5 if precision == "fp32" else 5e-3)
 
 
+def test_the_backbone_replayed_as_a_cuda_graph_gives_the_plain_backbones_features(tiny_config, stream):
+    plain, graphed = tiny_line(tiny_config), tiny_line(tiny_config, cuda_graphs=True)
+    for batch in ([stream[0]], stream[1:4], [stream[4]]):  # batch 1, 3, then 1 again: other inputs, same graph
+        expected, got = plain.encode(batch), graphed.encode(batch)
+        for e, g in zip(expected, got):
+            assert torch.allclose(e.embedding, g.embedding, atol=1e-3)
+            assert all(torch.allclose(e.tokens[b], g.tokens[b], atol=1e-2) for b in e.tokens)
+    if DEVICE == "cuda":
+        assert len(graphed.backbone._run.graphs) == 2  # one graph per batch size
+
+
+def test_a_line_with_cuda_graphs_scores_as_without(tiny_config, stream):
+    expected = scores(tiny_line(tiny_config), stream)
+    assert np.abs(scores(tiny_line(tiny_config, cuda_graphs=True), stream) - expected).max() < 1e-3
+
+
 def test_a_snapshot_restored_on_cuda_continues_as_the_line_would_have(tiny_config, stream):
     line = tiny_line(tiny_config)
     for frame in stream[:5]:

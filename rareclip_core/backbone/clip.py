@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, DetectorSettings, names_a_file
+from ..ops.cuda_graph import CudaGraphRunner
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
@@ -85,7 +86,9 @@ def create_clip_model(config: DetectorSettings) -> torch.nn.Module:
 class ClipBackbone(torch.nn.Module):
     """The vision tower of a CLIP model, returning what the detector needs in one pass."""
 
-    def __init__(self, visual: torch.nn.Module, blocks: list[int], device: torch.device, precision: str):
+    def __init__(
+        self, visual: torch.nn.Module, blocks: list[int], device: torch.device, precision: str, cuda_graphs: bool = False
+    ):
         super().__init__()
         self.dtype = backbone_dtype(precision, device)
         self.visual = visual.to(device=device, dtype=self.dtype).eval().requires_grad_(False)
@@ -93,10 +96,16 @@ class ClipBackbone(torch.nn.Module):
         self.device = device
         self.width = self.visual.transformer.width
         self.grid = self.visual.grid_size[0]
+        # one CUDA graph per batch size where asked and on CUDA; plain calls elsewhere
+        self._run = CudaGraphRunner(self._tower) if cuda_graphs and device.type == "cuda" else self._tower
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> BackboneOutput:
-        """images: B x 3 x S x S, already normalized.
+        """images: B x 3 x S x S, already normalized (on any device, any float dtype)."""
+        return self._run(images.to(self.device, self.dtype))
+
+    def _tower(self, images: torch.Tensor) -> BackboneOutput:
+        """images: B x 3 x S x S on the backbone's device and dtype.
 
         The global embedding is projected one row at a time so that a frame gets bitwise the
         same features alone or inside a batch (replay batches frames; CPU results must match).
@@ -104,7 +113,7 @@ class ClipBackbone(torch.nn.Module):
         last = len(self.visual.transformer.resblocks)
         blocks = sorted(set(self.blocks) | {last})
         out = self.visual.forward_intermediates(
-            images.to(self.device, self.dtype),
+            images,
             indices=[b - 1 for b in blocks],
             intermediates_only=True,
             output_fmt="NLC",
@@ -120,15 +129,16 @@ class ClipBackbone(torch.nn.Module):
 
 
 def load_backbone(
-    config: DetectorSettings, blocks: dict[str, list[int]], device: torch.device
+    config: DetectorSettings, blocks: dict[str, list[int]], device: torch.device, cuda_graphs: bool = False
 ) -> tuple[ClipBackbone, torch.nn.Module]:
     """The configured CLIP model and a `ClipBackbone` over its vision tower returning the tokens
     of every block in `blocks` (config field name -> 1-indexed blocks, checked against the
-    model's depth). The full model comes back for its text tower: drop it once used."""
+    model's depth), replayed as CUDA graphs where `cuda_graphs` and on CUDA. The full model comes
+    back for its text tower: drop it once used."""
     model = create_clip_model(config)
     n_layers = len(model.visual.transformer.resblocks)
     for name, wanted in blocks.items():
         if max(wanted) > n_layers:
             raise ConfigError(f"detector.{name} = {wanted} but {config.model} has {n_layers} blocks")
     every = sorted({b for wanted in blocks.values() for b in wanted})
-    return ClipBackbone(model.visual, every, device, config.precision), model
+    return ClipBackbone(model.visual, every, device, config.precision, cuda_graphs), model

@@ -18,6 +18,11 @@ class RareCLIPConfig(DetectorSettings):
     rarity_blocks: list[int] = Field(default_factory=lambda: [6, 12, 18, 24], min_length=1)
     text_blocks: list[int] = Field(default_factory=lambda: [12, 16, 20, 24], min_length=1)
     scales: list[int] = Field(default_factory=lambda: [1, 3], min_length=1)
+    cuda_graphs: bool = Field(
+        False,
+        description="on CUDA, replay the backbone as one CUDA graph per batch size (fewer launches; "
+        "its GPU memory is held per batch size); ignored on CPU",
+    )
     bank_dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32",
         description="storage of the banks' patch features; float16/bfloat16 halve it but move scores by "

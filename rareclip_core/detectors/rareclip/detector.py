@@ -81,7 +81,7 @@ class RareCLIPDetector(Detector):
         self.config = config
         self.device = resolve_device(config.device)
         blocks = {"rarity_blocks": config.rarity_blocks, "text_blocks": config.text_blocks}
-        self.backbone, model = load_backbone(config, blocks, self.device)
+        self.backbone, model = load_backbone(config, blocks, self.device, config.cuda_graphs)
         self.text_features = cached_state_embeddings(config, model).to(self.device)  # D x 2
         del model  # the text tower is not needed once the text embeddings exist
         self.text_projection = init_text_projection(config, self.backbone.width, self.text_features.shape[0]).to(
