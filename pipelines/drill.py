@@ -18,14 +18,15 @@ from .line_cluster import LineCluster, start_ray, stop_ray
 
 def read_keyed_rows(results_dir: Path) -> dict[tuple[str, int], list[dict]]:
     rows: dict[tuple[str, int], list[dict]] = {}
-    table = read_results(results_dir, columns=["line_id", "seq", "status", "score", "error"])
+    table = read_results(results_dir, columns=["line_id", "seq", "status", "score", "error", "threshold", "is_anomaly"])
     for row in table.to_pylist():
         rows.setdefault((row["line_id"], row["seq"]), []).append(row)
     return rows
 
 
 def compare_results(reference_dir: Path, candidate_dir: Path) -> dict:
-    """Row-by-row verdict of `candidate` against `reference`, keyed by (line_id, seq)."""
+    """Row-by-row verdict of `candidate` against `reference`, keyed by (line_id, seq): a row
+    differs when its status, error, threshold, verdict or score does (scores compared exactly)."""
     ref, cand = read_keyed_rows(reference_dir), read_keyed_rows(candidate_dir)
     missing = sorted(set(ref) - set(cand))
     extra = sorted(set(cand) - set(ref))
@@ -33,7 +34,8 @@ def compare_results(reference_dir: Path, candidate_dir: Path) -> dict:
     differing, max_diff = [], 0.0
     for key in set(ref) & set(cand):
         a, b = ref[key][0], cand[key][0]
-        if (a["status"], a["error"]) != (b["status"], b["error"]) or (a["score"] is None) != (b["score"] is None):
+        verdict = ("status", "error", "threshold", "is_anomaly")
+        if any(a[k] != b[k] for k in verdict) or (a["score"] is None) != (b["score"] is None):
             differing.append(key)
         elif a["score"] is not None and a["score"] != b["score"]:
             differing.append(key)

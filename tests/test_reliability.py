@@ -23,6 +23,7 @@ from actors.result_table import (
     line_id_problem,
     persisted_last_seqs,
     read_results,
+    write_rows,
 )
 from pipelines.drill import compare_results
 from pipelines.job_lock import JobLock, JobLockError
@@ -77,6 +78,17 @@ def wait_for_rows(results: Path, n: int, timeout: float = 240) -> None:
 
 
 # ---- one job per output folder ------------------------------------------------------------------
+def test_the_drill_counts_a_row_whose_threshold_or_verdict_changed_as_differing(tmp_path):
+    rows = [{"seq": i, "status": "ok", "score": 0.5 + i / 10, "threshold": 0.65, "is_anomaly": i >= 2} for i in range(3)]
+    changed = [dict(r) for r in rows]
+    changed[1].update(threshold=0.55, is_anomaly=True)  # same score, another threshold and verdict
+    write_rows(tmp_path / "a", "l", "2026-12-04", rows)
+    write_rows(tmp_path / "b", "l", "2026-12-04", changed)
+    verdict = compare_results(tmp_path / "a", tmp_path / "b")
+    assert verdict["differing"] == [("l", 1)] and not verdict["ok"] and verdict["max_score_diff"] == 0.0
+    assert compare_results(tmp_path / "a", tmp_path / "a")["ok"]
+
+
 def test_the_job_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
     first = JobLock(tmp_path).acquire()
     with pytest.raises(JobLockError, match=f"another job is writing to {tmp_path}: pid {os.getpid()} on "):
