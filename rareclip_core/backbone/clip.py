@@ -98,6 +98,21 @@ class ClipBackbone(torch.nn.Module):
         self.grid = self.visual.grid_size[0]
         # one CUDA graph per batch size where asked and on CUDA; plain calls elsewhere
         self._run = CudaGraphRunner(self._tower) if cuda_graphs and device.type == "cuda" else self._tower
+        if self._run is not self._tower:
+            self._capture_single_frame()
+
+    @torch.inference_mode()
+    def _capture_single_frame(self) -> None:
+        """Capture batch 1 now, so a backbone that cannot be a CUDA graph fails when it is built,
+        not at a line's first frame."""
+        size = self.visual.image_size
+        size = size if isinstance(size, (tuple, list)) else (size, size)
+        try:
+            self._run(torch.zeros(1, 3, *size, device=self.device, dtype=self.dtype))
+        except RuntimeError as err:
+            raise ConfigError(
+                f"detector.cuda_graphs: the backbone could not be captured as a CUDA graph ({err}); set cuda_graphs: false"
+            ) from None
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> BackboneOutput:
