@@ -9,16 +9,20 @@ With L lines the L line actors share the machine's GPU(s) at lines_per_gpu = L. 
 counted over the scoring itself (first to last scored frame), so actor start-up (model load) is
 left out. Latency is each row's `latency_ms`: ingest to scored, so it includes the wait in the
 line's queue (up to max_in_flight frames). GPU memory is the peak of `nvidia-smi`'s used memory
-over the run, all processes together (weights, state, work space and each process's CUDA context).
+over the run, all processes together (weights, state, work space and each process's CUDA context);
+GPU utilization (nvidia-smi's, the share of time a kernel ran) and the 1-minute load average are
+means over the samples taken while frames were being scored.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,29 +38,39 @@ from rareclip_core import DetectorSettings  # noqa: E402
 from rareclip_core.data.synthetic import write_line_folder  # noqa: E402
 
 
-class GpuMemoryPeak:
-    """Peak of nvidia-smi's used memory (MiB, all GPUs summed) sampled every 0.2 s while active;
-    None where nvidia-smi is missing."""
+class MachineSampler:
+    """Samples, every 0.2 s while active: nvidia-smi's used memory (MiB, all GPUs summed) and
+    utilization (%, mean over GPUs), and the 1-minute load average. GPU figures are None where
+    nvidia-smi is missing."""
 
     def __init__(self):
-        self.peak = None
+        self.samples: list[tuple[float, float | None, float | None, float]] = []  # (time, MiB, %, load)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     @staticmethod
-    def used_mb():
+    def gpu_now() -> tuple[float | None, float | None]:
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,utilization.gpu", "--format=csv,noheader,nounits"],
                                  capture_output=True, text=True, timeout=10, check=True).stdout
         except (OSError, subprocess.SubprocessError):
-            return None
-        return sum(float(v) for v in out.split())
+            return None, None
+        rows = [[float(v) for v in line.split(",")] for line in out.strip().splitlines()]
+        return sum(r[0] for r in rows), sum(r[1] for r in rows) / len(rows)
 
     def _sample(self):
         while not self._stop.wait(0.2):
-            used = self.used_mb()
-            if used is not None:
-                self.peak = max(self.peak or 0.0, used)
+            self.samples.append((time.time(), *self.gpu_now(), os.getloadavg()[0]))
+
+    def peak_memory_mb(self) -> float | None:
+        used = [s[1] for s in self.samples if s[1] is not None]
+        return max(used) if used else None
+
+    def means(self, start: float, end: float) -> tuple[float | None, float | None]:
+        """Mean GPU utilization and mean load average over the samples within [start, end]."""
+        window = [s for s in self.samples if start <= s[0] <= end]
+        util = [s[2] for s in window if s[2] is not None]
+        return (float(np.mean(util)) if util else None), (float(np.mean([s[3] for s in window])) if window else None)
 
     def __enter__(self):
         self._thread.start()
@@ -88,7 +102,7 @@ def run_once(detector: DetectorSettings, source_root: Path, out: Path, lines: li
     )
     cluster = LineCluster(cfg)
     try:
-        with GpuMemoryPeak() as memory:
+        with MachineSampler() as machine:
             cluster.run(progress=False)
     finally:
         cluster.shutdown()
@@ -99,10 +113,12 @@ def run_once(detector: DetectorSettings, source_root: Path, out: Path, lines: li
     rate = (len(scored) - 1) / (scored[-1] - scored[0])
     line_ids = np.asarray(table["line_id"])
     per_line_p50 = [float(np.percentile(latency[line_ids == line], 50)) for line in lines]
+    gpu_util, load = machine.means(scored[0], scored[-1])
     return {
         "images": len(scored), "images_per_s": rate, "p50_ms": float(np.percentile(latency, 50)),
         "p99_ms": float(np.percentile(latency, 99)), "worst_line_p50_ms": max(per_line_p50),
-        "max_memory_mb": memory.peak,
+        "max_memory_mb": machine.peak_memory_mb(),
+        "gpu_utilization_pct": gpu_util, "load_average": load,
     }
 
 
@@ -139,7 +155,8 @@ def main() -> None:
             append_records(args.json, [{**common, "lines": n, "backbone_batch": 1, **figures}])  # each as it comes: a cut run keeps it
             print(f"lines={n} aggregate_img_s={figures['images_per_s']:.1f} latency_p50_ms={figures['p50_ms']:.0f} "
                   f"latency_p99_ms={figures['p99_ms']:.0f} worst_line_p50_ms={figures['worst_line_p50_ms']:.0f} "
-                  f"gpu_mem_peak_mb={figures['max_memory_mb']}")
+                  f"gpu_mem_peak_mb={figures['max_memory_mb']} gpu_util_pct={figures['gpu_utilization_pct']} "
+                  f"load_average={figures['load_average']}")
         for batch in args.replay_batches:
             figures = run_once(detector, work / "src", work / f"out-replay-{batch}", names[:1], batch, 1)
             append_records(args.json, [{**common, "what": "replay", "lines": 1, "backbone_batch": batch, **figures}])
