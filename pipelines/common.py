@@ -13,10 +13,13 @@ from .preflight import job_problems
 EXIT_INTERRUPTED = 130  # a job stopped by Ctrl-C (the shell's convention for SIGINT)
 
 
-def add_cluster_arguments(parser, config_required: bool = True) -> None:
+def add_cluster_arguments(
+    parser, config_required: bool = True, address_help: str = "join this Ray cluster instead of starting a local one"
+) -> None:
+    """--config, --out, --address (`address_help`: what the command does with a cluster) and --no-progress."""
     parser.add_argument("--config", required=config_required, help="pipeline YAML (see configs/)")
     parser.add_argument("--out", help="output folder (overrides the config's `out`)")
-    parser.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    parser.add_argument("--address", help=address_help)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

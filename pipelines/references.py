@@ -35,10 +35,7 @@ def add_arguments(parser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n", 2)[2]
     parser.add_argument("action", choices=ACTIONS, help="add or list")
-    add_cluster_arguments(parser)
-    for action in parser._actions:
-        if action.dest == "address":
-            action.help = "the Ray cluster the job runs on: give the running line its references (without: the job is stopped)"
+    add_cluster_arguments(parser, address_help="the Ray cluster the job runs on: give the running line its references (without: the job is stopped)")
     parser.add_argument("--line", help="the line (required by add)")
     parser.add_argument("--seq", type=int, nargs="+", default=[], help="add: frames of the line, by seq, as references")
     parser.add_argument("--image", nargs="+", default=[], help="add: image files as references")

@@ -32,10 +32,7 @@ def add_arguments(parser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n", 2)[2]
     parser.add_argument("action", choices=ACTIONS, help="list, reset or restore")
-    add_cluster_arguments(parser)
-    for action in parser._actions:
-        if action.dest == "address":
-            action.help = "the Ray cluster the job runs on: act on its running line (without: the job is stopped)"
+    add_cluster_arguments(parser, address_help="the Ray cluster the job runs on: act on its running line (without: the job is stopped)")
     parser.add_argument("--line", help="the line (required by reset and restore)")
     parser.add_argument("--snapshot", help="restore: the snapshot to go back to (a name `list` shows)")
 
