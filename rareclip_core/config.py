@@ -84,6 +84,11 @@ class DetectorSettings(StrictModel):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="backbone precision; 'auto' is fp16 on CUDA and fp32 on CPU"
     )
+    resize_on_device: bool = Field(
+        False,
+        description="resize frames on the detector's device (torch, for GPUs) instead of with PIL on the CPU "
+        "(the authors' way); pixels then differ by at most a few levels of 255",
+    )
     text_cache_dir: Optional[str] = Field(
         "~/.cache/rareclip", description="where cached text embeddings live; null disables"
     )

@@ -14,7 +14,7 @@ from configs.loading import load_detector_config
 from pipelines.evaluate import paper_figures
 from pipelines.replay import run_replay
 from rareclip_core import ConfigError, build_detector, detector_config_from_dict
-from rareclip_core.backbone import VisionOptions, vision_forward
+from rareclip_core.backbone import FrameInput, VisionOptions, vision_forward
 from rareclip_core.data.datasets import Sample, load_mask
 from rareclip_core.detectors.adaptclip.adapters import (
     AdaptCLIPAdapters,
@@ -24,7 +24,7 @@ from rareclip_core.detectors.adaptclip.adapters import (
 )
 from rareclip_core.detectors.adaptclip.config import AdaptCLIPConfig
 from rareclip_core.detectors.adaptclip.detector import AdaptCLIPDetector, harmonic_mean
-from rareclip_core.detectors.adaptclip.encoder import preprocess, resize_position_embedding
+from rareclip_core.detectors.adaptclip.encoder import resize_position_embedding
 from rareclip_core.detectors.adaptclip.prompts import ABNORMAL_STATES, NORMAL_STATES, state_sentences
 from tests.conftest import REPO, textured_frames
 from tests.pipeline_helpers import line_frames, pipeline_config, read_rows, write_folder
@@ -156,7 +156,7 @@ def test_harmonic_mean_and_position_embedding_resize_by_hand():
 
 
 def test_features_are_the_value_value_tokens_and_the_global_feature_skips_ln_post(detector):
-    image = preprocess(textured_frames(1)[0], 256)[None]
+    image = detector.frame_input(textured_frames(1)[:1])
     visual = detector.encoder.visual
     out = vision_forward(visual, image, VisionOptions(blocks=(1, 2, 3, 4), value_value_from=1))
     frame = detector.encoder(image)[0]
@@ -175,7 +175,7 @@ def test_untrained_adapters_warn_when_clip_is_real(tiny, tmp_path):
 def test_preprocess_and_evaluation_masks_squash_the_whole_frame(tmp_path):
     frame = np.zeros((100, 300, 3), np.uint8)
     frame[:, :150] = 255  # left half white: after squashing, the left half of the square
-    x = preprocess(frame, 64)
+    x = FrameInput(64, AdaptCLIPConfig.input_view, torch.device("cpu"))([frame])[0]
     assert x.shape == (3, 64, 64)
     assert (x[:, :, :30] > 1.5).all() and (x[:, :, 34:] < -1.4).all()
     mask = np.zeros((100, 300), np.uint8)

@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from rareclip_core import ConfigError, build_detector, detector_config_from_dict, detector_config_from_yaml
 from rareclip_core.detectors.afrclip.checkpoint import save_checkpoint
@@ -78,7 +77,7 @@ def test_text_on_text_scoring_matches_hand_computation():
 
 
 def test_self_prompts_reach_only_the_blocks_after_they_are_inserted(detector):
-    images = torch.stack([detector.preprocess(Image.fromarray(f)) for f in textured_frames(2)])
+    images = detector.frame_input(textured_frames(2))
     width, k = detector.vision.width, detector.config.n_prompts
     prompts = torch.randn(2, 2, k, width, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -88,3 +88,15 @@ def test_every_kind_scores_a_short_stream_on_cuda(config, stream):
     detector = build_detector(load_detector_config(REPO / "configs" / config).model_copy(update={"device": DEVICE}))
     results = [detector.step(f) for f in stream[:3]]
     assert all(np.isfinite(r.score) and np.isfinite(r.anomaly_map).all() for r in results)
+
+
+def test_frames_resized_on_the_gpu_are_within_one_level_of_pil():
+    from rareclip_core.backbone import FrameInput
+    from tests.test_frame_input import photo
+
+    frames = [photo(1024, 1024), photo(333, 777, seed=1)]
+    pil = FrameInput(518, "center_crop", torch.device("cpu")).pixels(frames)
+    on_device = FrameInput(518, "center_crop", torch.device(DEVICE), resize_on_device=True).pixels(frames)
+    assert on_device.device.type == torch.device(DEVICE).type
+    diff = (on_device.cpu() - pil).abs()
+    assert diff.max() <= 1 and diff.mean() < 0.25

@@ -9,11 +9,13 @@ from .clip import (
     load_backbone,
     resolve_device,
 )
+from .frame_input import FrameInput
 from .vision import VisionOptions, VisionOutput, value_value_attention, vision_forward
 
 __all__ = [
     "BackboneOutput",
     "ClipBackbone",
+    "FrameInput",
     "VisionOptions",
     "VisionOutput",
     "backbone_dtype",

@@ -29,3 +29,10 @@ def to_rgb_image(image) -> Image.Image:
     if min(image.size) < 1:
         raise ValueError(f"image has no pixels (size {image.size})")
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def rgb_array(image) -> np.ndarray:
+    """As `to_rgb_image`, as an H x W x 3 uint8 array (an RGB array is returned as it is)."""
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        return image
+    return np.asarray(to_rgb_image(image))

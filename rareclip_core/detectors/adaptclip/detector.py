@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from ...backbone import create_clip_model, resolve_device
+from ...backbone import FrameInput, create_clip_model, resolve_device
 from ...config import ConfigError
 from ...contract import DetectionResult, Detector, PaperFigures
 from ...timing import stage_timer
 from .adapters import AdaptCLIPAdapters, AdapterShapes, read_checkpoint
 from .config import AdaptCLIPConfig
-from .encoder import AdaptCLIPEncoder, FrameFeatures, preprocess, resize_position_embedding, static_text_features
+from .encoder import AdaptCLIPEncoder, FrameFeatures, resize_position_embedding, static_text_features
 from .heads import prompt_query_logits, text_alignment_logits, upsample, visual_adapter
 from .paper import paper_figures
 from .prompts import ABNORMAL_STATES, NORMAL_STATES, state_sentences
@@ -99,6 +99,7 @@ class AdaptCLIPDetector(Detector):
             self.static_text = static_text_features(model, sentences, config.model).to(self.device)  # 2 x D
             self.learned_text = self.adapters.textual_learner(model).float()  # 2 x D
         self.encoder = AdaptCLIPEncoder(model.visual, config.patch_blocks, config.value_value_from, self.device, config.precision)
+        self.frame_input = FrameInput(config.image_size, config.input_view, self.device, config.resize_on_device)
         del model  # the text tower is not needed once the text features exist
         self.grid = self.encoder.grid
         self.n_patches = self.grid * self.grid
@@ -161,7 +162,7 @@ class AdaptCLIPDetector(Detector):
         """Preprocess and run the frozen backbone on a batch of frames (no state involved).
         `timings`: adds seconds spent in 'preprocess' and 'backbone'."""
         timer = stage_timer(timings, self.device)
-        batch = torch.stack([preprocess(im, self.config.image_size) for im in images])
+        batch = self.frame_input(images)
         timer.lap("preprocess")
         frames = self.encoder(batch)
         timer.lap("backbone")

@@ -1,30 +1,15 @@
-"""AdaptCLIP's input and frozen backbone (sec. 1 of docs/algorithms/adaptclip.md): the whole
-frame squashed to S x S, CLIP's position embedding resized to the new grid by plain bilinear
+"""AdaptCLIP's frozen backbone (sec. 1 of docs/algorithms/adaptclip.md): its input is the whole
+frame squashed to S x S (`FrameInput`, input view "squash"), CLIP's position embedding resized to the new grid by plain bilinear
 interpolation, and a forward with the value-value path whose patch tokens the adapters use."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ...backbone import VisionOptions, backbone_dtype, vision_forward
-from ...data.images import to_rgb_image
-
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def preprocess(image, size: int) -> torch.Tensor:
-    """A PIL image or uint8 array -> 3 x size x size: RGB (gray copied to 3 channels), resized to
-    exactly size x size whatever its aspect (bicubic, PIL's antialiasing), OpenAI mean/std."""
-    rgb = to_rgb_image(image).resize((size, size), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean, std = torch.tensor(OPENAI_MEAN)[:, None, None], torch.tensor(OPENAI_STD)[:, None, None]
-    return (x - mean) / std
 
 
 def resize_position_embedding(visual: torch.nn.Module, image_size: int) -> None:

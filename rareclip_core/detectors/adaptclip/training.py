@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from ...backbone import resolve_device
+from ...backbone import FrameInput, resolve_device
 from ...config import ConfigError
 from ...data.datasets import Sample, load_mask
 from ...data.files import atomic_write
@@ -35,7 +35,7 @@ from ...ops.losses import dice_loss, focal_loss
 from .adapters import AdaptCLIPAdapters
 from .config import AdaptCLIPConfig
 from .detector import build_clip, init_adapters
-from .encoder import AdaptCLIPEncoder, FrameFeatures, preprocess, static_text_features
+from .encoder import AdaptCLIPEncoder, FrameFeatures, static_text_features
 from .heads import prompt_query_logits, text_alignment_logits, upsample, visual_adapter
 from .prompts import ABNORMAL_STATES, NORMAL_STATES, state_sentences
 
@@ -76,12 +76,13 @@ class _Trainer:
         self.static_text = static_text_features(self.model, sentences, config.model).to(self.device)
         self.encoder = AdaptCLIPEncoder(self.model.visual, config.patch_blocks, config.value_value_from,
                                         self.device, config.precision)
+        self.frame_input = FrameInput(config.image_size, config.input_view, self.device, config.resize_on_device)
 
     def encode(self, samples: list[Sample]) -> list[FrameFeatures]:
         images = []
         for sample in samples:
             with Image.open(sample.path) as image:
-                images.append(preprocess(image, self.config.image_size))
+                images.append(self.frame_input([image])[0])
         return self.encoder(torch.stack(images))
 
     def loss(self, queries: list[Sample], prompts: list[Sample]) -> torch.Tensor:

@@ -5,13 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import open_clip
 import torch
 import torch.nn.functional as F
 
-from ...backbone import resolve_device
+from ...backbone import FrameInput, resolve_device
 from ...contract import DetectionResult, Detector, PaperFigures
-from ...data.images import to_rgb_image
 from ...timing import stage_timer
 from .config import AFRCLIPConfig
 from .model import load_model
@@ -41,7 +39,7 @@ class AFRCLIPDetector(Detector):
         model = load_model(config, self.device, [config.product])
         self.vision, self.heads = model.vision, model.heads
         self.text = model.text[config.product].to(self.device)  # 3 x D: T^n, T^a, T^s before the adapter
-        self.preprocess = open_clip.image_transform(config.image_size, is_train=False)
+        self.frame_input = FrameInput(config.image_size, config.input_view, self.device, config.resize_on_device)
         self.grid = self.vision.grid
 
     @classmethod
@@ -66,7 +64,7 @@ class AFRCLIPDetector(Detector):
         """Preprocess, the CNN (F_cnn), self-prompts (Eq. 15-16) and the prompted backbone
         (Eq. 17-18) for a batch of frames. `timings`: 'preprocess', 'backbone'."""
         timer = stage_timer(timings, self.device)
-        batch = torch.stack([self.preprocess(to_rgb_image(im)) for im in images]).to(self.device)
+        batch = self.frame_input(images)
         timer.lap("preprocess")
         # the CNN and the prompt projections one frame at a time: their CPU kernels depend on the
         # batch size, and a frame must get bitwise the same result alone or in a replay batch

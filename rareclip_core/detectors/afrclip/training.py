@@ -19,16 +19,14 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from ...backbone import resolve_device
+from ...backbone import FrameInput, resolve_device
 from ...config import ConfigError
 from ...data.datasets import Sample, load_mask
-from ...data.images import to_rgb_image
 from ...ops.losses import dice_loss, focal_loss
 from .checkpoint import apply_checkpoint, read_checkpoint, save_checkpoint
 from .config import AFRCLIPConfig
@@ -82,12 +80,12 @@ class _TrainingData:
         self.model = model
         self.samples = samples
         self.image_size = config.image_size
-        self.preprocess = open_clip.image_transform(config.image_size, is_train=False)
+        self.frame_input = FrameInput(config.image_size, config.input_view, model.vision.device, config.resize_on_device)
         self.cnn_cache: dict[int, torch.Tensor] = {}
 
     def _image(self, sample: Sample) -> torch.Tensor:
         with Image.open(sample.path) as image:
-            return self.preprocess(to_rgb_image(image))
+            return self.frame_input([image])[0]
 
     def batch(self, indices: list[int]):
         """Images B x 3 x S x S, F_cnn B x C, prompt embeddings B x 3 x D, masks B x S x S, labels B."""

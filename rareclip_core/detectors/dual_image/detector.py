@@ -9,12 +9,10 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from torchvision import transforms
 
-from ...backbone import VisionOptions, backbone_dtype, create_clip_model, resolve_device, vision_forward
+from ...backbone import FrameInput, VisionOptions, backbone_dtype, create_clip_model, resolve_device, vision_forward
 from ...config import ConfigError
 from ...contract import DetectionResult, Detector, PaperFigures
-from ...data.images import to_rgb_image
 from ...ops.maps import neighbourhood_mean
 from ...timing import stage_timer
 from .adapter import AdaptationSettings, adapt
@@ -74,10 +72,8 @@ class DualImageDetector(Detector):
         self.visual = visual.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self.grid = self.visual.grid_size[0]
         self.n_patches = self.grid * self.grid
-        self.crop = transforms.Compose(
-            [transforms.Resize(config.image_size, interpolation=transforms.InterpolationMode.BICUBIC),
-             transforms.CenterCrop(config.image_size)]
-        )  # OpenCLIP's evaluation transform without the normalization (the pseudo-anomaly needs pixels)
+        # OpenCLIP's evaluation view; its pixels, not normalized: the pseudo-anomaly needs them
+        self.frame_input = FrameInput(config.image_size, config.input_view, self.device, config.resize_on_device)
         self.mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN, device=self.device).view(3, 1, 1)
         self.std = torch.tensor(open_clip.OPENAI_DATASET_STD, device=self.device).view(3, 1, 1)
         self.adaptation = AdaptationSettings(
@@ -136,9 +132,10 @@ class DualImageDetector(Detector):
         """Crop and run the backbone on a batch of frames (no state involved).
         `timings`: adds seconds spent in 'preprocess' and 'backbone'."""
         timer = stage_timer(timings, self.device)
-        crops = [torch.from_numpy(np.array(self.crop(to_rgb_image(im)))).permute(2, 0, 1) for im in images]
+        pixels = self.frame_input.pixels(images)  # B x 3 x S x S, whole values
+        crops = pixels.to("cpu", torch.uint8)
         timer.lap("preprocess")
-        embeddings, tokens = self._forward(torch.stack(crops).float() / 255)
+        embeddings, tokens = self._forward(pixels / 255)
         timer.lap("backbone")
         return [FrameFeatures(crop, embeddings[i], tokens[i]) for i, crop in enumerate(crops)]
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import open_clip
 import torch
 import torch.nn.functional as F
 
-from ...backbone import load_backbone, resolve_device
+from ...backbone import FrameInput, load_backbone, resolve_device
 from ...contract import DetectionResult, Detector, PaperFigures
-from ...data.images import to_rgb_image
 from ...ops.maps import neighbourhood_mean, normalize01, upsample_and_blur
 from ...timing import stage_timer
 from .config import RareCLIPConfig
@@ -87,7 +85,7 @@ class RareCLIPDetector(Detector):
         self.text_projection = init_text_projection(config, self.backbone.width, self.text_features.shape[0]).to(
             self.device
         )
-        self.preprocess = open_clip.image_transform(config.image_size, is_train=False)
+        self.frame_input = FrameInput(config.image_size, config.input_view, self.device, config.resize_on_device)
         self.grid = self.backbone.grid
         self.n_patches = self.grid * self.grid
         # the rarity banks, one per (block, scale), block-major: row i of every bank tensor
@@ -184,7 +182,7 @@ class RareCLIPDetector(Detector):
         """Preprocess and run the backbone on a batch of frames (no state involved).
         `timings`: adds seconds spent in 'preprocess' and 'backbone'."""
         timer = stage_timer(timings, self.device)
-        batch = torch.stack([self.preprocess(to_rgb_image(im)) for im in images])
+        batch = self.frame_input(images)
         timer.lap("preprocess")
         out = self.backbone(batch)
         timer.lap("backbone")

@@ -15,15 +15,13 @@ batch 16).
 """
 from __future__ import annotations
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from ...backbone import ClipBackbone, load_backbone, resolve_device
+from ...backbone import ClipBackbone, FrameInput, load_backbone, resolve_device
 from ...data.datasets import Sample, load_mask
-from ...data.images import to_rgb_image
 from ...ops.losses import dice_loss, focal_loss
 from .config import RareCLIPConfig
 from .text_branch import TextProjection, cached_state_embeddings, init_text_projection
@@ -70,7 +68,7 @@ class _TrainingFeatures:
         self.samples = samples
         self.blocks = config.text_blocks
         self.image_size = config.image_size
-        self.preprocess = open_clip.image_transform(config.image_size, is_train=False)
+        self.frame_input = FrameInput(config.image_size, config.input_view, backbone.device, config.resize_on_device)
         per_image = 4 * backbone.grid**2 * backbone.width * len(set(self.blocks))
         self.cache: dict[int, tuple[list[torch.Tensor], torch.Tensor]] | None = (
             {} if per_image * len(samples) <= FEATURE_CACHE_BYTES else None
@@ -78,7 +76,7 @@ class _TrainingFeatures:
 
     def _load_image(self, sample: Sample) -> torch.Tensor:
         with Image.open(sample.path) as image:
-            return self.preprocess(to_rgb_image(image))
+            return self.frame_input([image])[0]
 
     def _encode(self, indices: list[int]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
         out = self.backbone(torch.stack([self._load_image(self.samples[i]) for i in indices]))
