@@ -42,7 +42,6 @@ import open_clip
 import torch
 
 from rareclip_core.backbone import create_clip_model
-from rareclip_core.data.images import to_rgb_image
 from rareclip_core.data.synthetic import SyntheticLine
 from rareclip_core.detectors.rareclip.config import RareCLIPConfig
 from rareclip_core.detectors.rareclip.detector import RareCLIPDetector
@@ -156,7 +155,7 @@ def compare(args, name: str) -> dict[str, float]:
     theirs, shim = build_authors(Path(args.authors_repo), config, mode, ours)
     line = SyntheticLine(args.line_kind, seed=args.seed, size=args.image_size, defect_rate=0.15)
     frames = [line.frame(i).image for i in range(args.frames + mode["k"])]
-    to_tensor = lambda f: ours.preprocess(to_rgb_image(f))[None]  # noqa: E731
+    to_tensor = lambda f: ours.frame_input([f])  # noqa: E731
     worst = dict.fromkeys(["score", "c_test", "c_text", "map", "laif"], 0.0)
 
     def note(key: str, a, b) -> None:

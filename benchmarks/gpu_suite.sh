@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 18's GPU measurements in one run, for a short lease on a lent GPU machine: the GPU tests,
 # then what is still unmeasured, in order of importance: one line's step with and without the
-# backbone's CUDA graph, replay with backbone batching, AFR-CLIP's step, lines sharing the GPU
-# through the Ray pipeline with CUDA graphs, the remaining precisions. Each
+# backbone's CUDA graph, 1024 px frames resized with PIL and on the GPU, replay with backbone
+# batching, AFR-CLIP's step, lines sharing the GPU through the Ray pipeline with CUDA graphs, the
+# same under CUDA MPS (where the machine has it), the remaining precisions. Each
 # gets at most its own time limit and what is left before DEADLINE_S, so a late step is cut, not the
 # whole run. Logs and JSON records go to $OUT (default ./gpu-suite-out).
 #
@@ -46,10 +47,25 @@ P="python3 benchmarks/pipeline_throughput.py --config $RARECLIP --pretrained non
 step gpu-tests 90 env $GPU_TESTS python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 step step-iprb-fp16-f32 75 $S --precision fp16 --bank-dtype float32
 step step-iprb-fp16-f32-graphs 75 $S --precision fp16 --bank-dtype float32 --cuda-graphs
+step step-1024-pil 75 $S --precision fp16 --bank-dtype float32 --cuda-graphs --frame-size 1024
+step step-1024-resize-on-device 75 $S --precision fp16 --bank-dtype float32 --cuda-graphs --frame-size 1024 --resize-on-device
 step replay 150 $P --frames $REPLAY_FRAMES --lines --replay-batches $BATCHES
 step kind-afrclip 60 python3 benchmarks/detector_latency.py --config "configs/detector-$AFRCLIP.yaml" --pretrained none \
   --device $DEVICE --frames 30 --warmup 5 --json "$JSON"
-step lines-graphs 150 $P --frames $FRAMES --lines $LINES --replay-batches --cuda-graphs
+step lines-graphs 150 $P --frames $FRAMES --lines $LINES --replay-batches --cuda-graphs --resize-on-device
+mps_step() {  # mps_step NAME LIMIT_S COMMAND...: `step` with one CUDA MPS daemon of our own for its processes
+  if ! command -v nvidia-cuda-mps-control >/dev/null; then echo "SKIPPED $1 (no nvidia-cuda-mps-control)" | tee -a "$OUT/summary.txt"; return; fi
+  export CUDA_MPS_PIPE_DIRECTORY=$(mktemp -d) CUDA_MPS_LOG_DIRECTORY=$(mktemp -d)  # Ray's workers inherit both
+  if nvidia-cuda-mps-control -d; then
+    step "$@"
+    echo quit | nvidia-cuda-mps-control
+    cp "$CUDA_MPS_LOG_DIRECTORY/control.log" "$OUT/logs/$1-mps-control.log" 2>/dev/null
+  else
+    echo "SKIPPED $1 (the MPS daemon did not start)" | tee -a "$OUT/summary.txt"
+  fi
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+}
+mps_step lines-graphs-mps 150 $P --frames $FRAMES --lines $LINES --replay-batches --cuda-graphs --resize-on-device
 step step-dprb-fp16-f16 75 $S --precision fp16 --bank-dtype float16 --branch dprb
 step step-iprb-fp32-f32 75 $S --precision fp32 --bank-dtype float32
 tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"  # few files come back from a lease: one archive

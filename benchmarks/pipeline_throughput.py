@@ -7,7 +7,8 @@ and replay throughput of one line with backbone batching. Prints figures; not a 
 
 With L lines the L line actors share the machine's GPU(s) at lines_per_gpu = L. Images/s is
 counted over the scoring itself (first to last scored frame), so actor start-up (model load) is
-left out. Latency is each row's `latency_ms`: ingest to scored, so it includes the wait in the
+left out, and so are each line's first `--warmup-frames` frames (a new process's first CUDA
+calls load kernels and build handles, which would count against a short run). Latency is each row's `latency_ms`: ingest to scored, so it includes the wait in the
 line's queue (up to max_in_flight frames). GPU memory is the peak of `nvidia-smi`'s used memory
 over the run, all processes together (weights, state, work space and each process's CUDA context);
 GPU utilization (nvidia-smi's, the share of time a kernel ran) and the 1-minute load average are
@@ -89,7 +90,8 @@ def gpu_name():
         return "no GPU (CPU)"
 
 
-def run_once(detector: DetectorSettings, source_root: Path, out: Path, lines: list[str], batch: int, lines_per_gpu: int):
+def run_once(detector: DetectorSettings, source_root: Path, out: Path, lines: list[str], batch: int, lines_per_gpu: int,
+             warmup_frames: int):
     cfg = PipelineConfig(
         detector=detector,
         source={"kind": "folder", "root": str(source_root), "lines": lines},
@@ -106,16 +108,19 @@ def run_once(detector: DetectorSettings, source_root: Path, out: Path, lines: li
             cluster.run(progress=False)
     finally:
         cluster.shutdown()
-    table = read_results(cfg.results_dir, columns=["line_id", "latency_ms", "scored_time"])
-    latency = np.asarray(table["latency_ms"])
-    scored = np.sort(np.asarray(table["scored_time"]).astype("datetime64[us]").astype(np.int64)) / 1e6
+    table = read_results(cfg.results_dir, columns=["line_id", "seq", "latency_ms", "scored_time"])
+    warm = np.asarray(table["seq"]) >= warmup_frames  # each line's first frames are left out
+    if warm.sum() < 2:
+        raise SystemExit(f"--warmup-frames {warmup_frames} leaves fewer than 2 frames to time; give more --frames")
+    latency = np.asarray(table["latency_ms"])[warm]
+    scored = np.sort(np.asarray(table["scored_time"]).astype("datetime64[us]").astype(np.int64)[warm]) / 1e6
     # throughput over the scoring itself: actor start-up (model load) is not counted
     rate = (len(scored) - 1) / (scored[-1] - scored[0])
-    line_ids = np.asarray(table["line_id"])
+    line_ids = np.asarray(table["line_id"])[warm]
     per_line_p50 = [float(np.percentile(latency[line_ids == line], 50)) for line in lines]
     gpu_util, load = machine.means(scored[0], scored[-1])
     return {
-        "images": len(scored), "images_per_s": rate, "p50_ms": float(np.percentile(latency, 50)),
+        "images": len(scored), "warmup_frames_per_line": warmup_frames, "images_per_s": rate, "p50_ms": float(np.percentile(latency, 50)),
         "p99_ms": float(np.percentile(latency, 99)), "worst_line_p50_ms": max(per_line_p50),
         "max_memory_mb": machine.peak_memory_mb(),
         "gpu_utilization_pct": gpu_util, "load_average": load,
@@ -128,9 +133,11 @@ def main() -> None:
     parser.add_argument("--pretrained", help="override detector.pretrained ('none' for random weights)")
     parser.add_argument("--lines", type=int, nargs="*", default=[1, 4, 16, 32])
     parser.add_argument("--frames", type=int, default=60, help="frames per line")
+    parser.add_argument("--warmup-frames", type=int, default=5, help="each line's first frames, left out of the figures")
     parser.add_argument("--replay-batches", type=int, nargs="*", default=[8], help="backbone batches for the replay figures")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--cuda-graphs", action="store_true", help="lines replay their backbone as CUDA graphs (RareCLIP)")
+    parser.add_argument("--resize-on-device", action="store_true", help="lines resize frames on the device, not with PIL")
     parser.add_argument("--json", default=None, help="append the figures as records to this JSON list")
     args = parser.parse_args()
     detector = load_detector_config(args.config)
@@ -138,7 +145,8 @@ def main() -> None:
         detector = detector.model_copy(update={"pretrained": None if args.pretrained == "none" else args.pretrained})
     if args.cuda_graphs and "cuda_graphs" not in type(detector).model_fields:
         raise SystemExit(f"--cuda-graphs: detector kind {detector.kind!r} has no cuda_graphs setting")
-    detector = detector.model_copy(update={"device": "auto", **({"cuda_graphs": True} if args.cuda_graphs else {})})
+    detector = detector.model_copy(update={"device": "auto", "resize_on_device": args.resize_on_device,
+                                           **({"cuda_graphs": True} if args.cuda_graphs else {})})
     work = Path(tempfile.mkdtemp(prefix="rareclip-bench-"))
     try:
         names = [f"line{i:02d}" for i in range(max(args.lines + [1]))]
@@ -146,19 +154,20 @@ def main() -> None:
             write_line_folder(work / "src" / name, args.frames, "object" if i % 2 else "texture", i, args.size)
         start_ray()
         device = gpu_name()
-        print(f"{args.frames} frames per line, {args.size}px, model {detector.model} @ {detector.image_size}, {device}")
+        print(f"{args.frames} frames per line (the first {args.warmup_frames} not timed), {args.size}px, model {detector.model} @ {detector.image_size}, {device}")
         common = {"what": "pipeline", "device": device, "config": args.config, "model": detector.model,
                   "image_size": detector.image_size, "frames_per_line": args.frames,
-                  "cuda_graphs": bool(getattr(detector, "cuda_graphs", False))}
+                  "cuda_graphs": bool(getattr(detector, "cuda_graphs", False)), "resize_on_device": args.resize_on_device,
+                  "frame_size": args.size}
         for n in args.lines:
-            figures = run_once(detector, work / "src", work / f"out-{n}", names[:n], 1, max(n, 1))
+            figures = run_once(detector, work / "src", work / f"out-{n}", names[:n], 1, max(n, 1), args.warmup_frames)
             append_records(args.json, [{**common, "lines": n, "backbone_batch": 1, **figures}])  # each as it comes: a cut run keeps it
             print(f"lines={n} aggregate_img_s={figures['images_per_s']:.1f} latency_p50_ms={figures['p50_ms']:.0f} "
                   f"latency_p99_ms={figures['p99_ms']:.0f} worst_line_p50_ms={figures['worst_line_p50_ms']:.0f} "
                   f"gpu_mem_peak_mb={figures['max_memory_mb']} gpu_util_pct={figures['gpu_utilization_pct']} "
                   f"load_average={figures['load_average']}")
         for batch in args.replay_batches:
-            figures = run_once(detector, work / "src", work / f"out-replay-{batch}", names[:1], batch, 1)
+            figures = run_once(detector, work / "src", work / f"out-replay-{batch}", names[:1], batch, 1, args.warmup_frames)
             append_records(args.json, [{**common, "what": "replay", "lines": 1, "backbone_batch": batch, **figures}])
             print(f"replay_one_line batch={batch} img_s={figures['images_per_s']:.1f} gpu_mem_peak_mb={figures['max_memory_mb']}")
         stop_ray()

@@ -176,6 +176,7 @@ def main() -> None:
     parser.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "bf16"], help="backbone precision override")
     parser.add_argument("--bank-dtype", default=None, choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--cuda-graphs", action="store_true", help="replay the backbone as a CUDA graph (CUDA only)")
+    parser.add_argument("--resize-on-device", action="store_true", help="resize frames on the device, not with PIL")
     parser.add_argument("--branch", default=None, choices=["iprb", "dprb"], help="override rarity_branch (dprb: RareCLIP-d)")
     parser.add_argument("--frame-size", type=int, default=None, help="synthetic frame side (default: image_size)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -197,6 +198,8 @@ def main() -> None:
         update["bank_dtype"] = args.bank_dtype
     if args.branch:
         update["rarity_branch"] = args.branch
+    if args.resize_on_device:
+        update["resize_on_device"] = True
     if args.cuda_graphs:
         update["cuda_graphs"] = True
     cfg = cfg.model_copy(update=update)
@@ -216,7 +219,7 @@ def main() -> None:
     print(f"config={args.config} model={cfg.model} pretrained={cfg.pretrained} image_size={cfg.image_size} "
           f"M={detector.n_patches} N_F={cfg.max_features} N_I,max={cfg.max_images} image_memory={cfg.image_memory_size} "
           f"banks={len(detector.bank_keys)} ({cfg.rarity_branch}, {cfg.sampler}) precision={cfg.precision} ({detector.backbone.dtype}) bank_dtype={cfg.bank_dtype} "
-          f"cuda_graphs={cfg.cuda_graphs and device.type == 'cuda'}")
+          f"cuda_graphs={cfg.cuda_graphs and device.type == 'cuda'} resize_on_device={cfg.resize_on_device} frame={frames[0].shape[1]}x{frames[0].shape[0]}")
     print(f"build: {build_s:.1f} s, weights {weights_mb:.1f} MB")
 
     if args.fill:
@@ -269,7 +272,8 @@ def main() -> None:
     append_records(args.json, [{
         "what": "step_latency", "device": device_name(device), "config": args.config, "model": cfg.model,
         "image_size": cfg.image_size, "lines": 1, "precision": str(detector.backbone.dtype), "bank_dtype": cfg.bank_dtype,
-        "rarity_branch": cfg.rarity_branch, "cuda_graphs": cfg.cuda_graphs and device.type == "cuda", "banks_full": full, "steps": args.steps,
+        "rarity_branch": cfg.rarity_branch, "cuda_graphs": cfg.cuda_graphs and device.type == "cuda",
+        "resize_on_device": cfg.resize_on_device, "frame_size": frames[0].shape[0], "banks_full": full, "steps": args.steps,
         "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
         "max_memory_mb": peak_mb if device.type == "cuda" else None, "cpu_peak_rss_rise_mb": None if device.type == "cuda" else peak_mb,
         "images_per_s": 1000 / float(np.percentile(lat, 50)),
