@@ -1,10 +1,11 @@
-"""IngestActor: reads a source for some lines, decodes and validates frames, feeds line actors
-in order with a bounded number of frames in flight per line."""
+"""IngestActor: reads a source for some lines, decodes and validates frames (in threads, side by
+side), feeds line actors in order with a bounded number of frames in flight per line."""
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,6 +32,16 @@ def load_frame(ref: FrameRef, max_pixels: int = MAX_PIXELS) -> Frame:
         return Frame(ref.line_id, ref.seq, ref.uri, now, None, f"cannot read {ref.uri}: {err.strerror or err}")
 
 
+def take(iterator, n: int) -> list[FrameRef]:
+    """The next (up to) n items of `iterator`."""
+    refs = []
+    for ref in iterator:
+        refs.append(ref)
+        if len(refs) == n:
+            break
+    return refs
+
+
 @dataclass(frozen=True)
 class IngestSettings:
     max_in_flight: int = 8  # frames submitted to a line but not yet scored
@@ -38,6 +49,7 @@ class IngestSettings:
     poll_s: float = 1.0  # a live source is listed again this often when it has nothing new
     ledger_dir: Optional[str] = None  # where each line's frames get their seqs (folder, manifest)
     max_pixels: int = MAX_PIXELS  # larger frames get an error row
+    decode_threads: int = 4  # frames decoded side by side (PIL decodes without the GIL)
 
 
 @ray.remote(num_cpus=0, max_concurrency=3, max_restarts=-1)  # a feed, the one replacing it, a control call
@@ -55,6 +67,9 @@ class IngestActor:
         self.chunk = settings.frames_per_submit
         self.max_chunks_in_flight = max(1, settings.max_in_flight // self.chunk)
         self.poll_s = settings.poll_s
+        self.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        # chunks a line may have decoded per round: a few lines keep every thread busy too
+        self.chunks_per_round = max(1, settings.decode_threads // (len(lines) * self.chunk))
         self.stopped = threading.Event()
         self.lock = threading.Lock()
         self.running = False
@@ -90,7 +105,8 @@ class IngestActor:
 
     def run(self, start_seqs: dict[str, int] | None = None) -> dict[str, int]:
         """Feed every line from its start seq (default 0) until the source ends (or, for a live
-        source, until `stop`). Lines are interleaved chunk by chunk. Returns next seq per line.
+        source, until `stop`). Lines are interleaved round by round: each round decodes up to
+        `chunks_per_round` chunks of every line at once, then submits them in order. Returns next seq per line.
         Sequence numbers are source positions, so any seq can be read again for a replay. A
         `run` replaces one still running (the supervisor started a new feed when it could not
         reach this actor): the older one ends, so that the actor's threads stay free for `stop`."""
@@ -110,23 +126,22 @@ class IngestActor:
                 iterators[line] = self.source.frames(line, seq)
                 next_seq[line] = seq
                 progressed = True
-            for line in self.lines:
-                refs = []
-                for ref in iterators[line]:
-                    refs.append(ref)
-                    if len(refs) == self.chunk:
-                        break
-                if not refs:
-                    if self.source.live and time.monotonic() - listed_at[line] >= self.poll_s:
-                        iterators[line] = self.source.frames(line, next_seq[line])  # look for new files
-                        listed_at[line] = time.monotonic()
-                    continue
-                progressed = True
-                frames = [load_frame(r, self.max_pixels) for r in refs]
-                while len(in_flight[line]) >= self.max_chunks_in_flight:
-                    _, in_flight[line] = ray.wait(in_flight[line], num_returns=1)
-                in_flight[line].append(self.line_actors[line].submit.remote(frames))
-                next_seq[line] = refs[-1].seq + 1
+            taken = {line: take(iterators[line], self.chunk * self.chunks_per_round) for line in self.lines}
+            for line, refs in taken.items():
+                if not refs and self.source.live and time.monotonic() - listed_at[line] >= self.poll_s:
+                    iterators[line] = self.source.frames(line, next_seq[line])  # look for new files
+                    listed_at[line] = time.monotonic()
+            refs = [ref for line_refs in taken.values() for ref in line_refs]
+            decoded = iter(self.decoder.map(lambda ref: load_frame(ref, self.max_pixels), refs))
+            for line, line_refs in taken.items():
+                for start in range(0, len(line_refs), self.chunk):
+                    frames = [next(decoded) for _ in line_refs[start : start + self.chunk]]
+                    while len(in_flight[line]) >= self.max_chunks_in_flight:
+                        _, in_flight[line] = ray.wait(in_flight[line], num_returns=1)
+                    in_flight[line].append(self.line_actors[line].submit.remote(frames))
+                if line_refs:
+                    progressed = True
+                    next_seq[line] = line_refs[-1].seq + 1
             if not progressed:
                 with self.lock:
                     if not self.source.live and not self.rewinds:

@@ -127,7 +127,8 @@ class PipelineConfig(StrictModel):
     line_resources: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources per line actor, e.g. {line_host: 1} pins lines to such nodes"
     )
-    ingest_actors: int = Field(1, ge=1)
+    ingest_actors: int = Field(1, ge=1, description="ingestion actors; the lines are shared out among them")
+    decode_threads: int = Field(4, ge=1, description="threads per ingestion actor decoding frames side by side")
     max_in_flight: int = Field(8, ge=1, description="frames submitted but not yet scored, per line")
     max_pixels: int = Field(100_000_000, ge=64, description="frames with more pixels get an error row")
     gap_timeout_s: float = Field(60.0, gt=0, description="wait this long for a missing seq, then an error row")

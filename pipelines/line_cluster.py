@@ -262,6 +262,7 @@ class LineCluster:
             poll_s=getattr(cfg.source, "poll_s", IngestSettings.poll_s),  # folder and NATS sources
             ledger_dir=cfg.ledger_dir,
             max_pixels=cfg.max_pixels,
+            decode_threads=cfg.decode_threads,
         )
         self.ingest = [
             IngestActor.remote(

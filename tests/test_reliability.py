@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -300,6 +301,21 @@ def test_the_projects_pixel_limit_is_the_only_one(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # Pillow's own limit does not apply
     assert decode_frame(image, max_pixels=10_000).shape == (40, 40, 3)
     assert Image.MAX_IMAGE_PIXELS == 500
+
+
+def test_threads_decode_side_by_side_and_pillows_limit_stays_lifted_for_each(monkeypatch):
+    """Ingestion decodes frames in threads: one frame over Pillow's own limit (lifted while it
+    decodes) must not make another thread's frame fail, nor leave the limit lifted."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    frames = {}
+    for side, fmt in ((40, "PNG"), (20, "PNG"), (40, "GIF"), (24, "JPEG")):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((side, side, 3), side, np.uint8)).save(buffer, format=fmt)
+        frames[(side, fmt)] = buffer.getvalue()
+    with ThreadPoolExecutor(4) as pool:
+        shapes = list(pool.map(lambda key: decode_frame(frames[key]).shape, list(frames) * 25))
+    assert shapes == [(k[0], k[0], 3) for k in frames] * 25
+    assert Image.MAX_IMAGE_PIXELS == 1000
 
 
 def test_exif_orientation_is_applied():

@@ -11,7 +11,7 @@ from .images import HIGH_BIT_MODES
 
 MIN_SIDE = 8
 MAX_PIXELS = 100_000_000  # the default of the pipeline's `max_pixels`
-_PILLOW_LIMIT = threading.Lock()  # Pillow's own pixel limit is a module global
+_PILLOW_LIMIT = threading.Lock()  # Pillow's own pixel limit is a module global, lifted while it is held
 
 
 class FrameError(ValueError):
@@ -23,8 +23,8 @@ def decode_frame(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
     Grayscale, palette and RGBA frames are converted to RGB; empty, non-image, truncated,
     16-bit/float, tiny and larger than `max_pixels` frames raise FrameError. `max_pixels` is the
-    only pixel limit: Pillow's own decompression-bomb limit is lifted while decoding, so that
-    the project's (configurable) one applies instead.
+    only pixel limit: Pillow's own decompression-bomb limit is lifted where it would apply, so that
+    the project's (configurable) one applies instead. Safe to call from several threads at once.
     """
     if not data:
         raise FrameError("empty file (0 bytes)")
@@ -39,9 +39,11 @@ def decode_frame(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
                         f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}; "
                         "raise `max_pixels` in the pipeline config to accept it"
                     )
-                image.load()
+                if pillow_limit is not None and width * height > pillow_limit:
+                    image.load()  # some formats check Pillow's limit while decoding: decode with it lifted
             finally:
                 Image.MAX_IMAGE_PIXELS = pillow_limit
+        image.load()  # outside the lock, so that threads decode frames side by side
     except FrameError:
         raise
     except Image.UnidentifiedImageError:
