@@ -204,6 +204,8 @@ def test_bank_stack_equals_banks_stepped_one_by_one(sampler):
                 assert all(getattr(e, field) is None for e in expected)
             else:
                 assert torch.allclose(getattr(got, field), torch.cat([getattr(e, field) for e in expected]), rtol=0, atol=1e-12)
+        for bank in (stack, *alone):
+            bank.settle()
         stale_per_step.append([getattr(bank, "last_stale", 0) for bank in alone])
         assert getattr(stack, "last_stale", 0) == sum(stale_per_step[-1])
         for key, value in stack.state_dict().items():

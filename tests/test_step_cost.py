@@ -175,3 +175,28 @@ def test_image_memory_keeps_the_newest_rows_in_order_through_compactions(capacit
             copy = ImageMemory(capacity)
             copy.load_state_dict({k: v.clone() for k, v in memory.state_dict().items()})
             assert torch.equal(copy.laifs, memory.laifs) and torch.equal(copy.scores, memory.scores)
+
+
+HOST_SYNCS = {"tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero"}
+
+
+@pytest.mark.parametrize("update", [{}, {"rarity_branch": "dprb"}, {"k": 2}])
+def test_a_step_waits_for_the_device_only_once_its_results_are_computed(small_config, update):
+    """On a GPU a host sync stalls the queueing of kernels: the step's only syncs are its results'
+    two transfers to the host, then (IPRB with evictions) the banks' stale-row count."""
+    k = update.pop("k", 0)
+    det = RareCLIPDetector(small_config.model_copy(update=update))
+    frames = [np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8) for i in range(6)]
+    det.add_normal_references(frames[4 : 4 + k])
+    stream = feature_stream(det, frames)
+    for _ in range(10):  # past the caps: evictions, stale rows
+        det.step_features(next(stream))
+    recorder = Recorder()
+    with recorder:
+        det.step_features(next(stream))
+    names = [name for name, _ in recorder.calls]
+    syncs = [i for i, name in enumerate(names) if name in HOST_SYNCS]
+    assert [names[i] for i in syncs[:2]] == ["tolist", "cpu"]  # the scalars, then the maps
+    assert all(name not in HOST_SYNCS for name in names[: syncs[0]])
+    expected_after = ["numpy"] + (["tolist"] if update.get("rarity_branch") != "dprb" else [])
+    assert [names[i] for i in syncs[2:]] == expected_after

@@ -222,7 +222,9 @@ class RareCLIPDetector(Detector):
         at each stage boundary only then; with None (the default) nothing is measured.
 
         Everything stays on the device until the end of the step, where the scalars and maps
-        come to the host in two transfers (the banks' stale-row count is the only other sync).
+        come to the host in two transfers; only then do the banks finish their update with the
+        step's only other host sync (`PatchRarityBank.settle`), so the host queues every kernel
+        of the step without waiting for the device.
         """
         if update is None:
             update = self.config.mode == "online"
@@ -250,6 +252,7 @@ class RareCLIPDetector(Detector):
         if reference:
             laifs = image.laifs[:, None]
             self.reference_laifs = laifs if self.reference_laifs is None else torch.cat([self.reference_laifs, laifs], 1)
+            self.banks.settle()
             return None
 
         full, c_rare, rarity_map = self._fuse(text, bank_scores, image, t)
@@ -261,6 +264,7 @@ class RareCLIPDetector(Detector):
         timer.lap("rescore")
         result = self._result(score, c_test, text, c_rare, full, rarity_map, t)
         timer.lap("output")
+        self.banks.settle()  # the update's one host sync, once the results are on the host
         return result
 
     def _text_branch(self, tokens: dict[int, torch.Tensor], embedding: torch.Tensor, update: bool) -> TextBranch:

@@ -119,7 +119,9 @@ class PatchRarityBank:
 
     Every bank memorizes M features per image, so all hold the same N and n_I; only which
     features they keep differs. A step is one batched computation for all banks: its number of
-    kernel launches does not depend on B, and it has one host sync (the stale-row count).
+    kernel launches does not depend on B. An update has one host sync (the stale-row count), in
+    `settle`, which the detector calls once the step's results are on the host: so a step syncs
+    only there, and the device runs its kernels while the host is still queueing them.
 
     SCS is incremental: each feature's s_i (Eq. 8, against the features kept before it) and its
     argmax are remembered; after an eviction only the rows whose argmax was evicted are
@@ -168,7 +170,8 @@ class PatchRarityBank:
         self.has_references = False  # kept on the host: no device sync to know whether to compute a k-shot map
         # random / k-means samplers: one generator per bank
         self.generators = [torch.Generator().manual_seed(self.seed) for _ in range(self.n_banks)]
-        self.last_stale = 0  # rows whose Eq. 8 argmax was evicted at the last update (all banks, recomputed)
+        self.last_stale = 0  # rows whose Eq. 8 argmax was evicted at the last update (all banks; set by `settle`)
+        self.stale: torch.Tensor | None = None  # B x N_F: rows of the last update still to recompute (`settle`)
         self._upper: torch.Tensor | None = None  # m x m mask of columns >= row, cached per m
 
     def __len__(self) -> int:
@@ -191,6 +194,7 @@ class PatchRarityBank:
         `reference` marks it as a k-shot normal reference (see the class docstring).
         """
         _check_bank_count(features.shape[0], self.n_banks, "features for")
+        self.settle()
         features = features.to(self.dtype)
         if self.features is None:
             self._start(features)
@@ -269,7 +273,7 @@ class PatchRarityBank:
             protected = is_reference & (n_reference <= self.max_protected)[:, None]
             keep = self._select(feats, redundancy, protected)  # B x N_F; protected rows are always kept
             feats, psm_t = gather_rows(feats, keep), gather_rows(psm_t, keep)
-            redundancy, nearest, self.last_stale = self._reindex(keep, feats, redundancy, nearest)
+            redundancy, nearest, self.stale = self._reindex(keep, feats, redundancy, nearest)
             n_reference = (keep < n_reference[:, None]).sum(1)  # references are the first rows, kept in order
         self.features = feats
         self.psm_t = psm_t
@@ -286,17 +290,23 @@ class PatchRarityBank:
             ]
         )
 
+    def settle(self) -> None:
+        """Finish the last update: Eq. 8 again for the rows whose argmax was evicted (they are
+        recomputed before anything reads them: the next update, a snapshot)."""
+        if self.stale is not None:
+            stale, self.stale = self.stale, None
+            self.last_stale = self._recompute_stale(stale, self.features, self.redundancy, self.nearest_earlier)
+
     @staticmethod
     def _reindex(keep, feats, redundancy, nearest):
-        """Carry Eq. 8 bookkeeping over an eviction; rows whose argmax left are recomputed.
-        Returns the new (redundancy, nearest) and the number of recomputed rows."""
+        """Carry Eq. 8 bookkeeping over an eviction. Returns the new (redundancy, nearest) and
+        the mask of rows whose argmax left (B x N_F), which `settle` recomputes."""
         new_position = torch.full(redundancy.shape, -1, dtype=torch.long, device=keep.device)  # B x (N + M)
         new_position.scatter_(1, keep, torch.arange(keep.shape[1], device=keep.device).expand_as(keep))
         redundancy, nearest = gather_rows(redundancy, keep), gather_rows(nearest, keep)
         has_nearest = nearest >= 0
         nearest = torch.where(has_nearest, new_position.gather(1, nearest.clamp_min(0)), nearest)
-        n_stale = PatchRarityBank._recompute_stale(has_nearest & (nearest < 0), feats, redundancy, nearest)
-        return redundancy, nearest, n_stale
+        return redundancy, nearest, has_nearest & (nearest < 0)
 
     @staticmethod
     def _recompute_stale(stale_mask, feats, redundancy, nearest) -> int:
@@ -316,6 +326,7 @@ class PatchRarityBank:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Stacked over banks; `image_similarity` in the paper's layout, B x n_I x N."""
+        self.settle()
         if self.features is None:
             return {}
         return {
@@ -385,6 +396,9 @@ class DirectPatchRarityBank:
     @property
     def n_images(self) -> int:
         return self.n_references + len(self.window)
+
+    def settle(self) -> None:
+        """Nothing to finish: an update here has no deferred work and no host sync."""
 
     def score(self, features: torch.Tensor, update: bool = True, reference: bool = False) -> BankScores:
         """Rarity of M test patches per bank (features B x M x C) over all remembered images,
