@@ -19,10 +19,10 @@ JSON="$OUT/records.json"
 
 if [ "${SMOKE:-0}" = 1 ]; then
   RARECLIP=configs/detector-tiny.yaml; AFRCLIP=afrclip-tiny
-  DEVICE=cpu; STEPS=5; FRAMES=8; LINES="1 2"; BATCHES="1 4"; REPLAY_FRAMES=8; GPU_TESTS="RARECLIP_TEST_DEVICE=cpu"
+  DEVICE=cpu; STEPS=5; FRAMES=8; LINES="1 2"; BATCHES="1 4"; REPLAY_FRAMES=8; SIDE=256; GPU_TESTS="RARECLIP_TEST_DEVICE=cpu"
 else
   RARECLIP=configs/detector-paper.yaml; AFRCLIP=afrclip
-  DEVICE=cuda; STEPS=50; FRAMES=30; LINES="16"; BATCHES="8 32"; REPLAY_FRAMES=96; GPU_TESTS=""
+  DEVICE=cuda; STEPS=50; FRAMES=30; LINES="16"; BATCHES="8 32"; REPLAY_FRAMES=96; SIDE=1024; GPU_TESTS=""
 fi
 
 step() {  # step NAME LIMIT_S COMMAND...: run with the smaller of LIMIT_S and the time left
@@ -42,7 +42,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run with the smaller of LIMIT_S and th
 cat "$OUT/env.txt"
 
 S="python3 benchmarks/step_latency.py --config $RARECLIP --pretrained none --device $DEVICE --steps $STEPS --warmup 5 --fill --json $JSON"
-P="python3 benchmarks/pipeline_throughput.py --config $RARECLIP --pretrained none --json $JSON"
+P="python3 benchmarks/pipeline_throughput.py --config $RARECLIP --pretrained none --size $SIDE --json $JSON"  # MVTec-sized PNGs
 # first what no run has measured yet (2026-12-04's run measured the rest: docs/BENCHMARKS.md)
 step gpu-tests 90 env $GPU_TESTS python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 step step-iprb-fp16-f32 75 $S --precision fp16 --bank-dtype float32

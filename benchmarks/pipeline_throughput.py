@@ -82,6 +82,20 @@ class MachineSampler:
         self._thread.join()
 
 
+def write_lines(work: Path, names: list[str], frames: int, size: int, unique: int = 6) -> None:
+    """`work/src/<line>/` with `frames` PNGs each: copies of `unique` synthetic frames per kind
+    (object lines and texture lines alternate). Decoding a copy costs what a new frame would;
+    making a 1024 px frame takes about 0.6 s, too long for 16 lines on a short lease."""
+    templates = {kind: [Path(p) for p, _ in write_line_folder(work / "templates" / kind, min(frames, unique), kind, seed, size)]
+                 for seed, kind in enumerate(("texture", "object"))}
+    for i, name in enumerate(names):
+        folder = work / "src" / name
+        folder.mkdir(parents=True)
+        kind = templates["object" if i % 2 else "texture"]
+        for j in range(frames):
+            shutil.copyfile(kind[j % len(kind)], folder / f"frame_{j:06d}.png")
+
+
 def gpu_name():
     try:
         return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
@@ -90,8 +104,8 @@ def gpu_name():
         return "no GPU (CPU)"
 
 
-def run_once(detector: DetectorSettings, source_root: Path, out: Path, lines: list[str], batch: int, lines_per_gpu: int,
-             warmup_frames: int):
+def run_once(detector: DetectorSettings, source_root: Path, out: Path, lines: list[str], *, batch: int, lines_per_gpu: int,
+             warmup_frames: int, decode_threads: int):
     cfg = PipelineConfig(
         detector=detector,
         source={"kind": "folder", "root": str(source_root), "lines": lines},
@@ -99,6 +113,7 @@ def run_once(detector: DetectorSettings, source_root: Path, out: Path, lines: li
         map_resolution=None,
         backbone_batch=batch,
         lines_per_gpu=lines_per_gpu,
+        decode_threads=decode_threads,
         max_in_flight=max(8, 2 * batch),
         snapshot={"every_frames": None},
     )
@@ -135,7 +150,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=60, help="frames per line")
     parser.add_argument("--warmup-frames", type=int, default=5, help="each line's first frames, left out of the figures")
     parser.add_argument("--replay-batches", type=int, nargs="*", default=[8], help="backbone batches for the replay figures")
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--size", type=int, default=256, help="side of the PNG frames the lines read")
+    parser.add_argument("--decode-threads", type=int, default=PipelineConfig.model_fields["decode_threads"].default,
+                        help="threads per ingestion actor decoding frames")
     parser.add_argument("--cuda-graphs", action="store_true", help="lines replay their backbone as CUDA graphs (RareCLIP)")
     parser.add_argument("--resize-on-device", action="store_true", help="lines resize frames on the device, not with PIL")
     parser.add_argument("--json", default=None, help="append the figures as records to this JSON list")
@@ -150,24 +167,24 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="rareclip-bench-"))
     try:
         names = [f"line{i:02d}" for i in range(max(args.lines + [1]))]
-        for i, name in enumerate(names):
-            write_line_folder(work / "src" / name, args.frames, "object" if i % 2 else "texture", i, args.size)
+        write_lines(work, names, args.frames, args.size)
         start_ray()
         device = gpu_name()
         print(f"{args.frames} frames per line (the first {args.warmup_frames} not timed), {args.size}px, model {detector.model} @ {detector.image_size}, {device}")
         common = {"what": "pipeline", "device": device, "config": args.config, "model": detector.model,
                   "image_size": detector.image_size, "frames_per_line": args.frames,
                   "cuda_graphs": bool(getattr(detector, "cuda_graphs", False)), "resize_on_device": args.resize_on_device,
-                  "frame_size": args.size}
+                  "frame_size": args.size, "decode_threads": args.decode_threads}
+        per_run = {"warmup_frames": args.warmup_frames, "decode_threads": args.decode_threads}
         for n in args.lines:
-            figures = run_once(detector, work / "src", work / f"out-{n}", names[:n], 1, max(n, 1), args.warmup_frames)
+            figures = run_once(detector, work / "src", work / f"out-{n}", names[:n], batch=1, lines_per_gpu=max(n, 1), **per_run)
             append_records(args.json, [{**common, "lines": n, "backbone_batch": 1, **figures}])  # each as it comes: a cut run keeps it
             print(f"lines={n} aggregate_img_s={figures['images_per_s']:.1f} latency_p50_ms={figures['p50_ms']:.0f} "
                   f"latency_p99_ms={figures['p99_ms']:.0f} worst_line_p50_ms={figures['worst_line_p50_ms']:.0f} "
                   f"gpu_mem_peak_mb={figures['max_memory_mb']} gpu_util_pct={figures['gpu_utilization_pct']} "
                   f"load_average={figures['load_average']}")
         for batch in args.replay_batches:
-            figures = run_once(detector, work / "src", work / f"out-replay-{batch}", names[:1], batch, 1, args.warmup_frames)
+            figures = run_once(detector, work / "src", work / f"out-replay-{batch}", names[:1], batch=batch, lines_per_gpu=1, **per_run)
             append_records(args.json, [{**common, "what": "replay", "lines": 1, "backbone_batch": batch, **figures}])
             print(f"replay_one_line batch={batch} img_s={figures['images_per_s']:.1f} gpu_mem_peak_mb={figures['max_memory_mb']}")
         stop_ray()
