@@ -43,6 +43,8 @@ RESULT_SCHEMA = pa.schema(
 )
 PARTITION_COLUMNS = ("line_id", "date")
 FILE_SCHEMA = pa.schema([f for f in RESULT_SCHEMA if f.name not in PARTITION_COLUMNS])
+# what reading gives: the file's columns, then the partition keys
+READ_SCHEMA = pa.schema([*FILE_SCHEMA, *(RESULT_SCHEMA.field(name) for name in PARTITION_COLUMNS)])
 # partition values are read as strings: a line named `001` stays `001`
 PARTITIONING = pads.partitioning(pa.schema([(name, pa.string()) for name in PARTITION_COLUMNS]), flavor="hive")
 # the complete Parquet files, as a glob relative to the results folder (for DuckDB)
@@ -81,12 +83,13 @@ def write_rows(results_dir: Path, line_id: str, date: str, rows: list[dict]) -> 
 
 def read_results(results_dir, columns: Optional[list[str]] = None, line_id: Optional[str] = None) -> pa.Table:
     """The complete rows (all columns, or `columns`; one line's with `line_id`); an empty table
-    with the result schema when there are none yet."""
+    with the result schema when there are none yet. The schema is given, not inferred: a line's
+    folder whose only file is still being written reads as no rows, not as a table without columns."""
     root = Path(results_dir)
     if not root.is_dir() or not any(root.glob("line_id=*")):
-        empty = RESULT_SCHEMA.empty_table()
+        empty = READ_SCHEMA.empty_table()
         return empty.select(columns) if columns else empty
-    dataset = pads.dataset(str(root), format="parquet", partitioning=PARTITIONING)
+    dataset = pads.dataset(str(root), format="parquet", partitioning=PARTITIONING, schema=READ_SCHEMA)
     where = None if line_id is None else pads.field("line_id") == line_id
     return dataset.to_table(columns=columns, filter=where)
 

@@ -249,6 +249,20 @@ def test_line_ids_are_checked_and_read_back_as_strings(tmp_path):
     assert persisted_last_seqs(results) == {"001": 4}
 
 
+def test_a_line_folder_whose_first_file_is_still_being_written_reads_as_no_rows(tmp_path):
+    results = tmp_path / "table"
+    part = results / "line_id=a" / "date=2026-12-05"
+    part.mkdir(parents=True)
+    (part / ".tmp-0123.parquet").write_bytes(b"PAR1 half written")  # the writer's temporary name
+    table = read_results(results)
+    assert table.num_rows == 0 and "seq" in table.column_names
+    assert read_results(results, columns=["seq"]).num_rows == 0 and persisted_last_seqs(results) == {}
+    row = {name: None for name in FILE_SCHEMA.names} | {"seq": 0, "status": "ok"}
+    pq.write_table(pa.Table.from_pylist([row], schema=FILE_SCHEMA), part / "part-0.parquet")
+    assert persisted_last_seqs(results) == {"a": 0}
+    assert read_results(results).column_names == [*FILE_SCHEMA.names, "line_id", "date"]
+
+
 def test_drill_on_numeric_line_ids_with_a_writer_kill_passes(local_ray, tiny_config, tmp_path):
     for i, line in enumerate(("001", "002")):
         write_folder(tmp_path / "src", line, line_frames(70 + i, 40))
