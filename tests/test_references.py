@@ -96,7 +96,9 @@ def test_references_added_while_running_survive_a_crash_bitwise(local_ray, tiny_
     cluster = LineCluster(faulty)
     added = {}
     try:
-        plan = KillPlan(cluster, [("line:a", "a", 2), ("line:a", "a", 7)], min_snapshots=1)
+        # the second kill counts from the snapshot the line restored, which can lag the first
+        # kill by a few snapshots on a loaded machine: 16 frames take it past the references' seq
+        plan = KillPlan(cluster, [("line:a", "a", 2), ("line:a", "a", 16)], min_snapshots=1)
 
         def add_then_kill(status):
             if not added:
@@ -108,6 +110,9 @@ def test_references_added_while_running_survive_a_crash_bitwise(local_ray, tiny_
                 assert add_references(faulty, "a", [str(reference_file[0])], address="this-cluster") == 0
                 added["at"] = ReferenceLog(faulty.reference_log_dir("a")).additions[0].at_seq
                 added["stderr"] = capsys.readouterr().err
+                # the first kill comes once a frame has been scored with the references
+                while ray.get(cluster.line_actors["a"].progress.remote())["next_seq"] <= added["at"]:
+                    time.sleep(0.01)
             plan(status)
 
         summary = cluster.run(progress=False, on_poll=add_then_kill)
