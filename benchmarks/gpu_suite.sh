@@ -33,7 +33,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run with the smaller of LIMIT_S and th
   local t0=$(date +%s)
   timeout "$limit" "$@" >"$OUT/logs/$name.log" 2>&1
   local rc=$?
-  echo "$name rc=$rc $(( $(date +%s) - t0 ))s: $(grep -E 'p50_ms=|max_score_diff=|aggregate_img_s=|replay_one_line|passed|failed' "$OUT/logs/$name.log" | tr '\n' ' ' | cut -c1-400)" | tee -a "$OUT/summary.txt"
+  echo "$name rc=$rc $(( $(date +%s) - t0 ))s: $(grep -E '^profile [a-z]+:|p50_ms=|max_score_diff=|aggregate_img_s=|replay_one_line|[0-9]+ (passed|failed)' "$OUT/logs/$name.log" | tr '\n' ' ' | cut -c1-700)" | tee -a "$OUT/summary.txt"
 }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1
@@ -45,8 +45,8 @@ S="python3 benchmarks/step_latency.py --config $RARECLIP --pretrained none --dev
 P="python3 benchmarks/pipeline_throughput.py --config $RARECLIP --pretrained none --size $SIDE --json $JSON"  # MVTec-sized PNGs
 # first what no run has measured yet (2026-12-04's run measured the rest: docs/BENCHMARKS.md)
 step gpu-tests 90 env $GPU_TESTS python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
-step step-iprb-fp16-f32 75 $S --precision fp16 --bank-dtype float32
-step step-iprb-fp16-f32-graphs 75 $S --precision fp16 --bank-dtype float32 --cuda-graphs
+step step-iprb-fp16-f32 90 $S --precision fp16 --bank-dtype float32 --profile "$OUT/logs/profile-eager"
+step step-iprb-fp16-f32-graphs 90 $S --precision fp16 --bank-dtype float32 --cuda-graphs --profile "$OUT/logs/profile-graphs"
 step step-1024-pil 75 $S --precision fp16 --bank-dtype float32 --cuda-graphs --frame-size 1024
 step step-1024-resize-on-device 75 $S --precision fp16 --bank-dtype float32 --cuda-graphs --frame-size 1024 --resize-on-device
 step replay 150 $P --frames $REPLAY_FRAMES --lines --replay-batches $BATCHES

@@ -24,6 +24,10 @@ and step work space of this one line). On CPU, the peak RSS (VmHWM, reset before
 steps) minus the RSS before the detector was built: weights + state + work space + allocator
 slack of the process, a rougher figure.
 
+`--profile DIR` then profiles a few more calls of the backbone and of the whole step
+(benchmarks/profiling.py): device busy time against wall time, kernels and launch calls per call,
+top-ops tables and Chrome traces in DIR.
+
 Last line printed: ``p50_ms=<x> p99_ms=<y> peak_mem_mb=<z>`` (p99 by linear interpolation; with
 few steps it is close to the max).
 """
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import math
 import os
 import platform
@@ -41,6 +46,7 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
+from benchmarks.profiling import describe, profile_calls
 from benchmarks.records import append_records, device_name
 from rareclip_core.detectors.rareclip.config import RareCLIPConfig
 from rareclip_core.detectors.rareclip.detector import FrameFeatures, RareCLIPDetector
@@ -182,6 +188,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="append the figures as a record to this JSON list")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="after the measured steps, profile the backbone and the whole step (torch.profiler): "
+                             "device busy time, kernels and launches per call; top-ops tables and traces in DIR")
+    parser.add_argument("--profile-calls", type=int, default=5, help="profiled calls of each (with --profile)")
     args = parser.parse_args()
 
     if args.threads:
@@ -266,6 +276,16 @@ def main() -> None:
               f"{values.mean() / 10 / total:>7.1f}%")
     print(f"incremental SCS: stale rows recomputed per step (all banks): mean {np.mean(stale):.1f} max {max(stale)}")
     print(f"torch calls per step after the backbone: {torch_calls_per_step(detector, frames[0])}")
+    profiles = []
+    if args.profile:
+        frame_iter = itertools.cycle(frames)
+        profiles = [
+            profile_calls("backbone", lambda: detector.encode([frames[0]]), args.profile_calls, device, args.profile),
+            profile_calls("step", lambda: detector.step(next(frame_iter)), args.profile_calls, device, args.profile),
+        ]
+        for summary in profiles:
+            print(describe(summary))
+        print(f"profile tables and traces (chrome://tracing, Perfetto): {args.profile}")
     print(f"state after: images_seen={detector.images_seen} state={state_mb(detector):.1f} MB")
     print(mem_note)
     print(f"p50_ms={np.percentile(lat, 50):.2f} p99_ms={np.percentile(lat, 99):.2f} peak_mem_mb={peak_mb:.1f}")
@@ -278,6 +298,7 @@ def main() -> None:
         "max_memory_mb": peak_mb if device.type == "cuda" else None, "cpu_peak_rss_rise_mb": None if device.type == "cuda" else peak_mb,
         "images_per_s": 1000 / float(np.percentile(lat, 50)),
         "breakdown_p50_ms": {k: float(np.percentile([s.get(k, 0.0) for s in sections], 50) * 1000) for k in SECTIONS},
+        "profile": profiles or None,
     }])
 
 
