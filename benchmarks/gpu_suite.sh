@@ -3,9 +3,9 @@
 # then what is still unmeasured, in order of importance: one line's step with and without the
 # backbone's CUDA graph, 1024 px frames resized with PIL and on the GPU, replay with backbone
 # batching, AFR-CLIP's step, lines sharing the GPU through the Ray pipeline with CUDA graphs, the
-# same under CUDA MPS (where the machine has it), the remaining precisions. Each
-# gets at most its own time limit and what is left before DEADLINE_S, so a late step is cut, not the
-# whole run. Logs and JSON records go to $OUT (default ./gpu-suite-out).
+# pipeline alone (a detector that does no work: the host's ceiling), the lines under CUDA MPS
+# (where the machine has it), the remaining precisions. Each gets at most its own time limit and
+# what is left before DEADLINE_S, so a late step is cut, not the whole run. Logs and JSON records go to $OUT (default ./gpu-suite-out).
 #
 #   bash benchmarks/gpu_suite.sh                  # on the GPU machine, paper configs, random weights
 #   SMOKE=1 bash benchmarks/gpu_suite.sh          # here, on CPU with the tiny configs: the script runs
@@ -52,7 +52,8 @@ step step-1024-resize-on-device 75 $S --precision fp16 --bank-dtype float32 --cu
 step replay 150 $P --frames $REPLAY_FRAMES --lines --replay-batches $BATCHES
 step kind-afrclip 60 python3 benchmarks/detector_latency.py --config "configs/detector-$AFRCLIP.yaml" --pretrained none \
   --device $DEVICE --frames 30 --warmup 5 --json "$JSON"
-step lines-graphs 150 $P --frames $FRAMES --lines $LINES --replay-batches --cuda-graphs --resize-on-device
+step lines-graphs 150 $P --frames $FRAMES --lines $LINES --replay-batches --cuda-graphs --resize-on-device --ingest-actors 4
+step pipeline-alone 90 $P --no-model --frames 120 --lines $LINES --replay-batches 1 8 --ingest-actors 4
 mps_step() {  # mps_step NAME LIMIT_S COMMAND...: `step` with one CUDA MPS daemon of our own for its processes
   if ! command -v nvidia-cuda-mps-control >/dev/null; then echo "SKIPPED $1 (no nvidia-cuda-mps-control)" | tee -a "$OUT/summary.txt"; return; fi
   export CUDA_MPS_PIPE_DIRECTORY=$(mktemp -d) CUDA_MPS_LOG_DIRECTORY=$(mktemp -d)  # Ray's workers inherit both
@@ -65,7 +66,7 @@ mps_step() {  # mps_step NAME LIMIT_S COMMAND...: `step` with one CUDA MPS daemo
   fi
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
 }
-mps_step lines-graphs-mps 150 $P --frames $FRAMES --lines $LINES --replay-batches --cuda-graphs --resize-on-device
+mps_step lines-graphs-mps 150 $P --frames $FRAMES --lines $LINES --replay-batches --cuda-graphs --resize-on-device --ingest-actors 4
 step step-dprb-fp16-f16 75 $S --precision fp16 --bank-dtype float16 --branch dprb
 step step-iprb-fp32-f32 75 $S --precision fp32 --bank-dtype float32
 tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"  # few files come back from a lease: one archive

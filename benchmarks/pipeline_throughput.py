@@ -2,6 +2,7 @@
 and replay throughput of one line with backbone batching. Prints figures; not a test.
 
     python benchmarks/pipeline_throughput.py --config configs/detector-tiny.yaml --lines 1 4 --frames 40
+    python benchmarks/pipeline_throughput.py --no-model --lines 1 4 --frames 200   # the pipeline alone
     python benchmarks/pipeline_throughput.py --config configs/detector-paper.yaml --pretrained none \
         --lines 1 4 8 16 --replay-batches 1 8 32 --json docs/benchmarks/DATE-pipeline.json
 
@@ -31,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.result_table import read_results  # noqa: E402
+from benchmarks.overhead_probe import OverheadProbeConfig  # noqa: E402
 from benchmarks.records import append_records  # noqa: E402
 from configs.loading import load_detector_config  # noqa: E402
 from configs.pipeline import PipelineConfig  # noqa: E402
@@ -105,15 +107,16 @@ def gpu_name():
 
 
 def run_once(detector: DetectorSettings, source_root: Path, out: Path, lines: list[str], *, batch: int, lines_per_gpu: int,
-             warmup_frames: int, decode_threads: int):
+             warmup_frames: int, decode_threads: int, ingest_actors: int, map_resolution: int | None):
     cfg = PipelineConfig(
         detector=detector,
         source={"kind": "folder", "root": str(source_root), "lines": lines},
         out=str(out),
-        map_resolution=None,
+        map_resolution=map_resolution,
         backbone_batch=batch,
         lines_per_gpu=lines_per_gpu,
         decode_threads=decode_threads,
+        ingest_actors=ingest_actors,
         max_in_flight=max(8, 2 * batch),
         snapshot={"every_frames": None},
     )
@@ -145,6 +148,9 @@ def run_once(detector: DetectorSettings, source_root: Path, out: Path, lines: li
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="configs/detector-tiny.yaml")
+    parser.add_argument("--no-model", action="store_true",
+                        help="lines use a detector that does no work (benchmarks/overhead_probe.py): the pipeline's own "
+                             "ceiling (decoding, Ray calls, the writer); --config is then ignored")
     parser.add_argument("--pretrained", help="override detector.pretrained ('none' for random weights)")
     parser.add_argument("--lines", type=int, nargs="*", default=[1, 4, 16, 32])
     parser.add_argument("--frames", type=int, default=60, help="frames per line")
@@ -153,11 +159,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="side of the PNG frames the lines read")
     parser.add_argument("--decode-threads", type=int, default=PipelineConfig.model_fields["decode_threads"].default,
                         help="threads per ingestion actor decoding frames")
+    parser.add_argument("--ingest-actors", type=int, default=PipelineConfig.model_fields["ingest_actors"].default,
+                        help="ingestion actors sharing the lines (each decodes and feeds its share)")
     parser.add_argument("--cuda-graphs", action="store_true", help="lines replay their backbone as CUDA graphs (RareCLIP)")
     parser.add_argument("--resize-on-device", action="store_true", help="lines resize frames on the device, not with PIL")
+    parser.add_argument("--map-resolution", type=int, default=None,
+                        help="store each frame's anomaly map at this side, as jobs do (default: none stored)")
     parser.add_argument("--json", default=None, help="append the figures as records to this JSON list")
     args = parser.parse_args()
-    detector = load_detector_config(args.config)
+    detector = OverheadProbeConfig() if args.no_model else load_detector_config(args.config)
     if args.pretrained:
         detector = detector.model_copy(update={"pretrained": None if args.pretrained == "none" else args.pretrained})
     if args.cuda_graphs and "cuda_graphs" not in type(detector).model_fields:
@@ -171,11 +181,13 @@ def main() -> None:
         start_ray()
         device = gpu_name()
         print(f"{args.frames} frames per line (the first {args.warmup_frames} not timed), {args.size}px, model {detector.model} @ {detector.image_size}, {device}")
-        common = {"what": "pipeline", "device": device, "config": args.config, "model": detector.model,
+        common = {"what": "pipeline", "device": device, "config": "no model" if args.no_model else args.config, "model": detector.model,
                   "image_size": detector.image_size, "frames_per_line": args.frames,
                   "cuda_graphs": bool(getattr(detector, "cuda_graphs", False)), "resize_on_device": args.resize_on_device,
-                  "frame_size": args.size, "decode_threads": args.decode_threads}
-        per_run = {"warmup_frames": args.warmup_frames, "decode_threads": args.decode_threads}
+                  "frame_size": args.size, "decode_threads": args.decode_threads,
+                  "ingest_actors": args.ingest_actors, "map_resolution": args.map_resolution}
+        per_run = {"warmup_frames": args.warmup_frames, "decode_threads": args.decode_threads,
+                   "ingest_actors": args.ingest_actors, "map_resolution": args.map_resolution}
         for n in args.lines:
             figures = run_once(detector, work / "src", work / f"out-{n}", names[:n], batch=1, lines_per_gpu=max(n, 1), **per_run)
             append_records(args.json, [{**common, "lines": n, "backbone_batch": 1, **figures}])  # each as it comes: a cut run keeps it
