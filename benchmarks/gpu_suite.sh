@@ -5,7 +5,8 @@
 # batching, AFR-CLIP's step, lines sharing the GPU through the Ray pipeline with CUDA graphs, the
 # pipeline alone (a detector that does no work: the host's ceiling), the lines under CUDA MPS
 # (where the machine has it), the remaining precisions. Each gets at most its own time limit and
-# what is left before DEADLINE_S, so a late step is cut, not the whole run. Logs and JSON records go to $OUT (default ./gpu-suite-out).
+# what is left before DEADLINE_S, so a late step is cut, not the whole run. Logs and JSON records
+# go to $OUT (default ./gpu-suite-out).
 #
 #   bash benchmarks/gpu_suite.sh                  # on the GPU machine, paper configs, random weights
 #   SMOKE=1 bash benchmarks/gpu_suite.sh          # here, on CPU with the tiny configs: the script runs

@@ -181,13 +181,12 @@ def main() -> None:
         start_ray()
         device = gpu_name()
         print(f"{args.frames} frames per line (the first {args.warmup_frames} not timed), {args.size}px, model {detector.model} @ {detector.image_size}, {device}")
+        settings = {"decode_threads": args.decode_threads, "ingest_actors": args.ingest_actors, "map_resolution": args.map_resolution}
         common = {"what": "pipeline", "device": device, "config": "no model" if args.no_model else args.config, "model": detector.model,
                   "image_size": detector.image_size, "frames_per_line": args.frames,
                   "cuda_graphs": bool(getattr(detector, "cuda_graphs", False)), "resize_on_device": args.resize_on_device,
-                  "frame_size": args.size, "decode_threads": args.decode_threads,
-                  "ingest_actors": args.ingest_actors, "map_resolution": args.map_resolution}
-        per_run = {"warmup_frames": args.warmup_frames, "decode_threads": args.decode_threads,
-                   "ingest_actors": args.ingest_actors, "map_resolution": args.map_resolution}
+                  "frame_size": args.size, **settings}
+        per_run = {"warmup_frames": args.warmup_frames, **settings}
         for n in args.lines:
             figures = run_once(detector, work / "src", work / f"out-{n}", names[:n], batch=1, lines_per_gpu=max(n, 1), **per_run)
             append_records(args.json, [{**common, "lines": n, "backbone_batch": 1, **figures}])  # each as it comes: a cut run keeps it
