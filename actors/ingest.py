@@ -42,10 +42,21 @@ def take(iterator, n: int) -> list[FrameRef]:
     return refs
 
 
+MIN_FRAMES_PER_SUBMIT = 4  # a call to a line costs more than a no-work frame (docs/BENCHMARKS.md, "The pipeline alone")
+
+
+def frames_per_submit(backbone_batch: int, max_in_flight: int) -> int:
+    """Frames per call to a line: whole backbone batches, at least MIN_FRAMES_PER_SUBMIT frames
+    where `max_in_flight` allows. A call takes only frames already there (a live line without a
+    backlog still gets one frame per call), and the line scores them one by one in any case."""
+    batches = min(-(-MIN_FRAMES_PER_SUBMIT // backbone_batch), max_in_flight // backbone_batch)  # ceil, then the cap
+    return max(1, batches) * backbone_batch
+
+
 @dataclass(frozen=True)
 class IngestSettings:
     max_in_flight: int = 8  # frames submitted to a line but not yet scored
-    frames_per_submit: int = 1  # frames per call to a line (its backbone batch, so a call fills one)
+    frames_per_submit: int = 1  # frames per call to a line (`frames_per_submit()`: whole backbone batches)
     poll_s: float = 1.0  # a live source is listed again this often when it has nothing new
     ledger_dir: Optional[str] = None  # where each line's frames get their seqs (folder, manifest)
     max_pixels: int = MAX_PIXELS  # larger frames get an error row

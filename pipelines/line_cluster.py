@@ -16,7 +16,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
-from actors.ingest import IngestActor, IngestSettings
+from actors.ingest import IngestActor, IngestSettings, frames_per_submit
 from actors.line import AutoThreshold, LineActor, LineSettings
 from actors.names import NAMESPACE, job_key, line_actor_name, supervisor_actor_name, writer_actor_name
 from actors.result_table import STATUS_ERROR, read_results
@@ -258,7 +258,7 @@ class LineCluster:
         groups = [self.lines[i::n] for i in range(n)]
         ingest = IngestSettings(
             max_in_flight=cfg.max_in_flight,
-            frames_per_submit=cfg.backbone_batch,
+            frames_per_submit=frames_per_submit(cfg.backbone_batch, cfg.max_in_flight),
             poll_s=getattr(cfg.source, "poll_s", IngestSettings.poll_s),  # folder and NATS sources
             ledger_dir=cfg.ledger_dir,
             max_pixels=cfg.max_pixels,

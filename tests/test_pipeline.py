@@ -11,6 +11,7 @@ import ray
 from PIL import Image
 
 from actors.frames import Frame
+from actors.ingest import frames_per_submit
 from actors.line import LineActor, LineSettings, start_afresh
 from actors.writer import ResultWriter, ResultWriterCore
 from pipelines.replay import run_replay
@@ -123,6 +124,12 @@ def test_a_line_with_references_learns_them_first_and_again_after_a_reset(local_
     # a reset (product changeover, or a fresh start without a snapshot) keeps the references only
     start_afresh(detector, tuple(str(p) for p in references))
     assert detector.images_seen == detector.n_references == 3
+
+
+def test_a_call_to_a_line_carries_whole_backbone_batches_of_four_frames_or_more_within_max_in_flight():
+    assert [frames_per_submit(batch, 8) for batch in (1, 2, 3, 4, 8)] == [4, 4, 6, 4, 8]
+    assert [frames_per_submit(1, max_in_flight) for max_in_flight in (1, 2, 3, 16)] == [1, 2, 3, 4]
+    assert frames_per_submit(8, 4) == 8  # a backbone batch is never split
 
 
 def test_writer_keeps_one_row_per_seq_and_no_holes(tmp_path):
