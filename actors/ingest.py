@@ -32,6 +32,15 @@ def load_frame(ref: FrameRef, max_pixels: int = MAX_PIXELS) -> Frame:
         return Frame(ref.line_id, ref.seq, ref.uri, now, None, f"cannot read {ref.uri}: {err.strerror or err}")
 
 
+def unfinished(in_flight: dict[str, list]) -> dict[str, list]:
+    """Per line, the submits (object refs) not finished yet; one `ray.wait` for all lines."""
+    refs = [ref for line_refs in in_flight.values() for ref in line_refs]
+    if not refs:
+        return in_flight
+    done = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+    return {line: [ref for ref in line_refs if ref not in done] for line, line_refs in in_flight.items()}
+
+
 def take(iterator, n: int) -> list[FrameRef]:
     """The next (up to) n items of `iterator`."""
     refs = []
@@ -117,7 +126,9 @@ class IngestActor:
     def run(self, start_seqs: dict[str, int] | None = None) -> dict[str, int]:
         """Feed every line from its start seq (default 0) until the source ends (or, for a live
         source, until `stop`). Lines are interleaved round by round: each round decodes up to
-        `chunks_per_round` chunks of every line at once, then submits them in order. Returns next seq per line.
+        `chunks_per_round` chunks of every line that has room (fewer than `max_in_flight` frames
+        submitted and not yet scored), then submits them in order; a full line is passed over, so
+        a slow or stalled line holds back no other. Returns next seq per line.
         Sequence numbers are source positions, so any seq can be read again for a replay. A
         `run` replaces one still running (the supervisor started a new feed when it could not
         reach this actor): the older one ends, so that the actor's threads stay free for `stop`."""
@@ -137,7 +148,13 @@ class IngestActor:
                 iterators[line] = self.source.frames(line, seq)
                 next_seq[line] = seq
                 progressed = True
-            taken = {line: take(iterators[line], self.chunk * self.chunks_per_round) for line in self.lines}
+            in_flight = unfinished(in_flight)
+            room = {line: self.max_chunks_in_flight - len(in_flight[line]) for line in self.lines}
+            taken = {
+                line: take(iterators[line], self.chunk * min(self.chunks_per_round, room[line]))
+                for line in self.lines
+                if room[line] > 0
+            }
             for line, refs in taken.items():
                 if not refs and self.source.live and time.monotonic() - listed_at[line] >= self.poll_s:
                     iterators[line] = self.source.frames(line, next_seq[line])  # look for new files
@@ -147,13 +164,15 @@ class IngestActor:
             for line, line_refs in taken.items():
                 for start in range(0, len(line_refs), self.chunk):
                     frames = [next(decoded) for _ in line_refs[start : start + self.chunk]]
-                    while len(in_flight[line]) >= self.max_chunks_in_flight:
-                        _, in_flight[line] = ray.wait(in_flight[line], num_returns=1)
                     in_flight[line].append(self.line_actors[line].submit.remote(frames))
                 if line_refs:
                     progressed = True
                     next_seq[line] = line_refs[-1].seq + 1
             if not progressed:
+                full = [ref for line in self.lines if room[line] <= 0 for ref in in_flight[line]]
+                if full:  # the lines with frames left may all be full: wait for one to take more
+                    ray.wait(full, num_returns=1, timeout=min(0.2, self.poll_s))
+                    continue
                 with self.lock:
                     if not self.source.live and not self.rewinds:
                         self.running = self.running and self.feed != feed

@@ -17,7 +17,9 @@ from actors.writer import ResultWriter, ResultWriterCore
 from pipelines.replay import run_replay
 from rareclip_core.data.frames import decode_frame
 from rareclip_core.detectors.rareclip.detector import RareCLIPDetector
+from rareclip_core.registry import detector_config_from_dict
 from tests.pipeline_helpers import line_frames, pipeline_config, read_rows, write_folder
+from tests.trivial_detector import BrightnessConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,6 +132,23 @@ def test_a_call_to_a_line_carries_whole_backbone_batches_of_four_frames_or_more_
     assert [frames_per_submit(batch, 8) for batch in (1, 2, 3, 4, 8)] == [4, 4, 6, 4, 8]
     assert [frames_per_submit(1, max_in_flight) for max_in_flight in (1, 2, 3, 16)] == [1, 2, 3, 4]
     assert frames_per_submit(8, 4) == 8  # a backbone batch is never split
+
+
+def test_a_slow_line_holds_back_no_other_line_of_its_ingestion_actor(local_ray, tmp_path):
+    write_folder(tmp_path / "src", "fast", line_frames(1, 40))
+    write_folder(tmp_path / "src", "slow", line_frames(2, 16))
+    config = detector_config_from_dict({"kind": "brightness"})
+    assert isinstance(config, BrightnessConfig)
+    cfg = pipeline_config(config, tmp_path / "src", tmp_path / "out", line_detector={"slow": {"step_sleep_s": 0.5}})
+    assert cfg.ingest_actors == 1
+    run_replay(cfg, progress=False)
+    rows = read_rows(tmp_path / "out" / "results")
+    fast = [r["scored_time"] for r in rows if r["line_id"] == "fast"]
+    slow = [r["scored_time"] for r in rows if r["line_id"] == "slow"]
+    assert len(fast) == 40 and len(slow) == 16
+    # the slow line takes 0.5 s a frame and is given at most max_in_flight (8) frames at a time;
+    # the fast line is fed as fast as it scores, not one call per call of the slow line
+    assert max(fast) < slow[3]
 
 
 def test_writer_keeps_one_row_per_seq_and_no_holes(tmp_path):

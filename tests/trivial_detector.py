@@ -1,6 +1,7 @@
 """A second detector kind for the registry tests: the mean brightness of each frame, with a
-memory of how many frames it has seen. It registers itself when imported (as a Ray worker does
-when it receives its settings)."""
+memory of how many frames it has seen; `step_sleep_s` makes a slow line. It registers itself
+when imported (as a Ray worker does when it receives its settings)."""
+import time
 from typing import Literal, Optional
 
 import numpy as np
@@ -14,6 +15,7 @@ class BrightnessConfig(DetectorSettings):
     kind: Literal["brightness"] = "brightness"
     pretrained: Optional[str] = None
     image_size: int = 32
+    step_sleep_s: float = 0.0
 
 
 class BrightnessDetector(Detector):
@@ -30,6 +32,7 @@ class BrightnessDetector(Detector):
         return [float(np.asarray(to_rgb_image(im), dtype=np.float64).mean() / 255) for im in images]
 
     def step_features(self, features, update=None, timings=None):
+        time.sleep(self.config.step_sleep_s)
         score = features + self.seen * 1e-3
         if update is not False:
             self.seen += 1
