@@ -86,16 +86,26 @@ class LineSequencer:
 
     def add(self, frames: list[Frame]) -> list[dict]:
         """Buffer frames and score every contiguous one; returns their result rows in order."""
+        self.buffer(frames)
+        rows = []
+        while batch_rows := self.score_next():
+            rows.extend(batch_rows)
+        return rows
+
+    def buffer(self, frames: list[Frame]) -> None:
+        """Keep frames until their turn (a seq already scored is dropped)."""
         for frame in frames:
             if frame.seq >= self.next_seq:
                 self.pending.setdefault(frame.seq, frame)
-        rows = []
-        while self.next_seq in self.pending:
-            batch = []
-            while self.next_seq + len(batch) in self.pending and len(batch) < self.backbone_batch:
-                batch.append(self.pending.pop(self.next_seq + len(batch)))
-            rows.extend(self._score(batch))
-            self.next_seq += len(batch)
+
+    def score_next(self) -> list[dict]:
+        """Score the next contiguous buffered frames, one backbone batch at most; their rows in
+        order ([] while the next seq has not arrived)."""
+        batch = []
+        while self.next_seq + len(batch) in self.pending and len(batch) < self.backbone_batch:
+            batch.append(self.pending.pop(self.next_seq + len(batch)))
+        rows = self._score(batch) if batch else []
+        self.next_seq += len(batch)
         return rows
 
     def skip_missing(self, reason: str) -> list[dict]:
@@ -220,7 +230,11 @@ class LineActor:
     async def submit(self, frames: list[Frame]) -> int:
         if self.watcher is None:
             self.watcher = asyncio.get_running_loop().create_task(self._watch_gaps())
-        self._send(self.sequencer.add(frames))
+        self.sequencer.buffer(frames)
+        while rows := self.sequencer.score_next():
+            self._send(rows)  # each batch's rows at once (a verdict waits for no later frame)
+            await asyncio.sleep(0)  # and other calls (progress, snapshot) are served between batches
+        self._send([])  # frames that wait for a missing seq start the gap clock
         return self.sequencer.next_seq
 
     def _send(self, rows: list[dict]) -> None:
