@@ -112,14 +112,22 @@ class Supervisor:
 
     # ---- the watch loop ----------------------------------------------------------------------------
     async def _watch(self) -> None:
+        """The feeds and every line are watched side by side: a line whose step outlasts
+        CALL_TIMEOUT_S (a big model on a CPU) delays neither the others' progress nor their snapshots."""
+        await asyncio.gather(self._watch_feeds(), *(self._watch_line(line, actor) for line, actor in self.lines.items()))
+
+    async def _watch_feeds(self) -> None:
         while True:
             await asyncio.sleep(0.2)
             await self._check_feeds()
-            for line, actor in self.lines.items():
-                p = await _call(actor.progress.remote())
-                if p is not None:
-                    self.progress[line] = p["next_seq"]
-                    self._maybe_snapshot(line, actor)
+
+    async def _watch_line(self, line: str, actor) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            p = await _call(actor.progress.remote())
+            if p is not None:
+                self.progress[line] = p["next_seq"]
+                self._maybe_snapshot(line, actor)
 
     async def _check_feeds(self) -> None:
         for i, ref in list(self.feeds.items()):

@@ -14,6 +14,7 @@ from actors.frames import Frame
 from actors.ingest import frames_per_submit
 from actors.line import LineActor, LineSettings, start_afresh
 from actors.writer import ResultWriter, ResultWriterCore
+from pipelines.line_cluster import LineCluster
 from pipelines.replay import run_replay
 from rareclip_core.data.frames import decode_frame
 from rareclip_core.detectors.rareclip.detector import RareCLIPDetector
@@ -149,6 +150,27 @@ def test_a_slow_line_holds_back_no_other_line_of_its_ingestion_actor(local_ray, 
     # the slow line takes 0.5 s a frame and is given at most max_in_flight (8) frames at a time;
     # the fast line is fed as fast as it scores, not one call per call of the slow line
     assert max(fast) < slow[3]
+
+
+def test_the_supervisor_follows_a_fast_line_while_slow_lines_are_mid_step(local_ray, tmp_path):
+    write_folder(tmp_path / "src", "fast", line_frames(1, 60))
+    for slow in ("slow1", "slow2"):
+        write_folder(tmp_path / "src", slow, line_frames(2, 3))
+    config = detector_config_from_dict({"kind": "brightness"})
+    slow_steps = {"step_sleep_s": 4.0}  # longer than the supervisor's 2 s wait for an answer
+    line_detector = {"fast": {"step_sleep_s": 0.1}, "slow1": slow_steps, "slow2": slow_steps}
+    cfg = pipeline_config(config, tmp_path / "src", tmp_path / "out", line_detector=line_detector)
+    reported: list[int] = []  # the fast line's progress as the supervisor reports it, twice a second
+    cluster = LineCluster(cfg)
+    try:
+        cluster.run(progress=False, on_poll=lambda status: reported.append(status["progress"]["fast"]))
+    finally:
+        cluster.shutdown()
+    fast = [r["scored_time"].timestamp() for r in read_rows(tmp_path / "out" / "results") if r["line_id"] == "fast"]
+    assert max(fast) - min(fast) > 5  # the fast line's 6 s of steps run while the slow lines step
+    # polled one line after another, the slow lines' unanswered calls made a round last ~4 s:
+    # the fast line's progress then changed at most twice while it ran
+    assert len(set(reported) - {0, 60}) >= 5
 
 
 def test_writer_keeps_one_row_per_seq_and_no_holes(tmp_path):
