@@ -12,7 +12,7 @@ from typing import Optional
 import ray
 
 from configs.pipeline import open_source
-from rareclip_core.data.frames import MAX_PIXELS, FrameError, decode_frame
+from rareclip_core.data.frames import FrameDecoding, FrameError, decode_frame
 from rareclip_core.data.sources import FrameRef, read_uri
 
 from .frames import Frame
@@ -20,12 +20,12 @@ from .frames import Frame
 log = logging.getLogger(__name__)
 
 
-def load_frame(ref: FrameRef, max_pixels: int = MAX_PIXELS) -> Frame:
+def load_frame(ref: FrameRef, decoding: FrameDecoding = FrameDecoding()) -> Frame:
     """Read and decode one frame; any failure becomes a refused Frame with the reason."""
     now = time.time()
     try:
         data = ref.data if ref.data is not None else read_uri(ref.uri)
-        return Frame(ref.line_id, ref.seq, ref.uri, now, decode_frame(data, max_pixels))
+        return Frame(ref.line_id, ref.seq, ref.uri, now, decode_frame(data, decoding))
     except FrameError as err:
         return Frame(ref.line_id, ref.seq, ref.uri, now, None, str(err))
     except OSError as err:
@@ -68,7 +68,7 @@ class IngestSettings:
     frames_per_submit: int = 1  # frames per call to a line (`frames_per_submit()`: whole backbone batches)
     poll_s: float = 1.0  # a live source is listed again this often when it has nothing new
     ledger_dir: Optional[str] = None  # where each line's frames get their seqs (folder, manifest)
-    max_pixels: int = MAX_PIXELS  # larger frames get an error row
+    decoding: FrameDecoding = FrameDecoding()  # pixel limit and high-bit frames (refused: an error row)
     decode_threads: int = 4  # frames decoded side by side (PIL decodes without the GIL)
 
 
@@ -81,7 +81,7 @@ class IngestActor:
         """`line_actor_names`: line -> its LineActor's name (names, not handles: a restart must
         not depend on constructor arguments kept in the object store)."""
         self.source = open_source(source_config, settings.ledger_dir)
-        self.max_pixels = settings.max_pixels
+        self.decoding = settings.decoding
         self.lines = lines
         self.line_actors = {line: ray.get_actor(name) for line, name in line_actor_names.items()}
         self.chunk = settings.frames_per_submit
@@ -160,7 +160,7 @@ class IngestActor:
                     iterators[line] = self.source.frames(line, next_seq[line])  # look for new files
                     listed_at[line] = time.monotonic()
             refs = [ref for line_refs in taken.values() for ref in line_refs]
-            decoded = iter(self.decoder.map(lambda ref: load_frame(ref, self.max_pixels), refs))
+            decoded = iter(self.decoder.map(lambda ref: load_frame(ref, self.decoding), refs))
             for line, line_refs in taken.items():
                 for start in range(0, len(line_refs), self.chunk):
                     frames = [next(decoded) for _ in line_refs[start : start + self.chunk]]

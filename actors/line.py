@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from rareclip_core import Detector, DetectorSettings, build_detector
-from rareclip_core.data.frames import decode_frame
-from rareclip_core.data.sources import read_uri
+from rareclip_core.data.frames import FrameDecoding
 from rareclip_core.ops.threshold import robust_threshold
 
 from .frames import Frame
@@ -55,13 +54,14 @@ class LineSettings:
     supervisor_name: Optional[str] = None
     references: tuple[str, ...] = ()  # normal reference images the line learns first (k-shot)
     reference_log: Optional[str] = None  # folder of the references added while it runs (ReferenceLog)
+    decoding: FrameDecoding = FrameDecoding()  # how reference images are decoded (as the line's frames are)
 
 
-def start_afresh(detector: Detector, references: tuple[str, ...]) -> None:
+def start_afresh(detector: Detector, references: tuple[str, ...], decoding: FrameDecoding = FrameDecoding()) -> None:
     """Empty the detector, then have it learn the line's normal references (k-shot), if any."""
     detector.reset()
     if references:
-        detector.add_normal_references([decode_frame(read_uri(uri)) for uri in references])
+        detector.add_normal_references(reference_images(references, decoding))
 
 
 class LineSequencer:
@@ -74,7 +74,8 @@ class LineSequencer:
         self.line_id = line_id
         self.detector = detector
         self.configured_references = settings.references
-        self.reference_log = ReferenceLog(settings.reference_log) if settings.reference_log else None
+        self.decoding = settings.decoding
+        self.reference_log = ReferenceLog(settings.reference_log, self.decoding) if settings.reference_log else None
         self.threshold = settings.threshold
         self.auto = settings.auto_threshold
         self.calibration: list[float] = []  # the first ok scores, while `auto` calibrates
@@ -134,9 +135,9 @@ class LineSequencer:
         starts afresh with the configured references and these (its references come first), and
         an `auto` threshold calibrates again."""
         if self.detector.references_mid_stream:
-            self.detector.add_normal_references(reference_images(addition))
+            self.detector.add_normal_references(reference_images(addition.files, self.decoding))
         else:
-            start_afresh(self.detector, self.configured_references + addition.files)
+            start_afresh(self.detector, self.configured_references + addition.files, self.decoding)
             self.restart_calibration()
 
     def _calibrate(self, score: float) -> None:
@@ -275,7 +276,7 @@ class LineActor:
         if detector.references_mid_stream:  # a refusal (too many references, say) comes now, not at the frame
             state = detector.state_dict()
             try:
-                detector.add_normal_references([decode_frame(read_uri(uri)) for uri in uris])
+                detector.add_normal_references(reference_images(uris, self.sequencer.decoding))
             finally:
                 detector.load_state_dict(state)
         at_seq = self.sequencer.next_seq
@@ -338,7 +339,7 @@ class LineActor:
         return self.sequencer.next_seq
 
     def _start_afresh(self) -> None:
-        start_afresh(self.sequencer.detector, self.references)
+        start_afresh(self.sequencer.detector, self.references, self.sequencer.decoding)
         self.sequencer.restart_calibration()
 
     async def reset(self) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rareclip_core.data.files import atomic_write
-from rareclip_core.data.frames import FrameError, decode_frame
+from rareclip_core.data.frames import FrameDecoding, FrameError, decode_frame
 from rareclip_core.data.sources import read_uri
 
 LOG_FILE = "log.json"
@@ -27,8 +27,9 @@ class ReferenceAddition:
 class ReferenceLog:
     """The additions of one line (see the module docstring); `folder` is `<out>/references/<line>`."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, decoding: FrameDecoding = FrameDecoding()):
         self.folder = Path(folder)
+        self.decoding = decoding  # the job's: a reference is accepted as its frames are
         path = self.folder / LOG_FILE
         entries = json.loads(path.read_text()) if path.is_file() else []
         self.additions = [ReferenceAddition(e["at_seq"], tuple(str(self.folder / f) for f in e["files"])) for e in entries]
@@ -55,17 +56,16 @@ class ReferenceLog:
         self.additions.append(addition)
         return addition
 
-    @staticmethod
-    def _checked(uri: str) -> bytes:
+    def _checked(self, uri: str) -> bytes:
         """The file's bytes, if they decode as a frame that could be scored."""
         data = read_uri(uri)
         try:
-            decode_frame(data)
+            decode_frame(data, self.decoding)
         except FrameError as err:
             raise FrameError(f"reference {uri}: {err}") from None
         return data
 
 
-def reference_images(addition: ReferenceAddition) -> list:
-    """The addition's images, decoded as frames (H x W x 3 uint8)."""
-    return [decode_frame(read_uri(path)) for path in addition.files]
+def reference_images(uris, decoding: FrameDecoding = FrameDecoding()) -> list:
+    """The images of `uris`, decoded as frames (H x W x 3 uint8)."""
+    return [decode_frame(read_uri(uri), decoding) for uri in uris]

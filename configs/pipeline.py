@@ -7,6 +7,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from rareclip_core.config import DetectorSettings, StrictModel
+from rareclip_core.data.frames import FrameDecoding
 from rareclip_core.detectors.rareclip.config import RareCLIPConfig
 from rareclip_core.registry import detector_class, detector_config_from_dict
 
@@ -131,6 +132,11 @@ class PipelineConfig(StrictModel):
     decode_threads: int = Field(4, ge=1, description="threads per ingestion actor decoding frames side by side")
     max_in_flight: int = Field(8, ge=1, description="frames submitted but not yet scored, per line")
     max_pixels: int = Field(100_000_000, ge=64, description="frames with more pixels get an error row")
+    frame_bits: Optional[int] = Field(
+        None, ge=9, le=32,
+        description="bits per pixel of high-bit grayscale frames (16-bit PNG/TIFF), e.g. 12 for Mono12: they are "
+        "scaled to 8 bits by v * 255 / (2**frame_bits - 1); null gives such frames an error row",
+    )
     gap_timeout_s: float = Field(60.0, gt=0, description="wait this long for a missing seq, then an error row")
     map_resolution: Optional[int] = Field(64, ge=8, description="stored anomaly map side; null stores none")
     map_dtype: Literal["float16", "float32"] = Field(
@@ -141,6 +147,10 @@ class PipelineConfig(StrictModel):
     writer_flush_s: float = Field(2.0, gt=0)
     snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
     verdicts: Optional[VerdictsConfig] = Field(None, description="also publish each row as a verdict (NATS)")
+
+    @property
+    def frame_decoding(self) -> FrameDecoding:
+        return FrameDecoding(self.max_pixels, self.frame_bits)
 
     @property
     def ledger_dir(self) -> str:

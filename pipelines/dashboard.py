@@ -31,6 +31,7 @@ from pipelines import page_style as style
 from pipelines import query
 from pipelines.report import overlay_map
 from rareclip_core.config import ConfigError
+from rareclip_core.data.frames import viewable_rgb
 
 TIMELINE_FRAMES = 300  # frames of a line's timeline (its latest)
 LATEST_FRAMES = 8  # rows of a line's "latest frames" table
@@ -158,7 +159,7 @@ def _render_cached(results_dir: str, line: str, seq: int, thumb: bool, uri: str,
     with Image.open(uri) as frame:
         frame.load()
     anomaly_map = _load_map(Path(results_dir), map_uri)
-    shown = overlay_map(frame, anomaly_map, _map_scale(anomaly_map)) if anomaly_map is not None else frame.convert("RGB")
+    shown = overlay_map(frame, anomaly_map, _map_scale(anomaly_map)) if anomaly_map is not None else viewable_rgb(frame)
     if thumb and shown.width > THUMB_WIDTH:
         shown = shown.resize((THUMB_WIDTH, round(shown.height * THUMB_WIDTH / shown.width)), Image.Resampling.BILINEAR)
     out = io.BytesIO()

@@ -261,7 +261,7 @@ class LineCluster:
             frames_per_submit=frames_per_submit(cfg.backbone_batch, cfg.max_in_flight),
             poll_s=getattr(cfg.source, "poll_s", IngestSettings.poll_s),  # folder and NATS sources
             ledger_dir=cfg.ledger_dir,
-            max_pixels=cfg.max_pixels,
+            decoding=cfg.frame_decoding,
             decode_threads=cfg.decode_threads,
         )
         self.ingest = [
@@ -298,6 +298,7 @@ class LineCluster:
             supervisor_name=supervisor_name,
             references=tuple(str(Path(u).expanduser().resolve()) if "://" not in u else u for u in cfg.references.get(line, ())),
             reference_log=cfg.reference_log_dir(line),
+            decoding=cfg.frame_decoding,
         )
 
     def source_totals(self) -> dict[str, int]:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from actors.result_table import line_id_problem
+from rareclip_core.data.frames import FrameError, decode_frame
 from configs.pipeline import (
     FolderSourceConfig,
     ManifestSourceConfig,
@@ -18,7 +19,8 @@ from configs.pipeline import (
 
 def job_problems(cfg: PipelineConfig, lines: Optional[list[str]] = None) -> list[str]:
     """What would stop the job: an unreadable source, lines that do not exist or cannot be
-    named, settings for unknown lines, missing weight files. Empty when all is well."""
+    named, settings for unknown lines, reference images that would be refused as frames, missing
+    weight files. Empty when all is well."""
     problems: list[str] = []
     known = _source_lines(cfg, problems)
     chosen = lines or known or []
@@ -35,6 +37,8 @@ def job_problems(cfg: PipelineConfig, lines: Optional[list[str]] = None) -> list
                 for line in getattr(cfg, field)
                 if line not in known
             ]
+    for line in chosen:
+        problems += _reference_problems(cfg, line)
     if cfg.verdict_stream is not None:
         from rareclip_core.data.nats_stream import NatsError, NatsLink
 
@@ -45,6 +49,19 @@ def job_problems(cfg: PipelineConfig, lines: Optional[list[str]] = None) -> list
     for line in chosen or [None]:
         detector = cfg.detector if line is None else cfg.detector_for(line)
         problems += [p for p in detector.missing_weight_files() if p not in problems]
+    return problems
+
+
+def _reference_problems(cfg: PipelineConfig, line: str) -> list[str]:
+    """A line's configured reference files (local ones) that do not decode as its frames would."""
+    problems = []
+    for i, uri in enumerate(cfg.references.get(line, ())):
+        if "://" in uri:
+            continue
+        try:
+            decode_frame(Path(uri).expanduser().read_bytes(), cfg.frame_decoding)
+        except FrameError as err:
+            problems.append(f"references.{line}[{i}]: {uri}: {err}")
     return problems
 
 

@@ -66,7 +66,7 @@ def add_references(cfg, line: str, uris: list[str], address=None) -> int:
         return 0
     with JobLock(cfg.out):  # a running job's line would not see them: refuse while one runs
         at_seq = persisted_last_seqs(cfg.results_dir).get(line, -1) + 1
-        ReferenceLog(cfg.reference_log_dir(line)).add(at_seq, uris)
+        ReferenceLog(cfg.reference_log_dir(line), cfg.frame_decoding).add(at_seq, uris)
     print(f"line {line}: {len(uris)} reference(s) recorded; they take effect at seq {at_seq} when the job next runs")
     return 0
 

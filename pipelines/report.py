@@ -19,6 +19,7 @@ from actors.result_table import STATUS_ERROR, STATUS_OK
 from pipelines import page_style as style
 from pipelines import query
 from rareclip_core.config import ConfigError
+from rareclip_core.data.frames import viewable_rgb
 
 DEFAULT_TOP = 8
 ERRORS_SHOWN = 50
@@ -85,7 +86,7 @@ def map_view(model_id) -> str:
 def overlay_map(frame: Image.Image, anomaly_map: np.ndarray, scale, view: str = "center_crop") -> Image.Image:
     """The frame (RGB, same size) with the map as a heat map over its centered min(W, H) square
     (`view` "center_crop") or over the whole frame ("squash")."""
-    frame = frame.convert("RGB")
+    frame = viewable_rgb(frame)
     width, height = frame.size
     side = min(width, height)
     box = (0, 0, width, height) if view == "squash" else (
@@ -187,7 +188,7 @@ def _render_frame(row: dict, anomaly_map, scale, out: Path, view: str) -> dict:
     except (OSError, ValueError) as exc:
         card["note"] = f"frame image unreadable ({row['uri']}): {exc}"
         return card
-    shown = overlay_map(frame, anomaly_map, scale, view) if card["note"] is None else frame.convert("RGB")
+    shown = overlay_map(frame, anomaly_map, scale, view) if card["note"] is None else viewable_rgb(frame)
     card["image"] = f"frame-{row['seq']}.png"
     shown.save(out / card["image"])
     return card

@@ -99,7 +99,7 @@ def reset_line(cfg, line: str, address=None) -> int:
         return 2
     next_seq = persisted.get(line, -1) + 1
     detector = build_detector(cfg.detector_for(line))
-    start_afresh(detector, tuple(cfg.references.get(line, ())))
+    start_afresh(detector, tuple(cfg.references.get(line, ())), cfg.frame_decoding)
     # the new snapshot first, then the old ones go: a crash in between leaves the reset one newest
     saved = store.save(detector.state_dict(), next_seq, detector.config.fingerprint())
     for info in old:

@@ -16,6 +16,7 @@ from actors.line import LineActor, LineSettings, start_afresh
 from actors.writer import ResultWriter, ResultWriterCore
 from pipelines.line_cluster import LineCluster
 from pipelines.replay import run_replay
+from pipelines.report import write_report
 from rareclip_core.data.frames import decode_frame
 from rareclip_core.detectors.rareclip.detector import RareCLIPDetector
 from rareclip_core.registry import detector_config_from_dict
@@ -101,6 +102,26 @@ def test_bad_files_become_error_rows_and_leave_scores_unchanged(local_ray, tiny_
     assert "truncated" in errors["frame_0002_a.png"] and "not an image" in errors["frame_0004_a.txt"]
     assert "empty" in errors["frame_0005_a.png"] and "8-bit" in errors["frame_0006_a.png"]
     assert [r["score"] for r in dirty if r["status"] == "ok"] == [r["score"] for r in clean]
+
+
+def test_a_line_of_12_bit_frames_with_frame_bits_scores_as_its_8_bit_twin(local_ray, tiny_config, tmp_path):
+    gray = [im.mean(axis=2).round().astype(np.uint8) for im in line_frames(3, 7)]
+    mono12 = [((g.astype(np.uint32) * 4095 + 127) // 255).astype(np.uint16) for g in gray]  # 8-bit levels spread over 12 bits
+    for name, images in (("8-bit", gray), ("12-bit", mono12)):
+        paths = write_folder(tmp_path / name, "a", images)
+        cfg = pipeline_config(tiny_config, tmp_path / name, tmp_path / f"out-{name}", frame_bits=12,
+                              references={"a": [str(paths[0])]})
+        run_replay(cfg, progress=False)
+    rows = {name: read_rows(tmp_path / f"out-{name}" / "results") for name in ("8-bit", "12-bit")}
+    assert [r["status"] for r in rows["12-bit"]] == ["ok"] * 7
+    assert [r["score"] for r in rows["12-bit"]] == [r["score"] for r in rows["8-bit"]]
+    # the report shows the frames as they were scored (not clipped to white)
+    pictures = {}
+    for name in rows:
+        report = write_report(tmp_path / f"out-{name}" / "results", "a", tmp_path / f"report-{name}", top=2)
+        pictures[name] = [np.asarray(Image.open(p)) for p in sorted(report.parent.glob("frame-*.png"))]
+    assert len(pictures["12-bit"]) == 2
+    assert all(np.array_equal(a, b) for a, b in zip(pictures["12-bit"], pictures["8-bit"]))
 
 
 def test_replay_is_deterministic_and_batching_changes_nothing(local_ray, tiny_config, tmp_path):

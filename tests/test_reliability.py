@@ -1,13 +1,15 @@
 """Nothing lost, nothing doubled in real use: one job per output folder, a ledger of each line's
-frames, files taken once complete, Ctrl-C, line ids, checks before Ray, the pixel limit and EXIF,
+frames, files taken once complete, Ctrl-C, line ids, checks before Ray, the pixel limit, high-bit frames and EXIF,
 and the job's report of what happened."""
 import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,10 +28,12 @@ from actors.result_table import (
     read_results,
     write_rows,
 )
+from configs.pipeline import PipelineConfig
 from pipelines.drill import compare_results
 from pipelines.job_lock import JobLock, JobLockError
 from pipelines.line_cluster import LineCluster, SupervisorLost
-from rareclip_core.data.frames import FrameError, decode_frame
+from rareclip_core.config import ConfigError
+from rareclip_core.data.frames import FrameDecoding, FrameError, decode_frame
 from rareclip_core.data.sources import FolderSource, FrameLedger, ManifestSource, Source
 from tests.pipeline_helpers import (
     KillPlan,
@@ -286,11 +290,14 @@ def test_drill_on_numeric_line_ids_with_a_writer_kill_passes(local_ray, tiny_con
 # ---- checks before Ray ---------------------------------------------------------------------------
 def test_config_problems_are_found_before_ray_starts(tmp_path, capsys):
     write_folder(tmp_path / "src", "a", line_frames(7, 1))
+    mono16 = tmp_path / "mono16.png"
+    mono16.write_bytes(encoded(np.full((16, 16), 4000, np.uint16), "PNG"))
     cases = [
         ({"source": {"root": str(tmp_path / "none")}}, "source.root: source folder"),
         ({"source": {"lines": ["a", "nosuchline"]}}, "source.lines: no folder"),
         ({"thresholds": {"unknown_line": 1.0}}, "thresholds.unknown_line: no line 'unknown_line'"),
         ({"line_detector": {"ghost": {"max_images": 5}}}, "line_detector.ghost: no line 'ghost'"),
+        ({"references": {"a": [str(mono16)]}}, f"references.a[0]: {mono16}: I;16 image (more than 8 bits per pixel): set `frame_bits`"),
     ]
     for i, (extra, message) in enumerate(cases):
         source = extra.pop("source", {})
@@ -315,10 +322,59 @@ def test_config_problems_are_found_before_ray_starts(tmp_path, capsys):
 def test_the_projects_pixel_limit_is_the_only_one(monkeypatch):
     image = png(np.zeros((40, 40, 3), dtype=np.uint8))
     with pytest.raises(FrameError, match="over the limit of 1000; raise `max_pixels`"):
-        decode_frame(image, max_pixels=1000)
+        decode_frame(image, FrameDecoding(max_pixels=1000))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # Pillow's own limit does not apply
-    assert decode_frame(image, max_pixels=10_000).shape == (40, 40, 3)
+    assert decode_frame(image, FrameDecoding(max_pixels=10_000)).shape == (40, 40, 3)
     assert Image.MAX_IMAGE_PIXELS == 500
+
+
+def encoded(pixels: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_high_bit_frames_are_scaled_by_frame_bits_and_refused_without(fmt):
+    mono12 = encoded(np.array([[0, 1, 8, 9, 2048, 4095] * 2] * 8, dtype=np.uint16), fmt)
+    # round(v * 255 / 4095): 8 -> 0.498 -> 0, 9 -> 0.560 -> 1, 2048 -> 127.53 -> 128
+    frame = decode_frame(mono12, FrameDecoding(frame_bits=12))
+    assert frame.shape == (8, 12, 3) and frame.dtype == np.uint8
+    assert frame[0, :6].tolist() == [[v] * 3 for v in (0, 0, 0, 1, 128, 255)]
+    full16 = encoded(np.array([[0, 128, 129, 32768, 65535] * 2] * 8, dtype=np.uint16), fmt)
+    # round(v * 255 / 65535): 128 -> 0.498 -> 0, 129 -> 0.502 -> 1, 32768 -> 127.50 -> 128
+    assert decode_frame(full16, FrameDecoding(frame_bits=16))[0, :5, 0].tolist() == [0, 0, 1, 128, 255]
+    with pytest.raises(FrameError, match="pixel value 65535 is outside the 12-bit range 0..4095"):
+        decode_frame(full16, FrameDecoding(frame_bits=12))
+    with pytest.raises(FrameError, match="set `frame_bits` in the pipeline config.*or export 8-bit frames"):
+        decode_frame(mono12)
+
+
+def rgb48_png(pixels: np.ndarray) -> bytes:
+    """A 16-bit colour PNG (Pillow cannot write one): H x W x 3 uint16."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    height, width, _ = pixels.shape
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)  # 16 bits, colour type 2 (RGB)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def test_a_16_bit_colour_png_is_read_as_its_high_bytes_and_refused_for_fewer_frame_bits():
+    pixels = np.zeros((8, 8, 3), np.uint16)
+    pixels[..., 0], pixels[..., 1], pixels[..., 2] = 0x1234, 0xABCD, 0x0FFF
+    data = rgb48_png(pixels)
+    assert decode_frame(data)[0, 0].tolist() == [0x12, 0xAB, 0x0F]
+    assert decode_frame(data, FrameDecoding(frame_bits=16))[0, 0].tolist() == [0x12, 0xAB, 0x0F]
+    with pytest.raises(FrameError, match="16-bit RGB PNG: it is read as its high 8 bits"):
+        decode_frame(data, FrameDecoding(frame_bits=12))
+
+
+def test_frame_bits_is_checked_with_the_config():
+    base = {"source": {"kind": "folder", "root": "x"}}
+    assert PipelineConfig.from_dict({**base, "frame_bits": 12}).frame_decoding == FrameDecoding(100_000_000, 12)
+    with pytest.raises(ConfigError, match="frame_bits"):
+        PipelineConfig.from_dict({**base, "frame_bits": 8})
 
 
 def test_threads_decode_side_by_side_and_pillows_limit_stays_lifted_for_each(monkeypatch):
