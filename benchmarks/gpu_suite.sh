@@ -10,6 +10,8 @@
 #
 #   bash benchmarks/gpu_suite.sh                  # on the GPU machine, paper configs, random weights
 #   SMOKE=1 bash benchmarks/gpu_suite.sh          # here, on CPU with the tiny configs: the script runs
+# A machine without ray, open_clip and pydantic takes them as wheels: `python benchmarks/lease_wheels.py`
+# here, then carry .whl and install it there first (docs/BENCHMARKS.md, "On an NVIDIA H200").
 set -u
 OUT=${OUT:-gpu-suite-out}
 mkdir -p "$OUT/logs"
