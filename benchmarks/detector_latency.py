@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.records import append_records, device_name
-from configs.loading import load_detector_config
-from rareclip_core import build_detector
-from rareclip_core.data.synthetic import SyntheticLine
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* when run as a script
+
+from benchmarks.records import append_records, device_name  # noqa: E402
+from configs.loading import load_detector_config  # noqa: E402
+from rareclip_core import build_detector  # noqa: E402
+from rareclip_core.data.synthetic import SyntheticLine  # noqa: E402
 
 
 def rss_mb(field: str) -> float:

@@ -22,17 +22,20 @@ import argparse
 import datetime
 import os
 import platform
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.records import append_records, device_name
-from benchmarks.step_latency import synthetic_frames
-from rareclip_core.data.frames import decode_frame
-from rareclip_core.detectors.rareclip.config import RareCLIPConfig
-from rareclip_core.detectors.rareclip.detector import RareCLIPDetector
-from rareclip_core.detectors.rareclip.memory import PatchRarityBank
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* when run as a script
+
+from benchmarks.records import append_records, device_name  # noqa: E402
+from benchmarks.step_latency import synthetic_frames  # noqa: E402
+from rareclip_core.data.frames import decode_frame  # noqa: E402
+from rareclip_core.detectors.rareclip.config import RareCLIPConfig  # noqa: E402
+from rareclip_core.detectors.rareclip.detector import RareCLIPDetector  # noqa: E402
+from rareclip_core.detectors.rareclip.memory import PatchRarityBank  # noqa: E402
 
 REFERENCE = "fp32/float32"
 

@@ -39,6 +39,7 @@ import itertools
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -46,11 +47,13 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
-from benchmarks.profiling import describe, profile_calls
-from benchmarks.records import append_records, device_name
-from rareclip_core.detectors.rareclip.config import RareCLIPConfig
-from rareclip_core.detectors.rareclip.detector import FrameFeatures, RareCLIPDetector
-from rareclip_core.detectors.rareclip.memory import PatchRarityBank
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* when run as a script
+
+from benchmarks.profiling import describe, profile_calls  # noqa: E402
+from benchmarks.records import append_records, device_name  # noqa: E402
+from rareclip_core.detectors.rareclip.config import RareCLIPConfig  # noqa: E402
+from rareclip_core.detectors.rareclip.detector import FrameFeatures, RareCLIPDetector  # noqa: E402
+from rareclip_core.detectors.rareclip.memory import PatchRarityBank  # noqa: E402
 
 SECTIONS = ["preprocess", "backbone", "text", "banks", "image_rarity", "fusion", "rescore", "output"]
 

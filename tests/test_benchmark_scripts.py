@@ -1,0 +1,23 @@
+"""Every benchmark script runs as the docs write it, `python benchmarks/<name>.py ...` from the
+repository root, with no PYTHONPATH set."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(p.name for p in (REPO / "benchmarks").glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
+
+
+def test_there_are_scripts():
+    assert {"step_latency.py", "pipeline_throughput.py", "decode_rate.py"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_benchmark_script_starts_without_pythonpath(script):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", "--help"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
