@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Optional
 
 from actors.result_table import line_id_problem
-from rareclip_core.data.frames import FrameError, decode_frame
 from configs.pipeline import (
     FolderSourceConfig,
     ManifestSourceConfig,
@@ -15,6 +14,7 @@ from configs.pipeline import (
     SyntheticSourceConfig,
     open_source,
 )
+from rareclip_core.data.frames import FrameError, decode_frame
 
 
 def job_problems(cfg: PipelineConfig, lines: Optional[list[str]] = None) -> list[str]:
