@@ -58,6 +58,7 @@ class Supervisor:
         self.event_counts: Counter = Counter()  # kind of recovery -> how many
         self.stopping = False
         self.watcher = None
+        self.feed_locks = [asyncio.Lock() for _ in ingest]  # one rewind-or-restart of a feed at a time
 
     async def start(self) -> None:
         """Start feeding every line from where it stands (a line that restored a snapshot of an
@@ -88,11 +89,16 @@ class Supervisor:
         self._event("ingest restarts", f"ingest {index} restarted (feeding {self.ingest[index][1]})")
 
     async def writer_started(self, persisted: dict) -> None:
+        """Every line restores (side by side: loading a big line's snapshot takes seconds) and
+        replays from its snapshot, each as soon as its own restore is done."""
         self._event("writer restarts", f"writer restarted with rows persisted up to {persisted}")
-        for line, actor in self.lines.items():
+
+        async def restore(line: str, actor) -> None:
             next_seq = await _call(actor.restore.remote(persisted.get(line, -1) + 1), timeout=60)
             if next_seq is not None:  # a line that is itself restarting reports through line_started
                 await self._replay(line, next_seq)
+
+        await asyncio.gather(*(restore(line, actor) for line, actor in self.lines.items()))
 
     async def line_restored(self, line: str, next_seq: int, why: str) -> None:
         """A line was made to load a snapshot while running (an operator's restore): replay."""
@@ -100,15 +106,17 @@ class Supervisor:
         await self._replay(line, next_seq)
 
     async def _replay(self, line: str, seq: int) -> None:
+        """Have the line's ingest feed it again from `seq`: a rewind of the running feed, or a
+        new feed from every line's position. Replays of lines sharing an ingest actor (lines
+        restarting together) take turns, so that each sees the feed the previous one left."""
         self.progress[line] = seq
         self.snapshot_seq[line] = min(self.snapshot_seq[line], seq)
         i = self.ingest_of[line]
         actor, group = self.ingest[i]
-        if self.feeds.get(i) is not None and await _call(actor.rewind.remote(line, seq)):
-            return
-        start = {other: self.progress[other] for other in group}
-        start[line] = seq
-        self.feeds[i] = actor.run.remote(start)
+        async with self.feed_locks[i]:
+            if self.feeds.get(i) is not None and await _call(actor.rewind.remote(line, seq)):
+                return
+            self.feeds[i] = actor.run.remote({other: self.progress[other] for other in group})
 
     # ---- the watch loop ----------------------------------------------------------------------------
     async def _watch(self) -> None:
@@ -149,7 +157,10 @@ class Supervisor:
         due_frames = self.every_frames is not None and seq - self.snapshot_seq[line] >= self.every_frames
         due_time = self.every_s is not None and time.monotonic() - self.snapshot_time[line] >= self.every_s
         if seq > self.snapshot_seq[line] and (due_frames or due_time):
-            self.snapshotting[line] = asyncio.get_running_loop().create_task(self._snapshot(line, actor))
+            self._start_snapshot(line, actor)
+
+    def _start_snapshot(self, line: str, actor) -> None:
+        self.snapshotting[line] = asyncio.get_running_loop().create_task(self._snapshot(line, actor))
 
     async def _snapshot(self, line: str, actor) -> None:
         try:
@@ -181,9 +192,10 @@ class Supervisor:
             return
         for task in list(self.snapshotting.values()):
             await task
-        for line, actor in self.lines.items():
-            if self.progress[line] > self.snapshot_seq[line]:
-                await self._snapshot(line, actor)
+        for line, actor in self.lines.items():  # all lines side by side
+            if line not in self.snapshotting and self.progress[line] > self.snapshot_seq[line]:
+                self._start_snapshot(line, actor)
+        await asyncio.gather(*self.snapshotting.values())
 
     async def wait_done(self) -> dict[str, int]:
         """Once every feed has ended, every line has scored up to its end and the writer has

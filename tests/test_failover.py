@@ -12,6 +12,7 @@ import ray
 from actors.snapshots import STATE_FILE, SnapshotStore
 from pipelines.drill import compare_results
 from pipelines.line_cluster import LineCluster
+from rareclip_core.registry import detector_config_from_dict
 from tests.pipeline_helpers import (
     KillPlan,
     line_frames,
@@ -19,6 +20,7 @@ from tests.pipeline_helpers import (
     read_rows,
     write_folder,
 )
+from tests.trivial_detector import BrightnessDetector
 
 REPO = Path(__file__).resolve().parents[1]
 LINES, FRAMES = ("l0", "l1"), 64
@@ -152,3 +154,33 @@ def test_a_damaged_newest_snapshot_is_rejected_and_the_previous_one_used(referen
     assert all("checksum mismatch" in e for e in rejections), rejections
     assert any(damaged[0][0].name in e for e in rejections) and any(damaged[1][0].name in e for e in rejections)
     assert_same_as_reference(reference, cfg.results_dir)
+
+
+def test_after_a_writer_restart_the_lines_restore_side_by_side(local_ray, tmp_path):
+    # three lines whose snapshots take 1.5 s each to load: restored one after another, the
+    # last would wait 3 s for the first two (a paper-size RareCLIP-d line holds 3 GB of state)
+    lines, frames = ("a", "b", "c"), 30
+    for i, line in enumerate(lines):
+        write_folder(tmp_path / "src", line, line_frames(40 + i, frames))
+    load_log = tmp_path / "loads.txt"
+    detector = detector_config_from_dict(
+        {"kind": "brightness", "step_sleep_s": 0.05, "load_sleep_s": 1.5, "load_log": str(load_log)}
+    )
+    cfg = failover_config(detector, tmp_path / "src", tmp_path / "out")
+    cluster = LineCluster(cfg)
+    try:
+        plan = KillPlan(cluster, [("writer", "a", 12)], min_snapshots=2)
+        counts = cluster.run(progress=False, on_poll=plan).counts
+    finally:
+        cluster.shutdown()
+    assert counts == {line: frames for line in lines} and len(plan.killed) == 1
+    loads = [tuple(map(float, row.split())) for row in load_log.read_text().splitlines()]
+    assert len(loads) == len(lines), loads  # each line loaded its snapshot once, after the writer restart
+    assert max(start for start, _ in loads) < min(end for _, end in loads), loads  # all at once
+    # and the lines went on from their snapshots: one row per frame, the uncrashed scores
+    expected = {}
+    for i, line in enumerate(lines):
+        clean = BrightnessDetector(detector)
+        expected.update({(line, seq): clean.step(image).score for seq, image in enumerate(line_frames(40 + i, frames))})
+    rows = read_rows(cfg.results_dir)
+    assert {(r["line_id"], r["seq"]): r["score"] for r in rows} == expected and len(rows) == len(expected)

@@ -1,6 +1,7 @@
 """A second detector kind for the registry tests: the mean brightness of each frame, with a
-memory of how many frames it has seen; `step_sleep_s` makes a slow line. It registers itself
-when imported (as a Ray worker does when it receives its settings)."""
+memory of how many frames it has seen; `step_sleep_s` makes a slow line, `load_sleep_s` a slow
+restore (each load is appended to `load_log` as "start end" in epoch seconds). It registers
+itself when imported (as a Ray worker does when it receives its settings)."""
 import time
 from typing import Literal, Optional
 
@@ -16,6 +17,8 @@ class BrightnessConfig(DetectorSettings):
     pretrained: Optional[str] = None
     image_size: int = 32
     step_sleep_s: float = 0.0
+    load_sleep_s: float = 0.0
+    load_log: Optional[str] = None
 
 
 class BrightnessDetector(Detector):
@@ -43,7 +46,12 @@ class BrightnessDetector(Detector):
         return {"seen": torch.tensor(self.seen)}
 
     def load_state_dict(self, state):
+        start = time.time()
+        time.sleep(self.config.load_sleep_s)
         self.seen = int(state["seen"])
+        if self.config.load_log:
+            with open(self.config.load_log, "a") as log:
+                log.write(f"{start} {time.time()}\n")
 
 
 register_detector("brightness", BrightnessConfig, BrightnessDetector)
