@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Issue 18's GPU measurements in one run, for a short lease on a lent GPU machine: the GPU tests,
 # then what is still unmeasured, in order of importance: one line's step with and without the
-# backbone's CUDA graph, 1024 px frames resized with PIL and on the GPU, replay with backbone
-# batching, AFR-CLIP's step, lines sharing the GPU through the Ray pipeline with CUDA graphs, the
-# pipeline alone (a detector that does no work: the host's ceiling), the lines under CUDA MPS
-# (where the machine has it), the remaining precisions. Each gets at most its own time limit and
-# what is left before DEADLINE_S, so a late step is cut, not the whole run. Logs and JSON records
-# go to $OUT (default ./gpu-suite-out).
+# backbone's CUDA graph, then with the bank stack compiled too (torch.compile), 1024 px frames
+# resized with PIL and on the GPU, replay with backbone batching, AFR-CLIP's step, lines sharing
+# the GPU through the Ray pipeline with CUDA graphs, the pipeline alone (a detector that does no
+# work: the host's ceiling), the lines under CUDA MPS (where the machine has it), the remaining
+# precisions. Each gets at most its own time limit and what is left before DEADLINE_S, so a late
+# step is cut, not the whole run. Logs and JSON records go to $OUT (default ./gpu-suite-out).
 #
 #   bash benchmarks/gpu_suite.sh                  # on the GPU machine, paper configs, random weights
 #   SMOKE=1 bash benchmarks/gpu_suite.sh          # here, on CPU with the tiny configs: the script runs
@@ -47,9 +47,10 @@ cat "$OUT/env.txt"
 S="python3 benchmarks/step_latency.py --config $RARECLIP --pretrained none --device $DEVICE --steps $STEPS --warmup 5 --fill --json $JSON"
 P="python3 benchmarks/pipeline_throughput.py --config $RARECLIP --pretrained none --size $SIDE --json $JSON"  # MVTec-sized PNGs
 # first what no run has measured yet (2026-12-04's run measured the rest: docs/BENCHMARKS.md)
-step gpu-tests 90 env $GPU_TESTS python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+step gpu-tests 120 env $GPU_TESTS python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 step step-iprb-fp16-f32 90 $S --precision fp16 --bank-dtype float32 --profile "$OUT/logs/profile-eager"
 step step-iprb-fp16-f32-graphs 90 $S --precision fp16 --bank-dtype float32 --cuda-graphs --profile "$OUT/logs/profile-graphs"
+step step-iprb-fp16-f32-graphs-compiled 150 $S --precision fp16 --bank-dtype float32 --cuda-graphs --compile-banks --profile "$OUT/logs/profile-compiled"
 step step-1024-pil 75 $S --precision fp16 --bank-dtype float32 --cuda-graphs --frame-size 1024
 step step-1024-resize-on-device 75 $S --precision fp16 --bank-dtype float32 --cuda-graphs --frame-size 1024 --resize-on-device
 step replay 150 $P --frames $REPLAY_FRAMES --lines --replay-batches $BATCHES

@@ -10,6 +10,7 @@ launches, which CUDA graphs remove. On a CPU there are no device events: only th
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +23,9 @@ from torch.profiler import ProfilerActivity, profile
 LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchCooperativeKernel")
 GRAPH_LAUNCH_CALLS = ("cudaGraphLaunch", "cuGraphLaunch")
 COPY_PREFIXES = ("Memcpy", "Memset")
+# the profiler's own log lines (profiler_start/stop markers; on a CPU-only machine an error for
+# the missing GPU): silent without CUDA, errors only with it; a caller's setting wins
+os.environ.setdefault("KINETO_LOG_LEVEL", "4" if torch.cuda.is_available() else "6")
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:

@@ -158,6 +158,18 @@ def torch_calls_per_step(detector: RareCLIPDetector, frame) -> int:
     return counter.calls
 
 
+def aten_ops_per_step(detector: RareCLIPDetector, frame) -> int:
+    """Top-level aten ops of one `step_features` after the backbone (torch.profiler; an op called
+    by another is not counted): a proxy for kernel launches that also sees inside compiled code."""
+    features = detector.encode([frame])[0]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        detector.step_features(features)
+    return sum(
+        e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+        for e in prof.events()
+    )
+
+
 def run_steps(detector, frames, n, timings_on, device):
     latencies, sections, stale = [], [], []
     for i in range(n):
@@ -185,6 +197,8 @@ def main() -> None:
     parser.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "bf16"], help="backbone precision override")
     parser.add_argument("--bank-dtype", default=None, choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--cuda-graphs", action="store_true", help="replay the backbone as a CUDA graph (CUDA only)")
+    parser.add_argument("--compile-banks", action="store_true",
+                        help="torch.compile the bank stack once full (compiled during --fill or the warm-up)")
     parser.add_argument("--resize-on-device", action="store_true", help="resize frames on the device, not with PIL")
     parser.add_argument("--branch", default=None, choices=["iprb", "dprb"], help="override rarity_branch (dprb: RareCLIP-d)")
     parser.add_argument("--frame-size", type=int, default=None, help="synthetic frame side (default: image_size)")
@@ -215,6 +229,8 @@ def main() -> None:
         update["resize_on_device"] = True
     if args.cuda_graphs:
         update["cuda_graphs"] = True
+    if args.compile_banks:
+        update["compile_banks"] = True
     cfg = cfg.model_copy(update=update)
 
     rss_before = rss_mb()
@@ -232,7 +248,7 @@ def main() -> None:
     print(f"config={args.config} model={cfg.model} pretrained={cfg.pretrained} image_size={cfg.image_size} "
           f"M={detector.n_patches} N_F={cfg.max_features} N_I,max={cfg.max_images} image_memory={cfg.image_memory_size} "
           f"banks={len(detector.bank_keys)} ({cfg.rarity_branch}, {cfg.sampler}) precision={cfg.precision} ({detector.backbone.dtype}) bank_dtype={cfg.bank_dtype} "
-          f"cuda_graphs={cfg.cuda_graphs and device.type == 'cuda'} resize_on_device={cfg.resize_on_device} frame={frames[0].shape[1]}x{frames[0].shape[0]}")
+          f"cuda_graphs={cfg.cuda_graphs and device.type == 'cuda'} compile_banks={cfg.compile_banks} resize_on_device={cfg.resize_on_device} frame={frames[0].shape[1]}x{frames[0].shape[0]}")
     print(f"build: {build_s:.1f} s, weights {weights_mb:.1f} MB")
 
     if args.fill:
@@ -278,7 +294,8 @@ def main() -> None:
         print(f"  {key:<22}{np.percentile(values, 50):>10.2f}{np.percentile(values, 99):>10.2f}{values.mean():>10.2f}"
               f"{values.mean() / 10 / total:>7.1f}%")
     print(f"incremental SCS: stale rows recomputed per step (all banks): mean {np.mean(stale):.1f} max {max(stale)}")
-    print(f"torch calls per step after the backbone: {torch_calls_per_step(detector, frames[0])}")
+    print(f"torch calls per step after the backbone: {torch_calls_per_step(detector, frames[0])}; "
+          f"top-level aten ops: {aten_ops_per_step(detector, frames[1])}")
     profiles = []
     if args.profile:
         frame_iter = itertools.cycle(frames)
@@ -295,7 +312,7 @@ def main() -> None:
     append_records(args.json, [{
         "what": "step_latency", "device": device_name(device), "config": args.config, "model": cfg.model,
         "image_size": cfg.image_size, "lines": 1, "precision": str(detector.backbone.dtype), "bank_dtype": cfg.bank_dtype,
-        "rarity_branch": cfg.rarity_branch, "cuda_graphs": cfg.cuda_graphs and device.type == "cuda",
+        "rarity_branch": cfg.rarity_branch, "cuda_graphs": cfg.cuda_graphs and device.type == "cuda", "compile_banks": cfg.compile_banks,
         "resize_on_device": cfg.resize_on_device, "frame_size": frames[0].shape[0], "banks_full": full, "steps": args.steps,
         "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
         "max_memory_mb": peak_mb if device.type == "cuda" else None, "cpu_peak_rss_rise_mb": None if device.type == "cuda" else peak_mb,

@@ -195,3 +195,40 @@ def test_the_text_cache_keeps_random_models_of_other_image_sizes_apart(tiny_conf
         cached = RareCLIPDetector(cfg).text_features
         fresh = RareCLIPDetector(cfg.model_copy(update={"text_cache_dir": None})).text_features
         assert torch.equal(cached, fresh), size
+
+
+def test_compiled_banks_score_as_eager_ones_with_one_graph_once_full(tiny_config, frames):
+    # banks full after 8 frames (N_I,max = 8; N_F = 300 < 8 M): every later step goes through the
+    # compiled bank stack, captured whole (fullgraph) and compiled once for the whole stream, a
+    # line restored from a snapshot included
+    small = tiny_config.model_copy(update={"max_features": 300, "max_images": 8, "image_memory_size": 12})
+    eager, compiled = RareCLIPDetector(small), RareCLIPDetector(small.model_copy(update={"compile_banks": True}))
+    graphs = torch._dynamo.utils.counters["stats"]
+    before = graphs["unique_graphs"]
+    compiled_after = {}
+    for i, frame in enumerate(frames):
+        if i == 16:
+            restored = RareCLIPDetector(small.model_copy(update={"compile_banks": True}))
+            restored.load_state_dict(compiled.state_dict())
+            compiled = restored
+        a, b = eager.step(frame), compiled.step(frame)
+        assert abs(a.score - b.score) < 1e-6 and np.abs(a.anomaly_map - b.anomaly_map).max() < 1e-5, i
+        compiled_after[i] = graphs["unique_graphs"] - before
+    assert compiled.banks.is_full and compiled_after[7] == 0 and compiled_after[8] == 1 and compiled_after[23] == 1
+    # the same features kept (SCS chose the same ones), so the state matches
+    for key, value in eager.state_dict().items():
+        other = compiled.state_dict()[key]
+        assert torch.allclose(value.double(), other.double(), atol=1e-6), key
+
+
+def test_compile_banks_is_refused_where_it_does_not_apply(tiny_config):
+    with pytest.raises(ValueError, match="compile_banks compiles the IPRB banks with the scs sampler"):
+        RareCLIPConfig(compile_banks=True, rarity_branch="dprb")
+    with pytest.raises(ValueError, match="compile_banks"):
+        RareCLIPConfig(compile_banks=True, sampler="greedy")
+
+
+def test_compile_banks_without_a_compiler_is_refused_before_the_model_loads(tiny_config, monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    with pytest.raises(ValueError, match=r"detector.compile_banks: .*C\+\+ compiler.*/nonexistent/g\+\+ not found.*set compile_banks: false"):
+        RareCLIPDetector(tiny_config.model_copy(update={"compile_banks": True}))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ...backbone import FrameInput, load_backbone, resolve_device
 from ...contract import DetectionResult, Detector, PaperFigures
+from ...ops.compiled import compile_problem
 from ...ops.maps import neighbourhood_mean, normalize01, upsample_and_blur
 from ...timing import stage_timer
 from .config import RareCLIPConfig
@@ -79,6 +80,8 @@ class RareCLIPDetector(Detector):
         self.config = config
         self.device = resolve_device(config.device)
         blocks = {"rarity_blocks": config.rarity_blocks, "text_blocks": config.text_blocks}
+        if config.compile_banks and (problem := compile_problem(self.device)):
+            raise ValueError(f"detector.compile_banks: {problem}; or set compile_banks: false")
         self.backbone, model = load_backbone(config, blocks, self.device, config.cuda_graphs)
         self.text_features = cached_state_embeddings(config, model).to(self.device)  # D x 2
         del model  # the text tower is not needed once the text embeddings exist
@@ -134,6 +137,7 @@ class RareCLIPDetector(Detector):
             seed=cfg.seed,
             dtype=dtype,
             n_banks=n_banks,
+            compiled=cfg.compile_banks,
         )
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -133,6 +133,10 @@ class PatchRarityBank:
     surviving reference features are the first `n_reference[b]` rows of bank b. They are exempt
     from eviction while that count is at most `max_protected` (min(floor(M k / 4), N_F)); above
     it they compete like any feature and the count is updated after each eviction.
+
+    `compiled`: once the banks are full (N_F features, N_I,max rows: fixed shapes from then on),
+    a step that memorizes no reference runs through `torch.compile` (one graph, fused kernels);
+    filling up and references stay eager. The graph has no host sync (`settle` stays outside).
     """
 
     def __init__(
@@ -148,6 +152,7 @@ class PatchRarityBank:
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
         n_banks: int = 1,
+        compiled: bool = False,
     ):
         self.max_features = max_features
         self.max_images = max_images
@@ -159,6 +164,7 @@ class PatchRarityBank:
         self.seed = seed
         self.dtype = dtype
         self.n_banks = n_banks
+        self._compiled_score = torch.compile(self._score, fullgraph=True) if compiled else None
         self.reset()
 
     def reset(self) -> None:
@@ -182,6 +188,11 @@ class PatchRarityBank:
         return 0 if self.psm_t is None else self.psm_t.shape[2]
 
     @property
+    def is_full(self) -> bool:
+        """N_F features and N_I,max images: every later update keeps these shapes."""
+        return len(self) == self.max_features and self.n_images == self.max_images
+
+    @property
     def image_similarity(self) -> torch.Tensor | None:
         """The PSM as in the paper: B x n_I x N (a view)."""
         return None if self.psm_t is None else self.psm_t.mT
@@ -198,6 +209,12 @@ class PatchRarityBank:
         features = features.to(self.dtype)
         if self.features is None:
             self._start(features)
+        if self._compiled_score is not None and self.is_full and not reference:
+            self._upper_mask(features.shape[1], features.device)  # cached out here: the graph reads it, never sets it
+            return self._compiled_score(features, update, reference)
+        return self._score(features, update, reference)
+
+    def _score(self, features: torch.Tensor, update: bool, reference: bool) -> BankScores:
         sim = torch.bmm(features, self.features.mT).float()  # B x M x N; converted once for a low-precision bank
         rarity = s_t2h = kshot = None
         if len(self):
@@ -338,16 +355,19 @@ class PatchRarityBank:
             "generators": torch.stack([g.get_state() for g in self.generators]),
         }
 
+    @torch.inference_mode()
     def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
+        """Copies, made as inference tensors like those a step makes (a compiled step would
+        otherwise compile again for the loaded ones)."""
         self.reset()
         if not state:
             return
         _check_bank_count(state["features"].shape[0], self.n_banks, "state holds")
-        self.features = state["features"].to(device, self.dtype)
+        self.features = state["features"].to(device, self.dtype, copy=True)
         self.psm_t = state["image_similarity"].to(device).mT.contiguous()
-        self.redundancy = state["redundancy"].to(device)
-        self.nearest_earlier = state["nearest_earlier"].to(device)
-        self.n_reference = state["n_reference"].to(device)
+        self.redundancy = state["redundancy"].to(device, copy=True)
+        self.nearest_earlier = state["nearest_earlier"].to(device, copy=True)
+        self.n_reference = state["n_reference"].to(device, copy=True)
         self.has_references = bool(self.n_reference.any())
         for generator, generator_state in zip(self.generators, state["generators"].cpu()):
             generator.set_state(generator_state.clone())  # a row of its own: set_state reads the storage
