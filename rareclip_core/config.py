@@ -95,6 +95,9 @@ class DetectorSettings(StrictModel):
 
     # settings that name weight files (besides `pretrained`, which may also be a tag)
     weight_fields: ClassVar[tuple[str, ...]] = ()
+    # settings of where and how a step runs, not of what it computes (results equal within float
+    # rounding either way): left out of `fingerprint`, so turning one on keeps a line's snapshots
+    execution_fields: ClassVar[frozenset[str]] = frozenset({"device", "text_cache_dir"})
     # what part of a frame the model sees (and its maps cover): "center_crop" (the shorter side
     # resized to image_size, then the centre square) or "squash" (the whole frame resized to a square)
     input_view: ClassVar[str] = "center_crop"
@@ -113,8 +116,9 @@ class DetectorSettings(StrictModel):
         ]
 
     def fingerprint(self) -> str:
-        """Hash of every setting that changes the detector's state or results."""
-        data = self.model_dump(exclude={"device", "text_cache_dir"})
+        """Hash of every setting that changes the detector's state or results (all but
+        `execution_fields`); snapshots and the `model_id` column carry it."""
+        data = self.model_dump(exclude=set(self.execution_fields))
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     @property

@@ -222,6 +222,18 @@ def test_a_detector_restored_from_a_snapshot_continues_bitwise(tiny_config, fram
         assert a.score == b.score and np.array_equal(a.anomaly_map, b.anomaly_map)
 
 
+def test_turning_on_a_speed_setting_keeps_the_line_s_snapshots(tiny_config):
+    """Where and how a step runs (device, CUDA graphs, compiled banks) is not part of the config
+    fingerprint a snapshot is checked against, nor of the rows' model_id; what it computes is."""
+    same = [{"device": "cpu"}, {"text_cache_dir": None}, {"cuda_graphs": True}, {"compile_banks": True}]
+    other = [{"precision": "fp16"}, {"resize_on_device": True}, {"bank_dtype": "float16"}, {"k_neighbors": 5}]
+    for update in same + other:
+        changed = tiny_config.model_copy(update=update)
+        kept = update in same
+        assert (changed.fingerprint() == tiny_config.fingerprint()) is kept, update
+        assert (changed.model_id == tiny_config.model_id) is kept, update
+
+
 # ---- the `snapshots` command (no job running) ---------------------------------------------------
 
 
