@@ -294,6 +294,8 @@ def main() -> None:
         print(f"  {key:<22}{np.percentile(values, 50):>10.2f}{np.percentile(values, 99):>10.2f}{values.mean():>10.2f}"
               f"{values.mean() / 10 / total:>7.1f}%")
     print(f"incremental SCS: stale rows recomputed per step (all banks): mean {np.mean(stale):.1f} max {max(stale)}")
+    if cfg.compile_banks:
+        print(f"compiled banks: {'in use' if detector.banks.compiles else 'NOT in use: compiling failed (see the warning above)'}")
     print(f"torch calls per step after the backbone: {torch_calls_per_step(detector, frames[0])}; "
           f"top-level aten ops: {aten_ops_per_step(detector, frames[1])}")
     profiles = []
@@ -312,7 +314,7 @@ def main() -> None:
     append_records(args.json, [{
         "what": "step_latency", "device": device_name(device), "config": args.config, "model": cfg.model,
         "image_size": cfg.image_size, "lines": 1, "precision": str(detector.backbone.dtype), "bank_dtype": cfg.bank_dtype,
-        "rarity_branch": cfg.rarity_branch, "cuda_graphs": cfg.cuda_graphs and device.type == "cuda", "compile_banks": cfg.compile_banks,
+        "rarity_branch": cfg.rarity_branch, "cuda_graphs": cfg.cuda_graphs and device.type == "cuda", "compile_banks": cfg.compile_banks and detector.banks.compiles,
         "resize_on_device": cfg.resize_on_device, "frame_size": frames[0].shape[0], "banks_full": full, "steps": args.steps,
         "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
         "max_memory_mb": peak_mb if device.type == "cuda" else None, "cpu_peak_rss_rise_mb": None if device.type == "cuda" else peak_mb,

@@ -214,7 +214,7 @@ def test_compiled_banks_score_as_eager_ones_with_one_graph_once_full(tiny_config
         a, b = eager.step(frame), compiled.step(frame)
         assert abs(a.score - b.score) < 1e-6 and np.abs(a.anomaly_map - b.anomaly_map).max() < 1e-5, i
         compiled_after[i] = graphs["unique_graphs"] - before
-    assert compiled.banks.is_full and compiled_after[7] == 0 and compiled_after[8] == 1 and compiled_after[23] == 1
+    assert compiled.banks.is_full and compiled.banks.compiles and compiled_after[7] == 0 and compiled_after[8] == 1 and compiled_after[23] == 1
     # the same features kept (SCS chose the same ones), so the state matches
     for key, value in eager.state_dict().items():
         other = compiled.state_dict()[key]
@@ -232,3 +232,19 @@ def test_compile_banks_without_a_compiler_is_refused_before_the_model_loads(tiny
     monkeypatch.setenv("CXX", "/nonexistent/g++")
     with pytest.raises(ValueError, match=r"detector.compile_banks: .*C\+\+ compiler.*/nonexistent/g\+\+ not found.*set compile_banks: false"):
         RareCLIPDetector(tiny_config.model_copy(update={"compile_banks": True}))
+
+
+def test_banks_that_cannot_be_compiled_warn_once_and_go_on_eagerly(tiny_config, frames, monkeypatch):
+    small = tiny_config.model_copy(update={"max_features": 300, "max_images": 8, "image_memory_size": 12})
+    eager, compiled = RareCLIPDetector(small), RareCLIPDetector(small.model_copy(update={"compile_banks": True}))
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        raise torch._dynamo.exc.Unsupported("an op the compiler does not know")
+
+    monkeypatch.setattr(compiled.banks, "_compiled_score", refuse)
+    with pytest.warns(RuntimeWarning, match="could not be compiled, so it runs eagerly.*an op the compiler does not know"):
+        for frame in frames[:12]:
+            assert eager.step(frame).score == compiled.step(frame).score
+    assert len(calls) == 1 and not compiled.banks.compiles

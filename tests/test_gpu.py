@@ -76,7 +76,7 @@ def test_compiled_banks_on_the_device_score_as_eager_ones(tiny_config, stream):
     small = {"max_features": 300, "max_images": 4, "image_memory_size": 6}
     eager, compiled = tiny_line(tiny_config, **small), tiny_line(tiny_config, **small, compile_banks=True)
     expected, got = scores(eager, stream), scores(compiled, stream)
-    assert compiled.banks.is_full and np.abs(got - expected).max() < 1e-4
+    assert compiled.banks.is_full and compiled.banks.compiles and np.abs(got - expected).max() < 1e-4
 
 
 def test_a_snapshot_restored_on_cuda_continues_as_the_line_would_have(tiny_config, stream):

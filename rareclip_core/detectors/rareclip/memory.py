@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -137,6 +138,7 @@ class PatchRarityBank:
     `compiled`: once the banks are full (N_F features, N_I,max rows: fixed shapes from then on),
     a step that memorizes no reference runs through `torch.compile` (one graph, fused kernels);
     filling up and references stay eager. The graph has no host sync (`settle` stays outside).
+    If it cannot be compiled, a warning says why and the banks go on eagerly.
     """
 
     def __init__(
@@ -188,6 +190,11 @@ class PatchRarityBank:
         return 0 if self.psm_t is None else self.psm_t.shape[2]
 
     @property
+    def compiles(self) -> bool:
+        """Whether full banks step through the compiled graph (`compiled`, unless it failed to compile)."""
+        return self._compiled_score is not None
+
+    @property
     def is_full(self) -> bool:
         """N_F features and N_I,max images: every later update keeps these shapes."""
         return len(self) == self.max_features and self.n_images == self.max_images
@@ -211,7 +218,17 @@ class PatchRarityBank:
             self._start(features)
         if self._compiled_score is not None and self.is_full and not reference:
             self._upper_mask(features.shape[1], features.device)  # cached out here: the graph reads it, never sets it
-            return self._compiled_score(features, update, reference)
+            try:
+                return self._compiled_score(features, update, reference)
+            except torch._dynamo.exc.TorchDynamoException as err:  # raised while compiling, before the graph runs
+                warnings.warn(
+                    f"compile_banks: the banks' step could not be compiled, so it runs eagerly (same results, "
+                    f"more kernel launches); set compile_banks: false to skip the attempt. {type(err).__name__}: "
+                    f"{str(err).splitlines()[0] if str(err) else ''}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._compiled_score = None
         return self._score(features, update, reference)
 
     def _score(self, features: torch.Tensor, update: bool, reference: bool) -> BankScores:
