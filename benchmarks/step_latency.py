@@ -198,7 +198,7 @@ def main() -> None:
     parser.add_argument("--bank-dtype", default=None, choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--cuda-graphs", action="store_true", help="replay the backbone as a CUDA graph (CUDA only)")
     parser.add_argument("--compile-banks", action="store_true",
-                        help="torch.compile the bank stack once full (compiled during --fill or the warm-up)")
+                        help="step the full bank stack through torch.compile (compiled while the detector is built)")
     parser.add_argument("--resize-on-device", action="store_true", help="resize frames on the device, not with PIL")
     parser.add_argument("--branch", default=None, choices=["iprb", "dprb"], help="override rarity_branch (dprb: RareCLIP-d)")
     parser.add_argument("--frame-size", type=int, default=None, help="synthetic frame side (default: image_size)")

@@ -197,28 +197,53 @@ def test_the_text_cache_keeps_random_models_of_other_image_sizes_apart(tiny_conf
         assert torch.equal(cached, fresh), size
 
 
-def test_compiled_banks_score_as_eager_ones_with_one_graph_once_full(tiny_config, frames):
+def test_compiled_banks_score_as_eager_ones_with_one_graph_compiled_ahead(tiny_config, frames):
     # banks full after 8 frames (N_I,max = 8; N_F = 300 < 8 M): every later step goes through the
-    # compiled bank stack, captured whole (fullgraph) and compiled once for the whole stream, a
-    # line restored from a snapshot included
+    # compiled bank stack, captured whole (fullgraph) and compiled once, when the detector is
+    # built, for the whole stream, a line restored from a snapshot included
+    torch._dynamo.reset()
     small = tiny_config.model_copy(update={"max_features": 300, "max_images": 8, "image_memory_size": 12})
-    eager, compiled = RareCLIPDetector(small), RareCLIPDetector(small.model_copy(update={"compile_banks": True}))
+    eager = RareCLIPDetector(small)
     graphs = torch._dynamo.utils.counters["stats"]
     before = graphs["unique_graphs"]
-    compiled_after = {}
+    compiled = RareCLIPDetector(small.model_copy(update={"compile_banks": True}))
+    assert graphs["unique_graphs"] - before == 1 and not compiled.banks.is_full
+    through_the_graph = []
+
+    def counted(banks):
+        graph = banks._compiled_score
+        banks._compiled_score = lambda *args: through_the_graph.append(len(through_the_graph)) or graph(*args)
+
+    counted(compiled.banks)
     for i, frame in enumerate(frames):
         if i == 16:
             restored = RareCLIPDetector(small.model_copy(update={"compile_banks": True}))
             restored.load_state_dict(compiled.state_dict())
             compiled = restored
+            counted(compiled.banks)
         a, b = eager.step(frame), compiled.step(frame)
         assert abs(a.score - b.score) < 1e-6 and np.abs(a.anomaly_map - b.anomaly_map).max() < 1e-5, i
-        compiled_after[i] = graphs["unique_graphs"] - before
-    assert compiled.banks.is_full and compiled.banks.compiles and compiled_after[7] == 0 and compiled_after[8] == 1 and compiled_after[23] == 1
+    assert len(through_the_graph) == 16  # frames 8 to 23
+    assert compiled.banks.compiles and graphs["unique_graphs"] - before == 1
     # the same features kept (SCS chose the same ones), so the state matches
     for key, value in eager.state_dict().items():
         other = compiled.state_dict()[key]
         assert torch.allclose(value.double(), other.double(), atol=1e-6), key
+
+
+def test_a_k_shot_line_compiles_its_banks_again_when_given_references(tiny_config, frames):
+    torch._dynamo.reset()
+    small = tiny_config.model_copy(update={"max_features": 300, "max_images": 8, "image_memory_size": 12})
+    eager, compiled = RareCLIPDetector(small), RareCLIPDetector(small.model_copy(update={"compile_banks": True}))
+    graphs = torch._dynamo.utils.counters["stats"]
+    built = graphs["unique_graphs"]
+    for line in (eager, compiled):
+        line.add_normal_references(frames[:2])
+    assert graphs["unique_graphs"] - built == 1  # the graph with the k-shot map
+    for i, frame in enumerate(frames[2:14]):
+        a, b = eager.step(frame), compiled.step(frame)
+        assert abs(a.score - b.score) < 1e-6 and np.abs(a.anomaly_map - b.anomaly_map).max() < 1e-5, i
+    assert compiled.banks.is_full and compiled.banks.has_references and graphs["unique_graphs"] - built == 1
 
 
 def test_compile_banks_is_refused_where_it_does_not_apply(tiny_config):

@@ -97,6 +97,7 @@ class RareCLIPDetector(Detector):
             config.rescore_min_images, config.rescore_divisor, config.rescore_max_neighbors, config.rescore_temperature
         )
         self.reset()
+        self._compile_banks_ahead()
 
     @classmethod
     def paper_figures(cls, dataset: str, config: RareCLIPConfig, shots: int = 0) -> Optional[PaperFigures]:
@@ -111,6 +112,12 @@ class RareCLIPDetector(Detector):
         self.n_references = 0  # k
         self.reference_laifs: torch.Tensor | None = None  # n_blocks x k x C
         self.banks = self._new_banks()
+
+    def _compile_banks_ahead(self) -> None:
+        """With `compile_banks`: compile the banks' step for the line's mode now, not at its first
+        full step (a no-op once compiled in this process: the compiled code is cached)."""
+        if self.config.compile_banks:
+            self.banks.compile_ahead(self.n_patches, self.backbone.width, self.device, self.config.mode == "online")
 
     def _new_banks(self) -> PatchRarityBank | DirectPatchRarityBank:
         """All rarity banks of the line as one stack (stepped together, one batched computation)."""
@@ -180,6 +187,7 @@ class RareCLIPDetector(Detector):
 
         self.image_memory.load_state_dict(part("image_memory"), self.device)
         self.banks.load_state_dict(part("banks"), self.device)
+        self._compile_banks_ahead()
 
     # ---- scoring -----------------------------------------------------------------------------
     def encode(self, images: list, timings: dict[str, float] | None = None) -> list[FrameFeatures]:
@@ -213,6 +221,7 @@ class RareCLIPDetector(Detector):
         self.banks = self._new_banks()
         for frame in self.encode(images):
             self._step(frame, update=True, reference=True)
+        self._compile_banks_ahead()  # the k-shot map makes it another graph
 
     def step_features(
         self, features: FrameFeatures, update: Optional[bool] = None, timings: dict[str, float] | None = None

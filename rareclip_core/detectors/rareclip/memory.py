@@ -1,11 +1,13 @@
 """Patch rarity memory (sec. 3): Loose Similarity, Sequential Coreset Sampling, IPRB and DPRB banks."""
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from ...ops.rows import RowWindow, gather_rows
 from . import samplers
@@ -188,6 +190,27 @@ class PatchRarityBank:
     @property
     def n_images(self) -> int:
         return 0 if self.psm_t is None else self.psm_t.shape[2]
+
+    @torch.inference_mode()
+    def compile_ahead(self, n_patches: int, width: int, device: torch.device, update: bool) -> None:
+        """Compile the full banks' step now (seconds), so that the line's first full step does
+        not wait for the compiler: one step of a throwaway copy whose banks are full of random
+        features (the compiled code is kept per code and shapes, not per object)."""
+        if not self.compiles:
+            return
+        stand_in = copy.copy(self)
+        stand_in._compiled_score = torch.compile(stand_in._score, fullgraph=True)
+        b, n = self.n_banks, self.max_features
+        stand_in.features = F.normalize(torch.randn(b, n, width, device=device), dim=-1).to(self.dtype)
+        stand_in.psm_t = torch.rand(b, n, self.max_images, device=device)
+        stand_in.redundancy = torch.rand(b, n, device=device)
+        stand_in.nearest_earlier = torch.full((b, n), -1, dtype=torch.long, device=device)
+        stand_in.n_reference = torch.zeros(b, dtype=torch.long, device=device)
+        stand_in.stale = None
+        stand_in.score(F.normalize(torch.randn(b, n_patches, width, device=device), dim=-1), update=update)
+        self._upper = stand_in._upper
+        if not stand_in.compiles:  # it warned why
+            self._compiled_score = None
 
     @property
     def compiles(self) -> bool:
