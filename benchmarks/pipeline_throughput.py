@@ -162,6 +162,8 @@ def main() -> None:
     parser.add_argument("--ingest-actors", type=int, default=PipelineConfig.model_fields["ingest_actors"].default,
                         help="ingestion actors sharing the lines (each decodes and feeds its share)")
     parser.add_argument("--cuda-graphs", action="store_true", help="lines replay their backbone as CUDA graphs (RareCLIP)")
+    parser.add_argument("--compile-banks", action="store_true",
+                        help="lines step their full banks through torch.compile, compiled as each line starts (RareCLIP)")
     parser.add_argument("--resize-on-device", action="store_true", help="lines resize frames on the device, not with PIL")
     parser.add_argument("--map-resolution", type=int, default=None,
                         help="store each frame's anomaly map at this side, as jobs do (default: none stored)")
@@ -170,10 +172,11 @@ def main() -> None:
     detector = OverheadProbeConfig() if args.no_model else load_detector_config(args.config)
     if args.pretrained:
         detector = detector.model_copy(update={"pretrained": None if args.pretrained == "none" else args.pretrained})
-    if args.cuda_graphs and "cuda_graphs" not in type(detector).model_fields:
-        raise SystemExit(f"--cuda-graphs: detector kind {detector.kind!r} has no cuda_graphs setting")
-    detector = detector.model_copy(update={"device": "auto", "resize_on_device": args.resize_on_device,
-                                           **({"cuda_graphs": True} if args.cuda_graphs else {})})
+    switched_on = {name: True for name in ("cuda_graphs", "compile_banks") if getattr(args, name)}
+    for name in switched_on:
+        if name not in type(detector).model_fields:
+            raise SystemExit(f"--{name.replace('_', '-')}: detector kind {detector.kind!r} has no {name} setting")
+    detector = detector.model_copy(update={"device": "auto", "resize_on_device": args.resize_on_device, **switched_on})
     work = Path(tempfile.mkdtemp(prefix="rareclip-bench-"))
     try:
         names = [f"line{i:02d}" for i in range(max(args.lines + [1]))]
@@ -184,7 +187,8 @@ def main() -> None:
         settings = {"decode_threads": args.decode_threads, "ingest_actors": args.ingest_actors, "map_resolution": args.map_resolution}
         common = {"what": "pipeline", "device": device, "config": "no model" if args.no_model else args.config, "model": detector.model,
                   "image_size": detector.image_size, "frames_per_line": args.frames,
-                  "cuda_graphs": bool(getattr(detector, "cuda_graphs", False)), "resize_on_device": args.resize_on_device,
+                  "cuda_graphs": bool(getattr(detector, "cuda_graphs", False)),
+                  "compile_banks": bool(getattr(detector, "compile_banks", False)), "resize_on_device": args.resize_on_device,
                   "frame_size": args.size, **settings}
         per_run = {"warmup_frames": args.warmup_frames, **settings}
         for n in args.lines:
