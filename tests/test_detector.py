@@ -10,6 +10,7 @@ from rareclip_core.config import ConfigError
 from rareclip_core.detectors.rareclip.config import RareCLIPConfig
 from rareclip_core.detectors.rareclip.detector import RareCLIPDetector
 from rareclip_core.detectors.rareclip.text_branch import TPB_CHECKPOINT_KEY
+from rareclip_core.ops.compiled import compile_problem
 
 
 def run(detector, frames, **kw):
@@ -197,6 +198,11 @@ def test_the_text_cache_keeps_random_models_of_other_image_sizes_apart(tiny_conf
         assert torch.equal(cached, fresh), size
 
 
+# torch.compile writes C++ kernels on the CPU (the CI machine has g++)
+needs_a_compiler = pytest.mark.skipif(bool(compile_problem(torch.device("cpu"))), reason="no C++ compiler for torch.compile")
+
+
+@needs_a_compiler
 def test_compiled_banks_score_as_eager_ones_with_one_graph_compiled_ahead(tiny_config, frames):
     # banks full after 8 frames (N_I,max = 8; N_F = 300 < 8 M): every later step goes through the
     # compiled bank stack, captured whole (fullgraph) and compiled once, when the detector is
@@ -231,6 +237,7 @@ def test_compiled_banks_score_as_eager_ones_with_one_graph_compiled_ahead(tiny_c
         assert torch.allclose(value.double(), other.double(), atol=1e-6), key
 
 
+@needs_a_compiler
 def test_a_k_shot_line_compiles_its_banks_again_when_given_references(tiny_config, frames):
     torch._dynamo.reset()
     small = tiny_config.model_copy(update={"max_features": 300, "max_images": 8, "image_memory_size": 12})
@@ -259,6 +266,7 @@ def test_compile_banks_without_a_compiler_is_refused_before_the_model_loads(tiny
         RareCLIPDetector(tiny_config.model_copy(update={"compile_banks": True}))
 
 
+@needs_a_compiler
 def test_banks_that_cannot_be_compiled_warn_once_and_go_on_eagerly(tiny_config, frames, monkeypatch):
     small = tiny_config.model_copy(update={"max_features": 300, "max_images": 8, "image_memory_size": 12})
     eager, compiled = RareCLIPDetector(small), RareCLIPDetector(small.model_copy(update={"compile_banks": True}))
