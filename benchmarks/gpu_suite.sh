@@ -4,9 +4,10 @@
 # backbone's CUDA graph, then with the bank stack compiled too (torch.compile), 1024 px frames
 # resized with PIL and on the GPU, replay with backbone batching, AFR-CLIP's step, lines sharing
 # the GPU through the Ray pipeline with CUDA graphs, the pipeline alone (a detector that does no
-# work: the host's ceiling), the lines under CUDA MPS (where the machine has it), the remaining
-# precisions. Each gets at most its own time limit and what is left before DEADLINE_S, so a late
-# step is cut, not the whole run. Logs and JSON records go to $OUT (default ./gpu-suite-out).
+# work: the host's ceiling; then one whose step sleeps 25 ms: what the pipeline adds to a step),
+# the lines under CUDA MPS (where the machine has it), the remaining precisions. Each gets at
+# most its own time limit and what is left before DEADLINE_S, so a late step is cut, not the
+# whole run. Logs and JSON records go to $OUT (default ./gpu-suite-out).
 #
 #   bash benchmarks/gpu_suite.sh                  # on the GPU machine, paper configs, random weights
 #   SMOKE=1 bash benchmarks/gpu_suite.sh          # here, on CPU with the tiny configs: the script runs
@@ -58,6 +59,7 @@ step kind-afrclip 60 python3 benchmarks/detector_latency.py --config "configs/de
   --device $DEVICE --frames 30 --warmup 5 --json "$JSON"
 step lines-graphs 150 $P --frames $FRAMES --lines $LINES --replay-batches --cuda-graphs --resize-on-device --ingest-actors 4
 step pipeline-alone 90 $P --no-model --frames 120 --lines $LINES --replay-batches 1 8 --ingest-actors 4
+step pipeline-probe-25ms 45 $P --no-model --probe-step-ms 25 --frames 120 --lines 1 --replay-batches
 mps_step() {  # mps_step NAME LIMIT_S COMMAND...: `step` with one CUDA MPS daemon of our own for its processes
   if ! command -v nvidia-cuda-mps-control >/dev/null; then echo "SKIPPED $1 (no nvidia-cuda-mps-control)" | tee -a "$OUT/summary.txt"; return; fi
   export CUDA_MPS_PIPE_DIRECTORY=$(mktemp -d) CUDA_MPS_LOG_DIRECTORY=$(mktemp -d)  # Ray's workers inherit both

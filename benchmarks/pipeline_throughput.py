@@ -151,6 +151,10 @@ def main() -> None:
     parser.add_argument("--no-model", action="store_true",
                         help="lines use a detector that does no work (benchmarks/overhead_probe.py): the pipeline's own "
                              "ceiling (decoding, Ray calls, the writer); --config is then ignored")
+    parser.add_argument("--probe-step-ms", type=float, default=0.0,
+                        help="with --no-model: each step takes this long, sleeping like a device-bound step")
+    parser.add_argument("--probe-holds-gil", action="store_true",
+                        help="with --probe-step-ms: spin in Python instead, like a host-bound step")
     parser.add_argument("--pretrained", help="override detector.pretrained ('none' for random weights)")
     parser.add_argument("--lines", type=int, nargs="*", default=[1, 4, 16, 32])
     parser.add_argument("--frames", type=int, default=60, help="frames per line")
@@ -169,7 +173,10 @@ def main() -> None:
                         help="store each frame's anomaly map at this side, as jobs do (default: none stored)")
     parser.add_argument("--json", default=None, help="append the figures as records to this JSON list")
     args = parser.parse_args()
-    detector = OverheadProbeConfig() if args.no_model else load_detector_config(args.config)
+    if (args.probe_step_ms or args.probe_holds_gil) and not args.no_model:
+        raise SystemExit("--probe-step-ms and --probe-holds-gil go with --no-model")
+    detector = (OverheadProbeConfig(step_ms=args.probe_step_ms, step_holds_gil=args.probe_holds_gil) if args.no_model
+                else load_detector_config(args.config))
     if args.pretrained:
         detector = detector.model_copy(update={"pretrained": None if args.pretrained == "none" else args.pretrained})
     switched_on = {name: True for name in ("cuda_graphs", "compile_banks") if getattr(args, name)}
@@ -185,7 +192,8 @@ def main() -> None:
         device = gpu_name()
         print(f"{args.frames} frames per line (the first {args.warmup_frames} not timed), {args.size}px, model {detector.model} @ {detector.image_size}, {device}")
         settings = {"decode_threads": args.decode_threads, "ingest_actors": args.ingest_actors, "map_resolution": args.map_resolution}
-        common = {"what": "pipeline", "device": device, "config": "no model" if args.no_model else args.config, "model": detector.model,
+        common = {"what": "pipeline", "device": device, "config": "no model" if args.no_model else args.config,
+                  **({"probe_step_ms": args.probe_step_ms, "probe_holds_gil": args.probe_holds_gil} if args.no_model else {}), "model": detector.model,
                   "image_size": detector.image_size, "frames_per_line": args.frames,
                   "cuda_graphs": bool(getattr(detector, "cuda_graphs", False)),
                   "compile_banks": bool(getattr(detector, "compile_banks", False)), "resize_on_device": args.resize_on_device,
