@@ -37,7 +37,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run with the smaller of LIMIT_S and th
   local t0=$(date +%s)
   timeout "$limit" "$@" >"$OUT/logs/$name.log" 2>&1
   local rc=$?
-  echo "$name rc=$rc $(( $(date +%s) - t0 ))s: $(grep -E '^profile [a-z]+:|p50_ms=|max_score_diff=|aggregate_img_s=|replay_one_line|[0-9]+ (passed|failed)' "$OUT/logs/$name.log" | tr '\n' ' ' | cut -c1-700)" | tee -a "$OUT/summary.txt"
+  echo "$name rc=$rc $(( $(date +%s) - t0 ))s: $(grep -E '^profile [a-z]+:|^compiled banks:|p50_ms=|max_score_diff=|aggregate_img_s=|replay_one_line|[0-9]+ (passed|failed)' "$OUT/logs/$name.log" | tr '\n' ' ' | cut -c1-700)" | tee -a "$OUT/summary.txt"
 }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1
