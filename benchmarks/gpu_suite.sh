@@ -5,7 +5,8 @@
 # resized with PIL and on the GPU, replay with backbone batching, AFR-CLIP's step, lines sharing
 # the GPU through the Ray pipeline with CUDA graphs, the pipeline alone (a detector that does no
 # work: the host's ceiling; then one whose step sleeps 25 ms: what the pipeline adds to a step),
-# the lines under CUDA MPS (where the machine has it), the remaining precisions. Each gets at
+# one line timed only once its banks are full (FULL_FROM frames: N_I,max = 200 PSM rows; the
+# lines above are timed while their PSM still grows), the lines under CUDA MPS (where the machine has it), the remaining precisions. Each gets at
 # most its own time limit and what is left before DEADLINE_S, so a late step is cut, not the
 # whole run. Logs and JSON records go to $OUT (default ./gpu-suite-out).
 #
@@ -23,10 +24,10 @@ JSON="$OUT/records.json"
 
 if [ "${SMOKE:-0}" = 1 ]; then
   RARECLIP=configs/detector-tiny.yaml; AFRCLIP=afrclip-tiny
-  DEVICE=cpu; STEPS=5; FRAMES=8; LINES="1 2"; BATCHES="1 4"; REPLAY_FRAMES=8; SIDE=256; GPU_TESTS="RARECLIP_TEST_DEVICE=cpu"
+  DEVICE=cpu; STEPS=5; FRAMES=8; LINES="1 2"; BATCHES="1 4"; REPLAY_FRAMES=8; SIDE=256; GPU_TESTS="RARECLIP_TEST_DEVICE=cpu"; FULL_FROM=20
 else
   RARECLIP=configs/detector-paper.yaml; AFRCLIP=afrclip
-  DEVICE=cuda; STEPS=50; FRAMES=30; LINES="16"; BATCHES="8 32"; REPLAY_FRAMES=96; SIDE=1024; GPU_TESTS=""
+  DEVICE=cuda; STEPS=50; FRAMES=30; LINES="16"; BATCHES="8 32"; REPLAY_FRAMES=96; SIDE=1024; GPU_TESTS=""; FULL_FROM=205
 fi
 
 step() {  # step NAME LIMIT_S COMMAND...: run with the smaller of LIMIT_S and the time left
@@ -60,6 +61,7 @@ step kind-afrclip 60 python3 benchmarks/detector_latency.py --config "configs/de
 step lines-graphs 150 $P --frames $FRAMES --lines $LINES --replay-batches --cuda-graphs --resize-on-device --ingest-actors 4
 step pipeline-alone 90 $P --no-model --frames 120 --lines $LINES --replay-batches 1 8 --ingest-actors 4
 step pipeline-probe-25ms 45 $P --no-model --probe-step-ms 25 --frames 120 --lines 1 --replay-batches
+step line-full-banks 60 $P --frames $((FULL_FROM + 30)) --warmup-frames $FULL_FROM --lines 1 --replay-batches --cuda-graphs --resize-on-device
 mps_step() {  # mps_step NAME LIMIT_S COMMAND...: `step` with one CUDA MPS daemon of our own for its processes
   if ! command -v nvidia-cuda-mps-control >/dev/null; then echo "SKIPPED $1 (no nvidia-cuda-mps-control)" | tee -a "$OUT/summary.txt"; return; fi
   export CUDA_MPS_PIPE_DIRECTORY=$(mktemp -d) CUDA_MPS_LOG_DIRECTORY=$(mktemp -d)  # Ray's workers inherit both

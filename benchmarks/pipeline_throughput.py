@@ -85,9 +85,10 @@ class MachineSampler:
 
 
 def write_lines(work: Path, names: list[str], frames: int, size: int, unique: int = 6) -> None:
-    """`work/src/<line>/` with `frames` PNGs each: copies of `unique` synthetic frames per kind
-    (object lines and texture lines alternate). Decoding a copy costs what a new frame would;
-    making a 1024 px frame takes about 0.6 s, too long for 16 lines on a short lease."""
+    """`work/src/<line>/` with `frames` PNGs each: hard links to `unique` synthetic frames per kind
+    (object lines and texture lines alternate; copies where links fail). Decoding a link costs
+    what a new frame would; making a 1024 px frame takes about 0.6 s, too long for 16 lines on a
+    short lease, and links keep long runs (hundreds of frames per line) off the disk."""
     templates = {kind: [Path(p) for p, _ in write_line_folder(work / "templates" / kind, min(frames, unique), kind, seed, size)]
                  for seed, kind in enumerate(("texture", "object"))}
     for i, name in enumerate(names):
@@ -95,7 +96,10 @@ def write_lines(work: Path, names: list[str], frames: int, size: int, unique: in
         folder.mkdir(parents=True)
         kind = templates["object" if i % 2 else "texture"]
         for j in range(frames):
-            shutil.copyfile(kind[j % len(kind)], folder / f"frame_{j:06d}.png")
+            try:
+                os.link(kind[j % len(kind)], folder / f"frame_{j:06d}.png")
+            except OSError:
+                shutil.copyfile(kind[j % len(kind)], folder / f"frame_{j:06d}.png")
 
 
 def gpu_name():
