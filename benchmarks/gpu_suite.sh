@@ -5,10 +5,11 @@
 # resized with PIL and on the GPU, replay with backbone batching, AFR-CLIP's step, lines sharing
 # the GPU through the Ray pipeline with CUDA graphs, the pipeline alone (a detector that does no
 # work: the host's ceiling; then one whose step sleeps 25 ms: what the pipeline adds to a step),
-# one line timed only once its banks are full (FULL_FROM frames: N_I,max = 200 PSM rows; the
-# lines above are timed while their PSM still grows), the lines under CUDA MPS (where the machine has it), the remaining precisions. Each gets at
-# most its own time limit and what is left before DEADLINE_S, so a late step is cut, not the
-# whole run. Logs and JSON records go to $OUT (default ./gpu-suite-out).
+# one line timed only once its banks are full (from frame FULL_FROM: N_I,max = 200 PSM rows; the
+# lines above are timed while their PSM still grows), the lines under CUDA MPS (where the
+# machine has it), the remaining precisions. Each gets at most its own time limit and what is
+# left before DEADLINE_S, so a late step is cut, not the whole run. Logs and JSON records go to
+# $OUT (default ./gpu-suite-out).
 #
 #   bash benchmarks/gpu_suite.sh                  # on the GPU machine, paper configs, random weights
 #   SMOKE=1 bash benchmarks/gpu_suite.sh          # here, on CPU with the tiny configs: the script runs
