@@ -96,10 +96,11 @@ def write_lines(work: Path, names: list[str], frames: int, size: int, unique: in
         folder.mkdir(parents=True)
         kind = templates["object" if i % 2 else "texture"]
         for j in range(frames):
+            template, frame = kind[j % len(kind)], folder / f"frame_{j:06d}.png"
             try:
-                os.link(kind[j % len(kind)], folder / f"frame_{j:06d}.png")
+                os.link(template, frame)
             except OSError:
-                shutil.copyfile(kind[j % len(kind)], folder / f"frame_{j:06d}.png")
+                shutil.copyfile(template, frame)
 
 
 def gpu_name():

@@ -202,17 +202,22 @@ def test_the_text_cache_keeps_random_models_of_other_image_sizes_apart(tiny_conf
 needs_a_compiler = pytest.mark.skipif(bool(compile_problem(torch.device("cpu"))), reason="no C++ compiler for torch.compile")
 
 
+def eager_and_compiled_lines(tiny_config):
+    """Two lines whose banks are full after 8 frames (N_I,max = 8; N_F = 300 < 8 M), the second
+    with compile_banks."""
+    small = tiny_config.model_copy(update={"max_features": 300, "max_images": 8, "image_memory_size": 12})
+    return RareCLIPDetector(small), RareCLIPDetector(small.model_copy(update={"compile_banks": True}))
+
+
 @needs_a_compiler
 def test_compiled_banks_score_as_eager_ones_with_one_graph_compiled_ahead(tiny_config, frames):
     # banks full after 8 frames (N_I,max = 8; N_F = 300 < 8 M): every later step goes through the
     # compiled bank stack, captured whole (fullgraph) and compiled once, when the detector is
     # built, for the whole stream, a line restored from a snapshot included
     torch._dynamo.reset()
-    small = tiny_config.model_copy(update={"max_features": 300, "max_images": 8, "image_memory_size": 12})
-    eager = RareCLIPDetector(small)
     graphs = torch._dynamo.utils.counters["stats"]
     before = graphs["unique_graphs"]
-    compiled = RareCLIPDetector(small.model_copy(update={"compile_banks": True}))
+    eager, compiled = eager_and_compiled_lines(tiny_config)
     assert graphs["unique_graphs"] - before == 1 and not compiled.banks.is_full
     through_the_graph = []
 
@@ -223,7 +228,7 @@ def test_compiled_banks_score_as_eager_ones_with_one_graph_compiled_ahead(tiny_c
     counted(compiled.banks)
     for i, frame in enumerate(frames):
         if i == 16:
-            restored = RareCLIPDetector(small.model_copy(update={"compile_banks": True}))
+            restored = RareCLIPDetector(compiled.config)
             restored.load_state_dict(compiled.state_dict())
             compiled = restored
             counted(compiled.banks)
@@ -240,8 +245,7 @@ def test_compiled_banks_score_as_eager_ones_with_one_graph_compiled_ahead(tiny_c
 @needs_a_compiler
 def test_a_k_shot_line_compiles_its_banks_again_when_given_references(tiny_config, frames):
     torch._dynamo.reset()
-    small = tiny_config.model_copy(update={"max_features": 300, "max_images": 8, "image_memory_size": 12})
-    eager, compiled = RareCLIPDetector(small), RareCLIPDetector(small.model_copy(update={"compile_banks": True}))
+    eager, compiled = eager_and_compiled_lines(tiny_config)
     graphs = torch._dynamo.utils.counters["stats"]
     built = graphs["unique_graphs"]
     for line in (eager, compiled):
@@ -268,8 +272,7 @@ def test_compile_banks_without_a_compiler_is_refused_before_the_model_loads(tiny
 
 @needs_a_compiler
 def test_banks_that_cannot_be_compiled_warn_once_and_go_on_eagerly(tiny_config, frames, monkeypatch):
-    small = tiny_config.model_copy(update={"max_features": 300, "max_images": 8, "image_memory_size": 12})
-    eager, compiled = RareCLIPDetector(small), RareCLIPDetector(small.model_copy(update={"compile_banks": True}))
+    eager, compiled = eager_and_compiled_lines(tiny_config)
     calls = []
 
     def refuse(*args):

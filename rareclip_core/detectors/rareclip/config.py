@@ -27,7 +27,7 @@ class RareCLIPConfig(DetectorSettings):
     compile_banks: bool = Field(
         False,
         description="torch.compile the IPRB bank stack's step once the banks are full (their shapes are fixed "
-        "from then on): fused kernels, far fewer launches; compiled at the first full step (seconds); "
+        "from then on): fused kernels, far fewer launches; compiled when the detector is built (seconds); "
         "IPRB with the scs sampler only",
     )
     bank_dtype: Literal["float32", "float16", "bfloat16"] = Field(

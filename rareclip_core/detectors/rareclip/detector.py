@@ -96,6 +96,7 @@ class RareCLIPDetector(Detector):
         self.rescore_settings = RescoreSettings(
             config.rescore_min_images, config.rescore_divisor, config.rescore_max_neighbors, config.rescore_temperature
         )
+        self.banks_compiled_for: set[bool] = set()  # has_references of the bank graphs compiled ahead
         self.reset()
         self._compile_banks_ahead()
 
@@ -115,9 +116,12 @@ class RareCLIPDetector(Detector):
 
     def _compile_banks_ahead(self) -> None:
         """With `compile_banks`: compile the banks' step for the line's mode now, not at its first
-        full step (a no-op once compiled in this process: the compiled code is cached)."""
-        if self.config.compile_banks:
-            self.banks.compile_ahead(self.n_patches, self.backbone.width, self.device, self.config.mode == "online")
+        full step; once per graph (with and without the k-shot map): later banks of this process
+        reuse the compiled code."""
+        if not self.config.compile_banks or self.banks.has_references in self.banks_compiled_for:
+            return
+        self.banks.compile_ahead(self.n_patches, self.backbone.width, self.device, self.config.mode == "online")
+        self.banks_compiled_for.add(self.banks.has_references)
 
     def _new_banks(self) -> PatchRarityBank | DirectPatchRarityBank:
         """All rarity banks of the line as one stack (stepped together, one batched computation)."""

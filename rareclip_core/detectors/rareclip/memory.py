@@ -168,7 +168,7 @@ class PatchRarityBank:
         self.seed = seed
         self.dtype = dtype
         self.n_banks = n_banks
-        self._compiled_score = torch.compile(self._score, fullgraph=True) if compiled else None
+        self._compiled_score = self._compile() if compiled else None
         self.reset()
 
     def reset(self) -> None:
@@ -199,7 +199,7 @@ class PatchRarityBank:
         if not self.compiles:
             return
         stand_in = copy.copy(self)
-        stand_in._compiled_score = torch.compile(stand_in._score, fullgraph=True)
+        stand_in._compiled_score = stand_in._compile()
         b, n = self.n_banks, self.max_features
         stand_in.features = F.normalize(torch.randn(b, n, width, device=device), dim=-1).to(self.dtype)
         stand_in.psm_t = torch.rand(b, n, self.max_images, device=device)
@@ -208,9 +208,12 @@ class PatchRarityBank:
         stand_in.n_reference = torch.zeros(b, dtype=torch.long, device=device)
         stand_in.stale = None
         stand_in.score(F.normalize(torch.randn(b, n_patches, width, device=device), dim=-1), update=update)
-        self._upper = stand_in._upper
         if not stand_in.compiles:  # it warned why
             self._compiled_score = None
+
+    def _compile(self):
+        """`_score` through torch.compile, captured whole (a graph break is an error, not a split)."""
+        return torch.compile(self._score, fullgraph=True)
 
     @property
     def compiles(self) -> bool:
