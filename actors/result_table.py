@@ -2,7 +2,8 @@
 Hive-partitioned Parquet dataset `<results>/line_id=<id>/date=<YYYY-MM-DD>/part-*.parquet`, the
 anomaly maps beside it under `_maps/`, files written atomically, and reading it back with
 `line_id` always a string and only complete files (names starting with '.' or '_' are files
-being written, or not part of the table)."""
+being written, or not part of the table). The writer merges a partition's small files now and
+then (`table_compaction`): a reader that finds a listed file gone lists again."""
 from __future__ import annotations
 
 import os
@@ -74,11 +75,23 @@ def write_map(results_dir: Path, line_id: str, seq: int, anomaly_map: np.ndarray
     return rel
 
 
+def partition_dir(results_dir, line_id: str, date: str) -> Path:
+    """The folder of a line's rows of one date."""
+    return Path(results_dir) / f"line_id={line_id}" / f"date={date}"
+
+
+def partition_files(partition: Path) -> list[Path]:
+    """A partition's complete Parquet files, in seq order (each is named by its first seq)."""
+    if not partition.is_dir():
+        return []
+    return sorted(p for p in partition.iterdir() if p.suffix == ".parquet" and p.name[0] not in "._")
+
+
 def write_rows(results_dir: Path, line_id: str, date: str, rows: list[dict]) -> None:
     """One Parquet file of a line's rows of one date (rows in seq order)."""
     table = pa.Table.from_pylist([{k: r.get(k) for k in FILE_SCHEMA.names} for r in rows], schema=FILE_SCHEMA)
     name = f"part-{rows[0]['seq']:010d}-{uuid.uuid4().hex[:8]}.parquet"
-    atomic_write(Path(results_dir) / f"line_id={line_id}" / f"date={date}" / name, lambda p: pq.write_table(table, p))
+    atomic_write(partition_dir(results_dir, line_id, date) / name, lambda p: pq.write_table(table, p))
 
 
 def read_results(results_dir, columns: Optional[list[str]] = None, line_id: Optional[str] = None) -> pa.Table:
@@ -89,9 +102,14 @@ def read_results(results_dir, columns: Optional[list[str]] = None, line_id: Opti
     if not root.is_dir() or not any(root.glob("line_id=*")):
         empty = READ_SCHEMA.empty_table()
         return empty.select(columns) if columns else empty
-    dataset = pads.dataset(str(root), format="parquet", partitioning=PARTITIONING, schema=READ_SCHEMA)
     where = None if line_id is None else pads.field("line_id") == line_id
-    return dataset.to_table(columns=columns, filter=where)
+    for attempt in range(2):
+        try:
+            dataset = pads.dataset(str(root), format="parquet", partitioning=PARTITIONING, schema=READ_SCHEMA)
+            return dataset.to_table(columns=columns, filter=where)
+        except FileNotFoundError:
+            if attempt:  # first failure: a merge swapped a partition since it was listed; list again
+                raise
 
 
 def persisted_last_seqs(results_dir) -> dict[str, int]:

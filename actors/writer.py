@@ -3,13 +3,22 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 
 from .result_table import persisted_last_seqs, write_map, write_rows
+from .table_compaction import CompactionSettings, compact_partition, recover
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WriterSettings:
+    batch_rows: int = 256  # buffered rows that make a flush
+    flush_s: float = 2.0  # ... or the age of the oldest buffered row that makes one
+    compaction: CompactionSettings = field(default_factory=CompactionSettings)
 
 
 class ResultWriterCore:
@@ -17,16 +26,23 @@ class ResultWriterCore:
     replay after a restore) is dropped, and so is one past a hole (it comes again with the
     replay that fills the hole). So the table never holds a (line_id, seq) twice or a gap.
 
+    Each flush writes a file per (line, date). Once a partition has gained
+    `compaction.files` of them, they are merged into one (`table_compaction`); so is a line's
+    partition of an earlier date once the line's rows move on to a new date, and every
+    partition at `compact_all` (a job's end, a writer's start).
+
     With `verdicts` (a NATS stream), each accepted row is published as a verdict at once, and a
     row is written to the table only once its verdict is stored: a row persisted always has its
     verdict, and one lost with the buffer is replayed and its verdict not published twice."""
 
-    def __init__(self, results_dir: str, batch_rows: int = 256, flush_s: float = 2.0, supervisor_name: str | None = None,
+    def __init__(self, results_dir: str, settings: WriterSettings = WriterSettings(), supervisor_name: str | None = None,
                  verdicts=None):
         self.root = Path(results_dir)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.batch_rows = batch_rows
-        self.flush_s = flush_s
+        self.settings = settings
+        self.unmerged: dict[tuple[str, str], int] = {}  # (line, date) -> files written since its last merge
+        recover(self.root)
+        self.compact_all()
         self.last_seq = persisted_last_seqs(self.root)  # written or buffered
         self.buffer: list[dict] = []
         self.oldest = None
@@ -59,7 +75,9 @@ class ResultWriterCore:
             self.oldest = self.oldest or time.monotonic()
         if self.publisher and self.publisher.connected:
             self._publish()
-        if len(self.buffer) >= self.batch_rows or (self.oldest and time.monotonic() - self.oldest >= self.flush_s):
+        if len(self.buffer) >= self.settings.batch_rows or (
+            self.oldest and time.monotonic() - self.oldest >= self.settings.flush_s
+        ):
             try:
                 self.flush()
             except ConnectionError as err:  # verdicts not published: the rows stay buffered
@@ -83,8 +101,38 @@ class ResultWriterCore:
             done = {id(r) for r in group}
             self.buffer = [r for r in self.buffer if id(r) not in done]
             written += len(group)
+            self._count_file(line, date)
         self.oldest = time.monotonic() if self.buffer else None
         return written
+
+    def compact_all(self) -> int:
+        """Merge the small files of every partition of the table; returns how many were merged."""
+        merged = 0
+        for partition in sorted(self.root.glob("line_id=*/date=*")):
+            merged += self._compact(partition.parent.name.removeprefix("line_id="), partition.name.removeprefix("date="))
+        self.unmerged = {}
+        return merged
+
+    def _count_file(self, line: str, date: str) -> None:
+        """A file was written to (line, date): merge it with the partition's other small files once
+        there are enough of them, and merge the line's partitions of earlier dates for good."""
+        for earlier in [key for key in self.unmerged if key[0] == line and key[1] != date]:
+            del self.unmerged[earlier]
+            self._compact(*earlier)
+        self.unmerged[(line, date)] = self.unmerged.get((line, date), 0) + 1
+        if self.settings.compaction.files and self.unmerged[(line, date)] >= self.settings.compaction.files:
+            self.unmerged[(line, date)] = 0
+            self._compact(line, date)
+
+    def _compact(self, line: str, date: str) -> int:
+        """A merge that fails (a full disk, ...) leaves the small files, which stay correct."""
+        if not self.settings.compaction.files:
+            return 0
+        try:
+            return compact_partition(self.root, line, date, self.settings.compaction)
+        except OSError as err:
+            log.warning("line %s, %s: small files not merged (%s); the table stays correct", line, date, err)
+            return 0
 
     def _publish(self, raise_error: bool = False) -> None:
         if not (self.publisher and self.unpublished):

@@ -143,8 +143,12 @@ class PipelineConfig(StrictModel):
         "float16", description="dtype of stored maps; float32 for evaluation (no quantization)"
     )
     backbone_batch: int = Field(1, ge=1, description="frames per backbone call (replay); scores unchanged")
-    writer_batch_rows: int = Field(256, ge=1)
-    writer_flush_s: float = Field(2.0, gt=0)
+    writer_batch_rows: int = Field(256, ge=1, description="buffered rows that make the writer write a file")
+    writer_flush_s: float = Field(2.0, gt=0, description="... or the age in seconds of its oldest buffered row")
+    writer_compact_files: int = Field(
+        64, ge=0, description="merge a line's files of one date into one once it has this many small ones (0: never)"
+    )
+    writer_compact_rows: int = Field(50_000, ge=2, description="a file with this many rows is not merged again")
     snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
     verdicts: Optional[VerdictsConfig] = Field(None, description="also publish each row as a verdict (NATS)")
 

@@ -45,6 +45,7 @@ class LineFeed:
     """What the page shows of one line: counts over all its rows, its latest rows and last anomalies."""
 
     def __init__(self):
+        self.last_seq = -1
         self.frames = 0
         self.errors = 0
         self.anomalies_by_date: Counter = Counter()
@@ -52,6 +53,10 @@ class LineFeed:
         self.anomalies: deque = deque(maxlen=LAST_ANOMALIES)
 
     def add(self, row: dict) -> None:
+        """A row in seq order; one already added (read again from a merged file) is skipped."""
+        if row["seq"] <= self.last_seq:
+            return
+        self.last_seq = row["seq"]
         self.frames += 1
         self.errors += row["status"] == STATUS_ERROR
         if row["is_anomaly"]:
@@ -80,7 +85,8 @@ class LineFeed:
 
 class ResultFeed:
     """The result table, read incrementally: each complete Parquet file once, in seq order per
-    line (a line's files are named by their first seq and hold rows in seq order)."""
+    line (a line's files are named by their first seq and hold rows in seq order). A file that
+    merges files already read (`table_compaction`) is new, but its rows are not."""
 
     def __init__(self, results_dir):
         self.results_dir = Path(results_dir)
@@ -95,9 +101,13 @@ class ResultFeed:
             new = sorted((f for f in listed if f not in self.read_files), key=_line_and_name)
             if not new:
                 return 0
-            for row in _read_rows(new):
+            try:
+                rows = _read_rows(new)
+            except duckdb.IOException:  # a merge swapped a partition since the listing: next time
+                return 0
+            for row in rows:
                 self.lines.setdefault(row["line_id"], LineFeed()).add(row)
-            self.read_files.update(new)
+            self.read_files = set(listed)
             return len(new)
 
     def view(self, today: str) -> dict:

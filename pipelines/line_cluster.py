@@ -21,7 +21,8 @@ from actors.line import AutoThreshold, LineActor, LineSettings
 from actors.names import NAMESPACE, job_key, line_actor_name, supervisor_actor_name, writer_actor_name
 from actors.result_table import STATUS_ERROR, read_results
 from actors.supervisor import Supervisor
-from actors.writer import ResultWriter
+from actors.table_compaction import CompactionSettings
+from actors.writer import ResultWriter, WriterSettings
 from configs.pipeline import (
     FolderSourceConfig,
     PipelineConfig,
@@ -243,7 +244,7 @@ class LineCluster:
         place = place_lines(len(self.lines), ray.cluster_resources(), cfg.lines_per_gpu, cfg.line_num_cpus, fit_all)
         writer_name = writer_actor_name(self.key)
         self.writer = ResultWriter.options(name=writer_name).remote(
-            str(cfg.results_dir), cfg.writer_batch_rows, cfg.writer_flush_s, supervisor_name, cfg.verdict_stream
+            str(cfg.results_dir), self._writer_settings(), supervisor_name, cfg.verdict_stream
         )
         self.line_actors = {
             line: LineActor.options(
@@ -282,6 +283,11 @@ class LineCluster:
         self.supervisor = Supervisor.options(name=supervisor_name, scheduling_strategy=here).remote(
             self.writer, self.line_actors, list(zip(self.ingest, groups)), cfg.snapshot.every_frames, cfg.snapshot.every_s
         )
+
+    def _writer_settings(self) -> WriterSettings:
+        cfg = self.cfg
+        return WriterSettings(cfg.writer_batch_rows, cfg.writer_flush_s,
+                              CompactionSettings(cfg.writer_compact_files, cfg.writer_compact_rows))
 
     def _line_settings(self, line: str, supervisor_name: str) -> LineSettings:
         cfg = self.cfg
@@ -347,6 +353,7 @@ class LineCluster:
                 counts = ray.get(done)
                 if interrupted:
                     ray.get(self.supervisor.snapshot_all.remote())
+                ray.get(self.writer.compact_all.remote())  # each line's files of a date as one
             except KeyboardInterrupt:
                 abandoned = True
                 counts = ray.get(self.writer.status.remote())["last_seq"]

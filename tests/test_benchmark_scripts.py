@@ -21,3 +21,13 @@ def test_a_benchmark_script_starts_without_pythonpath(script):
     proc = subprocess.run([sys.executable, f"benchmarks/{script}", "--help"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_table_files_reports_fewer_files_once_merged():
+    proc = subprocess.run([sys.executable, "benchmarks/table_files.py", "--lines", "2", "--files", "5",
+                           "--compact-files", "2", "--compact-rows", "6"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = {line.split(":")[0]: int(line.split(" files,")[0].rsplit(" ", 1)[1])
+             for line in proc.stdout.splitlines() if " files," in line}
+    assert files == {"unmerged": 10, "merged": 4}  # per line: 4 flushes merged into one file of 8 rows, + the 5th

@@ -17,6 +17,8 @@ from result_fixture import write_results_fixture
 from werkzeug.serving import make_server
 
 from actors.result_table import FILE_SCHEMA, read_results
+from actors.table_compaction import CompactionSettings, compact_partition
+from pipelines import dashboard
 from pipelines.dashboard import LAST_ANOMALIES, create_app
 
 
@@ -71,6 +73,36 @@ def test_rows_written_while_it_runs_appear_and_count_today(results):
     assert after["anomalies_today"] == 3 and after["anomalies"] == before["anomalies"] + 3
     assert [f["seq"] for f in after["latest"][:3]] == [42, 41, 40]
     assert lines_json(client)["cable"]["frames"] == after["frames"]  # each file is read once
+
+
+def test_a_merge_of_files_already_read_counts_no_row_twice(results):
+    client = create_app(results).test_client()
+    append_rows(results, "cable", [40, 41], score=0.9)
+    before = lines_json(client)["cable"]
+    append_rows(results, "cable", [42], score=0.9)  # not read yet, merged with the rest
+    today = dt.datetime.now(dt.timezone.utc).date().isoformat()
+    assert compact_partition(results, "cable", today, CompactionSettings(files=2)) == 2
+    after = lines_json(client)["cable"]
+    assert after["frames"] == before["frames"] + 1 and after["anomalies_today"] == 3
+    assert [f["seq"] for f in after["latest"][:3]] == [42, 41, 40]
+
+
+def test_files_merged_between_listing_and_reading_are_read_at_the_next_poll(results, monkeypatch):
+    client = create_app(results).test_client()
+    before = lines_json(client)["cable"]
+    append_rows(results, "cable", [40], score=0.9)
+    append_rows(results, "cable", [41], score=0.9)
+    today = dt.datetime.now(dt.timezone.utc).date().isoformat()
+    read = dashboard._read_rows
+
+    def merge_then_read(files):
+        compact_partition(results, "cable", today, CompactionSettings(files=2))  # the listed files go
+        return read(files)
+
+    monkeypatch.setattr(dashboard, "_read_rows", merge_then_read)
+    assert lines_json(client)["cable"]["frames"] == before["frames"]  # nothing read this time
+    monkeypatch.undo()
+    assert lines_json(client)["cable"]["frames"] == before["frames"] + 2
 
 
 def test_frame_images_full_size_and_thumbnail(results):

@@ -13,7 +13,7 @@ from PIL import Image
 from actors.frames import Frame
 from actors.ingest import frames_per_submit
 from actors.line import LineActor, LineSettings, start_afresh
-from actors.writer import ResultWriter, ResultWriterCore
+from actors.writer import ResultWriter, ResultWriterCore, WriterSettings
 from pipelines.line_cluster import LineCluster
 from pipelines.replay import run_replay
 from pipelines.report import write_report
@@ -32,7 +32,7 @@ def in_process_scores(tiny_config, images) -> list[float]:
 
 
 def test_lines_score_out_of_order_frames_in_sequence_once(local_ray, tiny_config, tmp_path):
-    writer = ResultWriter.options(name=f"writer-{tmp_path.name}").remote(str(tmp_path / "results"), 16, 0.5)
+    writer = ResultWriter.options(name=f"writer-{tmp_path.name}").remote(str(tmp_path / "results"), WriterSettings(16, 0.5))
     lines = {f"line{i}": line_frames(i, 30) for i in range(3)}
     actors = {
         name: LineActor.options(num_cpus=0.5).remote(
@@ -63,7 +63,7 @@ def test_lines_score_out_of_order_frames_in_sequence_once(local_ray, tiny_config
 
 
 def test_missing_frame_ends_in_an_error_row_after_the_gap_timeout(local_ray, tiny_config, tmp_path):
-    writer = ResultWriter.options(name=f"writer-{tmp_path.name}").remote(str(tmp_path / "results"), 1, 0.1)
+    writer = ResultWriter.options(name=f"writer-{tmp_path.name}").remote(str(tmp_path / "results"), WriterSettings(1, 0.1))
     actor = LineActor.options(num_cpus=0.5).remote(
         "gap", tiny_config, f"writer-{tmp_path.name}", LineSettings(map_resolution=None, gap_timeout_s=1.0)
     )
@@ -195,7 +195,7 @@ def test_the_supervisor_follows_a_fast_line_while_slow_lines_are_mid_step(local_
 
 
 def test_writer_keeps_one_row_per_seq_and_no_holes(tmp_path):
-    writer = ResultWriterCore(str(tmp_path), batch_rows=2, flush_s=60)
+    writer = ResultWriterCore(str(tmp_path), WriterSettings(batch_rows=2, flush_s=60))
     row = lambda s: {"line_id": "x", "seq": s, "status": "ok", "score": float(s), "date": "2026-11-23"}
     writer.write([row(0), row(1), row(1), row(3), row(2)])
     writer.flush()

@@ -271,9 +271,10 @@ def test_drill_on_numeric_line_ids_with_a_writer_kill_passes(local_ray, tiny_con
     for i, line in enumerate(("001", "002")):
         write_folder(tmp_path / "src", line, line_frames(70 + i, 40))
     outs = {}
-    for name, steps in (("clean", []), ("faulty", [("writer", "001", 6)])):
+    # the clean run never merges files; the faulty one merges each 2 files of a line, while its writer is killed
+    for name, steps, merge_files in (("clean", [], 0), ("faulty", [("writer", "001", 6)], 2)):
         cfg = pipeline_config(tiny_config, tmp_path / "src", tmp_path / name, snapshot={"every_frames": 4},
-                              gap_timeout_s=600.0, max_in_flight=2)
+                              gap_timeout_s=600.0, max_in_flight=2, writer_compact_files=merge_files)
         cluster = LineCluster(cfg)
         try:
             plan = KillPlan(cluster, steps)
@@ -285,6 +286,9 @@ def test_drill_on_numeric_line_ids_with_a_writer_kill_passes(local_ray, tiny_con
     assert summary.event_counts.get("writer restarts") == 1, summary.events
     verdict = compare_results(outs["clean"], outs["faulty"])
     assert verdict["ok"] and verdict["rows"] == 80, verdict
+    files = {name: len(list(Path(out).glob("line_id=*/date=*/*.parquet"))) for name, out in outs.items()}
+    partitions = len(list(Path(outs["faulty"]).glob("line_id=*/date=*")))
+    assert files["faulty"] == partitions < files["clean"], files  # one file per line and date after the job's end
 
 
 # ---- checks before Ray ---------------------------------------------------------------------------

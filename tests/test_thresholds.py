@@ -12,7 +12,7 @@ from actors.frames import Frame
 from actors.line import CALIBRATION_KEY, AutoThreshold, LineActor, LineSequencer, LineSettings
 from actors.result_table import read_results
 from actors.snapshots import SnapshotStore
-from actors.writer import ResultWriter
+from actors.writer import ResultWriter, WriterSettings
 from configs.pipeline import PipelineConfig
 from rareclip_core.config import ConfigError
 from rareclip_core.ops.threshold import robust_threshold
@@ -95,7 +95,7 @@ def test_config_accepts_auto_or_a_number_per_line():
 
 def test_a_line_actor_restarted_after_calibration_keeps_its_threshold(local_ray, tmp_path):
     writer_name = f"writer-{tmp_path.name}"
-    writer = ResultWriter.options(name=writer_name).remote(str(tmp_path / "results"), 1, 0.1)
+    writer = ResultWriter.options(name=writer_name).remote(str(tmp_path / "results"), WriterSettings(1, 0.1))
     settings = LineSettings(auto_threshold=AUTO, map_resolution=None, snapshot_root=str(tmp_path / "snapshots"))
     actor = LineActor.options(num_cpus=0.5).remote("l", BrightnessConfig(), writer_name, settings)
     stream = frames(range(12))
