@@ -51,6 +51,7 @@ PARTITIONING = pads.partitioning(pa.schema([(name, pa.string()) for name in PART
 # the complete Parquet files, as a glob relative to the results folder (for DuckDB)
 VISIBLE_PARQUET = os.path.join("line_id=*", "date=*", "[!._]*.parquet")
 MAPS_DIR = "_maps"
+MAPS_PER_FOLDER = 10_000  # a line's maps go in folders of consecutive seqs, so no folder grows without end
 # a line id is a folder name of the table: letters, digits, '.', '_' and '-', not starting with
 # '.' or '_' (hidden or ignored names), at most 128 characters; '001' stays the string '001'
 LINE_ID = re.compile(r"[A-Za-z0-9-][A-Za-z0-9._-]{0,127}")
@@ -66,7 +67,7 @@ def line_id_problem(line_id: str) -> Optional[str]:
 
 def map_path(line_id: str, seq: int) -> str:
     """Where a row's anomaly map is stored, relative to the results folder (its `map_uri`)."""
-    return f"{MAPS_DIR}/line_id={line_id}/{seq:010d}.npy"
+    return f"{MAPS_DIR}/line_id={line_id}/{seq // MAPS_PER_FOLDER:06d}/{seq:010d}.npy"
 
 
 def write_map(results_dir: Path, line_id: str, seq: int, anomaly_map: np.ndarray) -> str:

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from actors.result_table import FILE_SCHEMA, STATUS_ERROR, STATUS_OK
+from actors.result_table import FILE_SCHEMA, STATUS_ERROR, STATUS_OK, map_path
 
 LINES = ("bottle", "cable", "screw")
 ROWS_PER_LINE = 40
@@ -60,7 +60,7 @@ def write_results_fixture(root) -> Path:
                 row.update(status=STATUS_ERROR, error=f"decode failed: truncated file {frame.name}")
             else:
                 anomaly_map = _anomaly_map(defect, score, rng)
-                map_uri = f"_maps/line_id={line}/{seq:010d}.npy"  # where the ResultWriter puts maps
+                map_uri = map_path(line, seq)  # where the ResultWriter puts maps
                 (results / map_uri).parent.mkdir(parents=True, exist_ok=True)
                 np.save(results / map_uri, anomaly_map.astype(np.float16))
                 row.update(status=STATUS_OK, score=score, is_anomaly=score >= THRESHOLD, map_uri=map_uri)

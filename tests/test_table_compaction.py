@@ -155,3 +155,7 @@ def test_readers_that_listed_the_files_before_a_merge_read_the_whole_table(tmp_p
     monkeypatch.setattr("pipelines.query._connect", connect_then_merge)  # DuckDB lists at the query
     assert query_table("SELECT count(*) AS n, sum(seq) AS s FROM results", tmp_path).to_pylist() == [{"n": 12, "s": 66}]
 
+
+def test_a_lines_maps_go_in_folders_of_ten_thousand_seqs():
+    assert result_table.map_path("a", 12_345) == "_maps/line_id=a/000001/0000012345.npy"
+    assert {result_table.map_path("a", s).rsplit("/", 1)[0] for s in range(10_000)} == {"_maps/line_id=a/000000"}
