@@ -42,7 +42,10 @@ class FolderSource:
     frames present now, by name: every entry that is not a folder or hidden (a name starting with
     '.', the way to write a file before renaming it complete), broken links included (they get an
     error row). A `live` source grows, and takes a file only once it is complete: not modified
-    for `settle_s` seconds (a camera still writing it keeps touching it)."""
+    for `settle_s` seconds (a camera still writing it keeps touching it).
+
+    A live folder is listed again every poll and holds every frame of the day: a name once
+    taken is not looked at again (no `stat`), so a poll costs little more than reading the folder."""
 
     def __init__(self, root: str, lines: Optional[list[str]] = None, live: bool = False, settle_s: float = 0.0):
         self.root = Path(root)
@@ -53,6 +56,7 @@ class FolderSource:
             raise FileNotFoundError(f"source folder {self.root} has no line subfolders")
         self.live = live
         self.settle_s = settle_s if live else 0.0
+        self._taken: dict[str, set[str]] = {}  # line -> names listed before (files, complete)
 
     def lines(self) -> list[str]:
         return list(self._lines)
@@ -61,16 +65,22 @@ class FolderSource:
         folder = self.root / line_id
         if not folder.is_dir():
             return []
+        taken = self._taken.setdefault(line_id, set())
         now = time.time()
         found = []
         with os.scandir(folder) as entries:
             for entry in entries:
-                if entry.name.startswith(".") or entry.is_dir():
-                    continue
-                if self.settle_s and now - entry.stat(follow_symlinks=False).st_mtime < self.settle_s:
-                    continue  # still being written
-                found.append(entry.name)
-        return [str(folder / name) for name in sorted(found)]
+                name = entry.name
+                if name not in taken:
+                    if name.startswith(".") or entry.is_dir():
+                        continue
+                    if self.settle_s and now - entry.stat(follow_symlinks=False).st_mtime < self.settle_s:
+                        continue  # still being written
+                    taken.add(name)
+                found.append(name)
+        found.sort()
+        prefix = f"{folder}{os.sep}"
+        return [prefix + name for name in found]
 
 
 class ManifestSource:
@@ -145,6 +155,7 @@ class FrameLedger:
     def __init__(self, path: Path, line_id: str):
         self.path, self.line_id = path, line_id
         self.uris: list[str] = [row["uri"] for row in _table_rows(path)] if path.is_file() else []
+        self.recorded = Counter(self.uris)  # uri -> times recorded
 
     def __len__(self) -> int:
         return len(self.uris)
@@ -152,13 +163,16 @@ class FrameLedger:
     def extend(self, listing: list[str]) -> int:
         """Append the entries of `listing` not yet in the ledger (as many times as a uri is listed
         more often than recorded), in listing order; returns how many."""
-        recorded = Counter(self.uris)
-        new = []
-        for uri in listing:
-            if recorded[uri]:
-                recorded[uri] -= 1
-            else:
-                new.append(uri)
+        listed = Counter(listing)
+        if len(listed) == len(listing):  # each uri once (a folder): new = not recorded yet
+            new = [uri for uri in listing if uri not in self.recorded]
+        else:
+            listed.clear()
+            new = []
+            for uri in listing:
+                listed[uri] += 1
+                if listed[uri] > self.recorded[uri]:
+                    new.append(uri)
         if new:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fresh = not self.path.is_file() or self.path.stat().st_size == 0
@@ -170,6 +184,7 @@ class FrameLedger:
                 fh.flush()
                 os.fsync(fh.fileno())
             self.uris.extend(new)
+            self.recorded.update(new)
         return len(new)
 
 
