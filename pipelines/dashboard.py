@@ -18,11 +18,13 @@ import os
 import sys
 import threading
 from collections import Counter, deque
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 from flask import Flask, Response, abort, jsonify, request
 from PIL import Image
 
@@ -52,17 +54,15 @@ class LineFeed:
         self.recent: deque = deque(maxlen=TIMELINE_FRAMES)
         self.anomalies: deque = deque(maxlen=LAST_ANOMALIES)
 
-    def add(self, row: dict) -> None:
-        """A row in seq order; one already added (read again from a merged file) is skipped."""
-        if row["seq"] <= self.last_seq:
-            return
-        self.last_seq = row["seq"]
-        self.frames += 1
-        self.errors += row["status"] == STATUS_ERROR
-        if row["is_anomaly"]:
-            self.anomalies_by_date[row["date"]] += 1
-            self.anomalies.append(row)
-        self.recent.append(row)
+    def add(self, fresh: "FreshRows") -> None:
+        """What the line's new rows (those past `last_seq`) change."""
+        for count in fresh.counts:
+            self.frames += count["frames"]
+            self.errors += count["errors"]
+            self.anomalies_by_date[count["date"]] += count["anomalies"]
+            self.last_seq = max(self.last_seq, count["last_seq"])
+        self.recent.extend(fresh.recent)
+        self.anomalies.extend(fresh.anomalies)
 
     def view(self, today: str) -> dict:
         """The line as the page's JSON."""
@@ -83,10 +83,21 @@ class LineFeed:
         }
 
 
+@dataclass
+class FreshRows:
+    """One line's rows that the feed had not read: counts per date, and of its rows only those
+    the page shows (the newest TIMELINE_FRAMES, the newest LAST_ANOMALIES anomalies), in seq order."""
+
+    counts: list[dict] = field(default_factory=list)  # {date, frames, errors, anomalies, last_seq}
+    recent: list[dict] = field(default_factory=list)
+    anomalies: list[dict] = field(default_factory=list)
+
+
 class ResultFeed:
-    """The result table, read incrementally: each complete Parquet file once, in seq order per
-    line (a line's files are named by their first seq and hold rows in seq order). A file that
-    merges files already read (`table_compaction`) is new, but its rows are not."""
+    """The result table, read incrementally: each complete Parquet file once, and of it only the
+    rows past each line's last seq read (a file that merges files already read,
+    `table_compaction`, is new, but its rows are not). Rows are counted by DuckDB; only those
+    the page shows become Python rows, so a table of months opens in seconds."""
 
     def __init__(self, results_dir):
         self.results_dir = Path(results_dir)
@@ -98,15 +109,15 @@ class ResultFeed:
         """Read the files that appeared since the last call; returns how many."""
         with self.lock:
             listed = glob.glob(os.path.join(glob.escape(str(self.results_dir)), VISIBLE_PARQUET))
-            new = sorted((f for f in listed if f not in self.read_files), key=_line_and_name)
+            new = sorted(f for f in listed if f not in self.read_files)
             if not new:
                 return 0
             try:
-                rows = _read_rows(new)
+                fresh = _read_fresh(new, {line: feed.last_seq for line, feed in self.lines.items()})
             except duckdb.IOException:  # a merge swapped a partition since the listing: next time
                 return 0
-            for row in rows:
-                self.lines.setdefault(row["line_id"], LineFeed()).add(row)
+            for line in sorted(fresh):
+                self.lines.setdefault(line, LineFeed()).add(fresh[line])
             self.read_files = set(listed)
             return len(new)
 
@@ -203,24 +214,37 @@ def _map_scale(anomaly_map: np.ndarray) -> tuple[float, float]:
     return float(np.nanmin(anomaly_map)), float(np.nanmax(anomaly_map))
 
 
-def _read_rows(files: list[str]) -> list[dict]:
-    """The rows of `files` (complete Parquet files of the table), in the order given."""
+def _read_fresh(files: list[str], last_seqs: dict[str, int]) -> dict[str, FreshRows]:
+    """Per line, what `files` (complete Parquet files of the table) hold past its `last_seqs` seq."""
     connection = duckdb.connect()
     try:
         connection.execute("SET TimeZone = 'UTC'")
+        connection.register("seen", pa.table({"line_id": pa.array(list(last_seqs), pa.string()),
+                                              "last_seq": pa.array(list(last_seqs.values()), pa.int64())}))
+        fresh_rows = (
+            "WITH fresh AS (SELECT r.* FROM read_parquet($files, hive_partitioning = true, "
+            "hive_types = {'line_id': VARCHAR, 'date': VARCHAR}) r LEFT JOIN seen USING (line_id) "
+            "WHERE r.seq > coalesce(seen.last_seq, -1)) "
+        )
+
+        def rows(sql: str) -> list[dict]:
+            return connection.sql(fresh_rows + sql, params={"files": files}).to_arrow_table().to_pylist()
+
         columns = ", ".join(["line_id", "date", *COLUMNS])
-        return connection.sql(
-            f"SELECT {columns} FROM read_parquet($files, hive_partitioning = true, "
-            "hive_types = {'line_id': VARCHAR, 'date': VARCHAR}) ORDER BY line_id, seq",
-            params={"files": files},
-        ).to_arrow_table().to_pylist()
+        newest = "QUALIFY row_number() OVER (PARTITION BY line_id ORDER BY seq DESC) <= {} ORDER BY line_id, seq"
+        counts = rows(
+            f"SELECT line_id, date, count(*) AS frames, count(*) FILTER (status = '{STATUS_ERROR}') AS errors, "
+            "count(*) FILTER (is_anomaly) AS anomalies, max(seq) AS last_seq FROM fresh GROUP BY line_id, date"
+        )
+        recent = rows(f"SELECT {columns} FROM fresh " + newest.format(TIMELINE_FRAMES))
+        anomalies = rows(f"SELECT {columns} FROM fresh WHERE is_anomaly " + newest.format(LAST_ANOMALIES))
     finally:
         connection.close()
-
-
-def _line_and_name(path: str) -> tuple[str, str]:
-    parts = Path(path).parts
-    return parts[-3], parts[-1]
+    fresh: dict[str, FreshRows] = {}
+    for key, found in (("counts", counts), ("recent", recent), ("anomalies", anomalies)):
+        for row in found:
+            getattr(fresh.setdefault(row["line_id"], FreshRows()), key).append(row)
+    return fresh
 
 
 def _frame_json(row: dict) -> dict:

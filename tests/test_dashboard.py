@@ -16,10 +16,10 @@ from PIL import Image
 from result_fixture import write_results_fixture
 from werkzeug.serving import make_server
 
-from actors.result_table import FILE_SCHEMA, read_results
+from actors.result_table import FILE_SCHEMA, read_results, write_rows
 from actors.table_compaction import CompactionSettings, compact_partition
 from pipelines import dashboard
-from pipelines.dashboard import LAST_ANOMALIES, create_app
+from pipelines.dashboard import LAST_ANOMALIES, TIMELINE_FRAMES, ResultFeed, create_app
 
 
 @pytest.fixture
@@ -93,16 +93,39 @@ def test_files_merged_between_listing_and_reading_are_read_at_the_next_poll(resu
     append_rows(results, "cable", [40], score=0.9)
     append_rows(results, "cable", [41], score=0.9)
     today = dt.datetime.now(dt.timezone.utc).date().isoformat()
-    read = dashboard._read_rows
+    read = dashboard._read_fresh
 
-    def merge_then_read(files):
+    def merge_then_read(files, last_seqs):
         compact_partition(results, "cable", today, CompactionSettings(files=2))  # the listed files go
-        return read(files)
+        return read(files, last_seqs)
 
-    monkeypatch.setattr(dashboard, "_read_rows", merge_then_read)
+    monkeypatch.setattr(dashboard, "_read_fresh", merge_then_read)
     assert lines_json(client)["cable"]["frames"] == before["frames"]  # nothing read this time
     monkeypatch.undo()
     assert lines_json(client)["cable"]["frames"] == before["frames"] + 2
+
+
+def test_a_long_line_shows_its_newest_rows_and_counts_them_all(tmp_path):
+    def write(seqs):
+        rows = [{"line_id": "long", "seq": q, "status": "error" if q % 50 == 7 else "ok", "score": q / 10,
+                 "is_anomaly": q % 9 == 0, "threshold": 1.0, "date": "2026-12-0" + str(1 + q // 400)} for q in seqs]
+        for date in sorted({r["date"] for r in rows}):
+            write_rows(tmp_path, "long", date, [r for r in rows if r["date"] == date])
+
+    feed = ResultFeed(tmp_path)
+    for chunk in range(5):
+        write(range(chunk * 100, chunk * 100 + 100))
+    feed.refresh()
+    write(range(500, 700))
+    compact_partition(tmp_path, "long", "2026-12-02", CompactionSettings(files=2))  # seqs 400-699: 100 already read
+    feed.refresh()
+    table = sorted(read_results(tmp_path).to_pylist(), key=lambda r: r["seq"])
+    view = feed.view("2026-12-02")["long"]
+    assert view["frames"] == 700 and view["errors"] == sum(r["status"] == "error" for r in table) == 14
+    assert view["anomalies"] == sum(r["is_anomaly"] for r in table) == 78
+    assert view["anomalies_today"] == sum(r["is_anomaly"] for r in table if r["date"] == "2026-12-02") == 33
+    assert [t[0] for t in view["timeline"]] == list(range(700 - TIMELINE_FRAMES, 700))
+    assert [f["seq"] for f in view["last_anomalies"]] == [q for q in range(699, -1, -1) if q % 9 == 0][:LAST_ANOMALIES]
 
 
 def test_frame_images_full_size_and_thumbnail(results):
