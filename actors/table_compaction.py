@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rareclip_core.data.files import atomic_write
@@ -46,26 +45,20 @@ class CompactionSettings:
     rows: int = 50_000  # a file with at least this many rows is not merged again
 
 
-def small_files(partition: Path, settings: CompactionSettings) -> list[Path]:
-    """The partition's complete files with fewer than `settings.rows` rows, in seq order (none
-    when it has one file: nothing to merge it with)."""
-    files = partition_files(partition)
-    return [f for f in files if pq.read_metadata(f).num_rows < settings.rows] if len(files) > 1 else []
-
-
 def compact_partition(results_dir, line_id: str, date: str, settings: CompactionSettings) -> int:
     """Merge the small files of (line_id, date) into one; returns how many were merged (0 when
-    fewer than two). The rows, their values and their order stay as they were."""
+    fewer than two). The rows, their values and their order stay as they were (files are named
+    by their first seq, so their name order is seq order)."""
     partition = partition_dir(results_dir, line_id, date)
-    small = small_files(partition, settings)
+    files = partition_files(partition)
+    small = [f for f in files if pq.read_metadata(f).num_rows < settings.rows] if len(files) > 1 else []
     if len(small) < 2:
         return 0
     merged = pa.concat_tables([pq.read_table(f, schema=FILE_SCHEMA) for f in small])
-    merged = merged.take(pc.sort_indices(merged, [("seq", "ascending")]))
     building = partition.parent / f"{NEW_PREFIX}{partition.name}"
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir()
-    for kept in sorted(set(partition_files(partition)) - set(small)):
+    for kept in (f for f in files if f not in small):
         _link_or_copy(kept, building / kept.name)
     first_seq = merged.column("seq")[0].as_py()
     name = f"part-{first_seq:010d}-{uuid.uuid4().hex[:8]}.parquet"
