@@ -114,6 +114,7 @@ class Supervisor:
         i = self.ingest_of[line]
         actor, group = self.ingest[i]
         async with self.feed_locks[i]:
+            await self._check_feed(i)  # a feed that failed since the last check is noted, not overwritten
             if self.feeds.get(i) is not None and await _call(actor.rewind.remote(line, seq)):
                 return
             self.feeds[i] = actor.run.remote({other: self.progress[other] for other in group})
@@ -138,17 +139,24 @@ class Supervisor:
                 self._maybe_snapshot(line, actor)
 
     async def _check_feeds(self) -> None:
-        for i, ref in list(self.feeds.items()):
-            if ref is None or not ray.wait([ref], timeout=0)[0]:
-                continue
-            try:
-                self.fed_to.update(await ref)
-                self.feeds[i] = None
-            except ray.exceptions.RayError as err:
-                group = self.ingest[i][1]
-                cause = str(getattr(err, "cause", None) or type(err).__name__).strip().splitlines()[-1][:300]
-                self.events.append(f"ingest {i} failed; feeding {group} again from the lines' positions ({cause})")
-                self.feeds[i] = self.ingest[i][0].run.remote({line: self.progress[line] for line in group})
+        for i in list(self.feeds):
+            async with self.feed_locks[i]:
+                await self._check_feed(i)
+
+    async def _check_feed(self, i: int) -> None:
+        """A finished feed is done with; a failed one (its ingest actor died) starts again.
+        Called with the feed's lock held, so that a failure is seen and handled once."""
+        ref = self.feeds.get(i)
+        if ref is None or not ray.wait([ref], timeout=0)[0]:
+            return
+        try:
+            self.fed_to.update(await ref)
+            self.feeds[i] = None
+        except ray.exceptions.RayError as err:
+            group = self.ingest[i][1]
+            cause = str(getattr(err, "cause", None) or type(err).__name__).strip().splitlines()[-1][:300]
+            self.events.append(f"ingest {i} failed; feeding {group} again from the lines' positions ({cause})")
+            self.feeds[i] = self.ingest[i][0].run.remote({line: self.progress[line] for line in group})
 
     def _maybe_snapshot(self, line: str, actor) -> None:
         if self.every_frames is None and self.every_s is None or line in self.snapshotting:
