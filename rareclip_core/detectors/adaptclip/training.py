@@ -32,6 +32,7 @@ from ...config import ConfigError
 from ...data.datasets import Sample, load_mask
 from ...data.files import atomic_write
 from ...ops.losses import dice_loss, focal_loss
+from ...optimizer_steps import OptimizerSteps
 from .adapters import AdaptCLIPAdapters
 from .config import AdaptCLIPConfig
 from .detector import build_clip, init_adapters
@@ -147,18 +148,13 @@ def train_adapters(
     steps = len(_batches(len(queries), settings.batch_size, random.Random(0)))
     with tqdm(total=settings.epochs * steps, initial=start * steps, desc="AdaptCLIP training", unit="step",
               disable=not progress) as bar:
+        optimizer_steps = OptimizerSteps(optimizer, bar, steps, losses)
         for epoch in range(start, last):
             draw = random.Random(settings.seed * 100_003 + epoch)  # the epoch's order and prompts
             for batch in _batches(len(queries), settings.batch_size, draw):
                 chosen = [queries[i] for i in batch]
                 prompts = [draw.choice(normals[s.category]) for s in chosen]
-                loss = trainer.loss(chosen, prompts)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-                bar.set_postfix(epoch=epoch + 1, loss=f"{sum(losses[-steps:]) / len(losses[-steps:]):.4f}")
-                bar.update()
+                optimizer_steps.take(trainer.loss(chosen, prompts), epoch)
             _write_resume(saved, trainer.adapters, optimizer, epoch + 1, losses, config, settings)
     adapters = trainer.adapters.cpu().eval().requires_grad_(False)
     if last == settings.epochs:

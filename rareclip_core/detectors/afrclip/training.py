@@ -28,6 +28,7 @@ from ...backbone import FrameInput, resolve_device
 from ...config import ConfigError
 from ...data.datasets import Sample, load_mask
 from ...ops.losses import dice_loss, focal_loss
+from ...optimizer_steps import OptimizerSteps
 from .checkpoint import apply_checkpoint, read_checkpoint, save_checkpoint
 from .config import AFRCLIPConfig
 from .model import AFRCLIPModel, load_model
@@ -130,6 +131,7 @@ def train_afrclip(config: AFRCLIPConfig, samples: list[Sample], settings: Traini
     bar = tqdm(total=settings.epochs * steps_per_epoch, initial=start * steps_per_epoch, desc="AFR-CLIP training",
                unit="step", disable=not settings.progress)
     with bar:
+        steps = OptimizerSteps(optimizer, bar, steps_per_epoch, losses)
         for epoch in range(start, settings.epochs):
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr / (epoch + 1)
@@ -138,14 +140,7 @@ def train_afrclip(config: AFRCLIPConfig, samples: list[Sample], settings: Traini
                 images, cnn, text, masks, labels = data.batch(order[begin : begin + settings.batch_size])
                 tokens = model.vision.stage_tokens(images, heads.sp(cnn))
                 logits = heads.stage_logits(tokens, text, model.vision.grid, config.mpfa_size, config.temperature)
-                loss = afrclip_loss(logits, masks, labels, model.vision.grid)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-                recent = losses[-steps_per_epoch:]
-                bar.set_postfix(epoch=epoch + 1, loss=f"{sum(recent) / len(recent):.4f}")
-                bar.update()
+                steps.take(afrclip_loss(logits, masks, labels, model.vision.grid), epoch)
             if settings.checkpoint_dir is not None:
                 training = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "losses": list(losses), "settings": identity}
                 save_checkpoint(heads, shape, Path(settings.checkpoint_dir) / CHECKPOINT_NAME.format(epoch + 1), training)

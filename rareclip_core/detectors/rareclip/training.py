@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ...backbone import ClipBackbone, FrameInput, load_backbone, resolve_device
 from ...data.datasets import Sample, load_mask
 from ...ops.losses import dice_loss, focal_loss
+from ...optimizer_steps import OptimizerSteps
 from .config import RareCLIPConfig
 from .text_branch import TextProjection, cached_state_embeddings, init_text_projection
 
@@ -135,16 +136,10 @@ def train_text_projection(
     steps_per_epoch = -(-len(samples) // batch_size)
     losses: list[float] = []
     with tqdm(total=epochs * steps_per_epoch, desc="TPB training", unit="step", disable=not progress) as bar:
+        steps = OptimizerSteps(optimizer, bar, steps_per_epoch, losses)
         for epoch in range(epochs):
             order = torch.randperm(len(samples), generator=generator).tolist()
             for start in range(0, len(order), batch_size):
                 tokens, embeddings, masks = features.batch(order[start : start + batch_size])
-                loss = tpb_loss(projection(tokens), embeddings, text_features, masks, config.text_temperature)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-                recent = losses[-steps_per_epoch:]
-                bar.set_postfix(epoch=epoch + 1, loss=f"{sum(recent) / len(recent):.4f}")
-                bar.update()
+                steps.take(tpb_loss(projection(tokens), embeddings, text_features, masks, config.text_temperature), epoch)
     return projection.cpu().eval().requires_grad_(False), losses
