@@ -206,13 +206,13 @@ class Source:
     def frames(self, line_id: str, start_seq: int = 0) -> Iterator[FrameRef]:
         """The line's frames known now, from `start_seq` on (new ones are recorded first)."""
         if self.ledger_dir is None:
-            uris = self.inner.listing(line_id)
+            uris = self.inner.listing(line_id)[start_seq:]
         else:
             with self._lock:
                 ledger = self._ledgers.get(line_id)
                 if ledger is None:
                     ledger = self._ledgers[line_id] = FrameLedger(self.ledger_dir / f"{line_id}.csv", line_id)
                 ledger.extend(self.inner.listing(line_id))
-                uris = list(ledger.uris)
-        for seq in range(start_seq, len(uris)):
-            yield FrameRef(line_id, seq, uris[seq])
+                uris = ledger.uris[start_seq:]
+        for seq, uri in enumerate(uris, start=start_seq):
+            yield FrameRef(line_id, seq, uri)
