@@ -43,6 +43,16 @@ REFRESH_S = 2.0  # how often the page asks for new rows
 COLUMNS = ("seq", "uri", "scored_time", "score", "is_anomaly", "threshold", "status", "error", "map_uri")
 
 
+@dataclass
+class FreshRows:
+    """One line's rows that the feed had not read: counts per date, and of its rows only those
+    the page shows (the newest TIMELINE_FRAMES, the newest LAST_ANOMALIES anomalies), in seq order."""
+
+    counts: list[dict] = field(default_factory=list)  # {date, frames, errors, anomalies, last_seq}
+    recent: list[dict] = field(default_factory=list)
+    anomalies: list[dict] = field(default_factory=list)
+
+
 class LineFeed:
     """What the page shows of one line: counts over all its rows, its latest rows and last anomalies."""
 
@@ -54,7 +64,7 @@ class LineFeed:
         self.recent: deque = deque(maxlen=TIMELINE_FRAMES)
         self.anomalies: deque = deque(maxlen=LAST_ANOMALIES)
 
-    def add(self, fresh: "FreshRows") -> None:
+    def add(self, fresh: FreshRows) -> None:
         """What the line's new rows (those past `last_seq`) change."""
         for count in fresh.counts:
             self.frames += count["frames"]
@@ -83,16 +93,6 @@ class LineFeed:
         }
 
 
-@dataclass
-class FreshRows:
-    """One line's rows that the feed had not read: counts per date, and of its rows only those
-    the page shows (the newest TIMELINE_FRAMES, the newest LAST_ANOMALIES anomalies), in seq order."""
-
-    counts: list[dict] = field(default_factory=list)  # {date, frames, errors, anomalies, last_seq}
-    recent: list[dict] = field(default_factory=list)
-    anomalies: list[dict] = field(default_factory=list)
-
-
 class ResultFeed:
     """The result table, read incrementally: each complete Parquet file once, and of it only the
     rows past each line's last seq read (a file that merges files already read,
@@ -109,7 +109,7 @@ class ResultFeed:
         """Read the files that appeared since the last call; returns how many."""
         with self.lock:
             listed = glob.glob(os.path.join(glob.escape(str(self.results_dir)), VISIBLE_PARQUET))
-            new = sorted(f for f in listed if f not in self.read_files)
+            new = [f for f in listed if f not in self.read_files]
             if not new:
                 return 0
             try:
