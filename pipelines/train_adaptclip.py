@@ -14,7 +14,7 @@ from rareclip_core.data.datasets import load_dataset
 from rareclip_core.detectors.adaptclip.config import AdaptCLIPConfig
 from rareclip_core.detectors.adaptclip.training import TrainingSettings, resume_path, train_adapters
 
-from .training_data import add_config_argument, add_dataset_arguments, annotated_samples, training_config
+from .training_data import add_config_argument, add_dataset_arguments, annotated_samples, loss_summary, training_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-adaptclip.yaml"
 DEFAULTS = TrainingSettings()
@@ -54,8 +54,6 @@ def main(args) -> int:
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    steps = max(1, len(losses) // args.epochs)
-    print(f"final loss {losses[-1]:.4f} (last epoch mean {sum(losses[-steps:]) / steps:.4f}, first epoch mean "
-          f"{sum(losses[:steps]) / steps:.4f})")
+    print(loss_summary(losses, max(1, len(losses) // args.epochs)))
     print(f"wrote AdaptCLIP weights to {args.save} (set detector.weights to use them)")
     return 0

@@ -14,7 +14,7 @@ from rareclip_core.detectors.afrclip.checkpoint import save_checkpoint
 from rareclip_core.detectors.afrclip.config import AFRCLIPConfig
 from rareclip_core.detectors.afrclip.training import TrainingSettings, train_afrclip
 
-from .training_data import add_config_argument, add_dataset_arguments, annotated_samples, training_config
+from .training_data import add_config_argument, add_dataset_arguments, annotated_samples, loss_summary, training_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-afrclip.yaml"
 
@@ -62,9 +62,7 @@ def main(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     save_checkpoint(heads, shape, args.save)
-    steps = -(-len(samples) // args.batch_size)
     if losses:
-        print(f"final loss {losses[-1]:.4f} (last epoch mean {sum(losses[-steps:]) / len(losses[-steps:]):.4f}, first "
-              f"epoch mean {sum(losses[:steps]) / len(losses[:steps]):.4f})")
+        print(loss_summary(losses, -(-len(samples) // args.batch_size)))
     print(f"wrote AFR-CLIP weights to {args.save} (set detector.weights to use them)")
     return 0

@@ -10,7 +10,7 @@ from rareclip_core.detectors.rareclip.config import RareCLIPConfig
 from rareclip_core.detectors.rareclip.text_branch import save_tpb_checkpoint
 from rareclip_core.detectors.rareclip.training import train_text_projection
 
-from .training_data import add_config_argument, add_dataset_arguments, annotated_samples, training_config
+from .training_data import add_config_argument, add_dataset_arguments, annotated_samples, loss_summary, training_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-paper.yaml"
 
@@ -51,8 +51,6 @@ def main(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     save_tpb_checkpoint(projection, args.save)
-    steps = len(losses) // args.epochs
-    print(f"final loss {losses[-1]:.4f} (last epoch mean {sum(losses[-steps:]) / steps:.4f}, first epoch mean "
-          f"{sum(losses[:steps]) / steps:.4f})")
+    print(loss_summary(losses, len(losses) // args.epochs))
     print(f"wrote TPB weights to {args.save} (set detector.tpb_weights to use them)")
     return 0

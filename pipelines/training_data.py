@@ -1,5 +1,6 @@
 """What the training jobs (train-tpb, train-afrclip, train-adaptclip) share: their --config and
-dataset arguments, the check of the config's detector kind, and the choice of annotated images.
+dataset arguments, the check of the config's detector kind, the choice of annotated images and
+the loss summary they print at the end.
 As in the papers, the learned parts are trained on one dataset's test images with their masks
 (all categories) and used on another (VisA -> MVTec AD and back)."""
 from __future__ import annotations
@@ -36,6 +37,13 @@ def training_config(path: str, config_class: type[DetectorSettings], trains: str
             f"pass --config with a detector of kind {_kind(config_class)!r}"
         )
     return config
+
+
+def loss_summary(losses: list[float], steps_per_epoch: int) -> str:
+    """The last loss, and the mean loss of the last and of the first epoch's worth of steps."""
+    last, first = losses[-steps_per_epoch:], losses[:steps_per_epoch]
+    return (f"final loss {losses[-1]:.4f} (last epoch mean {sum(last) / len(last):.4f}, "
+            f"first epoch mean {sum(first) / len(first):.4f})")
 
 
 def add_dataset_arguments(parser) -> None:
