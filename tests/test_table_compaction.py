@@ -2,6 +2,8 @@
 or miss one, and a merge stopped at any point is finished or undone when the writer starts."""
 import datetime as dt
 import os
+import threading
+import time
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -12,7 +14,10 @@ from actors.result_table import partition_dir, partition_files, read_results
 from actors.table_compaction import CompactionSettings, compact_partition
 from actors.writer import ResultWriterCore, WriterSettings
 from pipelines import query
+from pipelines.dashboard import ResultFeed
+from pipelines.line_cluster import LineCluster
 from pipelines.query import query_table
+from tests.pipeline_helpers import line_frames, pipeline_config, write_folder
 
 DAY1, DAY2 = "2026-11-23", "2026-11-24"
 
@@ -154,6 +159,49 @@ def test_readers_that_listed_the_files_before_a_merge_read_the_whole_table(tmp_p
 
     monkeypatch.setattr("pipelines.query._connect", connect_then_merge)  # DuckDB lists at the query
     assert query_table("SELECT count(*) AS n, sum(seq) AS s FROM results", tmp_path).to_pylist() == [{"n": 12, "s": 66}]
+
+
+def test_readers_during_a_job_that_merges_all_the_time_never_see_a_row_twice_or_lose_one(
+    local_ray, tiny_config, tmp_path
+):
+    for i, line in enumerate(("a", "b")):
+        write_folder(tmp_path / "src", line, line_frames(80 + i, 60))
+    cfg = pipeline_config(tiny_config, tmp_path / "src", tmp_path / "out", writer_batch_rows=2, writer_flush_s=0.05,
+                          writer_compact_files=3)
+    results, seen, problems, done = cfg.results_dir, [0], [], threading.Event()
+
+    def read_all_the_time():
+        feed = ResultFeed(results)
+        while not done.is_set():
+            if not Path(results).is_dir():  # the writer makes it
+                time.sleep(0.01)
+                continue
+            try:
+                table = read_results(results, columns=["line_id", "seq"])
+                pairs = set(zip(table.column("line_id").to_pylist(), table.column("seq").to_pylist()))
+                counted = query_table("SELECT count(*) AS n, count(DISTINCT (line_id, seq)) AS d FROM results", results)
+                feed.refresh()
+                shown = feed.view("today")
+                if len(pairs) != table.num_rows or len(pairs) < seen[-1] or len(set(counted.to_pylist()[0].values())) > 1:
+                    problems.append((table.num_rows, len(pairs), seen[-1], counted.to_pylist()))
+                if any(view["frames"] != view["last_seq"] + 1 for view in shown.values()):
+                    problems.append(shown)
+                seen.append(len(pairs))
+            except Exception as err:  # noqa: BLE001 - any failure of a reader is what this test looks for
+                problems.append(repr(err))
+
+    reader = threading.Thread(target=read_all_the_time)
+    reader.start()
+    cluster = LineCluster(cfg)
+    try:
+        assert cluster.run(progress=False).counts == {"a": 60, "b": 60}
+    finally:
+        cluster.shutdown()
+        done.set()
+        reader.join()
+    assert problems == []
+    assert len(set(seen)) > 10  # the readers saw the table grow while files were merged
+    assert len(list(Path(results).glob("line_id=*/date=*/*.parquet"))) == len(list(Path(results).glob("line_id=*/date=*")))
 
 
 def test_a_lines_maps_go_in_folders_of_ten_thousand_seqs():
