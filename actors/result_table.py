@@ -49,7 +49,8 @@ READ_SCHEMA = pa.schema([*FILE_SCHEMA, *(RESULT_SCHEMA.field(name) for name in P
 # partition values are read as strings: a line named `001` stays `001`
 PARTITIONING = pads.partitioning(pa.schema([(name, pa.string()) for name in PARTITION_COLUMNS]), flavor="hive")
 # the complete Parquet files, as a glob relative to the results folder (for DuckDB)
-VISIBLE_PARQUET = os.path.join("line_id=*", "date=*", "[!._]*.parquet")
+VISIBLE_FILE = "[!._]*.parquet"  # a complete file of a partition
+VISIBLE_PARQUET = os.path.join("line_id=*", "date=*", VISIBLE_FILE)
 MAPS_DIR = "_maps"
 MAPS_PER_FOLDER = 10_000  # a line's maps go in folders of consecutive seqs, so no folder grows without end
 # a line id is a folder name of the table: letters, digits, '.', '_' and '-', not starting with
@@ -83,9 +84,7 @@ def partition_dir(results_dir, line_id: str, date: str) -> Path:
 
 def partition_files(partition: Path) -> list[Path]:
     """A partition's complete Parquet files, in seq order (each is named by its first seq)."""
-    if not partition.is_dir():
-        return []
-    return sorted(p for p in partition.iterdir() if p.suffix == ".parquet" and p.name[0] not in "._")
+    return sorted(partition.glob(VISIBLE_FILE))
 
 
 def write_rows(results_dir: Path, line_id: str, date: str, rows: list[dict]) -> None:

@@ -6,8 +6,8 @@ reader (queries, the dashboard, a restarted writer) opens each one. A merge read
 partition's small files (fewer than `rows` rows each), writes their rows as one file in a
 hidden folder beside the partition, links the partition's large files in too, and swaps the
 two folders in one rename. Readers see the old files or the new one, never both nor neither
-(a reader that listed the old files and opens one after the swap fails to find it, and reads
-again: `read_while_compacting`).
+(a reader that listed the old files and opens one after the swap fails to find it, and lists
+again: `read_results`, the queries, the dashboard).
 
 The swap is Linux's renameat2(RENAME_EXCHANGE). Where it is missing (another OS, a file system
 without it) two renames take its place: for an instant the partition is absent to readers,

@@ -116,11 +116,13 @@ class ResultWriterCore:
     def _count_file(self, line: str, date: str) -> None:
         """A file was written to (line, date): merge it with the partition's other small files once
         there are enough of them, and merge the line's partitions of earlier dates for good."""
+        if not self.settings.compaction.files:
+            return
         for earlier in [key for key in self.unmerged if key[0] == line and key[1] != date]:
             del self.unmerged[earlier]
             self._compact(*earlier)
         self.unmerged[(line, date)] = self.unmerged.get((line, date), 0) + 1
-        if self.settings.compaction.files and self.unmerged[(line, date)] >= self.settings.compaction.files:
+        if self.unmerged[(line, date)] >= self.settings.compaction.files:
             self.unmerged[(line, date)] = 0
             self._compact(line, date)
 
