@@ -95,6 +95,7 @@ class IngestActor:
         self.running = False
         self.feed = 0  # the current `run`; an older one ends when a new one starts
         self.rewinds: dict[str, int] = {}
+        self.supervisor_name = supervisor_name
         if supervisor_name:
             try:  # a restart (the first start comes before the supervisor exists)
                 ray.get_actor(supervisor_name).ingest_started.remote(index)
@@ -122,6 +123,18 @@ class IngestActor:
             if self.running:
                 self.rewinds[line_id] = seq
             return self.running
+
+    def _tell_supervisor(self, notices: list[str]) -> None:
+        """Pass on what the source said (files it left out): the job reports it at its end."""
+        if not notices or not self.supervisor_name:
+            return
+        try:
+            supervisor = ray.get_actor(self.supervisor_name)
+        except ValueError:  # the job is ending
+            log.warning("; ".join(notices))
+            return
+        for text in notices:
+            supervisor.notice.remote(text)
 
     def run(self, start_seqs: dict[str, int] | None = None) -> dict[str, int]:
         """Feed every line from its start seq (default 0) until the source ends (or, for a live
@@ -159,6 +172,7 @@ class IngestActor:
                 if not refs and self.source.live and time.monotonic() - listed_at[line] >= self.poll_s:
                     iterators[line] = self.source.frames(line, next_seq[line])  # look for new files
                     listed_at[line] = time.monotonic()
+            self._tell_supervisor(self.source.notices())
             refs = [ref for line_refs in taken.values() for ref in line_refs]
             decoded = iter(self.decoder.map(lambda ref: load_frame(ref, self.decoding), refs))
             for line, line_refs in taken.items():

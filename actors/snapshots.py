@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from rareclip_core.data.files import fsync_folder
+
 FORMAT_VERSION = 3  # 3: k-shot state as the authors keep it (banks.n_reference, reference_laifs); 2: banks stacked
 STATE_FILE = "state.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -93,7 +95,7 @@ class SnapshotStore:
             self.fs.delete_dir(final)  # same seq again (e.g. after a restore): the new one wins
         self.fs.move(tmp, final)
         if self.local:
-            self._fsync_dir(self.dir)
+            fsync_folder(self.dir)
         return SnapshotInfo(self.line_id, name, next_seq)
 
     def _write(self, path: str, data: bytes) -> None:
@@ -102,14 +104,6 @@ class SnapshotStore:
         if self.local:
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
-
-    @staticmethod
-    def _fsync_dir(path: str) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def load(self, info: SnapshotInfo, fingerprint: str) -> dict[str, torch.Tensor]:
         """The state of one snapshot, or SnapshotError naming what is wrong with it."""

@@ -56,6 +56,7 @@ class Supervisor:
         self.snapshotting: dict[str, asyncio.Task] = {}
         self.events: list[str] = []
         self.event_counts: Counter = Counter()  # kind of recovery -> how many
+        self.notices: list[str] = []  # what the sources said (files left out)
         self.stopping = False
         self.watcher = None
         self.feed_locks = [asyncio.Lock() for _ in ingest]  # one rewind-or-restart of a feed at a time
@@ -83,6 +84,11 @@ class Supervisor:
         for reason in rejected or []:
             self._event("snapshots rejected", f"line {line} rejected a snapshot: {reason}")
         await self._replay(line, next_seq)
+
+    def notice(self, text: str) -> None:
+        """A source left frames out (an ingest actor passes it on): kept for the job's summary."""
+        self.notices.append(text)
+        log.info(text)
 
     def ingest_started(self, index: int) -> None:
         """A restarted ingest actor: a feed it ran fails and `_check_feeds` starts it again."""
@@ -185,6 +191,7 @@ class Supervisor:
             "totals": dict(self.totals),
             "events": list(self.events),
             "event_counts": dict(self.event_counts),
+            "notices": list(self.notices),
         }
 
     def stop(self) -> None:

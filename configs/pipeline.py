@@ -26,6 +26,12 @@ class FolderSourceConfig(StrictModel):
     settle_s: float = Field(
         1.0, ge=0, description="watched folders: a file is taken once unmodified for this long (a camera still writing it)"
     )
+    max_file_age_s: float = Field(
+        86_400.0,
+        ge=0,
+        description="watched folders: the ingest ledger remembers the files taken in the last 2 × this (bounded memory) "
+        "and leaves out files modified more than this before the line's newest frame; 0 = remember every file",
+    )
 
 
 class ManifestSourceConfig(StrictModel):
@@ -241,7 +247,7 @@ def open_source(source: SourceConfig, ledger_dir: Optional[str] = None):
     )
 
     if isinstance(source, FolderSourceConfig):
-        return Source(FolderSource(source.root, source.lines, source.watch, source.settle_s), ledger_dir)
+        return Source(FolderSource(source.root, source.lines, source.watch, source.settle_s, source.max_file_age_s), ledger_dir)
     if isinstance(source, ManifestSourceConfig):
         return Source(ManifestSource(source.path, source.lines), ledger_dir)
     if isinstance(source, DatasetSourceConfig):

@@ -147,6 +147,9 @@ class SupervisorLost(RuntimeError):
         )
 
 
+NOTICES_SHOWN = 10  # a run's summary names the first few notices of its source
+
+
 @dataclass
 class RunSummary:
     """How a run ended: frames per line scored and persisted (`counts`), the source's totals
@@ -157,10 +160,11 @@ class RunSummary:
     interrupted: bool
     events: list[str]
     event_counts: dict[str, int]
+    notices: list[str]  # what the source left out (a watched folder's files too old to take)
 
     def describe(self, results_dir: Path) -> list[str]:
-        """One line per line of the job (rows, error rows, where it stands) and one for the
-        recoveries seen; the resume hint when interrupted."""
+        """One line per line of the job (rows, error rows, where it stands), one for the
+        recoveries seen, the source's notices; the resume hint when interrupted."""
         table = read_results(results_dir, columns=["line_id", "status"])
         rows = Counter(table["line_id"].to_pylist())
         errors = Counter(line for line, st in zip(table["line_id"].to_pylist(), table["status"].to_pylist()) if st == STATUS_ERROR)
@@ -171,6 +175,9 @@ class RunSummary:
             out.append(f"  {line}: {where} frames scored; table {rows[line]} rows, {errors[line]} error rows")
         seen = ", ".join(f"{n} {kind}" for kind, n in sorted(self.event_counts.items())) or "none"
         out.append(f"  recoveries seen: {seen}")
+        out += [f"  {text}" for text in self.notices[:NOTICES_SHOWN]]
+        if len(self.notices) > NOTICES_SHOWN:
+            out.append(f"  ... and {len(self.notices) - NOTICES_SHOWN} more such notices")
         if self.interrupted:
             out.append("  interrupted: run the same command again to resume where each line stopped")
         return out
@@ -367,7 +374,7 @@ class LineCluster:
             if bars:
                 bars.close()
         return RunSummary(counts, {line: totals.get(line) for line in self.lines}, interrupted or abandoned,
-                          status["events"], status["event_counts"])
+                          status["events"], status["event_counts"], status["notices"])
 
     def shutdown_actors(self) -> None:
         for actor in [getattr(self, "supervisor", None), *self.ingest, *self.line_actors.values(), self.writer]:

@@ -1,5 +1,6 @@
 """Every benchmark script runs as the docs write it, `python benchmarks/<name>.py ...` from the
 repository root, with no PYTHONPATH set."""
+import json
 import os
 import subprocess
 import sys
@@ -31,3 +32,14 @@ def test_table_files_reports_fewer_files_once_merged():
     files = {line.split(":")[0]: int(line.split(" files,")[0].rsplit(" ", 1)[1])
              for line in proc.stdout.splitlines() if " files," in line}
     assert files == {"unmerged": 10, "merged": 4}  # per line: 4 flushes merged into one file of 8 rows, + the 5th
+
+
+def test_ledger_memory_reports_a_window_remembered():
+    proc = subprocess.run([sys.executable, "benchmarks/ledger_memory.py", "--frames", "250000", "--rate", "0.5"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loads = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    # files of 100,000 rows, the last recorded at 500,000 s: the first file's newest (200,000 s) is
+    # more than 2 days older and forgotten; the second's (400,000 s) is not
+    assert [(r["max_file_age_s"], r["frames"], r["remembered"]) for r in loads] == [(0, 250_000, 250_000),
+                                                                                    (86_400, 250_000, 150_000)]

@@ -1,6 +1,6 @@
-"""Nothing lost, nothing doubled in real use: one job per output folder, a ledger of each line's
-frames, files taken once complete, Ctrl-C, line ids, checks before Ray, the pixel limit, high-bit frames and EXIF,
-and the job's report of what happened."""
+"""Nothing lost, nothing doubled in real use: one job per output folder, files taken once
+complete, Ctrl-C, line ids, checks before Ray, the pixel limit, high-bit frames and EXIF, and the
+job's report of what happened (the ledger of each line's frames: test_frame_ledger.py)."""
 import io
 import json
 import os
@@ -34,7 +34,7 @@ from pipelines.job_lock import JobLock, JobLockError
 from pipelines.line_cluster import LineCluster, SupervisorLost
 from rareclip_core.config import ConfigError
 from rareclip_core.data.frames import FrameDecoding, FrameError, decode_frame
-from rareclip_core.data.sources import FolderSource, FrameLedger, ManifestSource, Source
+from rareclip_core.data.sources import FolderSource, Source
 from tests.pipeline_helpers import (
     KillPlan,
     line_frames,
@@ -135,20 +135,7 @@ def test_a_second_job_on_the_same_out_is_refused_and_live_stops_cleanly(tmp_path
     assert [(r["line_id"], r["seq"]) for r in rows] == [(line, s) for line in "ab" for s in range(6)]
 
 
-# ---- the ledger and complete files --------------------------------------------------------------
-def test_the_ledger_keeps_seqs_whatever_later_listings_say(tmp_path):
-    ledger = FrameLedger(tmp_path / "l.csv", "l")
-    assert ledger.extend(["IMG_9998.png", "IMG_9999.png"]) == 2
-    # a name that sorts first (IMG_10000 < IMG_9998), and one file listed twice by a manifest
-    assert ledger.extend(["IMG_10000.png", "IMG_9998.png", "IMG_9999.png", "x.png", "x.png"]) == 3
-    assert ledger.uris == ["IMG_9998.png", "IMG_9999.png", "IMG_10000.png", "x.png", "x.png"]
-    again = FrameLedger(tmp_path / "l.csv", "l")  # what a restarted ingest reads
-    assert again.uris == ledger.uris and again.extend(ledger.uris) == 0
-    # the ledger folder is a manifest: replaying it gives the same frames with the same seqs
-    manifest = Source(ManifestSource(str(tmp_path)))
-    assert [(r.seq, r.uri) for r in manifest.frames("l")] == list(enumerate(ledger.uris))
-
-
+# ---- complete files ----------------------------------------------------------------------------
 def test_a_watched_folder_takes_files_once_complete_and_lists_broken_links(tmp_path):
     folder = tmp_path / "src" / "line"
     write_folder(tmp_path / "src", "line", line_frames(1, 2))
@@ -169,11 +156,14 @@ def test_a_watched_folder_takes_files_once_complete_and_lists_broken_links(tmp_p
 def test_a_live_folder_gets_one_row_per_file_slow_writes_early_names_and_broken_links(tmp_path):
     src = tmp_path / "src"
     write_folder(src, "cam", line_frames(3, 3))
-    config = write_config(tmp_path / "job.yaml", src, tmp_path / "out", source={"poll_s": 0.2, "settle_s": 1.0})
+    config = write_config(tmp_path / "job.yaml", src, tmp_path / "out",
+                          source={"poll_s": 0.2, "settle_s": 1.0, "max_file_age_s": 600})
     live = start(["live", "--config", str(config)])
     images = line_frames(4, 2)
     try:
         wait_for_rows(tmp_path / "out" / "results", 3)
+        (src / "cam" / "old_copy.png").write_bytes(png(images[0]))  # a copy that kept its time of an hour ago
+        os.utime(src / "cam" / "old_copy.png", (time.time() - 3600, time.time() - 3600))
         data = png(images[0])
         with open(src / "cam" / "slow.png", "wb") as fh:  # written in pieces over 2 s
             for i in range(0, len(data), len(data) // 8 + 1):
@@ -185,11 +175,13 @@ def test_a_live_folder_gets_one_row_per_file_slow_writes_early_names_and_broken_
         wait_for_rows(tmp_path / "out" / "results", 6)
     finally:
         live.send_signal(signal.SIGINT)
-        live.communicate(timeout=120)
+        out, _ = live.communicate(timeout=120)
     assert live.returncode == 130
     rows = read_rows(tmp_path / "out" / "results")
     by_name = {Path(r["uri"]).name: r for r in rows}
-    assert sorted(by_name) == sorted(p.name for p in (src / "cam").iterdir()) and len(rows) == 6
+    # every file gets its row but the late copy, which the job's summary names
+    assert sorted(by_name) == sorted(p.name for p in (src / "cam").iterdir() if p.name != "old_copy.png")
+    assert len(rows) == 6 and "line cam: 1 file(s) left out" in out and "(first: old_copy.png)" in out
     assert [r["seq"] for r in rows] == list(range(6))
     assert by_name["slow.png"]["status"] == "ok" and by_name["aaa_early.png"]["status"] == "ok"
     assert by_name["aaa_early.png"]["seq"] > 2  # the next seq when it appeared, nothing shifted

@@ -164,6 +164,10 @@ class NatsFrameSource:
     def lines(self) -> list[str]:
         return list(self._lines)
 
+    def notices(self) -> list[str]:
+        """Nothing to tell the job: a stream leaves no frame out (see `Source.notices`)."""
+        return []
+
     def frames(self, line_id: str, start_seq: int = 0) -> Iterator[FrameRef]:
         """The line's frames known now from `start_seq` on, read a few at a time, bytes included."""
         if self.live:

@@ -6,7 +6,9 @@ after a crash gives every frame the same number again (exactly-once rests on tha
 from __future__ import annotations
 
 import csv
+import logging
 import os
+import shutil
 import threading
 import time
 from collections import Counter
@@ -18,6 +20,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .datasets import load_dataset, shuffled
+from .files import fsync_folder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,12 +47,17 @@ class FolderSource:
     frames present now, by name: every entry that is not a folder or hidden (a name starting with
     '.', the way to write a file before renaming it complete), broken links included (they get an
     error row). A `live` source grows, and takes a file only once it is complete: not modified
-    for `settle_s` seconds (a camera still writing it keeps touching it).
+    for `settle_s` seconds (a camera still writing it keeps touching it). With
+    `max_file_age_s`, its ledger remembers only recent frames (`FrameLedger`), and the listing
+    leaves out files modified before the time the ledger gives.
 
     A live folder is listed again every poll and holds every frame of the day: a name once
     taken is not looked at again (no `stat`), so a poll costs little more than reading the folder."""
 
-    def __init__(self, root: str, lines: Optional[list[str]] = None, live: bool = False, settle_s: float = 0.0):
+    def __init__(
+        self, root: str, lines: Optional[list[str]] = None, live: bool = False, settle_s: float = 0.0,
+        max_file_age_s: float = 0.0,
+    ):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"source folder {self.root} does not exist (expected <root>/<line_id>/<images>)")
@@ -56,28 +66,49 @@ class FolderSource:
             raise FileNotFoundError(f"source folder {self.root} has no line subfolders")
         self.live = live
         self.settle_s = settle_s if live else 0.0
-        self._taken: dict[str, set[str]] = {}  # line -> names listed before (files, complete)
+        self.max_file_age_s = max_file_age_s if live else 0.0
+        # line -> complete files listed before: name -> mtime (a live source only reads it; else 0)
+        self._taken: dict[str, dict[str, float]] = {}
+        self.notices: list[str] = []  # what the job should hear: files left out (`Source.notices`)
 
     def lines(self) -> list[str]:
         return list(self._lines)
 
-    def listing(self, line_id: str) -> list[str]:
+    def listing(self, line_id: str, not_before: Optional[float] = None) -> list[str]:
+        """The line's complete files, in name order; with `not_before`, only those modified then
+        or later (the others are frames recorded and forgotten, or files that came too late)."""
         folder = self.root / line_id
         if not folder.is_dir():
             return []
-        taken = self._taken.setdefault(line_id, set())
+        first = line_id not in self._taken
+        taken = self._taken.setdefault(line_id, {})
         now = time.time()
-        found = []
+        found, present, too_old = [], [], []
         with os.scandir(folder) as entries:
             for entry in entries:
                 name = entry.name
-                if name not in taken:
+                mtime = taken.get(name)
+                if mtime is None:
                     if name.startswith(".") or entry.is_dir():
                         continue
-                    if self.settle_s and now - entry.stat(follow_symlinks=False).st_mtime < self.settle_s:
+                    mtime = entry.stat(follow_symlinks=False).st_mtime if self.live else 0.0
+                    if now - mtime < self.settle_s:
                         continue  # still being written
-                    taken.add(name)
-                found.append(name)
+                    taken[name] = mtime
+                    if not_before is not None and mtime < not_before and not first:
+                        too_old.append(name)
+                present.append(name)
+                if not_before is None or mtime >= not_before:
+                    found.append(name)
+        if len(taken) > 2 * len(present) + 1000:  # names gone from the folder (archived): forget them
+            self._taken[line_id] = {name: taken[name] for name in present}
+        if too_old:
+            self.notices.append(
+                f"line {line_id}: {len(too_old)} file(s) left out, modified more than {self.max_file_age_s:.0f} s before "
+                f"the line's newest frame when they appeared (first: {min(too_old)}); raise the source's "
+                f"max_file_age_s to take files that arrive this late"
+            )
+            log.warning(self.notices[-1])
         found.sort()
         prefix = f"{folder}{os.sep}"
         return [prefix + name for name in found]
@@ -85,15 +116,20 @@ class FolderSource:
 
 class ManifestSource:
     """A CSV or Parquet table with columns line_id, uri and optional timestamp (or a folder of
-    such tables, read in name order: a job's ingest ledger folder replays its frames exactly); a
-    line's order is by timestamp when present (stable), else the table's row order."""
+    such tables, its subfolders included, read in path order: a job's ingest ledger folder
+    replays its frames exactly); a line's order is by timestamp when present (stable), else the
+    table's row order."""
 
     live = False
+    max_file_age_s = 0.0
 
     def __init__(self, path: str, lines: Optional[list[str]] = None):
         target = Path(path)
         if target.is_dir():
-            files = sorted(p for p in target.iterdir() if p.suffix in (".csv", ".parquet") and not p.name.startswith("."))
+            files = sorted(
+                p for p in target.rglob("*")
+                if p.suffix in (".csv", ".parquet") and not any(part.startswith(".") for part in p.relative_to(target).parts)
+            )
         elif target.is_file():
             files = [target]
         else:
@@ -122,6 +158,7 @@ class DatasetSource:
     the official test order or shuffled with `random.seed(s); random.shuffle` (the paper's protocol)."""
 
     live = False
+    max_file_age_s = 0.0
 
     def __init__(self, kind: str, root: str, lines: Optional[list[str]] = None, shuffle_seed: Optional[int] = None):
         data = load_dataset(kind, root, split="test")
@@ -146,19 +183,73 @@ def _table_rows(file: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-class FrameLedger:
-    """One line's frames in the order they were first seen: seq -> uri, kept in a CSV file
-    (`line_id,seq,uri`, readable as a manifest). New frames are appended and fsynced before
-    they are fed, so a frame's seq never depends on a later listing: a file whose name sorts
-    before those already seen simply gets the next seq when it appears."""
+LEDGER_SEGMENT_ROWS = 100_000  # rows per ledger file (~10 MB): a restart reads only the newest ones
+LEDGER_COLUMNS = ["line_id", "seq", "uri", "taken_at"]
 
-    def __init__(self, path: Path, line_id: str):
-        self.path, self.line_id = path, line_id
-        self.uris: list[str] = [row["uri"] for row in _table_rows(path)] if path.is_file() else []
-        self.recorded = Counter(self.uris)  # uri -> times recorded
+
+@dataclass
+class LedgerSegment:
+    """One ledger file's frames: seqs first_seq, first_seq + 1, ... in order."""
+
+    first_seq: int
+    uris: list[str]
+    newest_taken_at: float  # ingestion's clock when it recorded the last of them (unix seconds)
+
+
+class FrameLedger:
+    """One line's frames in the order they were first seen: seq -> uri, in CSV files
+    `<folder>/<first seq:012d>.csv` of LEDGER_SEGMENT_ROWS rows (`line_id,seq,uri,taken_at`; the
+    ledger folder reads as a manifest). New frames are appended and fsynced before they are fed,
+    so a frame's seq never depends on a later listing: a file whose name sorts before those
+    already seen simply gets the next seq when it appears.
+
+    Without `max_file_age_s` (0) every uri is remembered, as often as it was recorded (a manifest
+    that lists a file twice scores it twice). With it (a watched folder) memory is bounded: the
+    ledger keeps the files recorded within 2 × max_file_age_s of its newest record (whole files;
+    a stopped job forgets nothing), and `not_before()` has the folder leave out files modified
+    more than max_file_age_s before that record. A forgotten uri was recorded before that, after
+    its file was written, so it is left out too (for clocks apart by less than max_file_age_s)."""
+
+    def __init__(self, folder: Path, line_id: str, max_file_age_s: float = 0.0):
+        self.folder, self.line_id, self.max_file_age_s = folder, line_id, max_file_age_s
+        self.segments: list[LedgerSegment] = []  # those in memory, oldest first, the newest always
+        self.recorded: Counter = Counter()  # uri -> times recorded in the segments in memory
+        files = self._files()
+        if files:
+            _drop_cut_row(files[-1][1])
+        for first_seq, path in reversed(files):
+            segment = self._read(first_seq, path)
+            if self.segments:
+                if first_seq + len(segment.uris) != self.segments[0].first_seq:
+                    raise ValueError(f"ledger file {path} ends at seq {first_seq + len(segment.uris) - 1} but the next one "
+                                     f"starts at {self.segments[0].first_seq}: restore the ledger folder {self.folder}")
+                if self._forgotten(segment):
+                    break
+            self.segments.insert(0, segment)
+            self.recorded.update(segment.uris)
 
     def __len__(self) -> int:
-        return len(self.uris)
+        return self.segments[-1].first_seq + len(self.segments[-1].uris) if self.segments else 0
+
+    def not_before(self) -> Optional[float]:
+        """Files modified before this (unix seconds) are not new frames; None: every file may be."""
+        if not self.max_file_age_s or not self.segments:
+            return None
+        return self.segments[-1].newest_taken_at - self.max_file_age_s
+
+    def uris_from(self, start_seq: int) -> list[str]:
+        """The uris of seqs start_seq.. (read from the files where memory no longer holds them)."""
+        first_in_memory = self.segments[0].first_seq if self.segments else 0
+        uris = []
+        if start_seq < first_in_memory:
+            files = self._files()
+            ends = [first_seq for first_seq, _ in files[1:]] + [len(self)]
+            for (first_seq, path), end in zip(files, ends):
+                if first_seq < first_in_memory and end > start_seq:
+                    uris += self._read(first_seq, path).uris[max(0, start_seq - first_seq):]
+        for segment in self.segments:
+            uris += segment.uris[max(0, start_seq - segment.first_seq):]
+        return uris
 
     def extend(self, listing: list[str]) -> int:
         """Append the entries of `listing` not yet in the ledger (as many times as a uri is listed
@@ -173,25 +264,95 @@ class FrameLedger:
                 listed[uri] += 1
                 if listed[uri] > self.recorded[uri]:
                     new.append(uri)
-        if new:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fresh = not self.path.is_file() or self.path.stat().st_size == 0
-            with self.path.open("a", newline="") as fh:
-                writer = csv.writer(fh)
-                if fresh:
-                    writer.writerow(["line_id", "seq", "uri"])
-                writer.writerows([self.line_id, len(self.uris) + i, uri] for i, uri in enumerate(new))
-                fh.flush()
-                os.fsync(fh.fileno())
-            self.uris.extend(new)
-            self.recorded.update(new)
+        now = time.time()
+        done = 0
+        while done < len(new):
+            if not self.segments or len(self.segments[-1].uris) >= LEDGER_SEGMENT_ROWS:
+                self.segments.append(LedgerSegment(len(self), [], now))
+            segment = self.segments[-1]
+            rows = new[done : done + LEDGER_SEGMENT_ROWS - len(segment.uris)]
+            self._write(self.folder / f"{segment.first_seq:012d}.csv", segment.first_seq + len(segment.uris), rows, now)
+            segment.uris += rows
+            segment.newest_taken_at = now
+            self.recorded.update(rows)
+            done += len(rows)
+        while len(self.segments) > 1 and self._forgotten(self.segments[0]):
+            self.recorded.subtract(self.segments.pop(0).uris)
+            self.recorded = +self.recorded  # drop the uris recorded no more
         return len(new)
+
+    def _forgotten(self, segment: LedgerSegment) -> bool:
+        newest = self.segments[-1].newest_taken_at
+        return bool(self.max_file_age_s) and segment.newest_taken_at < newest - 2 * self.max_file_age_s
+
+    def _files(self) -> list[tuple[int, Path]]:
+        """(first seq, path) of the line's ledger files, in seq order."""
+        self._migrate_single_file()
+        if not self.folder.is_dir():
+            return []
+        return sorted((int(p.stem), p) for p in self.folder.iterdir() if p.suffix == ".csv" and p.stem.isdigit())
+
+    def _migrate_single_file(self) -> None:
+        """A ledger written as one `<line>.csv` beside the folder (before ledgers had files)
+        becomes the folder's files, built aside and renamed into place; `taken_at` is the time
+        the single file was last written."""
+        legacy = self.folder.parent / f"{self.folder.name}.csv"
+        if not legacy.is_file():
+            return
+        if not self.folder.exists():
+            uris = [row["uri"] for row in _table_rows(legacy)]
+            staging = self.folder.parent / f".{self.folder.name}.migrating"
+            shutil.rmtree(staging, ignore_errors=True)
+            for first_seq in range(0, len(uris), LEDGER_SEGMENT_ROWS):
+                rows = uris[first_seq : first_seq + LEDGER_SEGMENT_ROWS]
+                self._write(staging / f"{first_seq:012d}.csv", first_seq, rows, legacy.stat().st_mtime)
+            staging.mkdir(parents=True, exist_ok=True)
+            staging.rename(self.folder)
+            fsync_folder(self.folder.parent)
+        legacy.unlink()
+
+    def _read(self, first_seq: int, path: Path) -> LedgerSegment:
+        with path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        for i, row in enumerate(rows):
+            if int(row["seq"]) != first_seq + i:
+                raise ValueError(f"ledger file {path}: row {i + 1} has seq {row['seq']}, expected {first_seq + i}; "
+                                 f"restore the ledger folder {self.folder}")
+        newest = max((float(row["taken_at"]) for row in rows), default=path.stat().st_mtime)  # empty: when made
+        return LedgerSegment(first_seq, [row["uri"] for row in rows], newest)
+
+    def _write(self, path: Path, first_seq: int, uris: list[str], taken_at: float) -> None:
+        """Append the rows of seqs first_seq.. to a ledger file (made with its header), fsynced."""
+        created = not path.is_file()
+        if created:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", newline="") as fh:
+            writer = csv.writer(fh)
+            if fh.tell() == 0:
+                writer.writerow(LEDGER_COLUMNS)
+            writer.writerows([self.line_id, first_seq + i, uri, f"{taken_at:.3f}"] for i, uri in enumerate(uris))
+            fh.flush()
+            os.fsync(fh.fileno())
+        if created:
+            fsync_folder(path.parent)
+
+
+def _drop_cut_row(path: Path) -> None:
+    """A ledger row cut short by a crash (the file does not end in a newline) was never fed: drop it."""
+    with path.open("rb+") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        fh.seek(size - 1)
+        if fh.read(1) != b"\n":
+            fh.seek(0)
+            fh.truncate(fh.read().rfind(b"\n") + 1)
 
 
 class Source:
     """What ingestion reads: a source's lines and, per line, its frames with their seqs. With a
-    ledger folder, seqs come from the line's `FrameLedger` (folder and manifest sources: their
-    listings can change between runs); a dataset's fixed order needs none."""
+    ledger folder, seqs come from the line's `FrameLedger` in `<ledger_dir>/<line>/` (folder and
+    manifest sources: their listings can change between runs); a dataset's fixed order needs none."""
 
     def __init__(self, inner, ledger_dir: Optional[str] = None):
         self.inner = inner
@@ -203,6 +364,15 @@ class Source:
     def lines(self) -> list[str]:
         return self.inner.lines()
 
+    def notices(self) -> list[str]:
+        """What the source has to tell the job since it was last asked (a watched folder's files
+        left out as too old)."""
+        with self._lock:
+            said = getattr(self.inner, "notices", [])
+            notices = list(said)
+            said.clear()
+        return notices
+
     def frames(self, line_id: str, start_seq: int = 0) -> Iterator[FrameRef]:
         """The line's frames known now, from `start_seq` on (new ones are recorded first)."""
         if self.ledger_dir is None:
@@ -211,8 +381,11 @@ class Source:
             with self._lock:
                 ledger = self._ledgers.get(line_id)
                 if ledger is None:
-                    ledger = self._ledgers[line_id] = FrameLedger(self.ledger_dir / f"{line_id}.csv", line_id)
-                ledger.extend(self.inner.listing(line_id))
-                uris = ledger.uris[start_seq:]
+                    ledger = self._ledgers[line_id] = FrameLedger(
+                        self.ledger_dir / line_id, line_id, self.inner.max_file_age_s
+                    )
+                not_before = ledger.not_before()
+                ledger.extend(self.inner.listing(line_id) if not_before is None else self.inner.listing(line_id, not_before))
+                uris = ledger.uris_from(start_seq)
         for seq, uri in enumerate(uris, start=start_seq):
             yield FrameRef(line_id, seq, uri)

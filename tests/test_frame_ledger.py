@@ -1,0 +1,128 @@
+"""The ledger of each line's frames: a frame's seq is given once and kept, in files of which a
+restart reads only the newest, and a watched folder's ledger remembers a bounded window of
+frames without ever taking a file twice."""
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from rareclip_core.data import sources
+from rareclip_core.data.sources import FolderSource, FrameLedger, ManifestSource, Source
+
+
+class Clock:
+    """Stands in for the `time` module of `sources`: ingestion's clock, set by the test."""
+
+    def __init__(self, now: float):
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+
+def names(frames) -> list[str]:
+    return [Path(ref.uri).name for ref in frames]
+
+
+def test_seqs_are_kept_whatever_later_listings_say(tmp_path):
+    ledger = FrameLedger(tmp_path / "l", "l")
+    assert ledger.extend(["IMG_9998.png", "IMG_9999.png"]) == 2
+    # a name that sorts first (IMG_10000 < IMG_9998), and one file listed twice by a manifest
+    assert ledger.extend(["IMG_10000.png", "IMG_9998.png", "IMG_9999.png", "x.png", "x.png"]) == 3
+    assert ledger.uris_from(0) == ["IMG_9998.png", "IMG_9999.png", "IMG_10000.png", "x.png", "x.png"]
+    again = FrameLedger(tmp_path / "l", "l")  # what a restarted ingest reads
+    assert again.uris_from(0) == ledger.uris_from(0) and again.extend(ledger.uris_from(0)) == 0
+    # the ledger folder is a manifest: replaying it gives the same frames with the same seqs
+    manifest = Source(ManifestSource(str(tmp_path)))
+    assert [(r.seq, r.uri) for r in manifest.frames("l")] == list(enumerate(ledger.uris_from(0)))
+
+
+def test_the_ledger_is_written_in_files_of_fixed_rows_and_reads_back_any_seq(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "LEDGER_SEGMENT_ROWS", 3)
+    ledger = FrameLedger(tmp_path / "l", "l")
+    ledger.extend(["a", "b"])
+    ledger.extend(["a", "b", "c", "d", "e", "f", "g"])  # fills the first file, then two more
+    files = sorted((tmp_path / "l").iterdir())
+    assert [f.name for f in files] == ["000000000000.csv", "000000000003.csv", "000000000006.csv"]
+    assert [len(f.read_text().splitlines()) - 1 for f in files] == [3, 3, 1]
+    again = FrameLedger(tmp_path / "l", "l")
+    assert len(again) == 7 and again.uris_from(5) == ["f", "g"] and again.uris_from(0) == list("abcdefg")
+    manifest = Source(ManifestSource(str(tmp_path)))
+    assert [(r.seq, r.uri) for r in manifest.frames("l")] == list(enumerate("abcdefg"))
+
+
+def test_a_watched_lines_ledger_forgets_frames_recorded_long_before_its_newest(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "LEDGER_SEGMENT_ROWS", 2)
+    clock = Clock(1000.0)
+    monkeypatch.setattr(sources, "time", clock)
+    ledger = FrameLedger(tmp_path / "l", "l", max_file_age_s=100)
+    assert ledger.not_before() is None  # a new line takes every file
+    ledger.extend(["a", "b"])  # file 0, recorded at 1000
+    clock.now = 1150.0
+    ledger.extend(["a", "b", "c", "d"])  # file 2, at 1150: file 0 is 150 s older, within 2 x 100
+    assert ledger.not_before() == 1050.0 and set(ledger.recorded) == {"a", "b", "c", "d"}
+    clock.now = 1250.0
+    ledger.extend(["c", "d", "e"])  # file 4, at 1250: file 0 (1000 < 1250 - 200) is forgotten
+    assert [s.first_seq for s in ledger.segments] == [2, 4] and set(ledger.recorded) == {"c", "d", "e"}
+    assert ledger.uris_from(1) == list("bcde")  # forgotten seqs are read back from the files
+    again = FrameLedger(tmp_path / "l", "l", max_file_age_s=100)  # a restart reads what it remembers
+    assert [s.first_seq for s in again.segments] == [2, 4] and again.not_before() == 1150.0 and len(again) == 5
+    assert [s.first_seq for s in FrameLedger(tmp_path / "l", "l").segments] == [0, 2, 4]  # 0: remember all
+
+
+def test_a_watched_folder_takes_each_file_once_while_its_ledger_forgets(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(sources, "LEDGER_SEGMENT_ROWS", 1)
+    clock = Clock(10_000.0)
+    monkeypatch.setattr(sources, "time", clock)
+    folder = tmp_path / "src" / "l"
+    folder.mkdir(parents=True)
+
+    def put(name: str, modified: float) -> None:
+        (folder / name).write_bytes(b"")
+        os.utime(folder / name, (modified, modified))
+
+    def start() -> Source:
+        return Source(FolderSource(str(tmp_path / "src"), live=True, max_file_age_s=100), str(tmp_path / "ledger"))
+
+    put("f0", 9_990.0)
+    live = start()
+    assert names(live.frames("l")) == ["f0"]  # recorded at 10,000
+    clock.now = 10_300.0
+    put("f1", 10_290.0)
+    assert names(live.frames("l", 1)) == ["f1"]  # and f0, recorded 300 s before f1, is forgotten
+    assert "f0" not in {Path(uri).name for uri in live._ledgers["l"].recorded}
+    put("late", 10_150.0)  # appears modified 150 s before the newest frame: left out, and said
+    with caplog.at_level(logging.WARNING, logger=sources.__name__):
+        assert names(live.frames("l", 2)) == []  # f0, still in the folder, is not taken again
+        assert "late" in caplog.text and "max_file_age_s" in caplog.text
+        caplog.clear()
+        assert names(live.frames("l", 2)) == [] and caplog.text == ""  # said once
+    restarted = start()
+    assert [(r.seq, Path(r.uri).name) for r in restarted.frames("l")] == [(0, "f0"), (1, "f1")]
+    clock.now = 10_400.0
+    put("f2", 10_395.0)
+    assert [(r.seq, Path(r.uri).name) for r in restarted.frames("l", 2)] == [(2, "f2")]
+
+
+def test_a_row_cut_short_by_a_crash_is_dropped_and_a_damaged_ledger_is_named(tmp_path):
+    FrameLedger(tmp_path / "l", "l").extend(["a", "b"])
+    file = tmp_path / "l" / "000000000000.csv"
+    with file.open("a") as fh:
+        fh.write("l,2,/half/writ")  # the crash came before the fsync: this frame was never fed
+    again = FrameLedger(tmp_path / "l", "l")
+    assert again.uris_from(0) == ["a", "b"] and again.extend(["a", "b", "c"]) == 1
+    assert FrameLedger(tmp_path / "l", "l").uris_from(0) == ["a", "b", "c"]
+    file.write_text(file.read_text().replace("l,1,b", "l,7,b"))
+    with pytest.raises(ValueError, match=r"000000000000\.csv: row 2 has seq 7, expected 1"):
+        FrameLedger(tmp_path / "l", "l")
+
+
+def test_a_ledger_written_as_one_file_per_line_is_read_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "LEDGER_SEGMENT_ROWS", 2)
+    (tmp_path / "l.csv").write_text("line_id,seq,uri\nl,0,a\nl,1,b\nl,2,c\n")  # the layout before ledger files
+    ledger = FrameLedger(tmp_path / "l", "l", max_file_age_s=100)
+    assert ledger.uris_from(0) == ["a", "b", "c"] and not (tmp_path / "l.csv").exists()
+    assert ledger.extend(["a", "b", "c", "d", "e"]) == 2
+    assert sorted(f.name for f in (tmp_path / "l").iterdir()) == ["000000000000.csv", "000000000002.csv", "000000000004.csv"]
+    assert FrameLedger(tmp_path / "l", "l").uris_from(1) == ["b", "c", "d", "e"]
