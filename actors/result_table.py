@@ -77,6 +77,26 @@ def write_map(results_dir: Path, line_id: str, seq: int, anomaly_map: np.ndarray
     return rel
 
 
+class MapUnavailable(Exception):
+    """A row's anomaly map cannot be read; the message says why."""
+
+
+def read_map(results_dir, map_uri: Optional[str]) -> np.ndarray:
+    """A row's stored anomaly map (2-D), or MapUnavailable naming why there is none."""
+    if not map_uri:
+        raise MapUnavailable("no anomaly map stored for this frame")
+    path = Path(results_dir) / map_uri
+    try:
+        anomaly_map = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise MapUnavailable(f"anomaly map file not found: {path}") from None
+    except (OSError, ValueError) as exc:
+        raise MapUnavailable(f"anomaly map unreadable ({path}): {exc}") from None
+    if anomaly_map.ndim != 2 or 0 in anomaly_map.shape:
+        raise MapUnavailable(f"anomaly map has shape {anomaly_map.shape}, expected a 2-D array ({path})")
+    return anomaly_map
+
+
 def partition_dir(results_dir, line_id: str, date: str) -> Path:
     """The folder of a line's rows of one date."""
     return Path(results_dir) / f"line_id={line_id}" / f"date={date}"

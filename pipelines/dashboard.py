@@ -28,7 +28,7 @@ import pyarrow as pa
 from flask import Flask, Response, abort, jsonify, request
 from PIL import Image
 
-from actors.result_table import STATUS_ERROR, STATUS_OK, VISIBLE_PARQUET
+from actors.result_table import STATUS_ERROR, STATUS_OK, VISIBLE_PARQUET, MapUnavailable, read_map
 from pipelines import page_style as style
 from pipelines import query
 from pipelines.report import overlay_map
@@ -200,14 +200,12 @@ def _render(results_dir: str, line: str, seq: int, thumb: bool, feed: ResultFeed
         return None
 
 
-def _load_map(results_dir: Path, map_uri):
-    if not map_uri:
-        return None
+def _load_map(results_dir: Path, map_uri) -> np.ndarray | None:
+    """The row's map, or None: the frame is then shown without one."""
     try:
-        anomaly_map = np.load(results_dir / map_uri, allow_pickle=False)
-    except (OSError, ValueError):
+        return read_map(results_dir, map_uri)
+    except MapUnavailable:
         return None
-    return anomaly_map if anomaly_map.ndim == 2 and anomaly_map.size else None
 
 
 def _map_scale(anomaly_map: np.ndarray) -> tuple[float, float]:

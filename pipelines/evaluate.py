@@ -38,7 +38,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from actors.result_table import STATUS_OK, read_results
+from actors.result_table import STATUS_OK, MapUnavailable, read_map, read_results
 from configs.loading import load_detector_config
 from configs.pipeline import (
     CONFIG_DIR,
@@ -325,9 +325,10 @@ def _category_masks(samples: Sequence[Sample], image_size: int, view: str) -> di
 
 
 def _load_map(results_dir: Path, row: dict) -> np.ndarray:
-    if not row["map_uri"]:
-        raise EvaluationError(f"row {row['seq']} ({row['uri']}) has no stored anomaly map")
-    return np.load(results_dir / row["map_uri"], allow_pickle=False)
+    try:
+        return read_map(results_dir, row["map_uri"])
+    except MapUnavailable as exc:
+        raise EvaluationError(f"row {row['seq']} ({row['uri']}): {exc}") from None
 
 
 def _nanmean(values) -> float:

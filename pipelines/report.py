@@ -15,7 +15,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
-from actors.result_table import STATUS_ERROR, STATUS_OK
+from actors.result_table import STATUS_ERROR, STATUS_OK, MapUnavailable, read_map
 from pipelines import page_style as style
 from pipelines import query
 from rareclip_core.config import ConfigError
@@ -63,7 +63,7 @@ def write_report(results_dir, line: str, out_dir, top: int = DEFAULT_TOP) -> Pat
         stale.unlink()
     plot_timeline(rows, out / "timeline.png")
     plot_histogram(rows, out / "histogram.png")
-    maps = {row["seq"]: _load_map(Path(results_dir), row["map_uri"]) for row in top_rows}
+    maps = {row["seq"]: _map_or_note(Path(results_dir), row["map_uri"]) for row in top_rows}
     loaded = [m for m in maps.values() if isinstance(m, np.ndarray)]
     scale = (min(float(np.nanmin(m)) for m in loaded), max(float(np.nanmax(m)) for m in loaded)) if loaded else (0, 1)
     views = {row["seq"]: map_view(row["model_id"]) for row in rows if row["model_id"] and row["seq"] in maps}
@@ -157,20 +157,12 @@ def plot_histogram(rows: list, path: Path) -> None:
     figure.savefig(path)
 
 
-def _load_map(results_dir: Path, map_uri):
+def _map_or_note(results_dir: Path, map_uri):
     """The stored map as a 2-D array, or a note saying why there is none."""
-    if not map_uri:
-        return "no anomaly map stored for this frame"
-    path = results_dir / map_uri
     try:
-        anomaly_map = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        return f"anomaly map file not found: {path}"
-    except (OSError, ValueError) as exc:
-        return f"anomaly map unreadable ({path}): {exc}"
-    if anomaly_map.ndim != 2 or 0 in anomaly_map.shape:
-        return f"anomaly map has shape {anomaly_map.shape}, expected a 2-D array"
-    return anomaly_map
+        return read_map(results_dir, map_uri)
+    except MapUnavailable as exc:
+        return str(exc)
 
 
 def _render_frame(row: dict, anomaly_map, scale, out: Path, view: str) -> dict:

@@ -12,6 +12,7 @@ from PIL import Image
 from result_fixture import results_dir_under_test, write_results_fixture
 
 import run_cluster
+from actors.result_table import MapUnavailable, read_map
 from pipelines.query import lines_summary, query_table, top_anomalies
 from pipelines.report import map_view, overlay_map
 
@@ -96,3 +97,13 @@ def test_overlay_covers_only_the_centre_square():
 def test_unknown_line_exits_2(results_dir, tmp_path, capsys):
     code = run_cluster.main(["report", "--line", "no-such-line", "--report-dir", str(tmp_path), "--results", str(results_dir)])
     assert code == 2 and "no-such-line" in capsys.readouterr().err
+
+
+def test_a_stored_map_is_read_back_or_its_absence_named(tmp_path):
+    np.save(tmp_path / "good.npy", np.arange(6, dtype=np.float16).reshape(2, 3))
+    np.save(tmp_path / "flat.npy", np.zeros(4, dtype=np.float16))
+    assert read_map(tmp_path, "good.npy").tolist() == [[0, 1, 2], [3, 4, 5]]
+    for uri, reason in [(None, "no anomaly map stored for this frame"), ("gone.npy", "anomaly map file not found"),
+                        ("flat.npy", "anomaly map has shape (4,), expected a 2-D array")]:
+        with pytest.raises(MapUnavailable, match=re.escape(reason)):
+            read_map(tmp_path, uri)
