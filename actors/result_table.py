@@ -6,8 +6,10 @@ being written, or not part of the table). The writer merges a partition's small 
 then (`table_compaction`): a reader that finds a listed file gone lists again."""
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
+import shutil
 import uuid
 from pathlib import Path
 from typing import Optional
@@ -89,12 +91,42 @@ def read_map(results_dir, map_uri: Optional[str]) -> np.ndarray:
     try:
         anomaly_map = np.load(path, allow_pickle=False)
     except FileNotFoundError:
-        raise MapUnavailable(f"anomaly map file not found: {path}") from None
+        raise MapUnavailable(f"anomaly map file not found: {path} (a job deletes maps older than its maps_keep_days)") from None
     except (OSError, ValueError) as exc:
         raise MapUnavailable(f"anomaly map unreadable ({path}): {exc}") from None
     if anomaly_map.ndim != 2 or 0 in anomaly_map.shape:
         raise MapUnavailable(f"anomaly map has shape {anomaly_map.shape}, expected a 2-D array ({path})")
     return anomaly_map
+
+
+def delete_old_maps(results_dir, line_id: str, keep_days: int) -> int:
+    """Delete a line's maps of rows dated more than `keep_days` days before its newest date (the
+    rows stay, their `map_uri` then names no file); returns how many files were deleted. Seqs
+    grow with dates, so these are the maps up to the last seq of the newest such date."""
+    dates = sorted(p.name.removeprefix("date=") for p in Path(results_dir, f"line_id={line_id}").glob("date=*"))
+    if not dates:
+        return 0
+    cutoff = (dt.date.fromisoformat(dates[-1]) - dt.timedelta(days=keep_days)).isoformat()
+    old = [date for date in dates if date < cutoff]
+    if not old:
+        return 0
+    files = partition_files(partition_dir(results_dir, line_id, old[-1]))
+    last_seq = max(pq.read_table(f, columns=["seq"])["seq"].to_numpy().max() for f in files) if files else -1
+    deleted = 0
+    maps = Path(results_dir, MAPS_DIR, f"line_id={line_id}")
+    for folder in sorted(maps.glob("[0-9]*")) if maps.is_dir() else []:
+        first_seq = int(folder.name) * MAPS_PER_FOLDER
+        if first_seq > last_seq:
+            break
+        if first_seq + MAPS_PER_FOLDER - 1 <= last_seq:  # the whole folder (and what a crash left half-written)
+            deleted += sum(1 for f in folder.iterdir() if f.stem.isdigit())
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        done = [f for f in folder.iterdir() if f.stem.isdigit() and int(f.stem) <= last_seq]
+        for file in done:
+            file.unlink(missing_ok=True)
+        deleted += len(done)
+    return deleted
 
 
 def partition_dir(results_dir, line_id: str, date: str) -> Path:

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 
-from .result_table import persisted_last_seqs, write_map, write_rows
+from .result_table import delete_old_maps, persisted_last_seqs, write_map, write_rows
 from .table_compaction import CompactionSettings, compact_partition, recover
 
 log = logging.getLogger(__name__)
@@ -19,6 +20,7 @@ class WriterSettings:
     batch_rows: int = 256  # buffered rows that make a flush
     flush_s: float = 2.0  # ... or the age of the oldest buffered row that makes one
     compaction: CompactionSettings = field(default_factory=CompactionSettings)
+    maps_keep_days: int | None = None  # delete the maps of rows this many days older than a line's newest; None: keep
 
 
 class ResultWriterCore:
@@ -29,7 +31,9 @@ class ResultWriterCore:
     Each flush writes a file per (line, date). Once a partition has gained
     `compaction.files` of them, they are merged into one (`table_compaction`); so is a line's
     partition of an earlier date once the line's rows move on to a new date, and every
-    partition at `compact_all` (a job's end, a writer's start).
+    partition at `compact_all` (a job's end, a writer's start). With `maps_keep_days`, a line's
+    old anomaly maps are deleted in a thread of their own when its rows reach a new date, and at
+    a writer's start.
 
     With `verdicts` (a NATS stream), each accepted row is published as a verdict at once, and a
     row is written to the table only once its verdict is stored: a row persisted always has its
@@ -41,8 +45,14 @@ class ResultWriterCore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.settings = settings
         self.unmerged: dict[tuple[str, str], int] = {}  # (line, date) -> files written since its last merge
+        self.newest_date: dict[str, str] = {}  # line -> date of its newest rows written by this writer
+        # old maps are deleted beside the writing (a day of a line's maps: seconds, docs/BENCHMARKS.md)
+        self.map_deleter = ThreadPoolExecutor(1, thread_name_prefix="old-maps")
+        self.map_deletions: list[Future] = []
         recover(self.root)
         self.compact_all()
+        for line in sorted(p.name.removeprefix("line_id=") for p in self.root.glob("line_id=*")):
+            self._delete_old_maps(line)
         self.last_seq = persisted_last_seqs(self.root)  # written or buffered
         self.buffer: list[dict] = []
         self.oldest = None
@@ -102,6 +112,9 @@ class ResultWriterCore:
             self.buffer = [r for r in self.buffer if id(r) not in done]
             written += len(group)
             self._count_file(line, date)
+            if self.newest_date.get(line) != date:
+                self.newest_date[line] = date
+                self._delete_old_maps(line)
         self.oldest = time.monotonic() if self.buffer else None
         return written
 
@@ -135,6 +148,24 @@ class ResultWriterCore:
         except OSError as err:
             log.warning("line %s, %s: small files not merged (%s); the table stays correct", line, date, err)
             return 0
+
+    def _delete_old_maps(self, line: str) -> None:
+        """Keep `maps_keep_days` of a line's maps (`delete_old_maps`, in the background)."""
+        if self.settings.maps_keep_days is None:
+            return
+        self.map_deletions = [f for f in self.map_deletions if not f.done()]
+        self.map_deletions.append(self.map_deleter.submit(self._delete_old_maps_now, line))
+
+    def _delete_old_maps_now(self, line: str) -> None:
+        try:
+            delete_old_maps(self.root, line, self.settings.maps_keep_days)
+        except OSError as err:  # left for the line's next date or the writer's next start
+            log.warning("line %s: old anomaly maps not deleted (%s)", line, err)
+
+    def wait_map_deletions(self) -> None:
+        """Return once the old maps being deleted are gone."""
+        for future in self.map_deletions:
+            future.result()
 
     def _publish(self, raise_error: bool = False) -> None:
         if not (self.publisher and self.unpublished):

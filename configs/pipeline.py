@@ -148,6 +148,10 @@ class PipelineConfig(StrictModel):
     map_dtype: Literal["float16", "float32"] = Field(
         "float16", description="dtype of stored maps; float32 for evaluation (no quantization)"
     )
+    maps_keep_days: Optional[int] = Field(
+        None, ge=0, description="delete the stored maps of rows dated more than this many days before a line's newest "
+        "row (the rows stay); null keeps every map",
+    )
     backbone_batch: int = Field(1, ge=1, description="frames per backbone call (replay); scores unchanged")
     writer_batch_rows: int = Field(256, ge=1, description="buffered rows that make the writer write a file")
     writer_flush_s: float = Field(2.0, gt=0, description="... or the age in seconds of its oldest buffered row")
