@@ -11,7 +11,7 @@ from typing import Optional
 
 import ray
 
-from configs.pipeline import open_source
+from configs.pipeline import config_default, open_source
 from rareclip_core.data.frames import FrameDecoding, FrameError, decode_frame
 from rareclip_core.data.sources import FrameRef, read_uri
 
@@ -64,12 +64,12 @@ def frames_per_submit(backbone_batch: int, max_in_flight: int) -> int:
 
 @dataclass(frozen=True)
 class IngestSettings:
-    max_in_flight: int = 8  # frames submitted to a line but not yet scored
+    max_in_flight: int = config_default("max_in_flight")  # frames submitted to a line but not yet scored
     frames_per_submit: int = 1  # frames per call to a line (`frames_per_submit()`: whole backbone batches)
     poll_s: float = 1.0  # a live source is listed again this often when it has nothing new
     ledger_dir: Optional[str] = None  # where each line's frames get their seqs (folder, manifest)
     decoding: FrameDecoding = FrameDecoding()  # pixel limit and high-bit frames (refused: an error row)
-    decode_threads: int = 4  # frames decoded side by side (PIL decodes without the GIL)
+    decode_threads: int = config_default("decode_threads")  # frames decoded side by side (PIL: without the GIL)
 
 
 @ray.remote(num_cpus=0, max_concurrency=3, max_restarts=-1)  # a feed, the one replacing it, a control call

@@ -13,6 +13,7 @@ import ray
 import torch
 import torch.nn.functional as F
 
+from configs.pipeline import SnapshotConfig, config_default
 from rareclip_core import Detector, DetectorSettings, build_detector
 from rareclip_core.data.frames import FrameDecoding
 from rareclip_core.ops.threshold import robust_threshold
@@ -45,12 +46,12 @@ class LineSettings:
 
     threshold: Optional[float] = None  # is_anomaly = score >= threshold; None leaves it empty
     auto_threshold: Optional[AutoThreshold] = None  # calibrate the threshold from the first scores instead
-    map_resolution: Optional[int] = 64  # side of the stored anomaly map; None stores none
-    map_dtype: str = "float16"
-    backbone_batch: int = 1  # frames per backbone call
-    gap_timeout_s: float = 60.0  # wait this long for a missing seq, then an error row
+    map_resolution: Optional[int] = config_default("map_resolution")  # side of the stored anomaly map; None: none
+    map_dtype: str = config_default("map_dtype")
+    backbone_batch: int = config_default("backbone_batch")  # frames per backbone call
+    gap_timeout_s: float = config_default("gap_timeout_s")  # wait this long for a missing seq, then an error row
     snapshot_root: Optional[str] = None  # None: no snapshots
-    snapshot_keep: int = 3
+    snapshot_keep: int = config_default("keep", SnapshotConfig)
     supervisor_name: Optional[str] = None
     references: tuple[str, ...] = ()  # normal reference images the line learns first (k-shot)
     reference_log: Optional[str] = None  # folder of the references added while it runs (ReferenceLog)

@@ -28,6 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from configs.pipeline import config_default
 from rareclip_core.data.files import atomic_write
 
 from .result_table import FILE_SCHEMA, partition_dir, partition_files
@@ -41,8 +42,8 @@ COMPLETE_MARKER = ".compaction-complete"  # in the merged folder once every file
 
 @dataclass(frozen=True)
 class CompactionSettings:
-    files: int = 64  # small files of a partition that start a merge; 0: never merge
-    rows: int = 50_000  # a file with at least this many rows is not merged again
+    files: int = config_default("writer_compact_files")  # small files of a partition that start a merge; 0: never
+    rows: int = config_default("writer_compact_rows")  # a file with at least this many rows is not merged again
 
 
 def compact_partition(results_dir, line_id: str, date: str, settings: CompactionSettings) -> int:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import ray
 
+from configs.pipeline import config_default
+
 from .result_table import delete_old_maps, persisted_last_seqs, write_map, write_rows
 from .table_compaction import CompactionSettings, compact_partition, recover
 
@@ -17,10 +19,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class WriterSettings:
-    batch_rows: int = 256  # buffered rows that make a flush
-    flush_s: float = 2.0  # ... or the age of the oldest buffered row that makes one
+    batch_rows: int = config_default("writer_batch_rows")  # buffered rows that make a flush
+    flush_s: float = config_default("writer_flush_s")  # ... or the age of the oldest buffered row that makes one
     compaction: CompactionSettings = field(default_factory=CompactionSettings)
-    maps_keep_days: int | None = None  # delete the maps of rows this many days older than a line's newest; None: keep
+    maps_keep_days: int | None = config_default("maps_keep_days")  # None: keep every map
 
 
 class ResultWriterCore:

@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from rareclip_core.config import DetectorSettings, StrictModel
-from rareclip_core.data.frames import FrameDecoding
+from rareclip_core.data.frames import MAX_PIXELS, FrameDecoding
 from rareclip_core.detectors.rareclip.config import RareCLIPConfig
 from rareclip_core.registry import detector_class, detector_config_from_dict
 
@@ -137,7 +137,7 @@ class PipelineConfig(StrictModel):
     ingest_actors: int = Field(1, ge=1, description="ingestion actors; the lines are shared out among them")
     decode_threads: int = Field(4, ge=1, description="threads per ingestion actor decoding frames side by side")
     max_in_flight: int = Field(8, ge=1, description="frames submitted but not yet scored, per line")
-    max_pixels: int = Field(100_000_000, ge=64, description="frames with more pixels get an error row")
+    max_pixels: int = Field(MAX_PIXELS, ge=64, description="frames with more pixels get an error row")
     frame_bits: Optional[int] = Field(
         None, ge=9, le=32,
         description="bits per pixel of high-bit grayscale frames (16-bit PNG/TIFF), e.g. 12 for Mono12: they are "
@@ -237,6 +237,11 @@ class PipelineConfig(StrictModel):
             if isinstance(changes, dict):
                 detector_config_from_dict({**base.model_dump(), **changes}, source, f"line_detector.{line_id}.")
         return super().from_dict(data, source)
+
+
+def config_default(field: str, model: type[StrictModel] = PipelineConfig):
+    """A setting's default, for the actors' settings objects: the config owns every default."""
+    return model.model_fields[field].default
 
 
 def open_source(source: SourceConfig, ledger_dir: Optional[str] = None):
