@@ -14,27 +14,27 @@ from rareclip_core.data.datasets import load_dataset
 from rareclip_core.detectors.adaptclip.config import AdaptCLIPConfig
 from rareclip_core.detectors.adaptclip.training import TrainingSettings, resume_path, train_adapters
 
-from .training_data import add_config_argument, add_dataset_arguments, annotated_samples, loss_summary, training_config
+from .training_data import (add_config_argument, add_dataset_arguments, annotated_samples, at_least, described,
+                            loss_summary, training_config)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-adaptclip.yaml"
 DEFAULTS = TrainingSettings()
+BATCH_NORM = " (the adapters' BatchNorm needs two images a batch)"
 
 
 def add_arguments(parser) -> None:
-    add_dataset_arguments(parser)  # the test split's annotated images are the queries; the train split's good ones the prompts
+    # the test split's annotated images are the queries, the train split's good ones the prompts
+    add_dataset_arguments(parser, min_images=2, why=BATCH_NORM)
     parser.add_argument("--save", required=True, metavar="FILE", help="where to write the adapters' checkpoint (.pth)")
     add_config_argument(parser, AdaptCLIPConfig, DEFAULT_CONFIG)
-    parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    parser.add_argument("--epochs", type=at_least(1), default=DEFAULTS.epochs)
+    parser.add_argument("--batch-size", type=at_least(2, BATCH_NORM), default=DEFAULTS.batch_size)
     parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="order and prompt draws")
     parser.add_argument("--resume", action="store_true", help="continue from <save>.resume.pt")
 
 
 def main(args) -> int:
-    if args.epochs < 1 or args.batch_size < 2 or (args.limit is not None and args.limit < 2):
-        print("error: --epochs must be >= 1, --batch-size and --limit >= 2 (BatchNorm needs two)", file=sys.stderr)
-        return 2
     if resume_path(args.save).is_file() and not args.resume:
         print(f"error: {resume_path(args.save)} holds an interrupted run: pass --resume, or delete it to start afresh",
               file=sys.stderr)
@@ -47,8 +47,7 @@ def main(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     settings = TrainingSettings(args.epochs, args.batch_size, args.lr, DEFAULTS.betas, args.seed)
-    print(f"training AdaptCLIP's adapters on {len(queries)} images ({sum(s.label for s in queries)} anomalous) "
-          f"from {len({s.category for s in queries})} categories of {args.root}")
+    print(f"training AdaptCLIP's adapters on {described(queries, args.root)}")
     try:
         _, losses = train_adapters(config, queries, normals, args.save, settings, resume=args.resume)
     except (ConfigError, ValueError) as err:

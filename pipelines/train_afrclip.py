@@ -14,7 +14,8 @@ from rareclip_core.detectors.afrclip.checkpoint import save_checkpoint
 from rareclip_core.detectors.afrclip.config import AFRCLIPConfig
 from rareclip_core.detectors.afrclip.training import TrainingSettings, train_afrclip
 
-from .training_data import add_config_argument, add_dataset_arguments, annotated_samples, loss_summary, training_config
+from .training_data import (add_config_argument, add_dataset_arguments, annotated_samples, at_least, described,
+                            loss_summary, training_config)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-afrclip.yaml"
 
@@ -23,22 +24,19 @@ def add_arguments(parser) -> None:
     add_dataset_arguments(parser)
     parser.add_argument("--save", required=True, metavar="FILE", help="where to write the trained parts (.pth)")
     add_config_argument(parser, AFRCLIPConfig, DEFAULT_CONFIG)
-    parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--epochs", type=at_least(1), default=100)
+    parser.add_argument("--batch-size", type=at_least(1), default=4)
     parser.add_argument("--lr", type=float, default=1e-3, help="initial learning rate; epoch e uses lr / (e + 1)")
     parser.add_argument("--seed", type=int, default=0, help="shuffling seed")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16", "config"), default="fp32",
                         help="the frozen backbone's precision while training ('config': the config's; default %(default)s)")
     parser.add_argument("--checkpoints", help="folder of the per-epoch checkpoints (default: <save>.checkpoints)")
-    parser.add_argument("--keep", type=int, default=2, help="newest epoch checkpoints kept (default %(default)s)")
+    parser.add_argument("--keep", type=at_least(1), default=2, help="newest epoch checkpoints kept (default %(default)s)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest epoch checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(args) -> int:
-    if min(args.epochs, args.batch_size, args.keep) < 1 or (args.limit is not None and args.limit < 1):
-        print("error: --epochs, --batch-size, --keep and --limit must be >= 1", file=sys.stderr)
-        return 2
     try:
         config = training_config(args.config, AFRCLIPConfig, "train-afrclip trains AFR-CLIP")
         if args.precision != "config":
@@ -47,12 +45,8 @@ def main(args) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if not samples:
-        print(f"error: no usable training images under {args.root}", file=sys.stderr)
-        return 2
     checkpoints = Path(args.checkpoints or f"{args.save}.checkpoints")
-    print(f"training AFR-CLIP on {len(samples)} images ({sum(s.label for s in samples)} anomalous) from "
-          f"{len({s.category for s in samples})} categories of {args.root}; epoch checkpoints in {checkpoints}")
+    print(f"training AFR-CLIP on {described(samples, args.root)}; epoch checkpoints in {checkpoints}")
     settings = TrainingSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                 checkpoint_dir=checkpoints, keep_checkpoints=args.keep, resume=args.resume,
                                 progress=not args.no_progress)

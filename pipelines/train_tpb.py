@@ -10,7 +10,8 @@ from rareclip_core.detectors.rareclip.config import RareCLIPConfig
 from rareclip_core.detectors.rareclip.text_branch import save_tpb_checkpoint
 from rareclip_core.detectors.rareclip.training import train_text_projection
 
-from .training_data import add_config_argument, add_dataset_arguments, annotated_samples, loss_summary, training_config
+from .training_data import (add_config_argument, add_dataset_arguments, annotated_samples, at_least, described,
+                            loss_summary, training_config)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-paper.yaml"
 
@@ -19,30 +20,20 @@ def add_arguments(parser) -> None:
     add_dataset_arguments(parser)
     parser.add_argument("--save", required=True, metavar="FILE", help="where to write the TPB checkpoint (.pth)")
     add_config_argument(parser, RareCLIPConfig, DEFAULT_CONFIG)
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--epochs", type=at_least(1), default=5)
+    parser.add_argument("--batch-size", type=at_least(1), default=16)
     parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--seed", type=int, default=0, help="shuffling seed")
 
 
 def main(args) -> int:
-    if args.epochs < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        print("error: --epochs, --batch-size and --limit must be >= 1", file=sys.stderr)
-        return 2
     try:
         config = training_config(args.config, RareCLIPConfig, "train-tpb trains RareCLIP's text branch")
         samples = annotated_samples(args.dataset, args.root, args.limit)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if not samples:
-        print(f"error: no usable training images under {args.root}", file=sys.stderr)
-        return 2
-    n_anomalous = sum(s.label for s in samples)
-    print(
-        f"training TPB on {len(samples)} images ({n_anomalous} anomalous) from "
-        f"{len({s.category for s in samples})} categories of {args.root}"
-    )
+    print(f"training TPB on {described(samples, args.root)}")
     try:
         projection, losses = train_text_projection(
             config, samples, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed

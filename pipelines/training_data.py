@@ -1,10 +1,11 @@
 """What the training jobs (train-tpb, train-afrclip, train-adaptclip) share: their --config and
-dataset arguments, the check of the config's detector kind, the choice of annotated images and
-the loss summary they print at the end.
+dataset arguments and the check of their numbers, the check of the config's detector kind, the
+choice of annotated images and the lines they print.
 As in the papers, the learned parts are trained on one dataset's test images with their masks
 (all categories) and used on another (VisA -> MVTec AD and back)."""
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -46,11 +47,27 @@ def loss_summary(losses: list[float], steps_per_epoch: int) -> str:
             f"first epoch mean {sum(first) / len(first):.4f})")
 
 
-def add_dataset_arguments(parser) -> None:
+def at_least(minimum: int, why: str = ""):
+    """An argparse type: an integer >= `minimum`; argparse names the option and exits 2 otherwise,
+    before anything is loaded."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}{why}, got {value}")
+        return value
+
+    return parse
+
+
+def add_dataset_arguments(parser, min_images: int = 1, why: str = "") -> None:
     parser.add_argument("--dataset", required=True, choices=("mvtec", "visa", "folder"), help="dataset layout")
     parser.add_argument("--root", required=True, help="dataset root folder")
     parser.add_argument(
-        "--limit", type=int, default=None, metavar="N",
+        "--limit", type=at_least(min_images, why), default=None, metavar="N",
         help="train on N images spread evenly over the test split (quick runs)",
     )
 
@@ -58,12 +75,20 @@ def add_dataset_arguments(parser) -> None:
 def annotated_samples(dataset: str, root: str, limit: int | None) -> list[Sample]:
     """The test split's images that can be trained on (anomalous ones need a mask; those
     without are skipped with a message), `limit` of them spread evenly when given. Raises
-    FileNotFoundError / ValueError for a missing or malformed dataset."""
+    FileNotFoundError / ValueError for a missing or malformed dataset, or one with none."""
     samples = [s for category in load_dataset(dataset, root, "test").values() for s in category]
     unmasked = [s for s in samples if s.label and s.mask_path is None]
     if unmasked:
         print(f"skipping {len(unmasked)} anomalous images without a mask", file=sys.stderr)
         samples = [s for s in samples if not (s.label and s.mask_path is None)]
+    if not samples:
+        raise ValueError(f"no usable training images under {root}")
     if limit is not None and limit < len(samples):
         samples = [samples[i * len(samples) // limit] for i in range(limit)]
     return samples
+
+
+def described(samples: list[Sample], root: str) -> str:
+    """'N images (k anomalous) from C categories of <root>', for the line a training job starts with."""
+    return (f"{len(samples)} images ({sum(s.label for s in samples)} anomalous) from "
+            f"{len({s.category for s in samples})} categories of {root}")

@@ -126,3 +126,15 @@ def test_cli_missing_dataset_exits_2(config, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nowhere" in err and "Traceback" not in err
     assert not (tmp_path / "x.pth").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train-tpb", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+    (["train-afrclip", "--keep", "0"], "argument --keep: must be >= 1, got 0"),
+    (["train-adaptclip", "--batch-size", "1"], "argument --batch-size: must be >= 2 (the adapters' BatchNorm needs two"),
+    (["train-adaptclip", "--limit", "x"], "argument --limit: expected an integer, got 'x'"),
+])
+def test_training_commands_refuse_bad_numbers_before_loading_anything(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        run_cluster.main([*argv, "--dataset", "mvtec", "--root", str(tmp_path / "nowhere"), "--save", str(tmp_path / "w.pth")])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
