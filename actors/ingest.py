@@ -111,7 +111,7 @@ class IngestActor:
         """Frames per line in a finite source; None for a live one (it grows)."""
         if self.source.live:
             return None
-        return {line: sum(1 for _ in self.source.frames(line)) for line in self.lines}
+        return {line: self.source.frame_count(line) for line in self.lines}
 
     def stop(self) -> None:
         self.stopped.set()

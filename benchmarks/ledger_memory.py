@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rareclip_core.data import sources  # noqa: E402
-from rareclip_core.data.sources import FrameLedger  # noqa: E402
+from rareclip_core.data.sources import FrameLedger, remembered_s  # noqa: E402
 
 BATCH = 1000  # frames recorded per poll while the ledger is written
 
@@ -46,12 +46,13 @@ def write_ledger(folder: Path, frames: int, rate: float) -> None:
 def load(folder: Path, max_file_age_s: float) -> dict:
     """In a fresh process: load the ledger as a restarted ingestion actor does, once timed and
     once under tracemalloc (Python's allocations: the peak while loading, what stays held)."""
+    remember_s = remembered_s(max_file_age_s)
     start = time.perf_counter()
-    ledger = FrameLedger(folder, "line", max_file_age_s)
+    ledger = FrameLedger(folder, "line", remember_s)
     seconds = time.perf_counter() - start
     del ledger
     tracemalloc.start()
-    ledger = FrameLedger(folder, "line", max_file_age_s)
+    ledger = FrameLedger(folder, "line", remember_s)
     held, peak = tracemalloc.get_traced_memory()
     return {
         "max_file_age_s": max_file_age_s, "frames": len(ledger), "remembered": sum(ledger.recorded.values()),

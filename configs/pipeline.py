@@ -65,7 +65,8 @@ class SyntheticSourceConfig(StrictModel):
 
 class NatsSourceConfig(StrictModel):
     """NATS JetStream: a camera publishes each frame's bytes to `<subject_prefix>.<line_id>`; a
-    frame's seq is its position in its line's subject. `watch` (set by `live`) follows new frames."""
+    frame's seq is its position among its line's messages, kept in the line's ledger. `watch` (set by
+    `live`) follows new frames."""
 
     kind: Literal["nats"]
     url: str = DEFAULT_NATS_URL
@@ -245,9 +246,9 @@ def config_default(field: str, model: type[StrictModel] = PipelineConfig):
 
 
 def open_source(source: SourceConfig, ledger_dir: Optional[str] = None):
-    """The frame source a (materialized) source config describes. With `ledger_dir`, folder and
-    manifest sources record each line's frames in a ledger there (only ingestion writes it); a
-    NATS stream is its own ledger (it only grows at its end)."""
+    """The frame source a (materialized) source config describes. With `ledger_dir`, each line's
+    frames and their seqs are recorded in a ledger there (only ingestion writes it); a dataset's
+    fixed order needs none."""
     from rareclip_core.data.sources import (
         DatasetSource,
         FolderSource,
@@ -264,5 +265,6 @@ def open_source(source: SourceConfig, ledger_dir: Optional[str] = None):
     if isinstance(source, NatsSourceConfig):
         from rareclip_core.data.nats_stream import NatsFrameSource, StreamSettings
 
-        return NatsFrameSource(StreamSettings(source.url, source.stream, source.subject_prefix), source.lines, source.watch)
+        settings = StreamSettings(source.url, source.stream, source.subject_prefix)
+        return NatsFrameSource(settings, source.lines, source.watch, ledger_dir=ledger_dir)
     raise ValueError("synthetic sources are written to folders first (pipelines.line_cluster.materialize_source)")

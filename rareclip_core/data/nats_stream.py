@@ -1,15 +1,15 @@
 """NATS JetStream: frames in (a line's subject is its ordered source), verdicts out.
 
 A camera publishes each frame's encoded bytes to `<frames prefix>.<line_id>`; a frame's seq is
-its position in its line's subject (0-based), counted from the subject's first message in the
-stream. A line's index is the list of stream seqs of its messages in order (read with a
-headers-only consumer, so no image travels for it); it only ever grows at its end, since a
-stream appends, so a seq never depends on a later listing. Frames are read with ephemeral
-consumers that start at the stream seq of a given position and acknowledge nothing: the
-stream keeps every frame, and any seq can be read again after a crash or by a later `replay`.
-The stream must therefore keep a line's frames for as long as their seqs are to mean the same
-(no `max_age` / `max_msgs` that drops them mid-job): a frame removed from the head of a line
-would shift every position after it, and reading notices it (the stream seqs differ) and stops.
+its position among its line's messages as ingestion first saw them (0-based), recorded with the
+message's stream seq in the line's ledger (`FrameLedger`, `<out>/ledger/<line>/`) before the
+frame is fed. New messages are those past the newest recorded one (read with a headers-only
+consumer, so no image travels for it): a stream only appends, so a seq never depends on a later
+listing, and a restart reads the ledger's newest file, not the line's history. Frames are read
+with ephemeral consumers that start at a recorded stream seq and acknowledge nothing, so any seq
+can be read again after a crash or by a later `replay` while the stream keeps its message.
+The stream may drop a line's old messages (`max_age`, `max_msgs`) once the line's snapshots are
+past them: their seqs stay in the ledger, and asking for one that is gone says so.
 
 The client (nats-py, asyncio) lives here only, imported when a NATS source or verdict stream
 is used, on an event-loop thread of its own so that threaded callers (the ingest actor, the
@@ -20,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Optional
 
-from .sources import FrameRef
+from .sources import FrameLedger, FrameRef
 
 log = logging.getLogger(__name__)
 
@@ -147,19 +149,39 @@ class NatsLink:
 class NatsFrameSource:
     """The frames of `lines`, each line one subject of the stream (see the module docstring).
     `live`: new messages are seen as they arrive; otherwise the source is the messages present
-    when it is opened (a `replay` of a finite range)."""
+    when it is opened (a `replay` of a finite range). Each line's seqs are kept in a
+    `FrameLedger` under `ledger_dir` (a job's `<out>/ledger`); without one, in a temporary
+    folder removed by `close` (a source read once)."""
 
-    def __init__(self, settings: StreamSettings, lines: list[str], live: bool = False, reconnect_s: float = 60.0):
+    def __init__(
+        self, settings: StreamSettings, lines: list[str], live: bool = False, reconnect_s: float = 60.0,
+        ledger_dir: Optional[str] = None,
+    ):
         self.settings = settings
         self._lines = list(lines)
         self.live = live
         self.reconnect_s = reconnect_s
-        self.link = NatsLink(settings.url)
-        self.link.ensure_stream(settings)
-        self.index: dict[str, list[int]] = {line: [] for line in self._lines}  # position -> stream seq
+        self._scratch = None if ledger_dir else tempfile.TemporaryDirectory(prefix="nats-ledger-")
+        root = Path(ledger_dir or self._scratch.name)
+        # only the newest ledger file of a line in memory: a new frame is one past the newest recorded
+        self.ledgers = {line: FrameLedger(root / line, line, remember_s=0.0) for line in self._lines}
+        self._indexed: set[str] = set()  # lines whose new messages were looked for since opening
         self._lock = threading.Lock()  # the ingest actor reads from two threads (feeding, totals)
-        for line in self._lines:
-            self._extend_index(line)
+        self.link: Optional[NatsLink] = None
+        try:
+            self.link = NatsLink(settings.url)
+            self.link.ensure_stream(settings)
+            self.opened_at = self._last_stream_seq()  # a finite source ends with this message
+            for line, ledger in self.ledgers.items():
+                if len(ledger) and self._newest_stream_seq(line) > self.opened_at:
+                    raise NatsError(
+                        f"stream {settings.stream} ends at message {self.opened_at}, but line {line}'s frame "
+                        f"{len(ledger) - 1} was message {self._newest_stream_seq(line)} ({ledger.folder}): the stream "
+                        "was deleted or purged since, and the line's seqs cannot go on in it; use a new `out` folder"
+                    )
+        except BaseException:
+            self.close()
+            raise
 
     def lines(self) -> list[str]:
         return list(self._lines)
@@ -168,33 +190,59 @@ class NatsFrameSource:
         """Nothing to tell the job: a stream leaves no frame out (see `Source.notices`)."""
         return []
 
+    def frame_count(self, line_id: str) -> int:
+        """How many frames the line has now (a finite source: all it has)."""
+        self._extend_index(line_id)
+        return len(self.ledgers[line_id])
+
     def frames(self, line_id: str, start_seq: int = 0) -> Iterator[FrameRef]:
         """The line's frames known now from `start_seq` on, read a few at a time, bytes included."""
-        if self.live:
-            self._extend_index(line_id)
+        self._extend_index(line_id)
         with self._lock:
-            known = list(self.index[line_id])
-        seq = start_seq
-        while seq < len(known):
-            batch = self._read(line_id, known[seq], min(16, len(known) - seq), headers_only=False)
+            known = [stream_seq_of(uri) for uri in self.ledgers[line_id].uris_from(start_seq)]  # seq - start_seq -> stream seq
+        done = 0
+        while done < len(known):
+            seq = start_seq + done
+            batch = self._read(line_id, known[done], min(16, len(known) - done), headers_only=False)
             for msg in batch:
                 stream_seq = msg.metadata.sequence.stream
-                if stream_seq != known[seq]:
-                    raise NatsError(f"line {line_id}: frame {seq} was stream message {known[seq]}, now {stream_seq} is "
+                if stream_seq != known[done]:
+                    raise NatsError(f"line {line_id}: frame {seq} was stream message {known[done]}, now {stream_seq} is "
                                     f"there: the stream {self.settings.stream} dropped frames (max_age, max_msgs?); "
-                                    "keep a line's frames in the stream for as long as the job runs")
-                uri = (msg.headers or {}).get(FRAME_URI_HEADER) or f"nats://{self.settings.stream}/{stream_seq}"
+                                    "keep a line's frames in the stream until its snapshots are past them")
+                uri = (msg.headers or {}).get(FRAME_URI_HEADER) or self._uri(stream_seq)
                 yield FrameRef(line_id, seq, uri, bytes(msg.data))
+                done += 1
                 seq += 1
             if not batch:
-                raise NatsError(f"line {line_id}: frame {seq} (stream message {known[seq]}) is gone from stream "
-                                f"{self.settings.stream}; keep a line's frames in the stream for as long as the job runs")
+                raise NatsError(f"line {line_id}: frame {seq} (stream message {known[done]}) is gone from stream "
+                                f"{self.settings.stream}; keep a line's frames in the stream until its snapshots are past them")
+
+    def _uri(self, stream_seq: int) -> str:
+        return f"nats://{self.settings.stream}/{stream_seq}"
+
+    def _newest_stream_seq(self, line_id: str) -> int:
+        ledger = self.ledgers[line_id]
+        return stream_seq_of(ledger.uris_from(len(ledger) - 1)[0]) if len(ledger) else 0
 
     def _extend_index(self, line_id: str) -> None:
+        """Record the line's messages past its newest recorded one (a finite source: once, up to
+        the message it was opened at), read headers-only."""
         with self._lock:
-            after = self.index[line_id][-1] + 1 if self.index[line_id] else 1
-            new = [m.metadata.sequence.stream for m in self._read(line_id, after, None, headers_only=True)]
-            self.index[line_id].extend(s for s in new if not self.index[line_id] or s > self.index[line_id][-1])
+            if not self.live and line_id in self._indexed:
+                return
+            new = [m.metadata.sequence.stream
+                   for m in self._read(line_id, self._newest_stream_seq(line_id) + 1, None, headers_only=True)]
+            if not self.live:
+                new = [stream_seq for stream_seq in new if stream_seq <= self.opened_at]
+            self.ledgers[line_id].extend([self._uri(stream_seq) for stream_seq in new])
+            self._indexed.add(line_id)
+
+    def _last_stream_seq(self) -> int:
+        async def info():
+            return await self.link.js.stream_info(self.settings.stream)
+
+        return self.link.retry(info, f"reading stream {self.settings.stream}", self.reconnect_s).state.last_seq
 
     def _read(self, line_id: str, start_stream_seq: int, limit: Optional[int], headers_only: bool) -> list:
         """Up to `limit` (default: all) of the line's messages from `start_stream_seq` on, through an
@@ -223,7 +271,15 @@ class NatsFrameSource:
         return self.link.retry(read, f"reading {subject} from stream {self.settings.stream}", self.reconnect_s)
 
     def close(self) -> None:
-        self.link.close()
+        if self.link is not None:
+            self.link.close()
+        if self._scratch is not None:
+            self._scratch.cleanup()
+
+
+def stream_seq_of(uri: str) -> int:
+    """The stream seq a ledger's `nats://<stream>/<stream seq>` names."""
+    return int(uri.rsplit("/", 1)[1])
 
 
 VERDICT_FIELDS = ("line_id", "seq", "uri", "score", "is_anomaly", "threshold", "status", "error", "scored_time", "model_id")

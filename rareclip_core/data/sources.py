@@ -47,9 +47,12 @@ class FolderSource:
     frames present now, by name: every entry that is not a folder or hidden (a name starting with
     '.', the way to write a file before renaming it complete), broken links included (they get an
     error row). A `live` source grows, and takes a file only once it is complete: not modified
-    for `settle_s` seconds (a camera still writing it keeps touching it). With
-    `max_file_age_s`, its ledger remembers only recent frames (`FrameLedger`), and the listing
-    leaves out files modified before the time the ledger gives.
+    for `settle_s` seconds (a camera still writing it keeps touching it).
+
+    With `max_file_age_s` (A), the line's ledger remembers the frames recorded within 2A of its
+    newest record (`FrameLedger`, bounded memory), and `Source` has the listing leave out files
+    modified more than A before that record (`not_before`). A forgotten file was recorded before
+    then, after it was written, so it is left out too (for clocks apart by less than A).
 
     A live folder is listed again every poll and holds every frame of the day: a name once
     taken is not looked at again (no `stat`), so a poll costs little more than reading the folder."""
@@ -203,15 +206,14 @@ class FrameLedger:
     so a frame's seq never depends on a later listing: a file whose name sorts before those
     already seen simply gets the next seq when it appears.
 
-    Without `max_file_age_s` (0) every uri is remembered, as often as it was recorded (a manifest
-    that lists a file twice scores it twice). With it (a watched folder) memory is bounded: the
-    ledger keeps the files recorded within 2 × max_file_age_s of its newest record (whole files;
-    a stopped job forgets nothing), and `not_before()` has the folder leave out files modified
-    more than max_file_age_s before that record. A forgotten uri was recorded before that, after
-    its file was written, so it is left out too (for clocks apart by less than max_file_age_s)."""
+    It remembers (tells apart from new ones) the uris of the files in memory: every file, as often
+    as each uri was recorded (a manifest that lists a file twice scores it twice); or, with
+    `remember_s`, the files recorded within remember_s of its newest record (whole files, the
+    newest always; a stopped job forgets nothing), which bounds its memory. Seqs whose file is
+    forgotten are read back from disk when asked for."""
 
-    def __init__(self, folder: Path, line_id: str, max_file_age_s: float = 0.0):
-        self.folder, self.line_id, self.max_file_age_s = folder, line_id, max_file_age_s
+    def __init__(self, folder: Path, line_id: str, remember_s: Optional[float] = None):
+        self.folder, self.line_id, self.remember_s = folder, line_id, remember_s
         self.segments: list[LedgerSegment] = []  # those in memory, oldest first, the newest always
         self.recorded: Counter = Counter()  # uri -> times recorded in the segments in memory
         files = self._files()
@@ -231,11 +233,10 @@ class FrameLedger:
     def __len__(self) -> int:
         return self.segments[-1].first_seq + len(self.segments[-1].uris) if self.segments else 0
 
-    def not_before(self) -> Optional[float]:
-        """Files modified before this (unix seconds) are not new frames; None: every file may be."""
-        if not self.max_file_age_s or not self.segments:
-            return None
-        return self.segments[-1].newest_taken_at - self.max_file_age_s
+    @property
+    def newest_taken_at(self) -> Optional[float]:
+        """When the newest frame was recorded (ingestion's clock, unix seconds); None: none yet."""
+        return self.segments[-1].newest_taken_at if self.segments else None
 
     def uris_from(self, start_seq: int) -> list[str]:
         """The uris of seqs start_seq.. (read from the files where memory no longer holds them)."""
@@ -282,8 +283,7 @@ class FrameLedger:
         return len(new)
 
     def _forgotten(self, segment: LedgerSegment) -> bool:
-        newest = self.segments[-1].newest_taken_at
-        return bool(self.max_file_age_s) and segment.newest_taken_at < newest - 2 * self.max_file_age_s
+        return self.remember_s is not None and segment.newest_taken_at < self.newest_taken_at - self.remember_s
 
     def _files(self) -> list[tuple[int, Path]]:
         """(first seq, path) of the line's ledger files, in seq order."""
@@ -349,6 +349,11 @@ def _drop_cut_row(path: Path) -> None:
             fh.truncate(fh.read().rfind(b"\n") + 1)
 
 
+def remembered_s(max_file_age_s: float) -> Optional[float]:
+    """How long a folder line's ledger remembers what it recorded (see FolderSource); None: always."""
+    return 2 * max_file_age_s if max_file_age_s else None
+
+
 class Source:
     """What ingestion reads: a source's lines and, per line, its frames with their seqs. With a
     ledger folder, seqs come from the line's `FrameLedger` in `<ledger_dir>/<line>/` (folder and
@@ -373,19 +378,26 @@ class Source:
             said.clear()
         return notices
 
+    def frame_count(self, line_id: str) -> int:
+        """How many frames the line has now (a finite source: all it has)."""
+        return len(self._uris(line_id, 0))
+
     def frames(self, line_id: str, start_seq: int = 0) -> Iterator[FrameRef]:
         """The line's frames known now, from `start_seq` on (new ones are recorded first)."""
-        if self.ledger_dir is None:
-            uris = self.inner.listing(line_id)[start_seq:]
-        else:
-            with self._lock:
-                ledger = self._ledgers.get(line_id)
-                if ledger is None:
-                    ledger = self._ledgers[line_id] = FrameLedger(
-                        self.ledger_dir / line_id, line_id, self.inner.max_file_age_s
-                    )
-                not_before = ledger.not_before()
-                ledger.extend(self.inner.listing(line_id) if not_before is None else self.inner.listing(line_id, not_before))
-                uris = ledger.uris_from(start_seq)
-        for seq, uri in enumerate(uris, start=start_seq):
+        for seq, uri in enumerate(self._uris(line_id, start_seq), start=start_seq):
             yield FrameRef(line_id, seq, uri)
+
+    def _uris(self, line_id: str, start_seq: int) -> list[str]:
+        """The uris of the line's seqs start_seq.. (new ones recorded first)."""
+        if self.ledger_dir is None:
+            return self.inner.listing(line_id)[start_seq:]
+        with self._lock:
+            ledger = self._ledgers.get(line_id)
+            age = self.inner.max_file_age_s  # see FolderSource
+            if ledger is None:
+                ledger = self._ledgers[line_id] = FrameLedger(self.ledger_dir / line_id, line_id, remembered_s(age))
+            if age and ledger.newest_taken_at is not None:
+                ledger.extend(self.inner.listing(line_id, not_before=ledger.newest_taken_at - age))
+            else:
+                ledger.extend(self.inner.listing(line_id))
+            return ledger.uris_from(start_seq)
