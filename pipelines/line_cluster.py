@@ -2,6 +2,7 @@
 actors from a validated PipelineConfig, and watch them with progress bars."""
 from __future__ import annotations
 
+import datetime as dt
 import gc
 import logging
 import os
@@ -198,6 +199,10 @@ class TerminalProgress:
             self.bars[line].update(seq - self.bars[line].n)
         self.bars["__all__"].update(sum(progress.values()) - self.bars["__all__"].n)
 
+    def say(self, text: str) -> None:
+        """A line above the bars."""
+        tqdm.write(text, file=sys.stderr)
+
     def close(self) -> None:
         for bar in self.bars.values():
             bar.close()
@@ -216,6 +221,9 @@ class PlainProgress:
         self.progress.update(progress)
         if time.monotonic() - self.last >= self.every_s:
             self._print()
+
+    def say(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
 
     def close(self) -> None:
         self._print()
@@ -340,12 +348,17 @@ class LineCluster:
         bars = (TerminalProgress if sys.stderr.isatty() else PlainProgress)(self.lines, totals) if progress else None
         last_flush = time.monotonic()
         interrupted = abandoned = False
+        told = {"events": 0, "notices": 0}  # what the bars have said of the supervisor's lists
         try:
             try:
                 while not ray.wait([done], timeout=0.5)[0]:
                     status = ray.get(self.supervisor.status.remote())
                     if bars:
                         bars.update(status["progress"])
+                        for kind in told:  # recoveries and the source's notices, as they happen
+                            for text in status[kind][told[kind]:]:
+                                bars.say(f"{dt.datetime.now():%Y-%m-%d %H:%M:%S} {text}")
+                            told[kind] = len(status[kind])
                     if on_poll:
                         on_poll(status)
                     if flush_every_s and time.monotonic() - last_flush >= flush_every_s:

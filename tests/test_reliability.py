@@ -4,6 +4,7 @@ job's report of what happened (the ledger of each line's frames: test_frame_ledg
 import io
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -68,8 +69,8 @@ def write_config(path: Path, source_root: Path, out: Path, **extra) -> Path:
     return path
 
 
-def start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "run_cluster.py", *args, "--no-progress"], cwd=REPO,
+def start(args: list[str], progress: bool = False) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "run_cluster.py", *args, *([] if progress else ["--no-progress"])], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -158,7 +159,7 @@ def test_a_live_folder_gets_one_row_per_file_slow_writes_early_names_and_broken_
     write_folder(src, "cam", line_frames(3, 3))
     config = write_config(tmp_path / "job.yaml", src, tmp_path / "out",
                           source={"poll_s": 0.2, "settle_s": 1.0, "max_file_age_s": 600})
-    live = start(["live", "--config", str(config)])
+    live = start(["live", "--config", str(config)], progress=True)  # off a terminal: plain progress lines
     images = line_frames(4, 2)
     try:
         wait_for_rows(tmp_path / "out" / "results", 3)
@@ -175,13 +176,14 @@ def test_a_live_folder_gets_one_row_per_file_slow_writes_early_names_and_broken_
         wait_for_rows(tmp_path / "out" / "results", 6)
     finally:
         live.send_signal(signal.SIGINT)
-        out, _ = live.communicate(timeout=120)
+        out, err = live.communicate(timeout=120)
     assert live.returncode == 130
     rows = read_rows(tmp_path / "out" / "results")
     by_name = {Path(r["uri"]).name: r for r in rows}
-    # every file gets its row but the late copy, which the job's summary names
+    # every file gets its row but the late copy, which the job names when it is seen and in its summary
     assert sorted(by_name) == sorted(p.name for p in (src / "cam").iterdir() if p.name != "old_copy.png")
     assert len(rows) == 6 and "line cam: 1 file(s) left out" in out and "(first: old_copy.png)" in out
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d line cam: 1 file\(s\) left out", err, re.MULTILINE), err
     assert [r["seq"] for r in rows] == list(range(6))
     assert by_name["slow.png"]["status"] == "ok" and by_name["aaa_early.png"]["status"] == "ok"
     assert by_name["aaa_early.png"]["seq"] > 2  # the next seq when it appeared, nothing shifted
