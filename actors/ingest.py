@@ -16,6 +16,7 @@ from rareclip_core.data.frames import FrameDecoding, FrameError, decode_frame
 from rareclip_core.data.sources import FrameRef, read_uri
 
 from .frames import Frame
+from .supervisor import tell_supervisor
 
 log = logging.getLogger(__name__)
 
@@ -124,18 +125,6 @@ class IngestActor:
                 self.rewinds[line_id] = seq
             return self.running
 
-    def _tell_supervisor(self, notices: list[str]) -> None:
-        """Pass on what the source said (files it left out): the job reports it at its end."""
-        if not notices or not self.supervisor_name:
-            return
-        try:
-            supervisor = ray.get_actor(self.supervisor_name)
-        except ValueError:  # the job is ending
-            log.warning("; ".join(notices))
-            return
-        for text in notices:
-            supervisor.notice.remote(text)
-
     def run(self, start_seqs: dict[str, int] | None = None) -> dict[str, int]:
         """Feed every line from its start seq (default 0) until the source ends (or, for a live
         source, until `stop`). Lines are interleaved round by round: each round decodes up to
@@ -172,7 +161,8 @@ class IngestActor:
                 if not refs and self.source.live and time.monotonic() - listed_at[line] >= self.poll_s:
                     iterators[line] = self.source.frames(line, next_seq[line])  # look for new files
                     listed_at[line] = time.monotonic()
-            self._tell_supervisor(self.source.notices())
+            for text in self.source.notices():  # files the source left out
+                tell_supervisor(self.supervisor_name, text)
             refs = [ref for line_refs in taken.values() for ref in line_refs]
             decoded = iter(self.decoder.map(lambda ref: load_frame(ref, self.decoding), refs))
             for line, line_refs in taken.items():

@@ -22,6 +22,15 @@ log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 2.0
 
 
+def tell_supervisor(supervisor_name: Optional[str], text: str) -> None:
+    """Pass a notice to the job's supervisor (it prints it as it comes and keeps it for the
+    summary); only logged where there is none (no job, or the job is ending)."""
+    try:
+        ray.get_actor(supervisor_name).notice.remote(text) if supervisor_name else log.warning(text)
+    except ValueError:
+        log.warning(text)
+
+
 async def _call(ref, timeout: float = CALL_TIMEOUT_S):
     """Await an actor call; None if the actor is dead or restarting."""
     try:
@@ -86,7 +95,8 @@ class Supervisor:
         await self._replay(line, next_seq)
 
     def notice(self, text: str) -> None:
-        """A source left frames out (an ingest actor passes it on): kept for the job's summary."""
+        """What an actor has the operator know (files its source left out, a writer that cannot
+        write): printed as it comes and kept for the job's summary."""
         self.notices.append(text)
         log.info(text)
 

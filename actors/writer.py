@@ -12,6 +12,7 @@ import ray
 from configs.pipeline import config_default
 
 from .result_table import delete_old_maps, persisted_last_seqs, write_map, write_rows
+from .supervisor import tell_supervisor
 from .table_compaction import CompactionSettings, compact_partition, recover
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class ResultWriterCore:
         self.root = Path(results_dir)
         self.root.mkdir(parents=True, exist_ok=True)
         self.settings = settings
+        self.supervisor_name = supervisor_name
+        self.cannot_write: str | None = None  # why the last flush failed, until one succeeds
         self.unmerged: dict[tuple[str, str], int] = {}  # (line, date) -> files written since its last merge
         self.newest_date: dict[str, str] = {}  # line -> date of its newest rows written by this writer
         # old maps are deleted beside the writing (a day of a line's maps: seconds, docs/BENCHMARKS.md)
@@ -94,12 +97,32 @@ class ResultWriterCore:
                 self.flush()
             except ConnectionError as err:  # verdicts not published: the rows stay buffered
                 log.warning("flush deferred: %s", err)
+            except OSError:  # a full disk, say: the rows stay buffered, the next write tries again
+                pass
         return {r["line_id"]: self.last_seq[r["line_id"]] for r in rows}
 
     def flush(self) -> int:
-        """Write buffered rows: maps first, then one Parquet file per (line_id, date). Rows
-        leave the buffer only once their file is in place, so a failed flush loses nothing.
-        With verdicts, their publishing is retried first (raises ConnectionError when it fails)."""
+        """Write buffered rows (see `_write_buffer`); the job hears when the table cannot be
+        written (an OSError: a full disk, say), and when it can again. Raises what failed: a
+        snapshot waits for its rows to be on disk."""
+        try:
+            written = self._write_buffer()
+        except OSError as err:
+            if self.cannot_write is None:
+                tell_supervisor(self.supervisor_name, (
+                    f"the result writer cannot write to {self.root}: {err}; it holds the rows in memory "
+                    f"({len(self.buffer)} now) and tries again at each write (free space, or set maps_keep_days)"))
+            self.cannot_write = str(err)
+            raise
+        if self.cannot_write is not None:
+            self.cannot_write = None
+            tell_supervisor(self.supervisor_name, f"the result writer writes to {self.root} again ({written} rows held written)")
+        return written
+
+    def _write_buffer(self) -> int:
+        """Maps first, then one Parquet file per (line_id, date). Rows leave the buffer only once
+        their file is in place, so a failed flush loses nothing. With verdicts, their publishing
+        is retried first (raises ConnectionError when it fails)."""
         self._publish(raise_error=True)
         groups: dict[tuple[str, str], list[dict]] = {}
         for row in self.buffer:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import ray
 from PIL import Image
 
@@ -205,6 +206,31 @@ def test_writer_keeps_one_row_per_seq_and_no_holes(tmp_path):
     again.write([row(2), row(3)])
     again.flush()
     assert [r["seq"] for r in read_rows(tmp_path)] == [0, 1, 2, 3]
+
+
+def test_a_writer_that_cannot_write_holds_its_rows_says_so_once_and_writes_them_later(tmp_path, monkeypatch, caplog):
+    from actors import writer as writer_module
+
+    real_write_rows, full = writer_module.write_rows, [True]
+
+    def write_rows(*args):
+        if full[0]:
+            raise OSError(28, "No space left on device")
+        real_write_rows(*args)
+
+    monkeypatch.setattr(writer_module, "write_rows", write_rows)
+    writer = ResultWriterCore(str(tmp_path), WriterSettings(batch_rows=1, flush_s=60))
+    row = lambda s: {"line_id": "x", "seq": s, "status": "ok", "score": float(s), "date": "2026-11-23"}
+    with caplog.at_level("WARNING", logger="actors.supervisor"):
+        assert writer.write([row(0)]) == {"x": 0} and writer.write([row(1)]) == {"x": 1}  # no error to the lines
+        with pytest.raises(OSError):
+            writer.flush()  # an explicit flush (a snapshot's) fails: its rows are not on disk
+        told = [r.getMessage() for r in caplog.records]
+        assert len(told) == 1 and "cannot write to" in told[0] and "No space left on device" in told[0]
+        full[0] = False
+        writer.write([row(2)])
+    assert [r["seq"] for r in read_rows(tmp_path)] == [0, 1, 2]
+    assert "writes to" in caplog.records[-1].getMessage() and "3 rows held written" in caplog.records[-1].getMessage()
 
 
 def test_bad_config_fails_before_any_actor_starts(tmp_path):
