@@ -65,7 +65,7 @@ class Supervisor:
         self.snapshotting: dict[str, asyncio.Task] = {}
         self.events: list[str] = []
         self.event_counts: Counter = Counter()  # kind of recovery -> how many
-        self.notices: list[str] = []  # what the sources said (files left out)
+        self.notices: list[str] = []  # what actors had the operator know (`notice`)
         self.stopping = False
         self.watcher = None
         self.feed_locks = [asyncio.Lock() for _ in ingest]  # one rewind-or-restart of a feed at a time

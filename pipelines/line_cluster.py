@@ -148,7 +148,7 @@ class SupervisorLost(RuntimeError):
         )
 
 
-NOTICES_SHOWN = 10  # a run's summary names the first few notices of its source
+NOTICES_SHOWN = 10  # a run's summary names the first few notices
 
 
 @dataclass
@@ -161,11 +161,11 @@ class RunSummary:
     interrupted: bool
     events: list[str]
     event_counts: dict[str, int]
-    notices: list[str]  # what the source left out (a watched folder's files too old to take)
+    notices: list[str]  # what actors had the operator know: files a source left out, a writer that could not write
 
     def describe(self, results_dir: Path) -> list[str]:
         """One line per line of the job (rows, error rows, where it stands), one for the
-        recoveries seen, the source's notices; the resume hint when interrupted."""
+        recoveries seen, the actors' notices; the resume hint when interrupted."""
         table = read_results(results_dir, columns=["line_id", "status"])
         rows = Counter(table["line_id"].to_pylist())
         errors = Counter(line for line, st in zip(table["line_id"].to_pylist(), table["status"].to_pylist()) if st == STATUS_ERROR)
