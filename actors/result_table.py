@@ -1,12 +1,13 @@
 """The result table, and the one owner of its layout: one row per (line_id, seq) in a
 Hive-partitioned Parquet dataset `<results>/line_id=<id>/date=<YYYY-MM-DD>/part-*.parquet`, the
-anomaly maps beside it under `_maps/`, files written atomically, and reading it back with
+anomaly maps beside it under `_maps/` and the jobs' event log `_events.jsonl`, files written atomically, and reading it back with
 `line_id` always a string and only complete files (names starting with '.' or '_' are files
 being written, or not part of the table). The writer merges a partition's small files now and
 then (`table_compaction`): a reader that finds a listed file gone lists again."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import re
 import shutil
@@ -54,6 +55,8 @@ PARTITIONING = pads.partitioning(pa.schema([(name, pa.string()) for name in PART
 VISIBLE_FILE = "[!._]*.parquet"  # a complete file of a partition
 VISIBLE_PARQUET = os.path.join("line_id=*", "date=*", VISIBLE_FILE)
 MAPS_DIR = "_maps"
+EVENTS_FILE = "_events.jsonl"  # the jobs' recoveries and notices, a JSON object a line (`append_event`)
+EVENTS_TAIL_BYTES = 1 << 16  # `read_events` reads this much of the log's end
 MAPS_PER_FOLDER = 10_000  # a line's maps go in folders of consecutive seqs, so no folder grows without end
 # a line id is a folder name of the table: letters, digits, '.', '_' and '-', not starting with
 # '.' or '_' (hidden or ignored names), at most 128 characters; '001' stays the string '001'
@@ -127,6 +130,33 @@ def delete_old_maps(results_dir, line_id: str, keep_days: int) -> int:
             file.unlink(missing_ok=True)
         deleted += len(done)
     return deleted
+
+
+def append_event(results_dir, kind: str, text: str) -> None:
+    """Add one line `{"time", "kind", "text"}` (UTC, ISO 8601) to the table's event log: what
+    happened to the jobs that wrote it (recoveries, notices), for people to read."""
+    record = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "kind": kind, "text": text}
+    Path(results_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(results_dir) / EVENTS_FILE, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def read_events(results_dir, newest: int) -> list[dict]:
+    """The event log's newest `newest` records, oldest first (a line still being written is left out)."""
+    path = Path(results_dir) / EVENTS_FILE
+    if not path.is_file():
+        return []
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, size - EVENTS_TAIL_BYTES))
+        lines = fh.read().split(b"\n")[1 if size > EVENTS_TAIL_BYTES else 0 :]  # the first may be cut
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # empty, or cut short
+            continue
+    return records[-newest:]
 
 
 def partition_dir(results_dir, line_id: str, date: str) -> Path:

@@ -18,6 +18,8 @@ from typing import Optional
 
 import ray
 
+from .result_table import append_event
+
 log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 2.0
 
@@ -48,8 +50,11 @@ class Supervisor:
         ingest: list,
         every_frames: Optional[int] = None,
         every_s: Optional[float] = None,
+        results_dir: Optional[str] = None,
     ):
-        """`ingest`: list of (IngestActor handle, line ids it feeds)."""
+        """`ingest`: list of (IngestActor handle, line ids it feeds); `results_dir`: the table whose
+        event log gets every event and notice (`append_event`)."""
+        self.results_dir = results_dir
         self.writer = writer
         self.lines = lines
         self.ingest = ingest
@@ -83,10 +88,19 @@ class Supervisor:
         self.watcher = asyncio.get_running_loop().create_task(self._watch())
 
     # ---- notifications from restarted actors ---------------------------------------------------
-    def _event(self, kind: str, text: str) -> None:
+    def _event(self, kind: str, text: str, counted: bool = True) -> None:
         self.events.append(text)
-        self.event_counts[kind] += 1
+        if counted:
+            self.event_counts[kind] += 1
+        self._log(kind, text)
+
+    def _log(self, kind: str, text: str) -> None:
         log.info(text)
+        if self.results_dir:
+            try:
+                append_event(self.results_dir, kind, text)
+            except OSError as err:  # a full disk: the job goes on, and says it at its end
+                log.warning("event not logged (%s): %s", err, text)
 
     async def line_started(self, line: str, next_seq: int, rejected: Optional[list] = None) -> None:
         self._event("line restarts", f"line {line} restarted, restored at seq {next_seq}")
@@ -98,7 +112,7 @@ class Supervisor:
         """What an actor has the operator know (files its source left out, a writer that cannot
         write): printed as it comes and kept for the job's summary."""
         self.notices.append(text)
-        log.info(text)
+        self._log("notice", text)
 
     def ingest_started(self, index: int) -> None:
         """A restarted ingest actor: a feed it ran fails and `_check_feeds` starts it again."""
@@ -171,7 +185,8 @@ class Supervisor:
         except ray.exceptions.RayError as err:
             group = self.ingest[i][1]
             cause = str(getattr(err, "cause", None) or type(err).__name__).strip().splitlines()[-1][:300]
-            self.events.append(f"ingest {i} failed; feeding {group} again from the lines' positions ({cause})")
+            self._event("feed restarts", f"ingest {i} failed; feeding {group} again from the lines' positions ({cause})",
+                        counted=False)  # counted as the ingest restart it comes with
             self.feeds[i] = self.ingest[i][0].run.remote({line: self.progress[line] for line in group})
 
     def _maybe_snapshot(self, line: str, actor) -> None:

@@ -1,6 +1,7 @@
 """`dashboard`: a local web page of every line, refreshed as rows land.
 
-Per line: its latest frames with score and verdict, a score timeline with the threshold (error
+Above the lines, the newest entries of the jobs' event log (restarts, notices). Per line: its
+latest frames with score and verdict, a score timeline with the threshold (error
 rows in a strip below), anomalies today, errors, and its last anomalies as thumbnails with their
 stored heat map; a click shows a frame full size (`#frame=<line>/<seq>` links to it). The page asks for `/api/lines` every few
 seconds; each request first reads the result files that appeared since the last one (files are
@@ -28,7 +29,7 @@ import pyarrow as pa
 from flask import Flask, Response, abort, jsonify, request
 from PIL import Image
 
-from actors.result_table import STATUS_ERROR, STATUS_OK, VISIBLE_PARQUET, MapUnavailable, read_map
+from actors.result_table import STATUS_ERROR, STATUS_OK, VISIBLE_PARQUET, MapUnavailable, read_events, read_map
 from pipelines import page_style as style
 from pipelines import query
 from pipelines.report import overlay_map
@@ -40,6 +41,7 @@ LATEST_FRAMES = 8  # rows of a line's "latest frames" table
 LAST_ANOMALIES = 6  # thumbnails per line
 THUMB_WIDTH = 240
 REFRESH_S = 2.0  # how often the page asks for new rows
+EVENTS_SHOWN = 8  # the newest entries of the jobs' event log (restarts, notices) above the lines
 COLUMNS = ("seq", "uri", "scored_time", "score", "is_anomaly", "threshold", "status", "error", "map_uri")
 
 
@@ -156,7 +158,8 @@ def create_app(results_dir) -> Flask:
     def lines():
         feed.refresh()
         now = dt.datetime.now(dt.timezone.utc)
-        return jsonify({"updated": style.utc_time(now), "lines": feed.view(now.date().isoformat())})
+        return jsonify({"updated": style.utc_time(now), "lines": feed.view(now.date().isoformat()),
+                        "events": read_events(results_dir, EVENTS_SHOWN)})
 
     @app.get("/api/frame/<line>/<int:seq>")
     def frame_info(line: str, seq: int):
@@ -303,6 +306,7 @@ PAGE = """<!DOCTYPE html>
 <style>""" + style.CSS + """
 .lines { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 16px; }
 .line { border: 1px solid #ddd; border-radius: 8px; padding: 12px 14px; }
+#events table { margin: 0 0 12px; font-size: 12px; } #events td { padding: 1px 8px 1px 0; vertical-align: top; }
 .line h2 { margin: 0 0 8px; } .line .figs { grid-template-columns: repeat(4, 1fr); }
 .line svg { width: 100%; height: 150px; display: block; margin: 8px 0; }
 .cols { display: grid; grid-template-columns: 210px 1fr; gap: 12px; }
@@ -317,6 +321,7 @@ h3 { font-size: 13px; margin: 4px 0; color: #444; }
 <p class=sub id=status data-results="$RESULTS">$RESULTS · loading…</p>
 <p class=sub id=legend><svg width=260 height=12 style="vertical-align:middle"><line x1=0 x2=18 y1=6 y2=6 stroke="$C_SCORE" stroke-width=1.5 /><text x=22 y=10 font-size=11>score</text><line x1=62 x2=80 y1=6 y2=6 stroke="$C_THRESHOLD" stroke-dasharray="5,3" stroke-width=1.5 /><text x=84 y=10 font-size=11>threshold</text><circle cx=148 cy=6 r=3.5 fill="$C_ANOMALY"/><text x=155 y=10 font-size=11>anomaly</text><line x1=210 x2=210 y1=0 y2=12 stroke="$C_ERROR" stroke-width=2 /><text x=215 y=10 font-size=11>error</text></svg>
 · thumbnails: the stored anomaly map over the frame, each on its own range <span class=colorbar>low <i></i> high</span> · click a frame for full size</p>
+<div id=events></div>
 <div class=lines id=lines></div>
 <div id=modal><div><img id=modal-img alt=""><p id=modal-text></p></div></div>
 <script>
@@ -366,6 +371,8 @@ async function refresh() {
   try {
     const data = await (await fetch("api/lines")).json();
     const ids = Object.keys(data.lines);
+    document.getElementById("events").innerHTML = data.events.length ? "<h3>job events, newest first</h3><table>" +
+      data.events.slice().reverse().map(e => `<tr class="${e.kind === "notice" ? "error" : ""}"><td class=num>${esc(e.time.replace("T", " ").slice(0, 19))} UTC</td><td>${esc(e.kind)}</td><td>${esc(e.text)}</td></tr>`).join("") + "</table>" : "";
     document.getElementById("lines").innerHTML = ids.map(id => card(id, data.lines[id])).join("") || "<p>No rows yet: the page fills in as a job writes.</p>";
     document.getElementById("status").textContent = `${RESULTS} · ${ids.length} lines · updated ${data.updated} UTC · every ${REFRESH_MS / 1000}s`;
   } catch (err) {

@@ -6,6 +6,7 @@ import datetime as dt
 import gc
 import logging
 import os
+import socket
 import sys
 import time
 from collections import Counter
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from actors.ingest import IngestActor, IngestSettings, frames_per_submit
 from actors.line import AutoThreshold, LineActor, LineSettings
 from actors.names import NAMESPACE, job_key, line_actor_name, supervisor_actor_name, writer_actor_name
-from actors.result_table import STATUS_ERROR, read_results
+from actors.result_table import STATUS_ERROR, append_event, read_results
 from actors.supervisor import Supervisor
 from actors.table_compaction import CompactionSettings
 from actors.writer import ResultWriter, WriterSettings
@@ -296,7 +297,8 @@ class LineCluster:
         # the driver's node, so that only what ends the job anyway (the driver's node) ends it
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.supervisor = Supervisor.options(name=supervisor_name, scheduling_strategy=here).remote(
-            self.writer, self.line_actors, list(zip(self.ingest, groups)), cfg.snapshot.every_frames, cfg.snapshot.every_s
+            self.writer, self.line_actors, list(zip(self.ingest, groups)), cfg.snapshot.every_frames, cfg.snapshot.every_s,
+            str(cfg.results_dir),
         )
 
     def _writer_settings(self) -> WriterSettings:
@@ -338,6 +340,7 @@ class LineCluster:
         every row is persisted. `on_poll(status)` is called about twice a second (the fault
         drill uses it). Ctrl-C stops reading, finishes the frames in flight, flushes and
         snapshots every line (a second Ctrl-C leaves at once: the next run resumes all the same)."""
+        append_event(self.cfg.results_dir, "job", f"started: {len(self.lines)} lines (pid {os.getpid()} on {socket.gethostname()})")
         try:
             ray.get(self.supervisor.start.remote())
             done = self.supervisor.wait_done.remote()
@@ -386,6 +389,8 @@ class LineCluster:
         finally:
             if bars:
                 bars.close()
+        append_event(self.cfg.results_dir, "job", f"{'stopped' if interrupted or abandoned else 'ended'}: "
+                     f"{sum(counts.values())} frames scored in all")
         return RunSummary(counts, {line: totals.get(line) for line in self.lines}, interrupted or abandoned,
                           status["events"], status["event_counts"], status["notices"])
 

@@ -16,7 +16,8 @@ from PIL import Image
 from result_fixture import write_results_fixture
 from werkzeug.serving import make_server
 
-from actors.result_table import FILE_SCHEMA, read_results, write_rows
+from actors import result_table
+from actors.result_table import EVENTS_FILE, FILE_SCHEMA, append_event, read_events, read_results, write_rows
 from actors.table_compaction import CompactionSettings, compact_partition
 from pipelines import dashboard
 from pipelines.dashboard import LAST_ANOMALIES, TIMELINE_FRAMES, ResultFeed, create_app
@@ -184,6 +185,26 @@ def test_a_headless_browser_renders_every_line_with_its_elements(results, tmp_pa
     assert 'class="flagged"' in dom and "size=thumb" in dom
     with Image.open(shot) as image:
         assert image.size == (1400, 1200)
+
+
+def test_the_newest_job_events_come_with_the_lines_oldest_first(results):
+    client = create_app(results).test_client()
+    assert client.get("/api/lines").get_json()["events"] == []
+    for i in range(dashboard.EVENTS_SHOWN + 3):
+        append_event(results, "line restarts", f"line cable restarted, restored at seq {i}")
+    with open(results / EVENTS_FILE, "a") as fh:
+        fh.write('{"time": "2026-12-06T01:0')  # a line being written: left out until complete
+    events = client.get("/api/lines").get_json()["events"]
+    assert [e["text"][-2:].strip() for e in events] == [str(i) for i in range(3, dashboard.EVENTS_SHOWN + 3)]
+    assert {e["kind"] for e in events} == {"line restarts"} and all(e["time"].endswith("+00:00") for e in events)
+
+
+def test_the_event_log_is_read_from_its_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(result_table, "EVENTS_TAIL_BYTES", 200)  # a few records' worth
+    for i in range(50):
+        append_event(tmp_path, "notice", f"notice {i}")
+    assert [e["text"] for e in read_events(tmp_path, 2)] == ["notice 48", "notice 49"]
+    assert 0 < len(read_events(tmp_path, 50)) < 50  # only what the tail holds, no record cut in half
 
 
 def test_before_any_row_the_page_is_empty_not_broken(tmp_path):

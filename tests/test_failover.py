@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import ray
 
+from actors.result_table import read_events
 from actors.snapshots import STATE_FILE, SnapshotStore
 from pipelines.drill import compare_results
 from pipelines.line_cluster import LineCluster
@@ -112,6 +113,9 @@ def test_killing_the_writer_and_the_ingest_actor_loses_and_repeats_nothing(refer
     assert sum(e.startswith("writer restarted") for e in events) == 2, events
     assert any(e.startswith("ingest 0 failed") for e in events), events
     assert_same_as_reference(reference, cfg.results_dir)
+    logged = read_events(cfg.results_dir, 100)  # the table's event log: the job's start, every event, its end
+    assert [e["text"] for e in logged[1:-1]] == events and logged[0]["text"].startswith("started: 2 lines")
+    assert logged[-1]["text"] == f"ended: {2 * FRAMES} frames scored in all"
 
 
 def test_a_damaged_newest_snapshot_is_rejected_and_the_previous_one_used(reference, tiny_config, source, tmp_path):
