@@ -1,8 +1,8 @@
 """The result table, and the one owner of its layout: one row per (line_id, seq) in a
 Hive-partitioned Parquet dataset `<results>/line_id=<id>/date=<YYYY-MM-DD>/part-*.parquet`, the
-anomaly maps beside it under `_maps/` and the jobs' event log `_events.jsonl`, files written atomically, and reading it back with
-`line_id` always a string and only complete files (names starting with '.' or '_' are files
-being written, or not part of the table). The writer merges a partition's small files now and
+anomaly maps beside it under `_maps/` and the jobs' event log in `_events.jsonl`, files written
+atomically, and reading it back with `line_id` always a string and only complete files (names
+starting with '.' or '_' are files being written, or not part of the table). The writer merges a partition's small files now and
 then (`table_compaction`): a reader that finds a listed file gone lists again."""
 from __future__ import annotations
 
@@ -55,9 +55,9 @@ PARTITIONING = pads.partitioning(pa.schema([(name, pa.string()) for name in PART
 VISIBLE_FILE = "[!._]*.parquet"  # a complete file of a partition
 VISIBLE_PARQUET = os.path.join("line_id=*", "date=*", VISIBLE_FILE)
 MAPS_DIR = "_maps"
+MAPS_PER_FOLDER = 10_000  # a line's maps go in folders of consecutive seqs, so no folder grows without end
 EVENTS_FILE = "_events.jsonl"  # the jobs' recoveries and notices, a JSON object a line (`append_event`)
 EVENTS_TAIL_BYTES = 1 << 16  # `read_events` reads this much of the log's end
-MAPS_PER_FOLDER = 10_000  # a line's maps go in folders of consecutive seqs, so no folder grows without end
 # a line id is a folder name of the table: letters, digits, '.', '_' and '-', not starting with
 # '.' or '_' (hidden or ignored names), at most 128 characters; '001' stays the string '001'
 LINE_ID = re.compile(r"[A-Za-z0-9-][A-Za-z0-9._-]{0,127}")

@@ -358,7 +358,7 @@ class LineCluster:
                     status = ray.get(self.supervisor.status.remote())
                     if bars:
                         bars.update(status["progress"])
-                        for kind in told:  # recoveries and the source's notices, as they happen
+                        for kind in told:  # recoveries and the actors' notices, as they happen (local time)
                             for text in status[kind][told[kind]:]:
                                 bars.say(f"{dt.datetime.now():%Y-%m-%d %H:%M:%S} {text}")
                             told[kind] = len(status[kind])
