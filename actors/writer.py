@@ -50,13 +50,17 @@ class ResultWriterCore:
         self.supervisor_name = supervisor_name
         self.cannot_write: str | None = None  # why the last flush failed, until one succeeds
         self.unmerged: dict[tuple[str, str], int] = {}  # (line, date) -> files written since its last merge
-        self.newest_date: dict[str, str] = {}  # line -> date of its newest rows written by this writer
+        self.newest_date: dict[str, str] = {}  # line -> date of its newest rows (on disk when it starts)
         # old maps are deleted beside the writing (a day of a line's maps: seconds, docs/BENCHMARKS.md)
         self.map_deleter = ThreadPoolExecutor(1, thread_name_prefix="old-maps")
         self.map_deletions: list[Future] = []
         recover(self.root)
         self.compact_all()
-        for line in sorted(p.name.removeprefix("line_id=") for p in self.root.glob("line_id=*")):
+        for folder in sorted(self.root.glob("line_id=*")):
+            dates = [p.name.removeprefix("date=") for p in folder.glob("date=*")]
+            if dates:
+                self.newest_date[folder.name.removeprefix("line_id=")] = max(dates)
+        for line in self.newest_date:
             self._delete_old_maps(line)
         self.last_seq = persisted_last_seqs(self.root)  # written or buffered
         self.buffer: list[dict] = []
@@ -136,10 +140,9 @@ class ResultWriterCore:
             done = {id(r) for r in group}
             self.buffer = [r for r in self.buffer if id(r) not in done]
             written += len(group)
-            self._count_file(line, date)
             if self.newest_date.get(line) != date:
-                self.newest_date[line] = date
-                self._delete_old_maps(line)
+                self._moved_on(line, date)
+            self._count_file(line, date)
         self.oldest = time.monotonic() if self.buffer else None
         return written
 
@@ -151,14 +154,20 @@ class ResultWriterCore:
         self.unmerged = {}
         return merged
 
-    def _count_file(self, line: str, date: str) -> None:
-        """A file was written to (line, date): merge it with the partition's other small files once
-        there are enough of them, and merge the line's partitions of earlier dates for good."""
-        if not self.settings.compaction.files:
-            return
+    def _moved_on(self, line: str, date: str) -> None:
+        """The line's rows reached a new date: merge its partitions of other dates for good and
+        delete its maps that are now too old."""
+        self.newest_date[line] = date
         for earlier in [key for key in self.unmerged if key[0] == line and key[1] != date]:
             del self.unmerged[earlier]
             self._compact(*earlier)
+        self._delete_old_maps(line)
+
+    def _count_file(self, line: str, date: str) -> None:
+        """A file was written to (line, date): merge it with the partition's other small files once
+        there are enough of them."""
+        if not self.settings.compaction.files:
+            return
         self.unmerged[(line, date)] = self.unmerged.get((line, date), 0) + 1
         if self.unmerged[(line, date)] >= self.settings.compaction.files:
             self.unmerged[(line, date)] = 0
