@@ -16,6 +16,7 @@ from rareclip_core.data.frames import FrameDecoding, FrameError, decode_frame
 from rareclip_core.data.sources import FrameRef, read_uri
 
 from .frames import Frame
+from .names import line_actor_name
 from .supervisor import tell_supervisor
 
 log = logging.getLogger(__name__)
@@ -76,21 +77,22 @@ class IngestSettings:
 @ray.remote(num_cpus=0, max_concurrency=3, max_restarts=-1)  # a feed, the one replacing it, a control call
 class IngestActor:
     def __init__(
-        self, source_config, lines: list[str], line_actor_names: dict[str, str], settings: IngestSettings,
+        self, source_config, lines: list[str], job: str, settings: IngestSettings,
         index: int = 0, supervisor_name: Optional[str] = None,
     ):
-        """`line_actor_names`: line -> its LineActor's name (names, not handles: a restart must
+        """`lines`: those it feeds from the start (a live job may add more, `rewind`); `job`: the
+        job's key, by which it finds each line's actor by name (names, not handles: a restart must
         not depend on constructor arguments kept in the object store)."""
         self.source = open_source(source_config, settings.ledger_dir)
         self.decoding = settings.decoding
         self.lines = lines
-        self.line_actors = {line: ray.get_actor(name) for line, name in line_actor_names.items()}
+        self.job = job
+        self.line_actors: dict[str, object] = {}  # line -> its LineActor, found by name when first fed
         self.chunk = settings.frames_per_submit
         self.max_chunks_in_flight = max(1, settings.max_in_flight // self.chunk)
         self.poll_s = settings.poll_s
+        self.decode_threads = settings.decode_threads
         self.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
-        # chunks a line may have decoded per round: a few lines keep every thread busy too
-        self.chunks_per_round = max(1, settings.decode_threads // (len(lines) * self.chunk))
         self.stopped = threading.Event()
         self.lock = threading.Lock()
         self.running = False
@@ -118,19 +120,20 @@ class IngestActor:
         self.stopped.set()
 
     def rewind(self, line_id: str, seq: int) -> bool:
-        """Have the running feed go back to `seq` for a line (its actor restored a snapshot).
-        False when no feed is running: the caller starts a new `run` instead."""
+        """Have the running feed go back to `seq` for a line (its actor restored a snapshot), or
+        feed a line from `seq` that it did not feed yet (a line added to a live job). False when
+        no feed is running: the caller starts a new `run` instead."""
         with self.lock:
             if self.running:
                 self.rewinds[line_id] = seq
             return self.running
 
     def run(self, start_seqs: dict[str, int] | None = None) -> dict[str, int]:
-        """Feed every line from its start seq (default 0) until the source ends (or, for a live
-        source, until `stop`). Lines are interleaved round by round: each round decodes up to
-        `chunks_per_round` chunks of every line that has room (fewer than `max_in_flight` frames
-        submitted and not yet scored), then submits them in order; a full line is passed over, so
-        a slow or stalled line holds back no other. Returns next seq per line.
+        """Feed the lines of `start_seqs` (default: its first lines, from 0) from their start seqs
+        until the source ends (or, for a live source, until `stop`). Lines are interleaved round
+        by round: each round decodes up to `chunks_per_round` chunks of every line that has room
+        (fewer than `max_in_flight` frames submitted and not yet scored), then submits them in
+        order; a full line is passed over, so a slow or stalled line holds back no other. Returns next seq per line.
         Sequence numbers are source positions, so any seq can be read again for a replay. A
         `run` replaces one still running (the supervisor started a new feed when it could not
         reach this actor): the older one ends, so that the actor's threads stay free for `stop`."""
@@ -138,23 +141,30 @@ class IngestActor:
             self.running = True
             self.feed += 1
             feed = self.feed
-        next_seq = {line: (start_seqs or {}).get(line, 0) for line in self.lines}
-        iterators = {line: self.source.frames(line, next_seq[line]) for line in self.lines}
-        listed_at = {line: time.monotonic() for line in self.lines}
-        in_flight: dict[str, list] = {line: [] for line in self.lines}
+        next_seq = dict(start_seqs) if start_seqs else {line: 0 for line in self.lines}
+        lines = list(next_seq)
+        iterators = {line: self.source.frames(line, next_seq[line]) for line in lines}
+        listed_at = {line: time.monotonic() for line in lines}
+        in_flight: dict[str, list] = {line: [] for line in lines}
         while not self.stopped.is_set() and self.feed == feed:
             progressed = False
             with self.lock:
                 rewinds, self.rewinds = (self.rewinds, {}) if self.feed == feed else ({}, self.rewinds)
             for line, seq in rewinds.items():
+                if line not in in_flight:  # a line added to the job
+                    lines.append(line)
+                    in_flight[line] = []
                 iterators[line] = self.source.frames(line, seq)
                 next_seq[line] = seq
+                listed_at[line] = time.monotonic()
                 progressed = True
             in_flight = unfinished(in_flight)
-            room = {line: self.max_chunks_in_flight - len(in_flight[line]) for line in self.lines}
+            room = {line: self.max_chunks_in_flight - len(in_flight[line]) for line in lines}
+            # chunks a line may have decoded per round: a few lines keep every thread busy too
+            chunks_per_round = max(1, self.decode_threads // (len(lines) * self.chunk))
             taken = {
-                line: take(iterators[line], self.chunk * min(self.chunks_per_round, room[line]))
-                for line in self.lines
+                line: take(iterators[line], self.chunk * min(chunks_per_round, room[line]))
+                for line in lines
                 if room[line] > 0
             }
             for line, refs in taken.items():
@@ -168,12 +178,12 @@ class IngestActor:
             for line, line_refs in taken.items():
                 for start in range(0, len(line_refs), self.chunk):
                     frames = [next(decoded) for _ in line_refs[start : start + self.chunk]]
-                    in_flight[line].append(self.line_actors[line].submit.remote(frames))
+                    in_flight[line].append(self._line_actor(line).submit.remote(frames))
                 if line_refs:
                     progressed = True
                     next_seq[line] = line_refs[-1].seq + 1
             if not progressed:
-                full = [ref for line in self.lines if room[line] <= 0 for ref in in_flight[line]]
+                full = [ref for line in lines if room[line] <= 0 for ref in in_flight[line]]
                 if full:  # the lines with frames left may all be full: wait for one to take more
                     ray.wait(full, num_returns=1, timeout=min(0.2, self.poll_s))
                     continue
@@ -191,3 +201,8 @@ class IngestActor:
             if self.feed == feed:
                 self.running = False
         return next_seq
+
+    def _line_actor(self, line: str):
+        if line not in self.line_actors:
+            self.line_actors[line] = ray.get_actor(line_actor_name(self.job, line))
+        return self.line_actors[line]

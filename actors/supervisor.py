@@ -73,6 +73,7 @@ class Supervisor:
         self.notices: list[str] = []  # what actors had the operator know (`notice`)
         self.stopping = False
         self.watcher = None
+        self.added_watchers: list[asyncio.Task] = []  # the watch of each line added while running
         self.feed_locks = [asyncio.Lock() for _ in ingest]  # one rewind-or-restart of a feed at a time
 
     async def start(self) -> None:
@@ -103,10 +104,31 @@ class Supervisor:
                 log.warning("event not logged (%s): %s", err, text)
 
     async def line_started(self, line: str, next_seq: int, rejected: Optional[list] = None) -> None:
-        self._event("line restarts", f"line {line} restarted, restored at seq {next_seq}")
+        joining = line not in self.lines  # first built while the job runs: `add_line` asks where it stands
+        if not joining:
+            self._event("line restarts", f"line {line} restarted, restored at seq {next_seq}")
         for reason in rejected or []:
             self._event("snapshots rejected", f"line {line} rejected a snapshot: {reason}")
-        await self._replay(line, next_seq)
+        if not joining:
+            await self._replay(line, next_seq)
+
+    async def add_line(self, line: str, actor, why: str) -> None:
+        """A line joins the running job (its folder appeared under a watched root): fed by the
+        ingest actor with the fewest lines, from where its actor stands (a snapshot of an
+        earlier run of the job, or 0), watched and snapshotted like the others."""
+        if line in self.lines or self.stopping:
+            return
+        p = await _call(actor.progress.remote(), timeout=60)
+        seq = p["next_seq"] if p else 0
+        i = min(range(len(self.ingest)), key=lambda k: len(self.ingest[k][1]))
+        self.ingest[i][1].append(line)
+        self.ingest_of[line] = i
+        self.lines[line] = actor
+        self.progress[line] = self.snapshot_seq[line] = seq
+        self.snapshot_time[line] = time.monotonic()
+        self._event("lines added", f"line {line} added at seq {seq}, fed by ingest {i}: {why}", counted=False)
+        self.added_watchers.append(asyncio.get_running_loop().create_task(self._watch_line(line, actor)))
+        await self._replay(line, seq)
 
     def notice(self, text: str) -> None:
         """What an actor has the operator know (files its source left out, a writer that cannot

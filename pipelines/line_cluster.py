@@ -21,7 +21,7 @@ from tqdm import tqdm
 from actors.ingest import IngestActor, IngestSettings, frames_per_submit
 from actors.line import AutoThreshold, LineActor, LineSettings
 from actors.names import NAMESPACE, job_key, line_actor_name, supervisor_actor_name, writer_actor_name
-from actors.result_table import STATUS_ERROR, append_event, read_results
+from actors.result_table import STATUS_ERROR, append_event, line_id_problem, read_results
 from actors.supervisor import Supervisor
 from actors.table_compaction import CompactionSettings
 from actors.writer import ResultWriter, WriterSettings
@@ -149,6 +149,8 @@ class SupervisorLost(RuntimeError):
         )
 
 
+NEW_LINES_EVERY_S = 2.0  # how often a live job looks for new line folders under a watched root
+JOIN_WAIT_S = 120.0  # a joining line whose actor is not up by then is said to wait (resources)
 NOTICES_SHOWN = 10  # a run's summary names the first few notices
 
 
@@ -197,6 +199,8 @@ class TerminalProgress:
 
     def update(self, progress: dict[str, int]) -> None:
         for line, seq in progress.items():
+            if line not in self.bars:  # a line that joined the job
+                self.bars[line] = tqdm(desc=line, position=len(self.bars), unit="img")
             self.bars[line].update(seq - self.bars[line].n)
         self.bars["__all__"].update(sum(progress.values()) - self.bars["__all__"].n)
 
@@ -237,6 +241,16 @@ class PlainProgress:
               file=self.stream, flush=True)
 
 
+@dataclass
+class JoiningLine:
+    """A line found while the job runs, whose actor is being built (`LineCluster._join_new_lines`)."""
+
+    actor: object
+    started: ray.ObjectRef  # its `progress` call: done once the actor is built
+    since: float  # time.monotonic() when it was created
+    said_waiting: bool = False  # told the operator it waits for resources
+
+
 class LineCluster:
     """The actors of one job: a ResultWriter, a LineActor per line, IngestActors over the lines,
     and the Supervisor that snapshots lines and brings crashed actors back."""
@@ -254,23 +268,20 @@ class LineCluster:
     def _start(self, cfg: PipelineConfig, lines: Optional[list[str]], fit_all: bool) -> None:
         self.cfg = cfg = materialize_source(cfg)
         self.source = open_source(cfg.source)
-        self.lines = lines or self.source.lines()
+        self.lines = list(lines or self.source.lines())
         self.key = job_key(cfg.results_dir)
         supervisor_name = supervisor_actor_name(self.key)
-        place = place_lines(len(self.lines), ray.cluster_resources(), cfg.lines_per_gpu, cfg.line_num_cpus, fit_all)
+        self.place = place_lines(len(self.lines), ray.cluster_resources(), cfg.lines_per_gpu, cfg.line_num_cpus, fit_all)
         writer_name = writer_actor_name(self.key)
         self.writer = ResultWriter.options(name=writer_name).remote(
             str(cfg.results_dir), self._writer_settings(), supervisor_name, cfg.verdict_stream
         )
-        self.line_actors = {
-            line: LineActor.options(
-                name=line_actor_name(self.key, line),
-                num_cpus=place.num_cpus,
-                num_gpus=place.num_gpus,
-                resources=cfg.line_resources,
-            ).remote(line, cfg.detector_for(line), writer_name, self._line_settings(line, supervisor_name))
-            for line in self.lines
-        }
+        self.line_actors = {line: self._new_line_actor(line) for line in self.lines}
+        # a watched folder whose lines are not named: a line folder that appears later joins the job
+        self.finds_lines = (isinstance(cfg.source, FolderSourceConfig) and cfg.source.watch
+                            and not cfg.source.lines and not lines)
+        self.joining: dict[str, JoiningLine] = {}  # lines found while running whose actor is being built
+        self.passed_over: set[str] = set()  # line folders that cannot join (said once)
         n = min(cfg.ingest_actors, len(self.lines))
         groups = [self.lines[i::n] for i in range(n)]
         ingest = IngestSettings(
@@ -282,9 +293,7 @@ class LineCluster:
             decode_threads=cfg.decode_threads,
         )
         self.ingest = [
-            IngestActor.remote(
-                cfg.source, group, {line: line_actor_name(self.key, line) for line in group}, ingest, i, supervisor_name
-            )
+            IngestActor.remote(cfg.source, group, self.key, ingest, i, supervisor_name)
             for i, group in enumerate(groups)
         ]
         started = ray.get([a.progress.remote() for a in self.line_actors.values()])  # constructed (and restored)
@@ -300,6 +309,15 @@ class LineCluster:
             self.writer, self.line_actors, list(zip(self.ingest, groups)), cfg.snapshot.every_frames, cfg.snapshot.every_s,
             str(cfg.results_dir),
         )
+
+    def _new_line_actor(self, line: str):
+        return LineActor.options(
+            name=line_actor_name(self.key, line),
+            num_cpus=self.place.num_cpus,
+            num_gpus=self.place.num_gpus,
+            resources=self.cfg.line_resources,
+        ).remote(line, self.cfg.detector_for(line), writer_actor_name(self.key),
+                 self._line_settings(line, supervisor_actor_name(self.key)))
 
     def _writer_settings(self) -> WriterSettings:
         cfg = self.cfg
@@ -349,7 +367,7 @@ class LineCluster:
             raise SupervisorLost(err) from None
         totals = status["totals"]
         bars = (TerminalProgress if sys.stderr.isatty() else PlainProgress)(self.lines, totals) if progress else None
-        last_flush = time.monotonic()
+        last_flush = last_look = time.monotonic()
         interrupted = abandoned = False
         told = {"events": 0, "notices": 0}  # what the bars have said of the supervisor's lists
         try:
@@ -364,6 +382,9 @@ class LineCluster:
                             told[kind] = len(status[kind])
                     if on_poll:
                         on_poll(status)
+                    if self.finds_lines and time.monotonic() - last_look >= NEW_LINES_EVERY_S:
+                        self._join_new_lines()
+                        last_look = time.monotonic()
                     if flush_every_s and time.monotonic() - last_flush >= flush_every_s:
                         self.writer.flush.remote()
                         last_flush = time.monotonic()
@@ -394,8 +415,51 @@ class LineCluster:
         return RunSummary(counts, {line: totals.get(line) for line in self.lines}, interrupted or abandoned,
                           status["events"], status["event_counts"], status["notices"])
 
+    def _join_new_lines(self) -> None:
+        """Lines whose folder appeared under the watched root since the job started: each gets
+        its actor (restoring the line's snapshots of an earlier run, if any), and once that is
+        built the supervisor has ingestion feed it. A folder that cannot be a line is said once."""
+        for line in sorted(set(self.source.lines()) - set(self.line_actors) - set(self.joining) - self.passed_over):
+            problem = line_id_problem(line)
+            try:
+                place_lines(len(self.line_actors) + len(self.joining) + 1, ray.cluster_resources(),
+                            self.cfg.lines_per_gpu, self.cfg.line_num_cpus)
+            except ConfigError as err:
+                problem = problem or f"{err}, then restart the job"
+            if problem:
+                self._passed_over(line, f"the folder of line {line} appeared, but the line cannot join: {problem}")
+                continue
+            actor = self._new_line_actor(line)
+            self.joining[line] = JoiningLine(actor, actor.progress.remote(), time.monotonic())
+        for line, joining in list(self.joining.items()):
+            actor = joining.actor
+            if not ray.wait([joining.started], timeout=0)[0]:
+                if time.monotonic() - joining.since >= JOIN_WAIT_S and not joining.said_waiting:
+                    joining.said_waiting = True
+                    self.supervisor.notice.remote(
+                        f"line {line} has waited {JOIN_WAIT_S:.0f} s for its actor to start: the cluster may lack the "
+                        f"{self.place.num_cpus:g} CPU and {self.place.num_gpus:g} GPU a line asks (line_num_cpus, lines_per_gpu)")
+                continue
+            del self.joining[line]
+            try:
+                error = ray.get(joining.started).get("error")
+            except ray.exceptions.RayError as err:
+                error = str(err).strip().splitlines()[-1][:300]
+            if error:
+                ray.kill(actor, no_restart=True)
+                self._passed_over(line, f"line {line} cannot join: its detector could not be built: {error}")
+                continue
+            ray.get(self.supervisor.add_line.remote(line, actor, f"its folder {Path(self.cfg.source.root) / line} appeared"))
+            self.line_actors[line] = actor
+            self.lines.append(line)
+
+    def _passed_over(self, line: str, text: str) -> None:
+        self.passed_over.add(line)
+        self.supervisor.notice.remote(text)
+
     def shutdown_actors(self) -> None:
-        for actor in [getattr(self, "supervisor", None), *self.ingest, *self.line_actors.values(), self.writer]:
+        joining = [j.actor for j in getattr(self, "joining", {}).values()]
+        for actor in [getattr(self, "supervisor", None), *self.ingest, *self.line_actors.values(), *joining, self.writer]:
             if actor is not None:
                 ray.kill(actor, no_restart=True)
 

@@ -10,6 +10,7 @@ from PIL import Image
 from actors.result_table import read_results
 from actors.snapshots import SnapshotStore
 from configs.pipeline import PipelineConfig
+from pipelines.line_cluster import LineCluster, RunSummary
 from rareclip_core.data.synthetic import SyntheticLine
 
 
@@ -45,6 +46,18 @@ def pipeline_config(tiny_config, source_root, out, **kw) -> PipelineConfig:
         line_num_cpus=0.5,
         **kw,
     )
+
+
+def run_planned(cfg: PipelineConfig, make_plan, lines=None) -> tuple[object, RunSummary]:
+    """Run the job with `on_poll=make_plan(cluster)` (a `KillPlan`, say), always shutting it
+    down: (the plan, the run's summary)."""
+    cluster = LineCluster(cfg, lines)
+    try:
+        plan = make_plan(cluster)
+        summary = cluster.run(progress=False, on_poll=plan)
+    finally:
+        cluster.shutdown()
+    return plan, summary
 
 
 class KillPlan:

@@ -2,14 +2,12 @@
 the detector run in-process (with the line's own product name), and a line actor killed
 mid-stream resumes from its snapshot (bank, scores, RNG state) with bitwise the same rows."""
 import pytest
-import ray
 
 from pipelines.drill import compare_results
-from pipelines.line_cluster import LineCluster
 from pipelines.replay import run_replay
 from rareclip_core import build_detector, detector_config_from_yaml
 from tests.conftest import REPO
-from tests.pipeline_helpers import KillPlan, line_frames, pipeline_config, read_rows, write_folder
+from tests.pipeline_helpers import KillPlan, line_frames, pipeline_config, read_rows, run_planned, write_folder
 
 LINE, FRAMES = "d0", 20
 
@@ -54,13 +52,9 @@ def test_a_killed_dual_image_line_resumes_bitwise(replayed, tmp_path_factory, so
     """The drill on one line, killed once after its first snapshot; frames go through the
     backbone two at a time here and one at a time in the replay: every row bitwise equal."""
     cfg = line_config(tmp_path_factory, source, "crashed", backbone_batch=2)
-    cluster = LineCluster(cfg)
-    try:
-        plan = KillPlan(cluster, [(f"line:{LINE}", LINE, 6)], min_snapshots=1, margin=8)
-        assert cluster.run(progress=False, on_poll=plan).counts == {LINE: FRAMES}
-        events = ray.get(cluster.supervisor.status.remote())["events"]
-    finally:
-        cluster.shutdown()
+    plan, summary = run_planned(cfg, lambda cluster: KillPlan(cluster, [(f"line:{LINE}", LINE, 6)], min_snapshots=1, margin=8))
+    assert summary.counts == {LINE: FRAMES}
+    events = summary.events
     assert [name for name, _ in plan.killed] == [f"line:{LINE}"]
     restarts = [int(e.rsplit(" ", 1)[1]) for e in events if e.startswith(f"line {LINE} restarted")]
     assert len(restarts) == 1 and 0 < restarts[0] <= plan.killed[0][1], events  # restored a snapshot, not afresh

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import ray
 
 from actors.result_table import read_events
 from actors.snapshots import STATE_FILE, SnapshotStore
@@ -19,6 +18,7 @@ from tests.pipeline_helpers import (
     line_frames,
     pipeline_config,
     read_rows,
+    run_planned,
     write_folder,
 )
 from tests.trivial_detector import BrightnessDetector
@@ -77,15 +77,9 @@ def reference(local_ray, tiny_config, source, tmp_path_factory):
 
 def run_with_kills(cfg, steps, **plan_kw):
     """Run the job while `KillPlan(steps)` kills actors; (verdict inputs: results dir, plan, events)."""
-    cluster = LineCluster(cfg)
-    try:
-        plan = KillPlan(cluster, steps, **plan_kw)
-        counts = cluster.run(progress=False, on_poll=plan).counts
-        events = ray.get(cluster.supervisor.status.remote())["events"]
-    finally:
-        cluster.shutdown()
-    assert counts == {line: FRAMES for line in LINES}
-    return plan, events
+    plan, summary = run_planned(cfg, lambda cluster: KillPlan(cluster, steps, **plan_kw))
+    assert summary.counts == {line: FRAMES for line in LINES}
+    return plan, summary.events
 
 
 def assert_same_as_reference(reference, results_dir):
@@ -171,13 +165,8 @@ def test_after_a_writer_restart_the_lines_restore_side_by_side(local_ray, tmp_pa
         {"kind": "brightness", "step_sleep_s": 0.05, "load_sleep_s": 1.5, "load_log": str(load_log)}
     )
     cfg = failover_config(detector, tmp_path / "src", tmp_path / "out")
-    cluster = LineCluster(cfg)
-    try:
-        plan = KillPlan(cluster, [("writer", "a", 12)], min_snapshots=2)
-        counts = cluster.run(progress=False, on_poll=plan).counts
-    finally:
-        cluster.shutdown()
-    assert counts == {line: frames for line in lines} and len(plan.killed) == 1
+    plan, summary = run_planned(cfg, lambda cluster: KillPlan(cluster, [("writer", "a", 12)], min_snapshots=2))
+    assert summary.counts == {line: frames for line in lines} and len(plan.killed) == 1
     loads = [tuple(map(float, row.split())) for row in load_log.read_text().splitlines()]
     assert len(loads) == len(lines), loads  # each line loaded its snapshot once, after the writer restart
     assert max(start for start, _ in loads) < min(end for _, end in loads), loads  # all at once

@@ -41,6 +41,7 @@ from tests.pipeline_helpers import (
     line_frames,
     pipeline_config,
     read_rows,
+    run_planned,
     write_folder,
 )
 
@@ -269,12 +270,7 @@ def test_drill_on_numeric_line_ids_with_a_writer_kill_passes(local_ray, tiny_con
     for name, steps, merge_files in (("clean", [], 0), ("faulty", [("writer", "001", 6)], 2)):
         cfg = pipeline_config(tiny_config, tmp_path / "src", tmp_path / name, snapshot={"every_frames": 4},
                               gap_timeout_s=600.0, max_in_flight=2, writer_compact_files=merge_files)
-        cluster = LineCluster(cfg)
-        try:
-            plan = KillPlan(cluster, steps)
-            summary = cluster.run(progress=False, on_poll=plan)
-        finally:
-            cluster.shutdown()
+        plan, summary = run_planned(cfg, lambda cluster: KillPlan(cluster, steps))
         assert summary.counts == {"001": 40, "002": 40} and len(plan.killed) == len(steps)
         outs[name] = cfg.results_dir
     assert summary.event_counts.get("writer restarts") == 1, summary.events

@@ -43,7 +43,8 @@ def read_uri(uri: str) -> bytes:
 
 
 class FolderSource:
-    """One folder per line under `root` (or the given `lines`). `listing(line)` is the line's
+    """One folder per line under `root` (or the given `lines`; without them, `lines()` lists the
+    folders again at each call). `listing(line)` is the line's
     frames present now, by name: every entry that is not a folder or hidden (a name starting with
     '.', the way to write a file before renaming it complete), broken links included (they get an
     error row). A `live` source grows, and takes a file only once it is complete: not modified
@@ -64,8 +65,8 @@ class FolderSource:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"source folder {self.root} does not exist (expected <root>/<line_id>/<images>)")
-        self._lines = lines or sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not self._lines:
+        self._lines = lines
+        if not self.lines():
             raise FileNotFoundError(f"source folder {self.root} has no line subfolders")
         self.live = live
         self.settle_s = settle_s if live else 0.0
@@ -75,7 +76,11 @@ class FolderSource:
         self.notices: list[str] = []  # what the job should hear: files left out (`Source.notices`)
 
     def lines(self) -> list[str]:
-        return list(self._lines)
+        """The given lines, else the line folders under `root` now (hidden ones left out), by name:
+        a live job looks again for lines that appeared."""
+        if self._lines:
+            return list(self._lines)
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def listing(self, line_id: str, not_before: Optional[float] = None) -> list[str]:
         """The line's complete files, in name order; with `not_before`, only those modified then
