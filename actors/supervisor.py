@@ -113,7 +113,7 @@ class Supervisor:
             await self._replay(line, next_seq)
 
     async def add_line(self, line: str, actor, why: str) -> None:
-        """A line joins the running job (its folder appeared under a watched root): fed by the
+        """A line joins the running job (it appeared in a watched folder or stream): fed by the
         ingest actor with the fewest lines, from where its actor stands (a snapshot of an
         earlier run of the job, or 0), watched and snapshotted like the others."""
         if line in self.lines or self.stopping:

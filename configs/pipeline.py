@@ -72,7 +72,11 @@ class NatsSourceConfig(StrictModel):
     url: str = DEFAULT_NATS_URL
     stream: str = Field("FRAMES", pattern=r"^[A-Za-z0-9_-]+$", description="the JetStream stream (created if missing)")
     subject_prefix: str = "frames"
-    lines: list[str] = Field(min_length=1, description="the lines to read (one subject each)")
+    lines: Optional[list[str]] = Field(
+        None, min_length=1,
+        description="the lines to read (one subject each); default: every line with a message in the stream, and "
+        "(watched) each line whose camera starts publishing while the job runs",
+    )
     watch: bool = False
     poll_s: float = Field(0.05, gt=0, description="how often a watched line looks for new frames")
 
@@ -197,6 +201,12 @@ class PipelineConfig(StrictModel):
             return None
         url = self.verdicts.url or (self.source.url if isinstance(self.source, NatsSourceConfig) else DEFAULT_NATS_URL)
         return StreamSettings(url, self.verdicts.stream, self.verdicts.subject_prefix, self.verdicts.duplicate_window_s)
+
+    def takes_new_lines(self, lines: Optional[list[str]] = None) -> bool:
+        """Whether a line that appears while the job runs joins it: a watched folder or stream whose
+        lines are named neither in the source nor by the command's `lines`."""
+        source = self.source
+        return isinstance(source, (FolderSourceConfig, NatsSourceConfig)) and source.watch and not source.lines and not lines
 
     def threshold_for(self, line_id: str) -> Optional[Union[float, Literal["auto"]]]:
         """The line's threshold: a number, `auto` (calibrated by the line), or None."""

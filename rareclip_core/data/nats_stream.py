@@ -147,24 +147,25 @@ class NatsLink:
 
 
 class NatsFrameSource:
-    """The frames of `lines`, each line one subject of the stream (see the module docstring).
-    `live`: new messages are seen as they arrive; otherwise the source is the messages present
-    when it is opened (a `replay` of a finite range). Each line's seqs are kept in a
-    `FrameLedger` under `ledger_dir` (a job's `<out>/ledger`); without one, in a temporary
-    folder removed by `close` (a source read once)."""
+    """The frames of `lines`, each line one subject of the stream (see the module docstring);
+    without `lines`, every line with a message in the stream, looked up again at each `lines()`
+    call (a camera that starts publishing adds its line). `live`: new messages are seen as they
+    arrive; otherwise the source is the messages present when it is opened (a `replay` of a
+    finite range). Each line's seqs are kept in a `FrameLedger` under `ledger_dir` (a job's
+    `<out>/ledger`); without one, in a temporary folder removed by `close` (a source read once)."""
 
     def __init__(
-        self, settings: StreamSettings, lines: list[str], live: bool = False, reconnect_s: float = 60.0,
+        self, settings: StreamSettings, lines: Optional[list[str]], live: bool = False, reconnect_s: float = 60.0,
         ledger_dir: Optional[str] = None,
     ):
         self.settings = settings
-        self._lines = list(lines)
+        self._lines = list(lines) if lines else None
         self.live = live
         self.reconnect_s = reconnect_s
         self._scratch = None if ledger_dir else tempfile.TemporaryDirectory(prefix="nats-ledger-")
-        root = Path(ledger_dir or self._scratch.name)
+        self._ledger_root = Path(ledger_dir or self._scratch.name)
         # only the newest ledger file of a line in memory: a new frame is one past the newest recorded
-        self.ledgers = {line: FrameLedger(root / line, line, remember_s=0.0) for line in self._lines}
+        self.ledgers: dict[str, FrameLedger] = {}
         self._indexed: set[str] = set()  # lines whose new messages were looked for since opening
         self._lock = threading.Lock()  # the ingest actor reads from two threads (feeding, totals)
         self.link: Optional[NatsLink] = None
@@ -172,7 +173,14 @@ class NatsFrameSource:
             self.link = NatsLink(settings.url)
             self.link.ensure_stream(settings)
             self.opened_at = self._last_stream_seq()  # a finite source ends with this message
-            for line, ledger in self.ledgers.items():
+            lines = self.lines()
+            if not lines:
+                raise ValueError(
+                    f"stream {settings.stream} has no message under {settings.subject_prefix}.> yet, so there is no "
+                    "line to read: start the job once a camera has published, or name the lines in the source's `lines`"
+                )
+            for line in lines:
+                ledger = self._ledger(line)
                 if len(ledger) and self._newest_stream_seq(line) > self.opened_at:
                     raise NatsError(
                         f"stream {settings.stream} ends at message {self.opened_at}, but line {line}'s frame "
@@ -184,7 +192,20 @@ class NatsFrameSource:
             raise
 
     def lines(self) -> list[str]:
-        return list(self._lines)
+        """The given lines, else those with a message in the stream now (by subject, in name order)."""
+        if self._lines:
+            return list(self._lines)
+        prefix = f"{self.settings.subject_prefix}."
+
+        async def subjects():
+            return (await self.link.js.stream_info(self.settings.stream, subjects_filter=prefix + ">")).state.subjects
+
+        found = self.link.retry(subjects, f"listing the subjects of stream {self.settings.stream}", self.reconnect_s)
+        return sorted(subject[len(prefix):] for subject in found or {})
+
+    def line_address(self, line_id: str) -> str:
+        """Where the line's frames come from, in words."""
+        return f"subject {self.settings.subject(line_id)} of stream {self.settings.stream}"
 
     def notices(self) -> list[str]:
         """Nothing to tell the job: a stream leaves no frame out (see `Source.notices`)."""
@@ -193,13 +214,13 @@ class NatsFrameSource:
     def frame_count(self, line_id: str) -> int:
         """How many frames the line has now (a finite source: all it has)."""
         self._extend_index(line_id)
-        return len(self.ledgers[line_id])
+        return len(self._ledger(line_id))
 
     def frames(self, line_id: str, start_seq: int = 0) -> Iterator[FrameRef]:
         """The line's frames known now from `start_seq` on, read a few at a time, bytes included."""
         self._extend_index(line_id)
         with self._lock:
-            known = [stream_seq_of(uri) for uri in self.ledgers[line_id].uris_from(start_seq)]  # seq - start_seq -> stream seq
+            known = [stream_seq_of(uri) for uri in self._ledger(line_id).uris_from(start_seq)]  # seq - start_seq -> stream seq
         done = 0
         while done < len(known):
             seq = start_seq + done
@@ -221,8 +242,13 @@ class NatsFrameSource:
     def _uri(self, stream_seq: int) -> str:
         return f"nats://{self.settings.stream}/{stream_seq}"
 
+    def _ledger(self, line_id: str) -> FrameLedger:
+        if line_id not in self.ledgers:
+            self.ledgers[line_id] = FrameLedger(self._ledger_root / line_id, line_id, remember_s=0.0)
+        return self.ledgers[line_id]
+
     def _newest_stream_seq(self, line_id: str) -> int:
-        ledger = self.ledgers[line_id]
+        ledger = self._ledger(line_id)
         return stream_seq_of(ledger.uris_from(len(ledger) - 1)[0]) if len(ledger) else 0
 
     def _extend_index(self, line_id: str) -> None:
@@ -235,7 +261,7 @@ class NatsFrameSource:
                    for m in self._read(line_id, self._newest_stream_seq(line_id) + 1, None, headers_only=True)]
             if not self.live:
                 new = [stream_seq for stream_seq in new if stream_seq <= self.opened_at]
-            self.ledgers[line_id].extend([self._uri(stream_seq) for stream_seq in new])
+            self._ledger(line_id).extend([self._uri(stream_seq) for stream_seq in new])
             self._indexed.add(line_id)
 
     def _last_stream_seq(self) -> int:

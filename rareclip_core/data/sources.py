@@ -82,6 +82,10 @@ class FolderSource:
             return list(self._lines)
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
+    def line_address(self, line_id: str) -> str:
+        """Where the line's frames come from, in words."""
+        return f"folder {self.root / line_id}"
+
     def listing(self, line_id: str, not_before: Optional[float] = None) -> list[str]:
         """The line's complete files, in name order; with `not_before`, only those modified then
         or later (the others are frames recorded and forgotten, or files that came too late)."""
@@ -373,6 +377,9 @@ class Source:
 
     def lines(self) -> list[str]:
         return self.inner.lines()
+
+    def line_address(self, line_id: str) -> str:
+        return self.inner.line_address(line_id)
 
     def notices(self) -> list[str]:
         """What the source has to tell the job since it was last asked (a watched folder's files
