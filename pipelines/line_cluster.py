@@ -243,7 +243,7 @@ class PlainProgress:
 
 @dataclass
 class JoiningLine:
-    """A line found while the job runs, whose actor is being built (`LineCluster._join_new_lines`)."""
+    """A line found while the job runs, whose actor is being built (`LineCluster._build_new_lines`)."""
 
     actor: object
     started: ray.ObjectRef  # its `progress` call: done once the actor is built
@@ -381,8 +381,10 @@ class LineCluster:
                     if on_poll:
                         on_poll(status)
                     if self.finds_lines and time.monotonic() - last_look >= NEW_LINES_EVERY_S:
-                        self._join_new_lines()
+                        self._build_new_lines()
                         last_look = time.monotonic()
+                    if self.joining:
+                        self._admit_built_lines()
                     if flush_every_s and time.monotonic() - last_flush >= flush_every_s:
                         self.writer.flush.remote()
                         last_flush = time.monotonic()
@@ -413,11 +415,10 @@ class LineCluster:
         return RunSummary(counts, {line: totals.get(line) for line in self.lines}, interrupted or abandoned,
                           status["events"], status["event_counts"], status["notices"])
 
-    def _join_new_lines(self) -> None:
+    def _build_new_lines(self) -> None:
         """Lines that appeared in the watched source since the job started (a folder, a camera's
         first frame): each gets its actor (restoring the line's snapshots of an earlier run, if
-        any), and once that is built the supervisor has ingestion feed it. A line that cannot join
-        is said once."""
+        any), admitted once built (`_admit_built_lines`). A line that cannot join is said once."""
         for line in sorted(set(self.source.lines()) - set(self.line_actors) - set(self.joining) - self.passed_over):
             problem = line_id_problem(line)
             try:
@@ -430,6 +431,10 @@ class LineCluster:
                 continue
             actor = self._new_line_actor(line)
             self.joining[line] = JoiningLine(actor, actor.progress.remote(), time.monotonic())
+
+    def _admit_built_lines(self) -> None:
+        """The joining lines whose actor is built: the supervisor has ingestion feed each, and
+        watches and snapshots it; one that failed to build is said and let go."""
         for line, joining in list(self.joining.items()):
             actor = joining.actor
             if not ray.wait([joining.started], timeout=0)[0]:
