@@ -149,7 +149,7 @@ class SupervisorLost(RuntimeError):
         )
 
 
-NEW_LINES_EVERY_S = 2.0  # how often a live job looks for new line folders under a watched root
+NEW_LINES_EVERY_S = 2.0  # how often a live job looks for new lines in a watched folder or stream
 JOIN_WAIT_S = 120.0  # a joining line whose actor is not up by then is said to wait (resources)
 NOTICES_SHOWN = 10  # a run's summary names the first few notices
 
@@ -279,7 +279,7 @@ class LineCluster:
         self.line_actors = {line: self._new_line_actor(line) for line in self.lines}
         self.finds_lines = cfg.takes_new_lines(lines)
         self.joining: dict[str, JoiningLine] = {}  # lines found while running whose actor is being built
-        self.passed_over: set[str] = set()  # line folders that cannot join (said once)
+        self.passed_over: set[str] = set()  # lines found that cannot join (said once)
         n = min(cfg.ingest_actors, len(self.lines))
         groups = [self.lines[i::n] for i in range(n)]
         ingest = IngestSettings(
@@ -418,8 +418,13 @@ class LineCluster:
     def _build_new_lines(self) -> None:
         """Lines that appeared in the watched source since the job started (a folder, a camera's
         first frame): each gets its actor (restoring the line's snapshots of an earlier run, if
-        any), admitted once built (`_admit_built_lines`). A line that cannot join is said once."""
-        for line in sorted(set(self.source.lines()) - set(self.line_actors) - set(self.joining) - self.passed_over):
+        any), admitted once built (`_admit_built_lines`). A line that cannot join is said once. A
+        stream whose server is down is looked at again next time (its ingestion waits for it too)."""
+        try:
+            found = self.source.lines()
+        except ConnectionError:  # the feeds say the outage if it lasts
+            return
+        for line in sorted(set(found) - set(self.line_actors) - set(self.joining) - self.passed_over):
             problem = line_id_problem(line)
             try:
                 place_lines(len(self.line_actors) + len(self.joining) + 1, ray.cluster_resources(),

@@ -132,6 +132,14 @@ def test_without_lines_a_source_reads_every_subject_there_and_says_when_there_is
     assert source.lines() == ["b"]
     publish_frame(link, settings, "a", b"a0")  # a camera that starts later
     assert source.lines() == ["a", "b"] and [r.data for r in source.frames("a")] == [b"a0"]
+    server.stop(kill=True)
+    deadline = time.monotonic() + 10
+    while source.link.nc.is_connected and time.monotonic() < deadline:  # the client sees the connection close
+        time.sleep(0.05)
+    started = time.monotonic()
+    with pytest.raises(NatsError, match=f"listing the subjects of stream FRAMES at {server.url}"):
+        source.lines()  # at once: a live job's look for new lines must not hold up its progress
+    assert time.monotonic() - started < 1.0
     for opened in (source, link):
         opened.close()
 

@@ -98,9 +98,9 @@ class NatsLink:
                 return self.call(make_coro())
             except (nats.errors.Error, asyncio.TimeoutError, TimeoutError, OSError) as err:
                 if isinstance(err, nats.js.errors.NotFoundError):
-                    raise NatsError(f"{what} at {self.url}: not found ({err})") from None
+                    raise NatsError(f"{what} at {self.settings.url}: not found ({err})") from None
                 if time.monotonic() >= deadline:
-                    raise NatsError(f"{what} at {self.url} failed for {within_s:.0f}s ({type(err).__name__}: {err}); "
+                    raise NatsError(f"{what} at {self.settings.url} failed for {within_s:.0f}s ({type(err).__name__}: {err}); "
                                     f"is the server up? {START_HINT}") from None
                 log.info("%s: %s; retrying", what, type(err).__name__)
                 time.sleep(0.25)
@@ -192,16 +192,19 @@ class NatsFrameSource:
             raise
 
     def lines(self) -> list[str]:
-        """The given lines, else those with a message in the stream now (by subject, in name order)."""
+        """The given lines, else those with a message in the stream now (by subject, in name
+        order): asked once, so NatsError at once while the server cannot be reached (a job that
+        looks for new lines looks again later)."""
         if self._lines:
             return list(self._lines)
-        prefix = f"{self.settings.subject_prefix}."
-
-        async def subjects():
-            return (await self.link.js.stream_info(self.settings.stream, subjects_filter=prefix + ">")).state.subjects
-
-        found = self.link.retry(subjects, f"listing the subjects of stream {self.settings.stream}", self.reconnect_s)
-        return sorted(subject[len(prefix):] for subject in found or {})
+        prefix, what = f"{self.settings.subject_prefix}.", f"listing the subjects of stream {self.settings.stream}"
+        if not self.link.nc.is_connected:
+            raise NatsError(f"{what} at {self.settings.url}: not connected (the client is reconnecting)")
+        try:
+            info = self.link.call(self.link.js.stream_info(self.settings.stream, subjects_filter=prefix + ">"))
+        except Exception as err:  # noqa: BLE001 - the client's errors, timeouts, a lost connection: all say the same
+            raise NatsError(f"{what} at {self.settings.url} failed ({type(err).__name__}: {err})") from None
+        return sorted(subject[len(prefix):] for subject in info.state.subjects or {})
 
     def line_address(self, line_id: str) -> str:
         """Where the line's frames come from, in words."""
