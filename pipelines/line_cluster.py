@@ -419,10 +419,11 @@ class LineCluster:
         """Lines that appeared in the watched source since the job started (a folder, a camera's
         first frame): each gets its actor (restoring the line's snapshots of an earlier run, if
         any), admitted once built (`_admit_built_lines`). A line that cannot join is said once. A
-        stream whose server is down is looked at again next time (its ingestion waits for it too)."""
+        stream whose server is down, or a folder share that is away, is looked at again next time
+        (the feeds wait for it too, and say it if it lasts)."""
         try:
             found = self.source.lines()
-        except ConnectionError:  # the feeds say the outage if it lasts
+        except OSError:  # NatsError is one too
             return
         for line in sorted(set(found) - set(self.line_actors) - set(self.joining) - self.passed_over):
             problem = line_id_problem(line)
