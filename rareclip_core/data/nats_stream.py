@@ -173,7 +173,8 @@ class NatsFrameSource:
             self.link = NatsLink(settings.url)
             self.link.ensure_stream(settings)
             self.opened_at = self._last_stream_seq()  # a finite source ends with this message
-            lines = self.lines()
+            # at the start, the server is waited for (an ingestion actor restarting in an outage)
+            lines = self._lines or self._line_ids(self.link.retry(self._subjects, self._listing, self.reconnect_s))
             if not lines:
                 raise ValueError(
                     f"stream {settings.stream} has no message under {settings.subject_prefix}.> yet, so there is no "
@@ -197,14 +198,24 @@ class NatsFrameSource:
         looks for new lines looks again later)."""
         if self._lines:
             return list(self._lines)
-        prefix, what = f"{self.settings.subject_prefix}.", f"listing the subjects of stream {self.settings.stream}"
         if not self.link.nc.is_connected:
-            raise NatsError(f"{what} at {self.settings.url}: not connected (the client is reconnecting)")
+            raise NatsError(f"{self._listing} at {self.settings.url}: not connected (the client is reconnecting)")
         try:
-            info = self.link.call(self.link.js.stream_info(self.settings.stream, subjects_filter=prefix + ">"))
+            return self._line_ids(self.link.call(self._subjects()))
         except Exception as err:  # noqa: BLE001 - the client's errors, timeouts, a lost connection: all say the same
-            raise NatsError(f"{what} at {self.settings.url} failed ({type(err).__name__}: {err})") from None
-        return sorted(subject[len(prefix):] for subject in info.state.subjects or {})
+            raise NatsError(f"{self._listing} at {self.settings.url} failed ({type(err).__name__}: {err})") from None
+
+    @property
+    def _listing(self) -> str:
+        return f"listing the subjects of stream {self.settings.stream}"
+
+    async def _subjects(self) -> dict[str, int]:
+        """The stream's subjects under the prefix with a message, and how many each has."""
+        info = await self.link.js.stream_info(self.settings.stream, subjects_filter=f"{self.settings.subject_prefix}.>")
+        return info.state.subjects or {}
+
+    def _line_ids(self, subjects: dict[str, int]) -> list[str]:
+        return sorted(subject[len(self.settings.subject_prefix) + 1:] for subject in subjects)
 
     def line_address(self, line_id: str) -> str:
         """Where the line's frames come from, in words."""
