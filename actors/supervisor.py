@@ -141,16 +141,27 @@ class Supervisor:
         self._event("ingest restarts", f"ingest {index} restarted (feeding {self.ingest[index][1]})")
 
     async def writer_started(self, persisted: dict) -> None:
-        """Every line restores (side by side: loading a big line's snapshot takes seconds) and
-        replays from its snapshot, each as soon as its own restore is done."""
+        """A restarted writer lost the rows it held: every line restores and replays."""
         self._event("writer restarts", f"writer restarted with rows persisted up to {persisted}")
+        await self._restore_lines(persisted, list(self.lines))
 
-        async def restore(line: str, actor) -> None:
-            next_seq = await _call(actor.restore.remote(persisted.get(line, -1) + 1), timeout=60)
+    async def writer_refused(self, persisted: dict, refused: dict) -> None:
+        """The writer writes again after refusing rows while it could not (`refused`: line ->
+        rows): those lines restore and replay, as after a writer restart."""
+        self._event("writer refusals", f"the writer writes again after refusing rows ({refused}): those lines score "
+                    f"their frames again from their snapshots (rows persisted up to {persisted})")
+        await self._restore_lines(persisted, [line for line in refused if line in self.lines])
+
+    async def _restore_lines(self, persisted: dict, lines: list[str]) -> None:
+        """Each line restores (side by side: loading a big line's snapshot takes seconds) its newest
+        snapshot not past its persisted rows, and replays from it as soon as its restore is done."""
+
+        async def restore(line: str) -> None:
+            next_seq = await _call(self.lines[line].restore.remote(persisted.get(line, -1) + 1), timeout=60)
             if next_seq is not None:  # a line that is itself restarting reports through line_started
                 await self._replay(line, next_seq)
 
-        await asyncio.gather(*(restore(line, actor) for line, actor in self.lines.items()))
+        await asyncio.gather(*(restore(line) for line in lines))
 
     async def line_restored(self, line: str, next_seq: int, why: str) -> None:
         """A line was made to load a snapshot while running (an operator's restore): replay."""

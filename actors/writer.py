@@ -24,6 +24,7 @@ class WriterSettings:
     flush_s: float = config_default("writer_flush_s")  # ... or the age of the oldest buffered row that makes one
     compaction: CompactionSettings = field(default_factory=CompactionSettings)
     maps_keep_days: int | None = config_default("maps_keep_days")  # None: keep every map
+    max_held_rows: int = config_default("writer_max_held_rows")  # held while it cannot write; past them, refused
 
 
 class ResultWriterCore:
@@ -40,7 +41,11 @@ class ResultWriterCore:
 
     With `verdicts` (a NATS stream), each accepted row is published as a verdict at once, and a
     row is written to the table only once its verdict is stored: a row persisted always has its
-    verdict, and one lost with the buffer is replayed and its verdict not published twice."""
+    verdict, and one lost with the buffer is replayed and its verdict not published twice.
+
+    While it cannot write (a full disk), it holds the rows in memory up to `max_held_rows`, then
+    refuses rows; once it writes again, the lines with refused rows restore their snapshots and
+    score those frames again (the supervisor's `writer_refused`), as after a writer restart."""
 
     def __init__(self, results_dir: str, settings: WriterSettings = WriterSettings(), supervisor_name: str | None = None,
                  verdicts=None):
@@ -72,6 +77,7 @@ class ResultWriterCore:
 
             self.publisher = VerdictPublisher(verdicts)
         self.unpublished: list[dict] = []
+        self.refused: dict[str, int] = {}  # line -> rows refused since it could last write (see the class docstring)
         if supervisor_name:
             try:  # a restarted writer lost its buffered rows: the supervisor has the lines replay them
                 ray.get_actor(supervisor_name).writer_started.remote(dict(self.last_seq))
@@ -82,6 +88,9 @@ class ResultWriterCore:
         """Buffer rows; returns the highest accepted seq per line touched."""
         for row in rows:
             line, seq = row["line_id"], row["seq"]
+            if self.cannot_write is not None and len(self.buffer) >= self.settings.max_held_rows:
+                self._refuse(line)
+                continue
             expected = self.last_seq.get(line, -1) + 1
             if seq != expected:
                 self.dropped += 1
@@ -103,7 +112,14 @@ class ResultWriterCore:
                 log.warning("flush deferred: %s", err)
             except OSError:  # a full disk, say: the rows stay buffered, the next write tries again
                 pass
-        return {r["line_id"]: self.last_seq[r["line_id"]] for r in rows}
+        return {r["line_id"]: self.last_seq.get(r["line_id"], -1) for r in rows}
+
+    def _refuse(self, line: str) -> None:
+        if not self.refused:
+            tell_supervisor(self.supervisor_name, (
+                f"the result writer holds {len(self.buffer)} rows it cannot write, its limit (writer_max_held_rows): "
+                "it refuses rows until it can write; the lines go on, and score the refused frames again then"))
+        self.refused[line] = self.refused.get(line, 0) + 1
 
     def flush(self) -> int:
         """Write buffered rows (see `_write_buffer`); the job hears when the table cannot be
@@ -121,7 +137,21 @@ class ResultWriterCore:
         if self.cannot_write is not None:
             self.cannot_write = None
             tell_supervisor(self.supervisor_name, f"the result writer writes to {self.root} again ({written} rows held written)")
+        if self.refused:
+            self._replay_refused()
         return written
+
+    def _replay_refused(self) -> None:
+        """Have the lines whose rows were refused score those frames again (from their snapshots)."""
+        refused, self.refused = self.refused, {}
+        persisted = {line: self.last_seq.get(line, -1) for line in refused}
+        if self.supervisor_name:
+            try:
+                ray.get_actor(self.supervisor_name).writer_refused.remote(persisted, refused)
+                return
+            except ValueError:  # the job is ending
+                pass
+        log.warning("rows refused and not replayed (no job): %s; persisted up to %s", refused, persisted)
 
     def _write_buffer(self) -> int:
         """Maps first, then one Parquet file per (line_id, date). Rows leave the buffer only once

@@ -320,7 +320,8 @@ class LineCluster:
     def _writer_settings(self) -> WriterSettings:
         cfg = self.cfg
         return WriterSettings(cfg.writer_batch_rows, cfg.writer_flush_s,
-                              CompactionSettings(cfg.writer_compact_files, cfg.writer_compact_rows), cfg.maps_keep_days)
+                              CompactionSettings(cfg.writer_compact_files, cfg.writer_compact_rows), cfg.maps_keep_days,
+                              cfg.writer_max_held_rows)
 
     def _line_settings(self, line: str, supervisor_name: str) -> LineSettings:
         cfg = self.cfg

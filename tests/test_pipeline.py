@@ -233,6 +233,55 @@ def test_a_writer_that_cannot_write_holds_its_rows_says_so_once_and_writes_them_
     assert "writes to" in caplog.records[-1].getMessage() and "3 rows held written" in caplog.records[-1].getMessage()
 
 
+@ray.remote
+class HeardSupervisor:
+    """What a writer tells its job's supervisor, kept."""
+
+    def __init__(self):
+        self.heard = []
+
+    def writer_started(self, persisted):
+        self.heard.append(("started", persisted))
+
+    def notice(self, text):
+        self.heard.append(("notice", text))
+
+    def writer_refused(self, persisted, refused):
+        self.heard.append(("refused", persisted, refused))
+
+    def everything(self):
+        return self.heard
+
+
+def test_a_writer_that_cannot_write_refuses_rows_past_its_limit_and_has_those_lines_replay(local_ray, tmp_path, monkeypatch):
+    from actors import writer as writer_module
+
+    real_write_rows, full = writer_module.write_rows, [True]
+
+    def write_rows(*args):
+        if full[0]:
+            raise OSError(28, "No space left on device")
+        real_write_rows(*args)
+
+    monkeypatch.setattr(writer_module, "write_rows", write_rows)
+    supervisor = HeardSupervisor.options(name="heard-supervisor").remote()
+    writer = ResultWriterCore(str(tmp_path), WriterSettings(batch_rows=1, flush_s=60, max_held_rows=2), "heard-supervisor")
+    row = lambda line, s: {"line_id": line, "seq": s, "status": "ok", "score": float(s), "date": "2026-11-23"}
+    assert writer.write([row("x", 0), row("y", 0)]) == {"x": 0, "y": 0}  # held: the disk is full
+    assert writer.write([row("x", 1), row("y", 1), row("x", 2)]) == {"x": 0, "y": 0}  # refused: 2 rows held
+    full[0] = False
+    writer.write([row("x", 3)])  # refused, then the held rows are written
+    assert [(r["line_id"], r["seq"]) for r in read_rows(tmp_path)] == [("x", 0), ("y", 0)]
+    writer.write([row("x", 1), row("x", 2), row("x", 3), row("y", 1)])  # the lines' replays
+    assert [(r["line_id"], r["seq"]) for r in read_rows(tmp_path)] == [("x", s) for s in range(4)] + [("y", 0), ("y", 1)]
+    heard = ray.get(supervisor.everything.remote())
+    ray.kill(supervisor)
+    notices = [said[1] for said in heard if said[0] == "notice"]
+    assert ("started", {}) in heard and ("refused", {"x": 0, "y": 0}, {"x": 3, "y": 1}) in heard, heard
+    assert len(notices) == 3, notices  # cannot write; refuses past its limit; writes again
+    assert any("its limit (writer_max_held_rows): it refuses rows until it can write" in n for n in notices), notices
+
+
 def test_bad_config_fails_before_any_actor_starts(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("detector: {max_images: 0}\nsource: {kind: folder, root: x}\n")
