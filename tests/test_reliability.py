@@ -281,6 +281,43 @@ def test_drill_on_numeric_line_ids_with_a_writer_kill_passes(local_ray, tiny_con
     assert files["faulty"] == partitions < files["clean"], files  # one file per line and date after the job's end
 
 
+class FreeTheDisk:
+    """`on_poll`: once the writer says it refuses rows, the file in the way of its maps goes."""
+
+    def __init__(self, blocker: Path):
+        self.blocker, self.freed_at = blocker, None
+
+    def __call__(self, status: dict) -> None:
+        if self.freed_at is None and any("refuses rows" in text for text in status["notices"]):
+            self.blocker.unlink()
+            self.freed_at = dict(status["progress"])
+
+
+def test_a_writer_that_cannot_write_refuses_rows_past_its_limit_and_the_lines_score_them_again(local_ray, tiny_config, tmp_path):
+    for i, line in enumerate("ab"):
+        write_folder(tmp_path / "src", line, line_frames(90 + i, 12))
+    outs = {}
+    for name in ("clean", "blocked"):
+        cfg = pipeline_config(tiny_config, tmp_path / "src", tmp_path / name, snapshot={"every_frames": 2},
+                              max_in_flight=2, writer_batch_rows=1, writer_max_held_rows=4)
+        cfg = cfg.model_copy(update={"map_resolution": 16})
+        blocker = cfg.results_dir / "_maps"  # a file where the maps' folder goes: every write fails, as on a full disk
+        if name == "blocked":
+            cfg.results_dir.mkdir(parents=True)
+            blocker.write_text("in the way")
+        plan, summary = run_planned(cfg, lambda cluster: FreeTheDisk(blocker))
+        assert summary.counts == {"a": 12, "b": 12}, summary
+        outs[name] = cfg.results_dir
+    assert plan.freed_at is not None and summary.event_counts == {"writer refusals": 1}, summary.events
+    said = ("cannot write to", "4 rows it cannot write, its limit (writer_max_held_rows)", "again (4 rows held written)")
+    assert [[part in text for part in said] for text in summary.notices] == [[True, False, False], [False, True, False],
+                                                                             [False, False, True]], summary.notices
+    rows = read_rows(outs["blocked"])
+    assert [(r["line_id"], r["seq"]) for r in rows] == [(line, s) for line in "ab" for s in range(12)]
+    verdict = compare_results(outs["clean"], outs["blocked"])
+    assert verdict["ok"] and verdict["rows"] == 24, verdict
+
+
 # ---- checks before Ray ---------------------------------------------------------------------------
 def test_config_problems_are_found_before_ray_starts(tmp_path, capsys):
     write_folder(tmp_path / "src", "a", line_frames(7, 1))
