@@ -208,7 +208,9 @@ def test_writer_keeps_one_row_per_seq_and_no_holes(tmp_path):
     assert [r["seq"] for r in read_rows(tmp_path)] == [0, 1, 2, 3]
 
 
-def test_a_writer_that_cannot_write_holds_its_rows_says_so_once_and_writes_them_later(tmp_path, monkeypatch, caplog):
+@pytest.fixture
+def full_disk(monkeypatch):
+    """The writer's table writes fail as on a full disk while `full_disk[0]` is True."""
     from actors import writer as writer_module
 
     real_write_rows, full = writer_module.write_rows, [True]
@@ -219,6 +221,10 @@ def test_a_writer_that_cannot_write_holds_its_rows_says_so_once_and_writes_them_
         real_write_rows(*args)
 
     monkeypatch.setattr(writer_module, "write_rows", write_rows)
+    return full
+
+
+def test_a_writer_that_cannot_write_holds_its_rows_says_so_once_and_writes_them_later(tmp_path, full_disk, caplog):
     writer = ResultWriterCore(str(tmp_path), WriterSettings(batch_rows=1, flush_s=60))
     row = lambda s: {"line_id": "x", "seq": s, "status": "ok", "score": float(s), "date": "2026-11-23"}
     with caplog.at_level("WARNING", logger="actors.supervisor"):
@@ -227,7 +233,7 @@ def test_a_writer_that_cannot_write_holds_its_rows_says_so_once_and_writes_them_
             writer.flush()  # an explicit flush (a snapshot's) fails: its rows are not on disk
         told = [r.getMessage() for r in caplog.records]
         assert len(told) == 1 and "cannot write to" in told[0] and "No space left on device" in told[0]
-        full[0] = False
+        full_disk[0] = False
         writer.write([row(2)])
     assert [r["seq"] for r in read_rows(tmp_path)] == [0, 1, 2]
     assert "writes to" in caplog.records[-1].getMessage() and "3 rows held written" in caplog.records[-1].getMessage()
@@ -253,23 +259,13 @@ class HeardSupervisor:
         return self.heard
 
 
-def test_a_writer_that_cannot_write_refuses_rows_past_its_limit_and_has_those_lines_replay(local_ray, tmp_path, monkeypatch):
-    from actors import writer as writer_module
-
-    real_write_rows, full = writer_module.write_rows, [True]
-
-    def write_rows(*args):
-        if full[0]:
-            raise OSError(28, "No space left on device")
-        real_write_rows(*args)
-
-    monkeypatch.setattr(writer_module, "write_rows", write_rows)
+def test_a_writer_that_cannot_write_refuses_rows_past_its_limit_and_has_those_lines_replay(local_ray, tmp_path, full_disk):
     supervisor = HeardSupervisor.options(name="heard-supervisor").remote()
     writer = ResultWriterCore(str(tmp_path), WriterSettings(batch_rows=1, flush_s=60, max_held_rows=2), "heard-supervisor")
     row = lambda line, s: {"line_id": line, "seq": s, "status": "ok", "score": float(s), "date": "2026-11-23"}
     assert writer.write([row("x", 0), row("y", 0)]) == {"x": 0, "y": 0}  # held: the disk is full
     assert writer.write([row("x", 1), row("y", 1), row("x", 2)]) == {"x": 0, "y": 0}  # refused: 2 rows held
-    full[0] = False
+    full_disk[0] = False
     writer.write([row("x", 3)])  # refused, then the held rows are written
     assert [(r["line_id"], r["seq"]) for r in read_rows(tmp_path)] == [("x", 0), ("y", 0)]
     writer.write([row("x", 1), row("x", 2), row("x", 3), row("y", 1)])  # the lines' replays
