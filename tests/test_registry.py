@@ -61,7 +61,9 @@ def test_evaluate_and_train_tpb_accept_pipeline_configs(tmp_path, capsys):
 
 def test_restructure_left_rareclip_scores_unchanged(tiny_config):
     """Scores and maps of five variants, stored before the detector-contract restructure (bitwise
-    equal on the machine that stored them; to 1e-6 here, so another CPU's kernels cannot fail it)."""
+    equal on the machine that stored them; to 1e-6 here, so another CPU's kernels or torch build
+    cannot fail it: the score, the map's mean pixel and its maximum. The map's sum would add up
+    last-bit differences of 50,176 float32 pixels, 0.018 of 22,609 with torch 2.14.1)."""
     stored = json.loads(STORED.read_text())
     frames = textured_frames(24)
     variants = {"online": ({}, 0), "dprb": ({"rarity_branch": "dprb"}, 0), "kshot2": ({}, 2),
@@ -71,8 +73,9 @@ def test_restructure_left_rareclip_scores_unchanged(tiny_config):
         detector.add_normal_references(frames[20 : 20 + k])
         for frame, (score, map_sum, map_max) in zip(frames[:14], stored[name]):
             result = detector.step(frame)
-            got = [result.score, float(result.anomaly_map.astype(np.float64).sum()), float(result.anomaly_map.max())]
-            assert got == pytest.approx([score, map_sum, map_max], rel=0, abs=1e-6), name
+            pixels = result.anomaly_map.size
+            got = [result.score, float(result.anomaly_map.astype(np.float64).mean()), float(result.anomaly_map.max())]
+            assert got == pytest.approx([score, map_sum / pixels, map_max], rel=0, abs=1e-6), name
 
 
 def test_a_second_kind_plugs_in_through_the_registry(local_ray, tmp_path):
