@@ -33,10 +33,11 @@ def query_table(sql: str, results_dir, params=None, tables=None) -> pa.Table:
     """Run `sql` (DuckDB dialect, `$name` or `?` parameters) where `results` is the dataset and
     each of `tables` ({name: Arrow table}) a view of that name."""
     for attempt in range(2):
-        connection = _connect(str(results_dir))
-        for name, table in (tables or {}).items():
-            connection.register(name, table)
+        connection = None
         try:
+            connection = _connect(str(results_dir))  # DuckDB 2 reads a file's schema here already
+            for name, table in (tables or {}).items():
+                connection.register(name, table)
             relation = connection.sql(sql, params=params)
             return pa.table({}) if relation is None else relation.to_arrow_table()
         except duckdb.IOException as exc:
@@ -45,7 +46,8 @@ def query_table(sql: str, results_dir, params=None, tables=None) -> pa.Table:
         except duckdb.Error as exc:
             raise QueryError(_one_line(exc)) from None
         finally:
-            connection.close()
+            if connection is not None:
+                connection.close()
 
 
 def lines_summary(results_dir) -> pa.Table:
