@@ -82,7 +82,7 @@ class ResultWriterCore:
             try:  # a restarted writer lost its buffered rows: the supervisor has the lines replay them
                 ray.get_actor(supervisor_name).writer_started.remote(dict(self.last_seq))
             except ValueError:
-                pass  # first start: the supervisor is created after the writer
+                pass  # first start: the job creates the supervisor once the writer is constructed
 
     def write(self, rows: list[dict]) -> dict[str, int]:
         """Buffer rows; returns the highest accepted seq per line touched."""

@@ -294,8 +294,9 @@ class LineCluster:
             IngestActor.remote(cfg.source, group, self.key, ingest, i, supervisor_name)
             for i, group in enumerate(groups)
         ]
-        started = ray.get([a.progress.remote() for a in self.line_actors.values()])  # constructed (and restored)
-        ray.get([a.ready.remote() for a in self.ingest])
+        # constructed (lines restored) before the supervisor exists, so that only a restart reports itself to it
+        started = ray.get([a.progress.remote() for a in self.line_actors.values()])
+        ray.get([a.ready.remote() for a in self.ingest] + [self.writer.status.remote()])
         failed = [f"line {line}: {p['error']}" for line, p in zip(self.line_actors, started) if p.get("error")]
         if failed:
             self.shutdown_actors()
