@@ -1,5 +1,7 @@
 """Helpers shared by the Ray pipeline tests: frame folders, configs, result rows, fault plans,
 and stopping a test module's Ray."""
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -60,6 +62,14 @@ def run_planned(cfg: PipelineConfig, make_plan, lines=None) -> tuple[object, Run
     return plan, summary
 
 
+def _task_state(task: Path) -> str:
+    """A thread's state letter in /proc (T: stopped); "T" for one that has ended."""
+    try:
+        return (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return "T"
+
+
 class KillPlan:
     """An `on_poll` callback for `LineCluster.run` that kills actors one after another, at
     chosen points of the stream: step (actor name, line, frames) kills the actor once `line`
@@ -69,27 +79,30 @@ class KillPlan:
 
     A step also waits until the line has `min_snapshots` snapshots (so that a restart restores
     one rather than starting afresh). A kill is never later than `margin` frames before the
-    line's end (so the ingest still feeds it). `before_kill(i)` and `after_kill(i)` run around
-    the i-th kill (to damage a snapshot, say). `kill(name)` replaces `ray.kill` of the named
-    actor (to remove a node, say)."""
+    line's end (so the ingest still feeds it).
+
+    A kill is a SIGKILL of the actor's process (Ray restarts it), made once the process is
+    frozen (SIGSTOP): `before_kill(i)` runs while the i-th one is frozen, so that nothing the
+    actor does after it is seen (to damage its newest snapshot, say: `ray.kill` returns before
+    the actor stops, which may save a newer one meanwhile). `kill(name)` replaces this (to
+    remove a node, say)."""
 
     def __init__(
         self,
         cluster,
         steps,
         before_kill=None,
-        after_kill=None,
         min_snapshots: int = 0,
         margin: int = 12,
         timeout_s: float = 120.0,
         kill=None,
     ):
+        assert not (kill and before_kill), "before_kill runs inside the default kill"
         self.cluster = cluster
-        self.kill = kill or (lambda name: ray.kill(cluster.actors()[name], no_restart=False))
+        self.kill = kill or self._kill_process
         self.min_snapshots = min_snapshots
         self.steps = list(steps)
         self.before_kill = before_kill
-        self.after_kill = after_kill
         self.margin = margin
         self.timeout_s = timeout_s
         self.totals = cluster.source_totals()
@@ -116,15 +129,20 @@ class KillPlan:
             time.sleep(0.01)
         if seq is None or seq > self.totals[line] - self.margin // 2:
             return  # too close to the line's end: the caller's check of `killed` fails
-        if self.before_kill:
-            self.before_kill(len(self.killed))
         events = len(ray.get(self.cluster.supervisor.status.remote())["events"])
         self.kill(name)
         self.killed.append((name, seq))
-        if self.after_kill:
-            self.after_kill(len(self.killed) - 1)
         self.steps.pop(0)
         self.events_seen, self.base = events + 1, None
+
+    def _kill_process(self, name: str) -> None:
+        pid = ray.get(self.cluster.actors()[name].__ray_call__.remote(lambda _: os.getpid()), timeout=60)
+        os.kill(pid, signal.SIGSTOP)
+        while not all(_task_state(task) in "Tt" for task in Path(f"/proc/{pid}/task").glob("*")):
+            time.sleep(0.001)  # the signal is delivered to each thread on its next kernel entry
+        if self.before_kill:
+            self.before_kill(len(self.killed))
+        os.kill(pid, signal.SIGKILL)
 
     def _snapshots(self, line: str) -> int:
         return len(SnapshotStore(self.cluster.cfg.snapshot_root, line).list()) if self.min_snapshots else 0
