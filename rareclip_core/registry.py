@@ -7,40 +7,51 @@ that module (and so registers the kind) before building the detector.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import ConfigError, DetectorSettings, read_yaml
-from .contract import Detector
 from .detectors.adaptclip.config import AdaptCLIPConfig
-from .detectors.adaptclip.detector import AdaptCLIPDetector
 from .detectors.afrclip.config import AFRCLIPConfig
-from .detectors.afrclip.detector import AFRCLIPDetector
 from .detectors.dual_image.config import DualImageConfig
-from .detectors.dual_image.detector import DualImageDetector
 from .detectors.rareclip.config import RareCLIPConfig
-from .detectors.rareclip.detector import RareCLIPDetector
+
+if TYPE_CHECKING:
+    from .contract import Detector
 
 DEFAULT_KIND = "rareclip"  # detector YAMLs without `kind:` are RareCLIP
 
 
 @dataclass(frozen=True)
 class DetectorEntry:
+    """A kind's settings class and its detector class. A built-in detector class is named
+    ("module:Class") and imported on first use: reading and checking configs loads no torch
+    nor model code (the result writer and the ingestion actors start in a second, not ten)."""
+
     config: type[DetectorSettings]
-    detector: type[Detector]
+    detector_ref: type[Detector] | str
+
+    @property
+    def detector(self) -> type[Detector]:
+        if isinstance(self.detector_ref, str):
+            module, name = self.detector_ref.split(":")
+            return getattr(import_module(module, __package__), name)
+        return self.detector_ref
 
 
 DETECTORS: dict[str, DetectorEntry] = {
-    "rareclip": DetectorEntry(RareCLIPConfig, RareCLIPDetector),
-    "adaptclip": DetectorEntry(AdaptCLIPConfig, AdaptCLIPDetector),
-    "afrclip": DetectorEntry(AFRCLIPConfig, AFRCLIPDetector),
-    "dual_image": DetectorEntry(DualImageConfig, DualImageDetector),
+    "rareclip": DetectorEntry(RareCLIPConfig, ".detectors.rareclip.detector:RareCLIPDetector"),
+    "adaptclip": DetectorEntry(AdaptCLIPConfig, ".detectors.adaptclip.detector:AdaptCLIPDetector"),
+    "afrclip": DetectorEntry(AFRCLIPConfig, ".detectors.afrclip.detector:AFRCLIPDetector"),
+    "dual_image": DetectorEntry(DualImageConfig, ".detectors.dual_image.detector:DualImageDetector"),
 }
 
 
 def register_detector(kind: str, config: type[DetectorSettings], detector: type[Detector]) -> None:
     """Add a detector kind (or replace one with the same classes, so re-imports are harmless)."""
     known = DETECTORS.get(kind)
-    if known is not None and known != DetectorEntry(config, detector):
+    if known is not None and (known.config, known.detector) != (config, detector):
         raise ValueError(f"detector kind {kind!r} is already registered with other classes")
     DETECTORS[kind] = DetectorEntry(config, detector)
 

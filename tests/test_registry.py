@@ -1,6 +1,8 @@
 """The detector contract and registry: every job builds detectors by `kind`, a second kind plugs
 in and runs through the pipeline, and the restructure left RareCLIP's scores unchanged."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,17 @@ def test_rareclip_is_the_default_kind():
     config = detector_config_from_yaml(TINY_CONFIG)  # no `kind:` in the file
     assert isinstance(config, RareCLIPConfig) and config.kind == "rareclip"
     assert config.model_id.startswith("rareclip:rareclip-tiny:random:")
+
+
+def test_configs_and_the_non_scoring_actors_load_no_torch():
+    # the registry imports a detector class when a detector is built: reading a job's config,
+    # the result writer and the ingestion actors start without torch and the model code (~6 s each)
+    code = ("import sys, configs.loading, actors.writer, actors.ingest, actors.supervisor, pipelines.query; "
+            "configs.loading.load_pipeline_config('configs/demo.yaml'); "
+            "print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+    assert DETECTORS["afrclip"].detector.__name__ == "AFRCLIPDetector"  # imported when asked for
 
 
 def test_unknown_kind_and_bad_fields_name_the_problem():
