@@ -29,7 +29,7 @@ LINES, FRAMES = ("l0", "l1"), 64
 
 def test_the_drill_command_passes(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "run_cluster.py", "drill", "--config", "configs/demo.yaml", "--kills", "5", "--no-progress", "--out", str(tmp_path / "drill")],
+        [sys.executable, "run_cluster.py", "drill", "--config", "configs/demo.yaml", "--kills", "3", "--no-progress", "--out", str(tmp_path / "drill")],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -38,7 +38,7 @@ def test_the_drill_command_passes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "PASS" in proc.stdout
     # every kill is matched by the restart the supervisor saw (the drill waits for each before the
-    # next; on a loaded machine the stream may end before all 5 are made)
+    # next; on a loaded machine the stream may end before all 3 are made)
     killed = int(re.search(r"^killed (\d+): ", proc.stdout, re.M).group(1))
     restarts = int(re.search(r"^restarts seen (\d+): ", proc.stdout, re.M).group(1))
     assert killed == restarts >= 2, proc.stdout

@@ -128,12 +128,12 @@ def test_a_line_of_12_bit_frames_with_frame_bits_scores_as_its_8_bit_twin(local_
 def test_replay_is_deterministic_and_batching_changes_nothing(local_ray, tiny_config, tmp_path):
     for i in range(2):
         write_folder(tmp_path / "src", f"line{i}", line_frames(10 + i, 12))
-    scores = []
-    for out, batch in (("r1", 1), ("r2", 1), ("r3", 4)):
+    scores = []  # bitwise equal across backbone batches: a replay depends on nothing but its frames
+    for out, batch in (("r1", 1), ("r4", 4)):
         run_replay(pipeline_config(tiny_config, tmp_path / "src", tmp_path / out, backbone_batch=batch), progress=False)
         scores.append([(r["line_id"], r["seq"], r["score"]) for r in read_rows(tmp_path / out / "results")])
     assert len(scores[0]) == 24
-    assert scores[0] == scores[1] == scores[2]
+    assert scores[0] == scores[1]
 
 
 def test_a_line_with_references_learns_them_first_and_again_after_a_reset(local_ray, tiny_config, tmp_path):
