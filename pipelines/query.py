@@ -18,6 +18,7 @@ import duckdb
 import pyarrow as pa
 
 from actors.result_table import RESULT_SCHEMA, STATUS_ERROR, STATUS_OK, VISIBLE_PARQUET
+from configs.loading import load_pipeline_config
 from rareclip_core.config import ConfigError
 
 DEFAULT_OUT = "out"  # the pipeline config's default `out`
@@ -158,8 +159,6 @@ def results_dir_of(args) -> Path:
     if args.out:
         return Path(args.out) / "results"
     if args.config:
-        from configs.loading import load_pipeline_config
-
         return load_pipeline_config(args.config).results_dir
     default = Path(DEFAULT_OUT) / "results"
     if default.is_dir():

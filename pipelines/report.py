@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from actors.result_table import STATUS_ERROR, STATUS_OK, MapUnavailable, read_map
 from pipelines import page_style as style
 from pipelines import query
+from rareclip_core import DETECTORS
 from rareclip_core.config import ConfigError
 from rareclip_core.data.frames import viewable_rgb
 
@@ -77,8 +78,6 @@ def write_report(results_dir, line: str, out_dir, top: int = DEFAULT_TOP) -> Pat
 def map_view(model_id) -> str:
     """What part of a frame a row's map covers ("center_crop" or "squash"), from the detector
     kind its model_id names (unknown kinds: the centre square)."""
-    from rareclip_core import DETECTORS  # loads the detector modules: only when a map is drawn
-
     entry = DETECTORS.get((model_id or "").split(":")[0])
     return entry.config.input_view if entry is not None else "center_crop"
 
