@@ -3,7 +3,7 @@ Hive-partitioned Parquet dataset `<results>/line_id=<id>/date=<YYYY-MM-DD>/part-
 anomaly maps beside it under `_maps/` and the jobs' event log in `_events.jsonl`, files written
 atomically, and reading it back with `line_id` always a string and only complete files (names
 starting with '.' or '_' are files being written, or not part of the table). The writer merges a partition's small files now and
-then (`table_compaction`): a reader that finds a listed file gone lists again."""
+then (`table_compaction`): a reader that finds a listed file gone lists again (`read_through_merges`)."""
 from __future__ import annotations
 
 import datetime as dt
@@ -13,7 +13,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -185,13 +185,29 @@ def read_results(results_dir, columns: Optional[list[str]] = None, line_id: Opti
         empty = READ_SCHEMA.empty_table()
         return empty.select(columns) if columns else empty
     where = None if line_id is None else pads.field("line_id") == line_id
-    for attempt in range(2):
+
+    def read() -> pa.Table:
+        dataset = pads.dataset(str(root), format="parquet", partitioning=PARTITIONING, schema=READ_SCHEMA)
+        return dataset.to_table(columns=columns, filter=where)
+
+    return read_through_merges(read, FileNotFoundError)
+
+
+T = TypeVar("T")
+MERGE_READ_ATTEMPTS = 8  # each failed attempt means a merge finished while that read ran
+
+
+def read_through_merges(read: Callable[[], T], vanished: type[Exception]) -> T:
+    """`read()` (which lists the table's files, then opens them), run again while it fails with
+    `vanished` (a listed file was merged away before it was opened), up to `MERGE_READ_ATTEMPTS`
+    times; the last failure is raised. A merge of one partition happens at most once every
+    `writer_compact_files` flushes of its line, so a read rarely needs a second attempt."""
+    for _ in range(MERGE_READ_ATTEMPTS - 1):
         try:
-            dataset = pads.dataset(str(root), format="parquet", partitioning=PARTITIONING, schema=READ_SCHEMA)
-            return dataset.to_table(columns=columns, filter=where)
-        except FileNotFoundError:
-            if attempt:  # first failure: a merge swapped a partition since it was listed; list again
-                raise
+            return read()
+        except vanished:
+            continue
+    return read()
 
 
 def persisted_last_seqs(results_dir) -> dict[str, int]:

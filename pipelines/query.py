@@ -17,7 +17,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from actors.result_table import RESULT_SCHEMA, STATUS_ERROR, STATUS_OK, VISIBLE_PARQUET
+from actors.result_table import RESULT_SCHEMA, STATUS_ERROR, STATUS_OK, VISIBLE_PARQUET, read_through_merges
 from configs.loading import load_pipeline_config
 from rareclip_core.config import ConfigError
 
@@ -33,22 +33,21 @@ class QueryError(Exception):
 def query_table(sql: str, results_dir, params=None, tables=None) -> pa.Table:
     """Run `sql` (DuckDB dialect, `$name` or `?` parameters) where `results` is the dataset and
     each of `tables` ({name: Arrow table}) a view of that name."""
-    for attempt in range(2):
-        connection = None
+
+    def run() -> pa.Table:
+        connection = _connect(str(results_dir))  # DuckDB 2 reads a file's schema here already
         try:
-            connection = _connect(str(results_dir))  # DuckDB 2 reads a file's schema here already
             for name, table in (tables or {}).items():
                 connection.register(name, table)
             relation = connection.sql(sql, params=params)
             return pa.table({}) if relation is None else relation.to_arrow_table()
-        except duckdb.IOException as exc:
-            if attempt:  # first failure: a file may have vanished since it was listed; list again
-                raise QueryError(_one_line(exc)) from None
-        except duckdb.Error as exc:
-            raise QueryError(_one_line(exc)) from None
         finally:
-            if connection is not None:
-                connection.close()
+            connection.close()
+
+    try:
+        return read_through_merges(run, duckdb.IOException)
+    except duckdb.Error as exc:
+        raise QueryError(_one_line(exc)) from None
 
 
 def lines_summary(results_dir) -> pa.Table:

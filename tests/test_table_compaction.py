@@ -161,6 +161,28 @@ def test_readers_that_listed_the_files_before_a_merge_read_the_whole_table(tmp_p
     assert query_table("SELECT count(*) AS n, sum(seq) AS s FROM results", tmp_path).to_pylist() == [{"n": 12, "s": 66}]
 
 
+@pytest.mark.parametrize("merges", [result_table.MERGE_READ_ATTEMPTS - 1, result_table.MERGE_READ_ATTEMPTS])
+def test_a_reader_lists_again_after_each_merge_that_beat_it_and_reports_the_last_one(tmp_path, monkeypatch, merges):
+    w = writer(tmp_path, files=0)
+    write_pairs(w, range(0, 4, 2))
+    listing, seq = pads.dataset, [4]
+
+    def list_then_merge(*args, **kwargs):  # a merge finishes between each listing and its read
+        dataset = listing(*args, **kwargs)
+        if seq[0] < 4 + 2 * merges:
+            write_pairs(w, range(seq[0], seq[0] + 2, 2))
+            seq[0] += 2
+            compact_partition(tmp_path, "x", DAY1, CompactionSettings(files=2))
+        return dataset
+
+    monkeypatch.setattr(result_table.pads, "dataset", list_then_merge)
+    if merges == result_table.MERGE_READ_ATTEMPTS:
+        with pytest.raises(FileNotFoundError):
+            read_results(tmp_path)
+        return
+    assert [r["seq"] for r in table_rows(tmp_path)] == list(range(seq[0]))
+
+
 def test_readers_during_a_job_that_merges_all_the_time_never_see_a_row_twice_or_lose_one(
     local_ray, tiny_config, tmp_path
 ):
