@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import open_clip
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, DetectorSettings, names_a_file
 from ..ops.cuda_graph import CudaGraphRunner
+from .hub_access import offline_unless_reachable
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
@@ -69,15 +71,19 @@ def create_clip_model(config: DetectorSettings) -> torch.nn.Module:
             f"detector.pretrained points to {pretrained!r}, which does not exist; set it to the "
             f"path of a downloaded {config.model} checkpoint, 'openai', or null for random weights"
         )
+    if looks_like_path:
+        return _create_with_weights(config, str(Path(pretrained).expanduser()), unreachable=None)
+    with offline_unless_reachable() as unreachable:  # a named tag: from the Hub, or its local cache
+        return _create_with_weights(config, pretrained, unreachable)
+
+
+def _create_with_weights(config: DetectorSettings, pretrained: str, unreachable: Optional[str]) -> torch.nn.Module:
     try:
-        return open_clip.create_model(
-            config.model,
-            pretrained=str(Path(pretrained).expanduser()) if looks_like_path else pretrained,
-            force_image_size=config.image_size,
-        )
+        return open_clip.create_model(config.model, pretrained=pretrained, force_image_size=config.image_size)
     except Exception as err:  # noqa: BLE001 - open_clip raises many types for missing weights
+        cause = f"the Hub cannot be reached ({unreachable}) and they are not in its local cache" if unreachable else err
         raise ConfigError(
-            f"could not load pretrained weights {pretrained!r} for {config.model}: {err}\n"
+            f"could not load pretrained weights {pretrained!r} for {config.model}: {cause}\n"
             f"Without network access, download the checkpoint on a connected machine and set "
             f"detector.pretrained to its local file path (or null for random weights, tests only)."
         ) from None

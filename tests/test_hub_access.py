@@ -1,0 +1,76 @@
+"""Named OpenCLIP weights ('openai', ...) on a machine that cannot reach the Hugging Face Hub:
+cached weights load without a single request, missing ones fail at once with the reason."""
+import logging
+import socket
+
+import huggingface_hub.constants
+import open_clip.pretrained
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from rareclip_core.backbone.clip import create_clip_model
+from rareclip_core.backbone.hub_access import hub_unreachable
+from rareclip_core.config import ConfigError
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_at(monkeypatch, port: int) -> None:
+    """Downloads from the Hub go to 127.0.0.1:`port`, without a proxy."""
+    template = f"http://127.0.0.1:{port}/{{repo_id}}/resolve/{{revision}}/{{filename}}"
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    for name in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def closed_port():
+    """A loopback port nothing listens on (a connection is refused at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path, closed_port, tiny_config):
+    """The Hub at a port nothing answers on, a private cache, and a tag 'cached' of the tiny model
+    whose weights are in the cache."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    hub_at(monkeypatch, closed_port)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    tags = {"cached": {"hf_hub": "local/tiny-cached/"}, "missing": {"hf_hub": "local/tiny-missing/"}}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, tiny_config.model, tags)
+    repo = tmp_path / "hub" / "models--local--tiny-cached"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    weights = create_clip_model(tiny_config.model_copy(update={"seed": 7})).state_dict()
+    (repo / "snapshots" / COMMIT).mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, repo / "snapshots" / COMMIT / "open_clip_model.safetensors")
+    return weights
+
+
+def test_an_unreachable_hub_is_named_with_the_reason(monkeypatch, closed_port):
+    hub_at(monkeypatch, closed_port)
+    assert hub_unreachable() == f"127.0.0.1:{closed_port}: Connection refused"
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        hub_at(monkeypatch, server.getsockname()[1])
+        assert hub_unreachable() is None
+
+
+def test_cached_named_weights_load_without_asking_the_hub(offline_hub, tiny_config, caplog):
+    with caplog.at_level(logging.WARNING):
+        model = create_clip_model(tiny_config.model_copy(update={"pretrained": "cached"}))
+    assert all(torch.equal(value, offline_hub[key]) for key, value in model.state_dict().items())
+    assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")]  # no request, no retry
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # offline only while loading
+
+
+def test_missing_named_weights_fail_at_once_and_say_why(offline_hub, tiny_config, closed_port, caplog):
+    with caplog.at_level(logging.WARNING), pytest.raises(ConfigError) as failure:
+        create_clip_model(tiny_config.model_copy(update={"pretrained": "missing"}))
+    assert f"the Hub cannot be reached (127.0.0.1:{closed_port}: Connection refused)" in str(failure.value)
+    assert "set detector.pretrained to its local file path" in str(failure.value)
+    assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")]
