@@ -141,16 +141,21 @@ def test_a_second_job_on_the_same_out_is_refused_and_live_stops_cleanly(tmp_path
 def test_a_watched_folder_takes_files_once_complete_and_lists_broken_links(tmp_path):
     folder = tmp_path / "src" / "line"
     write_folder(tmp_path / "src", "line", line_frames(1, 2))
-    source = Source(FolderSource(str(tmp_path / "src"), live=True, settle_s=0.5), str(tmp_path / "ledger"))
+    source = Source(FolderSource(str(tmp_path / "src"), live=True, settle_s=30), str(tmp_path / "ledger"))
+
+    def settle(*names):  # as if the writer had last touched them a minute ago
+        past = time.time() - 60
+        for name in names:
+            os.utime(folder / name, (past, past), follow_symlinks=False)
+
     assert list(source.frames("line")) == []  # just written: not yet settled
-    time.sleep(0.6)
+    settle("frame_0000_b.png", "frame_0001_b.png")
     (folder / "broken.png").symlink_to(folder / "nowhere.png")
     (folder / ".partial.png").write_bytes(b"hidden: still being written")
     first = [(r.seq, Path(r.uri).name) for r in source.frames("line")]
     assert first == [(0, "frame_0000_b.png"), (1, "frame_0001_b.png")]
-    time.sleep(0.6)
     (folder / "aaa_early.png").write_bytes(png(line_frames(2, 1)[0]))
-    time.sleep(0.6)
+    settle("broken.png", "aaa_early.png", ".partial.png")
     names = [Path(r.uri).name for r in source.frames("line")]
     assert names == ["frame_0000_b.png", "frame_0001_b.png", "aaa_early.png", "broken.png"]
 
