@@ -14,6 +14,7 @@ from configs.pipeline import (
     SyntheticSourceConfig,
     open_source,
 )
+from rareclip_core.config import names_a_file
 from rareclip_core.data.frames import FrameError, decode_frame
 
 
@@ -46,10 +47,24 @@ def job_problems(cfg: PipelineConfig, lines: Optional[list[str]] = None) -> list
             NatsLink(cfg.verdict_stream.url).close()
         except NatsError as err:
             problems.append(f"verdicts.url: {err}")
+    tags_checked: dict[tuple, list[str]] = {}  # (model, tag) -> its problems: the Hub is asked once
     for line in chosen or [None]:
         detector = cfg.detector if line is None else cfg.detector_for(line)
-        problems += [p for p in detector.missing_weight_files() if p not in problems]
+        key = (detector.model, detector.pretrained)
+        if key not in tags_checked:
+            tags_checked[key] = _named_weights_problems(detector)
+        problems += [p for p in detector.missing_weight_files() + tags_checked[key] if p not in problems]
     return problems
+
+
+def _named_weights_problems(detector) -> list[str]:
+    """A named weights tag of the detector that cannot load here (see `named_weights_problem`)."""
+    if detector.pretrained is None or names_a_file(detector.pretrained):
+        return []
+    from rareclip_core.backbone.clip import named_weights_problem  # OpenCLIP (and torch) only for a named tag
+
+    problem = named_weights_problem(detector)
+    return [problem] if problem else []
 
 
 def _reference_problems(cfg: PipelineConfig, line: str) -> list[str]:

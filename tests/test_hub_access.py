@@ -1,5 +1,6 @@
 """Named OpenCLIP weights ('openai', ...) on a machine that cannot reach the Hugging Face Hub:
-cached weights load without a single request, missing ones fail at once with the reason."""
+cached weights load without a single request, missing ones fail at once with the reason, and a
+job names both them and unknown tags before it starts."""
 import logging
 import socket
 
@@ -9,9 +10,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from pipelines.preflight import job_problems
+from rareclip_core.backbone import hub_access
 from rareclip_core.backbone.clip import create_clip_model
 from rareclip_core.backbone.hub_access import hub_unreachable
 from rareclip_core.config import ConfigError
+from tests.pipeline_helpers import line_frames, pipeline_config, write_folder
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -74,3 +78,23 @@ def test_missing_named_weights_fail_at_once_and_say_why(offline_hub, tiny_config
     assert f"the Hub cannot be reached (127.0.0.1:{closed_port}: Connection refused)" in str(failure.value)
     assert "set detector.pretrained to its local file path" in str(failure.value)
     assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")]
+
+
+def test_the_preflight_names_unloadable_tags_asking_the_hub_once(offline_hub, tiny_config, closed_port, tmp_path,
+                                                                monkeypatch):
+    for line in ("a", "b", "c"):
+        write_folder(tmp_path / "src", line, line_frames(7, 1))
+    probes = []
+    probe = hub_access.hub_unreachable
+    monkeypatch.setattr(hub_access, "hub_unreachable", lambda: probes.append(1) or probe())
+
+    def problems(tag: str) -> list[str]:
+        detector = tiny_config.model_copy(update={"pretrained": tag})
+        return job_problems(pipeline_config(detector, tmp_path / "src", tmp_path / "out"))
+
+    assert problems("cached") == [] and len(probes) == 1  # one model and tag for the 3 lines
+    [unreachable] = problems("missing")
+    assert unreachable.startswith(f"could not load pretrained weights 'missing' for {tiny_config.model}: the Hub cannot be "
+                                  f"reached (127.0.0.1:{closed_port}: Connection refused)")
+    assert problems("cahced") == [f"detector.pretrained 'cahced' is not a weights tag of {tiny_config.model} (its tags: "
+                                  "cached, missing); set a tag, a local checkpoint file, or null for random weights"]

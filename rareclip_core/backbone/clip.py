@@ -73,20 +73,55 @@ def create_clip_model(config: DetectorSettings) -> torch.nn.Module:
         )
     if looks_like_path:
         return _create_with_weights(config, str(Path(pretrained).expanduser()), unreachable=None)
+    unknown = _unknown_tag(config)
+    if unknown:
+        raise ConfigError(unknown)
     with offline_unless_reachable() as unreachable:  # a named tag: from the Hub, or its local cache
         return _create_with_weights(config, pretrained, unreachable)
+
+
+def named_weights_problem(config: DetectorSettings) -> Optional[str]:
+    """Why `detector.pretrained`, a named tag ('openai', ...), cannot load on this machine: not a
+    tag of the model, or the Hub is unreachable and the weights are not in its local cache. None
+    when it can, or when `pretrained` is not a tag (checked before a job starts its actors)."""
+    if config.pretrained is None or names_a_file(config.pretrained) or config.model not in open_clip.list_models():
+        return None  # random weights, a file (`missing_weight_files`), an unknown model (create_clip_model)
+    unknown = _unknown_tag(config)
+    if unknown:
+        return unknown
+    with offline_unless_reachable() as unreachable:
+        if unreachable is None:
+            return None
+        try:  # offline: the cached file's path, or a failure at once
+            open_clip.pretrained.download_pretrained(open_clip.pretrained.get_pretrained_cfg(config.model, config.pretrained))
+        except Exception:  # noqa: BLE001 - open_clip raises many types for missing weights
+            return _weights_unavailable(config, _unreachable_cause(unreachable))
+    return None
+
+
+def _unknown_tag(config: DetectorSettings) -> Optional[str]:
+    if open_clip.pretrained.is_pretrained_cfg(config.model, config.pretrained):
+        return None
+    tags = open_clip.pretrained.list_pretrained_tags_by_model(config.model)
+    return (f"detector.pretrained {config.pretrained!r} is not a weights tag of {config.model} (its tags: "
+            f"{', '.join(tags) or 'none'}); set a tag, a local checkpoint file, or null for random weights")
+
+
+def _unreachable_cause(unreachable: str) -> str:
+    return f"the Hub cannot be reached ({unreachable}) and they are not in its local cache"
+
+
+def _weights_unavailable(config: DetectorSettings, cause) -> str:
+    return (f"could not load pretrained weights {config.pretrained!r} for {config.model}: {cause}\n"
+            f"Without network access, download the checkpoint on a connected machine and set "
+            f"detector.pretrained to its local file path (or null for random weights, tests only).")
 
 
 def _create_with_weights(config: DetectorSettings, pretrained: str, unreachable: Optional[str]) -> torch.nn.Module:
     try:
         return open_clip.create_model(config.model, pretrained=pretrained, force_image_size=config.image_size)
     except Exception as err:  # noqa: BLE001 - open_clip raises many types for missing weights
-        cause = f"the Hub cannot be reached ({unreachable}) and they are not in its local cache" if unreachable else err
-        raise ConfigError(
-            f"could not load pretrained weights {pretrained!r} for {config.model}: {cause}\n"
-            f"Without network access, download the checkpoint on a connected machine and set "
-            f"detector.pretrained to its local file path (or null for random weights, tests only)."
-        ) from None
+        raise ConfigError(_weights_unavailable(config, _unreachable_cause(unreachable) if unreachable else err)) from None
 
 
 class ClipBackbone(torch.nn.Module):
