@@ -94,6 +94,7 @@ class IngestActor:
         self.decode_threads = settings.decode_threads
         self.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.stopped = threading.Event()
+        self.paused = threading.Event()  # no new frames to the lines (`pause`)
         self.lock = threading.Lock()
         self.running = False
         self.feed = 0  # the current `run`; an older one ends when a new one starts
@@ -118,6 +119,14 @@ class IngestActor:
 
     def stop(self) -> None:
         self.stopped.set()
+
+    def pause(self, paused: bool) -> None:
+        """Submit no new frames (the writer refuses rows) until called with False; a feed
+        neither ends nor forgets where it stands meanwhile."""
+        if paused:
+            self.paused.set()
+        else:
+            self.paused.clear()
 
     def rewind(self, line_id: str, seq: int) -> bool:
         """Have the running feed go back to `seq` for a line (its actor restored a snapshot), or
@@ -158,6 +167,9 @@ class IngestActor:
                 next_seq[line] = seq
                 listed_at[line] = time.monotonic()
                 progressed = True
+            if self.paused.is_set():
+                time.sleep(0.05)
+                continue
             in_flight = unfinished(in_flight)
             room = {line: self.max_chunks_in_flight - len(in_flight[line]) for line in lines}
             # chunks a line may have decoded per round: a few lines keep every thread busy too

@@ -22,13 +22,15 @@ from .result_table import append_event
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 2.0
+PAUSED_FLUSH_EVERY_S = 1.0  # while ingestion is paused, how often the writer is asked to try writing again
 
 
-def tell_supervisor(supervisor_name: Optional[str], text: str) -> None:
-    """Pass a notice to the job's supervisor (it prints it as it comes and keeps it for the
-    summary); only logged where there is none (no job, or the job is ending)."""
+def tell_supervisor(supervisor_name: Optional[str], text: str, call: str = "notice") -> None:
+    """Pass a notice to the job's supervisor through its method `call` (`notice`, or one that also
+    acts on it; it prints the notice as it comes and keeps it for the summary); only logged where
+    there is none (no job, or the job is ending)."""
     try:
-        ray.get_actor(supervisor_name).notice.remote(text) if supervisor_name else log.warning(text)
+        getattr(ray.get_actor(supervisor_name), call).remote(text) if supervisor_name else log.warning(text)
     except ValueError:
         log.warning(text)
 
@@ -75,6 +77,9 @@ class Supervisor:
         self.watcher = None
         self.added_watchers: list[asyncio.Task] = []  # the watch of each line added while running
         self.feed_locks = [asyncio.Lock() for _ in ingest]  # one rewind-or-restart of a feed at a time
+        self.ingest_paused = False  # while the writer refuses rows (`writer_refusing`)
+        self.refusing_spells = 0  # times the writer began to refuse rows
+        self.flush_tried = 0.0  # when the writer last tried to write, asked while ingestion is paused
 
     async def start(self) -> None:
         """Start feeding every line from where it stands (a line that restored a snapshot of an
@@ -137,20 +142,48 @@ class Supervisor:
         self._log("notice", text)
 
     def ingest_started(self, index: int) -> None:
-        """A restarted ingest actor: a feed it ran fails and `_check_feeds` starts it again."""
+        """A restarted ingest actor: a feed it ran fails and `_check_feeds` starts it again (paused
+        if ingestion is)."""
         self._event("ingest restarts", f"ingest {index} restarted (feeding {self.ingest[index][1]})")
+        if self.ingest_paused:
+            self.ingest[index][0].pause.remote(True)
 
     async def writer_started(self, persisted: dict) -> None:
-        """A restarted writer lost the rows it held: every line restores and replays."""
+        """A restarted writer lost the rows it held (refused ones too): every line restores and
+        replays, and ingestion goes on if it was paused."""
         self._event("writer restarts", f"writer restarted with rows persisted up to {persisted}")
+        spell = self.refusing_spells
         await self._restore_lines(persisted, list(self.lines))
+        self._resume_ingest_unless_refusing_since(spell)
+
+    def writer_refusing(self, text: str) -> None:
+        """The writer cannot write and holds all the rows it may (`text` says so): it refuses rows
+        until it can write again. Ingestion pauses until then (`writer_refused`), so that the
+        lines stop scoring frames whose rows would be thrown away; only the frames already
+        submitted to them are scored (and scored again later)."""
+        self.notice(text)
+        self.refusing_spells += 1
+        self._pause_ingest(True)
 
     async def writer_refused(self, persisted: dict, refused: dict) -> None:
         """The writer writes again after refusing rows while it could not (`refused`: line ->
-        rows): those lines restore and replay, as after a writer restart."""
+        rows): those lines restore and replay, as after a writer restart, and ingestion goes on."""
         self._event("writer refusals", f"the writer writes again after refusing rows ({refused}): those lines score "
                     f"their frames again from their snapshots (rows persisted up to {persisted})")
+        spell = self.refusing_spells
         await self._restore_lines(persisted, [line for line in refused if line in self.lines])
+        self._resume_ingest_unless_refusing_since(spell)
+
+    def _pause_ingest(self, paused: bool) -> None:
+        self.ingest_paused = paused
+        for actor, _ in self.ingest:
+            actor.pause.remote(paused)
+
+    def _resume_ingest_unless_refusing_since(self, spell: int) -> None:
+        """Ingestion goes on after a restore, unless the writer began to refuse rows again while
+        the lines restored (`spell`: the count of refusals before): then its own end resumes it."""
+        if self.ingest_paused and self.refusing_spells == spell:
+            self._pause_ingest(False)
 
     async def _restore_lines(self, persisted: dict, lines: list[str]) -> None:
         """Each line restores (side by side: loading a big line's snapshot takes seconds) its newest
@@ -192,6 +225,9 @@ class Supervisor:
         while True:
             await asyncio.sleep(0.2)
             await self._check_feeds()
+            if self.ingest_paused and time.monotonic() - self.flush_tried >= PAUSED_FLUSH_EVERY_S:
+                self.flush_tried = time.monotonic()  # no row comes to make the writer try: ask it
+                await _call(self.writer.flush.remote(), timeout=30)
 
     async def _watch_line(self, line: str, actor) -> None:
         while True:

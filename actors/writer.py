@@ -44,8 +44,9 @@ class ResultWriterCore:
     verdict, and one lost with the buffer is replayed and its verdict not published twice.
 
     While it cannot write (a full disk), it holds the rows in memory up to `max_held_rows`, then
-    refuses rows; once it writes again, the lines with refused rows restore their snapshots and
-    score those frames again (the supervisor's `writer_refused`), as after a writer restart."""
+    refuses rows, and ingestion pauses (the supervisor's `writer_refusing`); once it writes
+    again, the lines with refused rows restore their snapshots and score those frames again, and
+    ingestion goes on (`writer_refused`), as after a writer restart."""
 
     def __init__(self, results_dir: str, settings: WriterSettings = WriterSettings(), supervisor_name: str | None = None,
                  verdicts=None):
@@ -118,7 +119,8 @@ class ResultWriterCore:
         if not self.refused:
             tell_supervisor(self.supervisor_name, (
                 f"the result writer holds {len(self.buffer)} rows it cannot write, its limit (writer_max_held_rows): "
-                "it refuses rows until it can write; the lines go on, and score the refused frames again then"))
+                "it refuses rows until it can write; ingestion pauses until then, and the lines score the refused "
+                "frames again"), call="writer_refusing")
         self.refused[line] = self.refused.get(line, 0) + 1
 
     def flush(self) -> int:

@@ -252,6 +252,9 @@ class HeardSupervisor:
     def notice(self, text):
         self.heard.append(("notice", text))
 
+    def writer_refusing(self, text):
+        self.heard.append(("refusing", text))
+
     def writer_refused(self, persisted, refused):
         self.heard.append(("refused", persisted, refused))
 
@@ -272,10 +275,10 @@ def test_a_writer_that_cannot_write_refuses_rows_past_its_limit_and_has_those_li
     assert [(r["line_id"], r["seq"]) for r in read_rows(tmp_path)] == [("x", s) for s in range(4)] + [("y", 0), ("y", 1)]
     heard = ray.get(supervisor.everything.remote())
     ray.kill(supervisor)
-    notices = [said[1] for said in heard if said[0] == "notice"]
-    assert ("started", {}) in heard and ("refused", {"x": 0, "y": 0}, {"x": 3, "y": 1}) in heard, heard
-    assert len(notices) == 3, notices  # cannot write; refuses past its limit; writes again
-    assert any("its limit (writer_max_held_rows): it refuses rows until it can write" in n for n in notices), notices
+    assert [said[0] for said in heard] == ["started", "notice", "refusing", "notice", "refused"], heard
+    assert "cannot write to" in heard[1][1] and "writes to" in heard[3][1] and " again (2 rows held written)" in heard[3][1]
+    assert "its limit (writer_max_held_rows): it refuses rows until it can write; ingestion pauses" in heard[2][1]
+    assert heard[4] == ("refused", {"x": 0, "y": 0}, {"x": 3, "y": 1})
 
 
 def test_bad_config_fails_before_any_actor_starts(tmp_path):

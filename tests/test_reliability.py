@@ -287,13 +287,23 @@ def test_drill_on_numeric_line_ids_with_a_writer_kill_passes(local_ray, tiny_con
 
 
 class FreeTheDisk:
-    """`on_poll`: once the writer says it refuses rows, the file in the way of its maps goes."""
+    """`on_poll`: once the writer says it refuses rows, the file in the way of its maps goes
+    `hold_s` later; `freed_at`: the lines' progress then. With `cluster`, the writer's actor is
+    killed at its first refusal, and the file goes `hold_s` after its successor's."""
 
-    def __init__(self, blocker: Path):
-        self.blocker, self.freed_at = blocker, None
+    def __init__(self, blocker: Path, cluster=None, hold_s: float = 3.0):
+        self.blocker, self.cluster, self.hold_s = blocker, cluster, hold_s
+        self.refusals = 2 if cluster else 1
+        self.killed, self.refusing_since, self.freed_at = False, None, None
 
     def __call__(self, status: dict) -> None:
-        if self.freed_at is None and any("refuses rows" in text for text in status["notices"]):
+        refusals = sum("refuses rows" in text for text in status["notices"])
+        if self.cluster and refusals == 1 and not self.killed:  # its held rows go with it
+            ray.kill(self.cluster.actors()["writer"], no_restart=False)
+            self.killed = True
+        if refusals == self.refusals and self.refusing_since is None:
+            self.refusing_since = time.monotonic()
+        if self.freed_at is None and self.refusing_since is not None and time.monotonic() - self.refusing_since >= self.hold_s:
             self.blocker.unlink()
             self.freed_at = dict(status["progress"])
 
@@ -301,26 +311,34 @@ class FreeTheDisk:
 def test_a_writer_that_cannot_write_refuses_rows_past_its_limit_and_the_lines_score_them_again(local_ray, tiny_config, tmp_path):
     for i, line in enumerate("ab"):
         write_folder(tmp_path / "src", line, line_frames(90 + i, 12))
-    outs = {}
-    for name in ("clean", "blocked"):
+    outs, summaries, plans = {}, {}, {}
+    for name in ("clean", "blocked", "blocked, writer killed"):
         cfg = pipeline_config(tiny_config, tmp_path / "src", tmp_path / name, snapshot={"every_frames": 2},
                               max_in_flight=2, writer_batch_rows=1, writer_max_held_rows=4)
         cfg = cfg.model_copy(update={"map_resolution": 16})
         blocker = cfg.results_dir / "_maps"  # a file where the maps' folder goes: every write fails, as on a full disk
-        if name == "blocked":
+        if name != "clean":
             cfg.results_dir.mkdir(parents=True)
             blocker.write_text("in the way")
-        plan, summary = run_planned(cfg, lambda cluster: FreeTheDisk(blocker))
-        assert summary.counts == {"a": 12, "b": 12}, summary
+        kill = name.endswith("killed")
+        plans[name], summaries[name] = run_planned(cfg, lambda cluster: FreeTheDisk(blocker, cluster if kill else None))
+        assert summaries[name].counts == {"a": 12, "b": 12}, summaries[name]
         outs[name] = cfg.results_dir
-    assert plan.freed_at is not None and summary.event_counts == {"writer refusals": 1}, summary.events
+    blocked, killed = summaries["blocked"], summaries["blocked, writer killed"]
+    assert blocked.event_counts == {"writer refusals": 1}, blocked.events
+    assert killed.event_counts == {"writer restarts": 1, "writer refusals": 1}, killed.events
+    # ingestion paused: the lines scored what was in flight, not their 12 frames (~0.5 s of work)
+    for plan in (plans["blocked"], plans["blocked, writer killed"]):
+        assert plan.freed_at is not None and all(seq < 12 for seq in plan.freed_at.values()), plan.freed_at
     said = ("cannot write to", "4 rows it cannot write, its limit (writer_max_held_rows)", "again (4 rows held written)")
-    assert [[part in text for part in said] for text in summary.notices] == [[True, False, False], [False, True, False],
-                                                                             [False, False, True]], summary.notices
-    rows = read_rows(outs["blocked"])
-    assert [(r["line_id"], r["seq"]) for r in rows] == [(line, s) for line in "ab" for s in range(12)]
-    verdict = compare_results(outs["clean"], outs["blocked"])
-    assert verdict["ok"] and verdict["rows"] == 24, verdict
+    cannot, refusing, again = [True, False, False], [False, True, False], [False, False, True]
+    assert [[part in text for part in said] for text in blocked.notices] == [cannot, refusing, again], blocked.notices
+    assert [[part in text for part in said] for text in killed.notices] == [cannot, refusing, cannot, refusing, again]
+    for name in ("blocked", "blocked, writer killed"):
+        rows = read_rows(outs[name])
+        assert [(r["line_id"], r["seq"]) for r in rows] == [(line, s) for line in "ab" for s in range(12)]
+        verdict = compare_results(outs["clean"], outs[name])
+        assert verdict["ok"] and verdict["rows"] == 24, verdict
 
 
 # ---- checks before Ray ---------------------------------------------------------------------------
