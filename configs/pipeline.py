@@ -166,7 +166,8 @@ class PipelineConfig(StrictModel):
     writer_compact_rows: int = Field(50_000, ge=2, description="a file with this many rows is not merged again")
     writer_max_held_rows: int = Field(
         50_000, ge=1, description="rows the writer holds in memory while it cannot write (a full disk); past them it "
-        "refuses rows until it can write, and then the lines score the refused frames again from their snapshots",
+        "refuses rows and ingestion pauses until it can write, and then the lines score the refused frames again from "
+        "their snapshots",
     )
     snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
     verdicts: Optional[VerdictsConfig] = Field(None, description="also publish each row as a verdict (NATS)")
