@@ -227,7 +227,7 @@ class Supervisor:
             await self._check_feeds()
             if self.ingest_paused and time.monotonic() - self.flush_tried >= PAUSED_FLUSH_EVERY_S:
                 self.flush_tried = time.monotonic()  # no row comes to make the writer try: ask it
-                await _call(self.writer.flush.remote(), timeout=30)
+                await _call(self.writer.try_flush.remote(), timeout=30)
 
     async def _watch_line(self, line: str, actor) -> None:
         while True:

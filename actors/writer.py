@@ -107,13 +107,21 @@ class ResultWriterCore:
         if len(self.buffer) >= self.settings.batch_rows or (
             self.oldest and time.monotonic() - self.oldest >= self.settings.flush_s
         ):
-            try:
-                self.flush()
-            except ConnectionError as err:  # verdicts not published: the rows stay buffered
-                log.warning("flush deferred: %s", err)
-            except OSError:  # a full disk, say: the rows stay buffered, the next write tries again
-                pass
+            self.try_flush()
         return {r["line_id"]: self.last_seq.get(r["line_id"], -1) for r in rows}
+
+    def try_flush(self) -> bool:
+        """`flush`, for a caller that needs nothing back: False where the rows stay buffered for the
+        next try (verdicts not published yet, or the table cannot be written, which the job has
+        heard from `flush`)."""
+        try:
+            self.flush()
+            return True
+        except ConnectionError as err:  # verdicts not published
+            log.warning("flush deferred: %s", err)
+        except OSError:  # a full disk, say
+            pass
+        return False
 
     def _refuse(self, line: str) -> None:
         if not self.refused:

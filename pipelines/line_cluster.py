@@ -388,7 +388,7 @@ class LineCluster:
                     if self.joining:
                         self._admit_built_lines()
                     if flush_every_s and time.monotonic() - last_flush >= flush_every_s:
-                        self.writer.flush.remote()
+                        self.writer.try_flush.remote()  # a failure is the writer's notice, not an error here
                         last_flush = time.monotonic()
             except KeyboardInterrupt:
                 interrupted = True

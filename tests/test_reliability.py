@@ -341,6 +341,33 @@ def test_a_writer_that_cannot_write_refuses_rows_past_its_limit_and_the_lines_sc
         assert verdict["ok"] and verdict["rows"] == 24, verdict
 
 
+def test_live_on_a_full_disk_says_so_in_three_notices_and_prints_no_traceback(tmp_path):
+    for i, line in enumerate("ab"):
+        write_folder(tmp_path / "src", line, line_frames(90 + i, 8))
+    config = write_config(tmp_path / "job.yaml", tmp_path / "src", tmp_path / "out", map_resolution=16, max_in_flight=2,
+                          writer_batch_rows=1, writer_flush_s=0.2, writer_max_held_rows=4)
+    results = tmp_path / "out" / "results"
+    results.mkdir(parents=True)
+    (results / "_maps").write_text("in the way")  # every write fails, as on a full disk
+    live = start(["live", "--config", str(config)], progress=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "refuses rows" not in ((results / "_events.jsonl").read_text() if (results / "_events.jsonl").exists() else ""):
+            assert time.monotonic() < deadline and live.poll() is None, "the writer never refused rows"
+            time.sleep(0.1)
+        time.sleep(2.0)  # the job asks the writer to flush every 0.2 s: each try fails
+        (results / "_maps").unlink()
+        wait_for_rows(results, 16)
+    finally:
+        live.send_signal(signal.SIGINT)
+        out, err = live.communicate(timeout=120)
+    assert live.returncode == 130, err
+    assert "Traceback" not in err and "Unhandled error" not in err, err
+    for said in ("cannot write to", "it refuses rows until it can write; ingestion pauses", "writes to", "again ("):
+        assert said in err, err
+    assert [(r["line_id"], r["seq"]) for r in read_rows(results)] == [(line, s) for line in "ab" for s in range(8)]
+
+
 # ---- checks before Ray ---------------------------------------------------------------------------
 def test_config_problems_are_found_before_ray_starts(tmp_path, capsys):
     write_folder(tmp_path / "src", "a", line_frames(7, 1))
