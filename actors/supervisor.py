@@ -321,8 +321,8 @@ class Supervisor:
                 continue
             await _call(self.writer.flush.remote(), timeout=30)
             status = await _call(self.writer.status.remote())
-            if status and not status["buffered"] and all(
-                status["last_seq"].get(line, -1) == targets[line] - 1 for line in self.lines
+            if status and not status["buffered"] and all(  # rows persist in seq order
+                status["last_seq"].get(line, -1) >= targets[line] - 1 for line in self.lines
             ):
                 for task in list(self.snapshotting.values()):
                     await task

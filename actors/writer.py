@@ -253,7 +253,8 @@ class ResultWriterCore:
             log.warning("verdicts not published yet: %s", err)
 
     def status(self) -> dict:
-        return {"last_seq": dict(self.last_seq), "buffered": len(self.buffer), "dropped": self.dropped}
+        return {"last_seq": dict(self.last_seq), "buffered": len(self.buffer), "dropped": self.dropped,
+                "cannot_write": self.cannot_write}
 
 
 ResultWriter = ray.remote(num_cpus=0, max_restarts=-1)(ResultWriterCore)

@@ -370,16 +370,20 @@ class LineCluster:
         last_flush = last_look = time.monotonic()
         interrupted = abandoned = False
         told = {"events": 0, "notices": 0}  # what the bars have said of the supervisor's lists
+
+        def show(status: dict) -> None:
+            if bars:
+                bars.update(status["progress"])
+                for kind in told:  # recoveries and the actors' notices, as they happen (local time)
+                    for text in status[kind][told[kind]:]:
+                        bars.say(f"{dt.datetime.now():%Y-%m-%d %H:%M:%S} {text}")
+                    told[kind] = len(status[kind])
+
         try:
             try:
                 while not ray.wait([done], timeout=0.5)[0]:
                     status = ray.get(self.supervisor.status.remote())
-                    if bars:
-                        bars.update(status["progress"])
-                        for kind in told:  # recoveries and the actors' notices, as they happen (local time)
-                            for text in status[kind][told[kind]:]:
-                                bars.say(f"{dt.datetime.now():%Y-%m-%d %H:%M:%S} {text}")
-                            told[kind] = len(status[kind])
+                    show(status)
                     if on_poll:
                         on_poll(status)
                     if self.finds_lines and time.monotonic() - last_look >= NEW_LINES_EVERY_S:
@@ -395,7 +399,14 @@ class LineCluster:
                 print("\nstopping: scoring the frames in flight, then flushing and snapshotting every line "
                       "(Ctrl-C again to leave at once)", file=sys.stderr, flush=True)
                 ray.get(self.supervisor.stop.remote())
+                cannot_write = ray.get(self.writer.status.remote())["cannot_write"]
+                if cannot_write:
+                    print(f"the result writer cannot write ({cannot_write}): stopping waits until it can (free "
+                          "space), or Ctrl-C again to leave (the next run scores the rows it holds again)",
+                          file=sys.stderr, flush=True)
             try:
+                while not ray.wait([done], timeout=0.5)[0]:  # what happens meanwhile is said as it comes
+                    show(ray.get(self.supervisor.status.remote()))
                 counts = ray.get(done)
                 if interrupted:
                     ray.get(self.supervisor.snapshot_all.remote())
