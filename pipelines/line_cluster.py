@@ -415,9 +415,10 @@ class LineCluster:
                 abandoned = True
                 counts = ray.get(self.writer.status.remote())["last_seq"]
                 counts = {line: counts.get(line, -1) + 1 for line in self.lines}
+            status = ray.get(self.supervisor.status.remote())
+            show(status)  # what came after the last poll
             if bars:
                 bars.update(counts)
-            status = ray.get(self.supervisor.status.remote())
         except ray.exceptions.RayActorError as err:
             raise SupervisorLost(err) from None
         finally:
