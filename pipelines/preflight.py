@@ -14,7 +14,6 @@ from configs.pipeline import (
     SyntheticSourceConfig,
     open_source,
 )
-from rareclip_core.config import names_a_file
 from rareclip_core.data.frames import FrameError, decode_frame
 
 
@@ -59,7 +58,7 @@ def job_problems(cfg: PipelineConfig, lines: Optional[list[str]] = None) -> list
 
 def _named_weights_problems(detector) -> list[str]:
     """A named weights tag of the detector that cannot load here (see `named_weights_problem`)."""
-    if detector.pretrained is None or names_a_file(detector.pretrained):
+    if detector.pretrained_tag is None:
         return []
     from rareclip_core.backbone.clip import named_weights_problem  # OpenCLIP (and torch) only for a named tag
 

@@ -102,6 +102,12 @@ class DetectorSettings(StrictModel):
     # resized to image_size, then the centre square) or "squash" (the whole frame resized to a square)
     input_view: ClassVar[str] = "center_crop"
 
+    @property
+    def pretrained_tag(self) -> Optional[str]:
+        """The OpenCLIP weights tag that `pretrained` names ('openai', ...); None when it is null
+        (random weights) or a checkpoint file's path."""
+        return None if self.pretrained is None or names_a_file(self.pretrained) else self.pretrained
+
     def missing_weight_files(self) -> list[str]:
         """One message per configured weights file that does not exist (checked before a job
         starts its actors)."""

@@ -372,7 +372,8 @@ def test_live_stopped_on_a_full_disk_waits_for_space_says_why_and_prints_no_trac
         assert said in err, err
     rows = read_rows(results)  # what was fed before the stop, once; the next run goes on from there
     for line in "ab":
-        assert [r["seq"] for r in rows if r["line_id"] == line] == list(range(len([r for r in rows if r["line_id"] == line])))
+        seqs = [r["seq"] for r in rows if r["line_id"] == line]
+        assert seqs == list(range(len(seqs)))
     assert rows
 
 

@@ -84,7 +84,7 @@ def named_weights_problem(config: DetectorSettings) -> Optional[str]:
     """Why `detector.pretrained`, a named tag ('openai', ...), cannot load on this machine: not a
     tag of the model, or the Hub is unreachable and the weights are not in its local cache. None
     when it can, or when `pretrained` is not a tag (checked before a job starts its actors)."""
-    if config.pretrained is None or names_a_file(config.pretrained) or config.model not in open_clip.list_models():
+    if config.pretrained_tag is None or config.model not in open_clip.list_models():
         return None  # random weights, a file (`missing_weight_files`), an unknown model (create_clip_model)
     unknown = _unknown_tag(config)
     if unknown:
