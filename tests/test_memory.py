@@ -33,6 +33,27 @@ def test_loose_similarity_divides_by_quantile_and_caps():
     assert torch.allclose(loose_similarity(banks, 0.2, start_dim=1), expected)
 
 
+def test_loose_similarity_floors_at_zero_and_survives_a_reference_of_zero_or_less():
+    # Y = 25%: k = floor(4 * 0.75) = 3, the 3rd smallest is 0.4; -0.4 / 0.4 = -1 is floored at 0
+    s = torch.tensor([-0.4, 0.2, 0.4, 0.8])
+    assert loose_similarity(s, 0.25).tolist() == [0.0, 0.5, 1.0, 1.0]
+    # the 3rd smallest is 0 (or less): what is above it is as similar as can be, the rest not at all
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        assert loose_similarity(torch.tensor([-0.4, -0.2, 0.0, 0.3], dtype=dtype), 0.25).tolist() == [0, 0, 0, 1]
+        assert loose_similarity(torch.tensor([-0.4, -0.3, -0.2, 0.3], dtype=dtype), 0.25).tolist() == [0, 0, 0, 1]
+
+
+def test_a_frame_unlike_everything_remembered_has_rarity_one_and_leaves_the_memory_bounded():
+    # a black frame with random weights gave negative cosines to every remembered patch: the
+    # rarity must be the maximum, 1, not 1 - (-0.6 / 1e-12), and the memory must stay in [0, 1]
+    bank = PatchRarityBank(max_features=100, max_images=10, k=1, rarity_ratio=0.3, loose_ratio=0.0, dtype=torch.float64)
+    bank.score(torch.stack([unit(1, 0), unit(0, 1)])[None])
+    # each test patch's nearest memorized feature has cosine -0.6 (a for the first, b for the second)
+    rarity = bank.score(torch.stack([unit(-0.6, -0.8), unit(-0.8, -0.6)])[None]).rarity
+    assert rarity[0].tolist() == [1.0, 1.0]
+    assert bank.image_similarity[0].tolist() == [[1, 1, 0, 0], [0, 0, 1, 1]]
+
+
 def test_loose_similarity_rank_is_robust_to_binary_rounding():
     # 100 * (1 - 0.01) is 98.99999999999999 in binary; the rank must still be 99
     s = torch.arange(1, 101, dtype=torch.float64)

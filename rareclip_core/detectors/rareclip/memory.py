@@ -21,13 +21,17 @@ def loose_similarity(s: torch.Tensor, y: float, start_dim: int = 0) -> torch.Ten
 
     Y = 0 divides by the max. (The rank the authors' code uses, rather than the paper's
     ceil(n * Y)-th largest: docs/algorithms/rareclip.md, "Loose similarity".)
+    The result is also floored at 0, and a reference of 0 or less counts as the smallest positive
+    number: a patch unlike everything remembered (negative cosines, as a black frame can give)
+    scores as unlike as can be, instead of flipping sign or growing without bound. Where every
+    value is positive, as nearest-neighbour cosines of CLIP features are, this changes nothing.
     """
     flat = s.flatten(start_dim).float()  # (banks...) x n
     n = flat.shape[-1]
     k = min(n, max(1, math.floor(n * (1 - y) + _EPS)))
-    reference = flat.kthvalue(k, dim=-1).values.clamp_min(1e-12)
+    reference = flat.kthvalue(k, dim=-1).values.to(s.dtype).clamp_min(torch.finfo(s.dtype).tiny)
     reference = reference.reshape(reference.shape + (1,) * (s.dim() - start_dim))
-    return torch.clamp(s / reference.to(s.dtype), max=1.0)
+    return torch.clamp(s / reference, min=0.0, max=1.0)
 
 
 def rarity_score(similarity: torch.Tensor, ratio: float, dim: int = 0) -> torch.Tensor:
