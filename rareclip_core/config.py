@@ -2,9 +2,12 @@
 and `DetectorSettings`, the base of each detector kind's settings."""
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
+import types
+import typing
 from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
@@ -16,14 +19,84 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 
-def format_validation_error(err: ValidationError, source: str, prefix: str = "") -> str:
-    """One line per problem, naming the field (`prefix` + its path, e.g. `detector.max_images`)."""
-    lines = [f"invalid configuration in {source}:"]
+def format_validation_error(err: ValidationError, source: str, prefix: str = "", model: Optional[type] = None) -> str:
+    """One line per field at fault, named by its path (`prefix` + e.g. `detector.max_images`;
+    pydantic's union-member labels left out, the union's alternatives on one line). A missing
+    field says so; a name that is not a setting names the closest ones of `model`'s tree."""
+    problems: dict[str, list[str]] = {}
+    inputs: dict[str, str] = {}  # field -> what it was given, said once after its problems
     for e in err.errors():
-        field = prefix + ".".join(str(p) for p in e["loc"]) or "(top level)"
-        message = e["msg"].removeprefix("Value error, ")  # our own checks' messages need no prefix
-        lines.append(f"  {field}: {message} (got {e.get('input')!r})")
+        path, known = _readable_path(model, e["loc"][:-1] if e["type"] == "extra_forbidden" else e["loc"])
+        if e["type"] == "missing":
+            problem = "required, and not given"
+        elif e["type"] == "extra_forbidden":
+            name = str(e["loc"][-1])
+            path = path + [name]
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            problem = "not a setting here" + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "")
+        else:
+            problem = e["msg"].removeprefix("Value error, ")  # our own checks' messages need no prefix
+        field = prefix + ".".join(path) or "(top level)"
+        problems.setdefault(field, []).append(problem)
+        if e["type"] not in ("missing", "extra_forbidden"):
+            inputs.setdefault(field, f" (got {_short_repr(e.get('input'))})")
+    lines = [f"invalid configuration in {source}:"]
+    lines += [f"  {field}: {'; or '.join(found)}{inputs.get(field, '')}" for field, found in problems.items()]
     return "\n".join(lines)
+
+
+def _short_repr(value, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _readable_path(model: Optional[type], loc: tuple) -> tuple[list[str], list[str]]:
+    """`loc` without the labels pydantic gives a union's members (a tagged union's tag, or a
+    member's type such as `float`), and the setting names of the model it ends at (none where
+    it ends outside the settings models: a mapping's value, a number)."""
+    path, annotation = [], model
+    for part in loc:
+        annotation = _unwrap(annotation)
+        members = [_unwrap(m) for m in typing.get_args(annotation)] if _is_union(annotation) else None
+        if members is not None:  # `part` is a member's label: descend into the member it names
+            annotation = next((m for m in members if part in _kind_tags(m)), None)
+            continue
+        path.append(str(part))
+        if _is_model(annotation):
+            field = annotation.model_fields.get(str(part))
+            annotation = field.annotation if field else None
+        elif typing.get_origin(annotation) in (dict, list):
+            annotation = typing.get_args(annotation)[-1]
+        else:
+            annotation = None
+    annotation = _unwrap(annotation)
+    return path, list(annotation.model_fields) if _is_model(annotation) else []
+
+
+def _unwrap(annotation):
+    """The type inside Annotated[...] and Optional[...] (None stays a member of no other union)."""
+    while True:
+        if typing.get_origin(annotation) is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif _is_union(annotation) and type(None) in typing.get_args(annotation):
+            rest = [a for a in typing.get_args(annotation) if a is not type(None)]
+            annotation = rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
+        else:
+            return annotation
+
+
+def _is_union(annotation) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
+def _is_model(annotation) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _kind_tags(member) -> tuple:
+    """A tagged union member's `kind` values (Literal[...]); a plain member: none."""
+    field = member.model_fields.get("kind") if _is_model(member) else None
+    return typing.get_args(field.annotation) if field else ()
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -49,7 +122,7 @@ class StrictModel(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            raise ConfigError(format_validation_error(err, source, prefix)) from None
+            raise ConfigError(format_validation_error(err, source, prefix, cls)) from None
 
     @classmethod
     def from_yaml(cls, path: str | Path, section: Optional[str] = None):

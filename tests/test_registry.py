@@ -53,6 +53,25 @@ def test_unknown_kind_and_bad_fields_name_the_problem():
         detector_config_from_dict({"max_featurs": 1})
 
 
+def test_a_misspelt_or_missing_setting_is_named_with_the_closest_real_ones(tmp_path):
+    data = {"sorce": {"kind": "folder", "root": "x"}, "snapshot": {"every_frame": 3}, "thresholds": {"a": "high"}}
+    with pytest.raises(ConfigError) as missing:
+        PipelineConfig.from_dict(data, source="line.yaml")
+    assert str(missing.value).splitlines() == [
+        "invalid configuration in line.yaml:",
+        "  source: required, and not given",
+        # a union's alternatives on one line, without pydantic's member labels (`thresholds.a.float`)
+        "  thresholds.a: Input should be a valid number, unable to parse string as a number; or Input should be 'auto' (got 'high')",
+        "  snapshot.every_frame: not a setting here; did you mean 'every_frames' or 'every_s'?",
+        "  sorce: not a setting here; did you mean 'source'?",
+    ]
+    # inside a tagged union (`source.folder.wach` in pydantic's words) the kind's own settings are known
+    with pytest.raises(ConfigError, match=r"\n  source\.wach: not a setting here; did you mean 'watch'\?$"):
+        PipelineConfig.from_dict({"source": {"kind": "folder", "root": str(tmp_path), "wach": True}})
+    with pytest.raises(ConfigError, match=r"\n  detector\.max_image: not a setting here; did you mean 'max_images'\?$"):
+        PipelineConfig.from_dict({"detector": {"max_image": 3}, "source": {"kind": "folder", "root": str(tmp_path)}})
+
+
 def test_every_command_reads_the_detector_of_a_pipeline_yaml():
     # `detector: detector-tiny.yaml` (a file beside it) and a plain detector YAML alike
     for path in ("configs/demo.yaml", "configs/default.yaml", "configs/detector-tiny.yaml"):
