@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .model_names import model_name_problem
 
 
 class ConfigError(ValueError):
@@ -174,6 +176,14 @@ class DetectorSettings(StrictModel):
     # what part of a frame the model sees (and its maps cover): "center_crop" (the shorter side
     # resized to image_size, then the centre square) or "squash" (the whole frame resized to a square)
     input_view: ClassVar[str] = "center_crop"
+
+    @field_validator("model")
+    @classmethod
+    def _an_openclip_model(cls, name: str) -> str:
+        problem = model_name_problem(name)
+        if problem:
+            raise ValueError(problem)
+        return name
 
     @property
     def pretrained_tag(self) -> Optional[str]:

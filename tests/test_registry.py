@@ -21,6 +21,7 @@ from rareclip_core import (
 )
 from rareclip_core.detectors.rareclip.config import RareCLIPConfig
 from rareclip_core.detectors.rareclip.detector import RareCLIPDetector
+from rareclip_core.model_names import openclip_model_names
 from tests.conftest import REPO, TINY_CONFIG, textured_frames
 from tests.pipeline_helpers import line_frames, pipeline_config, read_rows, write_folder
 from tests.trivial_detector import BrightnessConfig, BrightnessDetector
@@ -70,6 +71,26 @@ def test_a_misspelt_or_missing_setting_is_named_with_the_closest_real_ones(tmp_p
         PipelineConfig.from_dict({"source": {"kind": "folder", "root": str(tmp_path), "wach": True}})
     with pytest.raises(ConfigError, match=r"\n  detector\.max_image: not a setting here; did you mean 'max_images'\?$"):
         PipelineConfig.from_dict({"detector": {"max_image": 3}, "source": {"kind": "folder", "root": str(tmp_path)}})
+
+
+def test_a_model_name_is_checked_with_the_config_without_torch_and_agrees_with_openclip():
+    code = (
+        "import sys\n"
+        "from rareclip_core import ConfigError, detector_config_from_dict\n"
+        "try:\n"
+        "    detector_config_from_dict({'kind': 'rareclip', 'model': 'vit-l-14-336'})\n"
+        "except ConfigError as err:\n"
+        "    print(err)\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert "  model: not an OpenCLIP model name; did you mean 'ViT-L-14-336' or" in out
+    assert out.rstrip().endswith("(got 'vit-l-14-336')\nno torch")
+    import open_clip
+
+    import rareclip_core.backbone.clip  # noqa: F401 - adds the project's model configs to OpenCLIP's
+
+    assert openclip_model_names() == set(open_clip.list_models())
 
 
 def test_every_command_reads_the_detector_of_a_pipeline_yaml():

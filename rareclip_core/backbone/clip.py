@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, DetectorSettings, names_a_file
+from ..model_names import MODEL_CONFIG_DIR, model_name_problem
 from ..ops.cuda_graph import CudaGraphRunner
 from .hub_access import offline_unless_reachable
 
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -49,11 +49,9 @@ def create_clip_model(config: DetectorSettings) -> torch.nn.Module:
     `pretrained`: 'openai' (downloads where a network exists), a local checkpoint file, or
     None for random weights drawn from `seed` (without touching the global RNG).
     """
-    if config.model not in open_clip.list_models():
-        raise ConfigError(
-            f"detector.model {config.model!r} is not an OpenCLIP model name "
-            f"(e.g. 'ViT-L-14-336', or 'rareclip-tiny' for the small test model)"
-        )
+    problem = model_name_problem(config.model)
+    if problem:
+        raise ConfigError(f"detector.model {config.model!r}: {problem}")
     pretrained = config.pretrained
     if pretrained is None:
         root = logging.getLogger()
