@@ -319,7 +319,7 @@ class Supervisor:
             }
             if any(self.progress[line] < targets[line] for line in self.lines):
                 continue
-            await _call(self.writer.flush.remote(), timeout=30)
+            await _call(self.writer.try_flush.remote(), timeout=30)
             status = await _call(self.writer.status.remote())
             if status and not status["buffered"] and all(  # rows persist in seq order
                 status["last_seq"].get(line, -1) >= targets[line] - 1 for line in self.lines
