@@ -99,6 +99,8 @@ class IngestActor:
         self.running = False
         self.feed = 0  # the current `run`; an older one ends when a new one starts
         self.rewinds: dict[str, int] = {}
+        self.drops: set[str] = set()  # lines to stop feeding once their frames in flight are scored (`drop`)
+        self.dropped: dict[str, tuple[int, int]] = {}  # line -> (feed, the seq it was fed up to)
         self.supervisor_name = supervisor_name
         if supervisor_name:
             try:  # a restart (the first start comes before the supervisor exists)
@@ -137,6 +139,19 @@ class IngestActor:
                 self.rewinds[line_id] = seq
             return self.running
 
+    def drop(self, line_id: str) -> Optional[int]:
+        """Stop feeding a line (retired: its folder or subject is gone): the running feed lists it
+        no more, feeds it what it already recorded, and lets it go once the line has scored all
+        of it. Call again until it returns the seq the line was fed up to; None meanwhile, and
+        while no feed runs. A later `rewind` of the line feeds it again."""
+        with self.lock:
+            done = self.dropped.get(line_id)
+            if done is not None and done[0] == self.feed:
+                return done[1]
+            if self.running:
+                self.drops.add(line_id)
+            return None
+
     def run(self, start_seqs: dict[str, int] | None = None) -> dict[str, int]:
         """Feed the lines of `start_seqs` (default: its first lines, from 0) from their start seqs
         until the source ends (or, for a live source, until `stop`). Lines are interleaved round
@@ -159,7 +174,12 @@ class IngestActor:
             progressed = False
             with self.lock:
                 rewinds, self.rewinds = (self.rewinds, {}) if self.feed == feed else ({}, self.rewinds)
+                drops = set(self.drops) if self.feed == feed else set()
+                for line in rewinds:  # fed again: a drop asked before is void
+                    self.drops.discard(line)
+                    self.dropped.pop(line, None)
             for line, seq in rewinds.items():
+                self.line_actors.pop(line, None)  # found by name again: a retired line that rejoins has a new actor
                 if line not in in_flight:  # a line added to the job
                     lines.append(line)
                     in_flight[line] = []
@@ -180,7 +200,12 @@ class IngestActor:
                 if room[line] > 0
             }
             for line, refs in taken.items():
-                if not refs and self.source.live and time.monotonic() - listed_at[line] >= self.poll_s:
+                if not refs and line in drops and not in_flight[line]:  # all it was fed is scored
+                    self._let_go(line, feed, next_seq.pop(line))
+                    lines.remove(line)
+                    del iterators[line], in_flight[line], listed_at[line]
+                    progressed = True
+                elif not refs and line not in drops and self.source.live and time.monotonic() - listed_at[line] >= self.poll_s:
                     iterators[line] = self.source.frames(line, next_seq[line])  # look for new files
                     listed_at[line] = time.monotonic()
             for text in self.source.notices():  # files the source left out
@@ -213,6 +238,12 @@ class IngestActor:
             if self.feed == feed:
                 self.running = False
         return next_seq
+
+    def _let_go(self, line: str, feed: int, next_seq: int) -> None:
+        with self.lock:
+            self.drops.discard(line)
+            self.dropped[line] = (feed, next_seq)
+        self.line_actors.pop(line, None)
 
     def _line_actor(self, line: str):
         if line not in self.line_actors:

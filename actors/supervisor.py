@@ -80,6 +80,7 @@ class Supervisor:
         self.ingest_paused = False  # while the writer refuses rows (`writer_refusing`)
         self.refusing_spells = 0  # times the writer began to refuse rows
         self.flush_tried = 0.0  # when the writer last tried to write, asked while ingestion is paused
+        self.retired: dict[str, int] = {}  # line -> where it stood when retired (`retire_line`), until it rejoins
 
     async def start(self) -> None:
         """Start feeding every line from where it stands (a line that restored a snapshot of an
@@ -129,11 +130,52 @@ class Supervisor:
         self.ingest[i][1].append(line)
         self.ingest_of[line] = i
         self.lines[line] = actor
+        self.retired.pop(line, None)
         self.progress[line] = self.snapshot_seq[line] = seq
         self.snapshot_time[line] = time.monotonic()
         self._event("lines added", f"line {line} added at seq {seq}, fed by ingest {i}: {why}", counted=False)
         self.added_watchers.append(asyncio.get_running_loop().create_task(self._watch_line(line, actor)))
         await self._replay(line, seq)
+
+    async def retire_line(self, line: str, why: str, actor_name: str) -> Optional[int]:
+        """Let a line go whose folder or stream subject is gone (`why`): its ingest feeds it what
+        it recorded and drops it, the line scores that, is snapshotted there and its actor ends
+        (its GPU share is free again). Returns the seq it stopped at once the actor's name is
+        free, so that the line can rejoin (`add_line`: its new actor restores that snapshot); None
+        when the job stops first."""
+        if line not in self.lines:
+            return None
+        i = self.ingest_of[line]
+        while True:
+            if self.stopping:
+                return None
+            async with self.feed_locks[i]:
+                await self._check_feed(i)
+                fed = await _call(self.ingest[i][0].drop.remote(line)) if self.feeds.get(i) is not None else None
+                if fed is not None:
+                    self.ingest[i][1].remove(line)
+                    del self.ingest_of[line]
+                    break
+            await asyncio.sleep(0.2)
+        actor = self.lines.pop(line)  # its watch ends
+        if line in self.snapshotting:
+            await self.snapshotting[line]
+        p = await _call(actor.progress.remote())
+        seq = p["next_seq"] if p else self.progress[line]
+        snapshot = await _call(actor.snapshot.remote(), timeout=60) if seq > self.snapshot_seq[line] else self.snapshot_seq[line]
+        ray.kill(actor, no_restart=True)
+        for name in (self.progress, self.snapshot_seq, self.snapshot_time):
+            name.pop(line, None)
+        self.retired[line] = seq
+        restores = f"it restores its snapshot at seq {snapshot}" if snapshot is not None else "it restores its newest snapshot"
+        self._event("lines retired", f"line {line} retired at seq {seq}: {why}; its actor stopped, and if it comes back "
+                    f"{restores}", counted=False)
+        while True:  # the name is free once the actor is gone
+            try:
+                ray.get_actor(actor_name)
+            except ValueError:
+                return seq
+            await asyncio.sleep(0.1)
 
     def notice(self, text: str) -> None:
         """What an actor has the operator know (files its source left out, a writer that cannot
@@ -230,10 +272,10 @@ class Supervisor:
                 await _call(self.writer.try_flush.remote(), timeout=30)
 
     async def _watch_line(self, line: str, actor) -> None:
-        while True:
+        while self.lines.get(line) is actor:  # until the line is retired
             await asyncio.sleep(0.2)
             p = await _call(actor.progress.remote())
-            if p is not None:
+            if p is not None and self.lines.get(line) is actor:
                 self.progress[line] = p["next_seq"]
                 self._maybe_snapshot(line, actor)
 
@@ -281,7 +323,7 @@ class Supervisor:
     # ---- for the driver ----------------------------------------------------------------------------
     def status(self) -> dict:
         return {
-            "progress": dict(self.progress),
+            "progress": {**self.retired, **self.progress},
             "totals": dict(self.totals),
             "events": list(self.events),
             "event_counts": dict(self.event_counts),
@@ -326,4 +368,4 @@ class Supervisor:
             ):
                 for task in list(self.snapshotting.values()):
                     await task
-                return targets
+                return {**self.retired, **targets}

@@ -149,6 +149,12 @@ class PipelineConfig(StrictModel):
         "scaled to 8 bits by v * 255 / (2**frame_bits - 1); null gives such frames an error row",
     )
     gap_timeout_s: float = Field(60.0, gt=0, description="wait this long for a missing seq, then an error row")
+    retire_gone_lines_s: Optional[float] = Field(
+        600.0, gt=0,
+        description="in a live job that takes new lines, a line whose folder (or stream subject) has been gone this long is "
+        "retired: it scores what it recorded, is snapshotted, and its actor ends (its GPU share is free for another "
+        "line); if it comes back it rejoins where it stopped. null keeps such lines until the job stops",
+    )
     map_resolution: Optional[int] = Field(64, ge=8, description="stored anomaly map side; null stores none")
     map_dtype: Literal["float16", "float32"] = Field(
         "float16", description="dtype of stored maps; float32 for evaluation (no quantization)"

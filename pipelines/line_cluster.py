@@ -279,6 +279,8 @@ class LineCluster:
         self.line_actors = {line: self._new_line_actor(line) for line in self.lines}
         self.finds_lines = cfg.takes_new_lines(lines)
         self.joining: dict[str, JoiningLine] = {}  # lines found while running whose actor is being built
+        self.gone_since: dict[str, float] = {}  # lines whose folder or subject is gone: since when (monotonic)
+        self.retiring: dict[str, ray.ObjectRef] = {}  # lines being retired: the supervisor's `retire_line`
         self.passed_over: set[str] = set()  # lines found that cannot join (said once)
         n = min(cfg.ingest_actors, len(self.lines))
         groups = [self.lines[i::n] for i in range(n)]
@@ -391,6 +393,8 @@ class LineCluster:
                         last_look = time.monotonic()
                     if self.joining:
                         self._admit_built_lines()
+                    if self.retiring:
+                        self._let_retired_lines_go()
                     if flush_every_s and time.monotonic() - last_flush >= flush_every_s:
                         self.writer.try_flush.remote()  # a failure is the writer's notice, not an error here
                         last_flush = time.monotonic()
@@ -439,6 +443,7 @@ class LineCluster:
             found = self.source.lines()
         except OSError:  # NatsError is one too
             return
+        self._retire_gone_lines(found)
         for line in sorted(set(found) - set(self.line_actors) - set(self.joining) - self.passed_over):
             problem = line_id_problem(line)
             try:
@@ -451,6 +456,28 @@ class LineCluster:
                 continue
             actor = self._new_line_actor(line)
             self.joining[line] = JoiningLine(actor, actor.progress.remote(), time.monotonic())
+
+    def _retire_gone_lines(self, found: list[str]) -> None:
+        """A line gone from the source for `retire_gone_lines_s` is retired (`Supervisor.retire_line`)."""
+        now = time.monotonic()
+        for line in found:
+            self.gone_since.pop(line, None)
+        limit = self.cfg.retire_gone_lines_s
+        for line in set(self.line_actors) - set(found) - set(self.retiring):
+            since = self.gone_since.setdefault(line, now)
+            if limit is not None and now - since >= limit:
+                why = f"{self.source.line_address(line)} has been gone for {now - since:.0f} s"
+                self.retiring[line] = self.supervisor.retire_line.remote(line, why, line_actor_name(self.key, line))
+
+    def _let_retired_lines_go(self) -> None:
+        """The lines the supervisor has retired leave the job's actors: one that comes back joins
+        again (`_build_new_lines`), its GPU share counted anew."""
+        for line, retired in list(self.retiring.items()):
+            if ray.wait([retired], timeout=0)[0]:
+                del self.retiring[line]
+                if ray.get(retired) is not None:
+                    del self.line_actors[line]
+                    self.gone_since.pop(line, None)
 
     def _admit_built_lines(self) -> None:
         """The joining lines whose actor is built: the supervisor has ingestion feed each, and
@@ -475,7 +502,8 @@ class LineCluster:
                 continue
             ray.get(self.supervisor.add_line.remote(line, actor, f"{self.source.line_address(line)} appeared"))
             self.line_actors[line] = actor
-            self.lines.append(line)
+            if line not in self.lines:  # not a retired line that came back
+                self.lines.append(line)
 
     def _passed_over(self, line: str, text: str) -> None:
         self.passed_over.add(line)

@@ -2,8 +2,13 @@
 while it runs as a new line: its own actor, fed by an ingestion actor, snapshotted and recovered
 like the lines it started with, one row per frame; a folder that cannot be a line is named.
 Settings may name a line yet to appear only where lines can join. (NATS: tests/test_nats.py.)"""
+import re
+
+import pytest
 import ray
 from PIL import Image
+
+from actors.names import line_actor_name
 
 from pipelines.drill import compare_results
 from pipelines.line_cluster import LineCluster
@@ -11,6 +16,22 @@ from pipelines.preflight import job_problems
 from tests.pipeline_helpers import line_frames, pipeline_config, read_rows, run_planned, write_folder
 
 FIRST, JOINING = 6, 10  # frames of the line there from the start, of the line that joins
+
+
+@pytest.fixture(scope="module")
+def fault_free(local_ray, tiny_config, tmp_path_factory):
+    """The result table of a replay of both lines' frames without faults, lines or folders
+    coming or going (the tests compare their tables with it)."""
+    root = tmp_path_factory.mktemp("fault-free")
+    write_folder(root / "src", "a", line_frames(60, FIRST))
+    write_folder(root / "src", "b", line_frames(61, JOINING))
+    reference = pipeline_config(tiny_config, root / "src", root / "out", max_in_flight=2)
+    cluster = LineCluster(reference, ["a", "b"])
+    try:
+        assert cluster.run(progress=False).counts == {"a": FIRST, "b": JOINING}
+    finally:
+        cluster.shutdown()
+    return reference.results_dir
 
 
 class NewLineFolder:
@@ -45,7 +66,7 @@ class NewLineFolder:
             self.done.append("stopped")
 
 
-def test_a_line_folder_that_appears_joins_the_live_job_and_recovers_like_the_others(local_ray, tiny_config, tmp_path):
+def test_a_line_folder_that_appears_joins_the_live_job_and_recovers_like_the_others(local_ray, tiny_config, fault_free, tmp_path):
     src = tmp_path / "src"
     write_folder(src, "a", line_frames(60, FIRST))
     cfg = pipeline_config(tiny_config, src, tmp_path / "out", snapshot={"every_frames": 2}, max_in_flight=2)
@@ -59,15 +80,59 @@ def test_a_line_folder_that_appears_joins_the_live_job_and_recovers_like_the_oth
                for n in summary.notices), summary.notices
     rows = read_rows(cfg.results_dir)
     assert [(r["line_id"], r["seq"]) for r in rows] == [("a", s) for s in range(FIRST)] + [("b", s) for s in range(JOINING)]
+    verdict = compare_results(fault_free, cfg.results_dir)  # the same scores as without faults
+    assert verdict["ok"] and verdict["rows"] == FIRST + JOINING, verdict
 
-    # the same frames scored by a replay without faults: the same scores
-    reference = pipeline_config(tiny_config, src, tmp_path / "reference", max_in_flight=2)
-    cluster = LineCluster(reference, ["a", "b"])
-    try:
-        assert cluster.run(progress=False).counts == {"a": FIRST, "b": JOINING}
-    finally:
-        cluster.shutdown()
-    verdict = compare_results(reference.results_dir, cfg.results_dir)
+
+class GoneLineFolder:
+    """`on_poll`: once both lines are scored, line b's folder goes away (renamed to a hidden
+    name); once the job has let b's actor go, more frames arrive there and the folder comes
+    back; once b is scored whole, the job stops."""
+
+    def __init__(self, cluster, src, frames):
+        self.cluster, self.src, self.frames = cluster, src, frames
+        self.done: list[str] = []
+
+    def __call__(self, status: dict) -> None:
+        progress, step = status["progress"], len(self.done)
+        if step == 0 and progress["a"] >= FIRST and progress.get("b", 0) >= BEFORE_GONE:
+            (self.src / "b").rename(self.src / ".b-away")
+            self.done.append("gone")
+        elif step == 1 and "b" not in self.cluster.line_actors:
+            with pytest.raises(ValueError):  # its actor has ended
+                ray.get_actor(line_actor_name(self.cluster.key, "b"))
+            for i in range(BEFORE_GONE, JOINING):
+                Image.fromarray(self.frames[i]).save(self.src / ".b-away" / f"frame_{i:04d}_b.png")
+            (self.src / ".b-away").rename(self.src / "b")
+            self.done.append("back")
+        elif step == 2 and progress.get("b", 0) >= JOINING:
+            ray.get(self.cluster.supervisor.stop.remote())
+            self.done.append("stopped")
+
+
+BEFORE_GONE = 4  # frames of line b before its folder goes away
+
+
+def test_a_line_whose_folder_is_gone_is_retired_and_rejoins_where_it_stopped(local_ray, tiny_config, fault_free, tmp_path):
+    src = tmp_path / "src"
+    frames = line_frames(61, JOINING)
+    write_folder(src, "a", line_frames(60, FIRST))
+    write_folder(src, "b", frames[:BEFORE_GONE])
+    cfg = pipeline_config(tiny_config, src, tmp_path / "out", snapshot={"every_frames": 3}, max_in_flight=2,
+                          retire_gone_lines_s=1.0)
+    cfg = cfg.model_copy(update={"source": cfg.source.model_copy(update={"watch": True, "poll_s": 0.2, "settle_s": 0.5})})
+    plan, summary = run_planned(cfg, lambda cluster: GoneLineFolder(cluster, src, frames))
+    assert plan.done == ["gone", "back", "stopped"], (plan.done, summary.events)
+    assert summary.counts == {"a": FIRST, "b": JOINING}
+    retired = [e for e in summary.events if e.startswith("line b retired")]
+    assert len(retired) == 1 and re.fullmatch(
+        rf"line b retired at seq {BEFORE_GONE}: folder {re.escape(str(src / 'b'))} has been gone for \d+ s; its actor "
+        rf"stopped, and if it comes back it restores its snapshot at seq {BEFORE_GONE}", retired[0]), summary.events
+    assert f"line b added at seq {BEFORE_GONE}, fed by ingest 0: folder {src / 'b'} appeared" in summary.events
+    assert not summary.event_counts, summary.events  # no recovery: nothing was scored twice
+    rows = read_rows(cfg.results_dir)
+    assert [(r["line_id"], r["seq"]) for r in rows] == [("a", s) for s in range(FIRST)] + [("b", s) for s in range(JOINING)]
+    verdict = compare_results(fault_free, cfg.results_dir)  # the same scores as if b had stayed all along
     assert verdict["ok"] and verdict["rows"] == FIRST + JOINING, verdict
 
 
