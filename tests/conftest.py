@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +49,27 @@ def local_ray():
     start_ray(num_cpus=8)
     yield
     stop_ray()
+
+
+_finished_session: list[pytest.Session] = []
+
+
+def pytest_sessionfinish(session):
+    _finished_session.append(session)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """End the test process with pytest's status, without the interpreter's own teardown.
+
+    One full run (389 passed, summary printed) then died with a segmentation fault in that
+    teardown, and the job read exit status 139. The process had started and stopped an embedded
+    Ray about thirty times, beside torch, DuckDB and gRPC threads; the crash did not come back
+    under `-X faulthandler` or in a subset. Every report is written by now (this hook runs
+    last), so nothing is lost by skipping the teardown. The product's commands start Ray once.
+    """
+    if not _finished_session:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(_finished_session[-1].exitstatus))
