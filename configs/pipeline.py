@@ -243,6 +243,22 @@ class PipelineConfig(StrictModel):
                     raise ValueError(f"references.{line_id}[{i}]: no file at {uri!r}")
         return self
 
+    @model_validator(mode="after")
+    def _out_is_not_read_as_a_line(self):
+        """A folder source lists every folder under its root as a line: the job's own output
+        folder must not be one of them (a line `out`, or lines `results`, `snapshots`, ...)."""
+        source = self.source
+        if not isinstance(source, FolderSourceConfig) or source.lines:
+            return self
+        root, out = Path(source.root).resolve(), Path(self.out).resolve()
+        if out == root or (out.is_relative_to(root) and not out.relative_to(root).parts[0].startswith(".")):
+            raise ValueError(
+                f"out: {self.out!r} lies in source.root {source.root!r}, whose folders are the lines: the job's own "
+                "results and snapshots would be read as a line. Put out outside source.root, or name the lines in "
+                "source.lines"
+            )
+        return self
+
     @field_validator("detector", mode="before")
     @classmethod
     def _detector_of_its_kind(cls, value):

@@ -38,12 +38,14 @@ def format_validation_error(err: ValidationError, source: str, prefix: str = "",
             problem = "not a setting here" + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "")
         else:
             problem = e["msg"].removeprefix("Value error, ")  # our own checks' messages need no prefix
-        field = prefix + ".".join(path) or "(top level)"
+        field = prefix + ".".join(path)  # empty: a check of the whole config, whose message names its fields
         problems.setdefault(field, []).append(problem)
-        if e["type"] not in ("missing", "extra_forbidden"):
+        if field and e["type"] not in ("missing", "extra_forbidden"):
             inputs.setdefault(field, f" (got {_short_repr(e.get('input'))})")
     lines = [f"invalid configuration in {source}:"]
-    lines += [f"  {field}: {'; or '.join(found)}{inputs.get(field, '')}" for field, found in problems.items()]
+    lines += [
+        f"  {field + ': ' if field else ''}{'; or '.join(found)}{inputs.get(field, '')}" for field, found in problems.items()
+    ]
     return "\n".join(lines)
 
 

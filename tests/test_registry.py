@@ -73,6 +73,22 @@ def test_a_misspelt_or_missing_setting_is_named_with_the_closest_real_ones(tmp_p
         PipelineConfig.from_dict({"detector": {"max_image": 3}, "source": {"kind": "folder", "root": str(tmp_path)}})
 
 
+def test_an_out_folder_among_the_line_folders_is_refused_unless_the_lines_are_named(tmp_path):
+    source = {"kind": "folder", "root": str(tmp_path)}
+    for out in (tmp_path / "out", tmp_path):
+        with pytest.raises(ConfigError) as inside:
+            PipelineConfig.from_dict({"source": source, "out": str(out)}, source="line.yaml")
+        assert str(inside.value).splitlines() == [  # the whole config's check: no "(got {...everything...})"
+            "invalid configuration in line.yaml:",
+            f"  out: {str(out)!r} lies in source.root {str(tmp_path)!r}, whose folders are the lines: the job's own "
+            "results and snapshots would be read as a line. Put out outside source.root, or name the lines in source.lines",
+        ]
+    for fine in ({"source": source, "out": str(tmp_path / ".out")},
+                 {"source": source, "out": str(tmp_path.parent / "elsewhere")},
+                 {"source": {**source, "lines": ["a"]}, "out": str(tmp_path / "out")}):
+        PipelineConfig.from_dict(fine)
+
+
 def test_a_model_name_is_checked_with_the_config_without_torch_and_agrees_with_openclip():
     code = (
         "import sys\n"
@@ -151,7 +167,7 @@ def test_a_second_kind_plugs_in_through_the_registry(local_ray, tmp_path):
 
 
 def test_per_line_detector_settings_override_the_pipelines(tiny_config, tmp_path):
-    cfg = pipeline_config(tiny_config, tmp_path, tmp_path / "out", line_detector={"b": {"max_images": 7}})
+    cfg = pipeline_config(tiny_config, tmp_path / "src", tmp_path / "out", line_detector={"b": {"max_images": 7}})
     assert cfg.detector_for("a") is cfg.detector and cfg.detector_for("b").max_images == 7
     assert cfg.detector_for("b").fingerprint() != cfg.detector.fingerprint()
     data = {"detector": tiny_config.model_dump(), "source": {"kind": "folder", "root": str(tmp_path)},
