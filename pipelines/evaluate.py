@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import sys
 import time
 import warnings
@@ -293,13 +294,32 @@ def category_metrics(plan: Plan, category: str, seed: int, masks: dict[str, np.n
         values[name] = 100.0 * image[key]
     for name, key in PIXEL_METRICS.items():
         values[name] = 100.0 * pix[key]
-    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    messages = _undefined_by_reason([str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)])
     if values["errors"]:
         messages.append(f"{values['errors']} frame(s) could not be read and are left out of every metric")
     unmasked = len(ok) - len(pixel)
     if unmasked:
         messages.append(f"{unmasked} anomalous image(s) without a mask are left out of the pixel metrics")
     return values, messages
+
+
+_UNDEFINED = re.compile(r"^(image|pixel) (\w+) is undefined \((.+)\); returning NaN$")  # metrics._warn_undefined
+
+
+def _undefined_by_reason(messages: list[str]) -> list[str]:
+    """The metrics' "<level> <metric> is undefined (<reason>)" warnings as one message per reason,
+    naming the table's columns (`I-AUROC, I-F1-max, I-AP undefined (no positive samples)`)."""
+    columns = {("image", key): name for name, key in IMAGE_METRICS.items()}
+    columns |= {("pixel", key): name for name, key in PIXEL_METRICS.items()}
+    by_reason: dict[str, list[str]] = {}
+    others = []
+    for message in messages:
+        match = _UNDEFINED.match(message)
+        if match and (match[1], match[2]) in columns:
+            by_reason.setdefault(match[3], []).append(columns[match[1], match[2]])
+        else:
+            others.append(message)
+    return [f"{', '.join(names)} undefined ({reason})" for reason, names in by_reason.items()] + others
 
 
 def join_rows(samples: Sequence[Sample], seed: int, rows: list[dict], category: str) -> list[tuple[Sample, dict]]:
