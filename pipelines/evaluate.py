@@ -23,6 +23,11 @@ lacks a class: no anomalous image (image metrics), no defect pixel (pixel metric
 generic-layout category without masks), or no normal pixel; see ``rareclip_core.metrics``.
 Anomalous images without a mask (generic layout) count for the image metrics only; frames the
 pipeline could not decode (error rows) count for none, and are reported.
+
+``<out>/evaluation.json`` records the setup (dataset, categories and their sizes, shots, the
+detector's settings). A rerun into the same ``<out>`` with that setup keeps every seed it
+finished, scores a seed it left part way again from the start, and can add seeds; an ``<out>``
+holding another setup's seeds is refused with the settings that differ.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import csv
 import json
 import math
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -50,6 +56,7 @@ from configs.pipeline import (
 from rareclip_core import DetectorSettings, detector_class, detector_config_from_dict
 from rareclip_core.config import ConfigError
 from rareclip_core.data.datasets import Sample, load_dataset, load_mask, shuffled
+from rareclip_core.data.files import atomic_write
 from rareclip_core.metrics import image_metrics, pixel_metrics
 
 from .common import EXIT_INTERRUPTED
@@ -97,12 +104,34 @@ class Plan:
     def results_dir(self, seed: int) -> Path:
         return self.out / f"seed-{seed}" / "results"
 
+    @property
+    def record_path(self) -> Path:
+        """What was evaluated under `out`: a rerun with the same setup keeps the seeds it finished."""
+        return self.out / "evaluation.json"
+
+    def setup(self) -> dict:
+        """Everything that makes one seed's rows what they are (the seeds themselves aside), as JSON."""
+        return json.loads(json.dumps({
+            "dataset": self.dataset, "root": self.root, "shots": self.shots,
+            "images": {c: len(s) for c, s in self.samples.items()},
+            "detector": self.detector.model_dump(mode="json"),
+        }))
+
+    def seed_is_complete(self, seed: int) -> bool:
+        """Whether the seed's table has a row for every image of every category."""
+        rows = read_results(self.results_dir(seed), ["line_id", "seq"]).to_pylist()
+        seqs: dict[str, set[int]] = {}
+        for row in rows:
+            seqs.setdefault(row["line_id"], set()).add(row["seq"])
+        return all(seqs.get(c) == set(range(len(s))) for c, s in self.samples.items())
+
 
 def plan_evaluation(dataset, root, detector_config, seeds=DEFAULT_SEEDS, mode=None, out="out/evaluate",
                     categories=None, shots: int = 0) -> Plan:
     """Validate everything before any actor starts. Raises ConfigError (bad detector config),
     FileNotFoundError / ValueError (missing or malformed dataset, unknown category, bad seeds)
-    or FileExistsError (a seed's result table already exists under `out`)."""
+    or FileExistsError (`out` holds seeds of an evaluation with another setup: detector,
+    dataset, categories or shots; those of the same setup are kept, or scored again if unfinished)."""
     if isinstance(detector_config, (DetectorSettings, dict)):
         detector = detector_config_from_dict(detector_config)
     else:
@@ -134,11 +163,32 @@ def plan_evaluation(dataset, root, detector_config, seeds=DEFAULT_SEEDS, mode=No
         if short:
             raise ValueError(f"--shots {shots}: too few train images in {short}")
     plan = Plan(dataset, root, detector, seeds, Path(out), dict(sorted(data.items())), shots, train)
-    for seed in seeds:
-        folder = plan.results_dir(seed).parent  # results and any snapshot a line would restore
-        if folder.is_dir() and any(folder.iterdir()):
-            raise FileExistsError(f"{folder} is not empty (an earlier run?); choose another --out or remove it")
+    used = [seed for seed in seeds if _has_files(plan.results_dir(seed).parent)]
+    if used:
+        earlier = json.loads(plan.record_path.read_text()) if plan.record_path.is_file() else None
+        if earlier != plan.setup():
+            what = "no record of what it evaluated" if earlier is None else "; ".join(_differences(earlier, plan.setup()))
+            raise FileExistsError(
+                f"{plan.results_dir(used[0]).parent} holds the rows of another evaluation ({what}); "
+                "choose another --out or remove it"
+            )
     return plan
+
+
+def _has_files(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def _differences(then: dict, now: dict, path: str = "") -> list[str]:
+    """`key: X then, Y now` for each setting that differs between two setups (nested keys dotted)."""
+    found = []
+    for key in dict.fromkeys([*then, *now]):
+        a, b = then.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{path}{key}.")
+        elif a != b:
+            found.append(f"{path}{key}: {a!r} then, {b!r} now")
+    return found
 
 
 def evaluate(dataset, root, detector_config, seeds=DEFAULT_SEEDS, mode=None, out="out/evaluate",
@@ -169,7 +219,18 @@ def run_plan(plan: Plan, address=None, progress: bool = True) -> None:
 
     start_ray(address)
     n = len(plan.categories)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    atomic_write(plan.record_path, lambda tmp: tmp.write_text(json.dumps(plan.setup(), indent=1)))
     for i, seed in enumerate(plan.seeds):
+        seed_dir = plan.results_dir(seed).parent
+        if _has_files(seed_dir):
+            if plan.seed_is_complete(seed):
+                print(f"seed {seed} ({i + 1}/{len(plan.seeds)}): scored by an earlier run of this evaluation; kept",
+                      file=sys.stderr, flush=True)
+                continue
+            print(f"seed {seed} ({i + 1}/{len(plan.seeds)}): an earlier run stopped part way; scoring it again",
+                  file=sys.stderr, flush=True)
+            shutil.rmtree(seed_dir)
         cfg = PipelineConfig(
             detector=plan.detector,
             source=DatasetSourceConfig(kind="dataset", dataset=plan.dataset, root=plan.root,
@@ -458,7 +519,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mode", choices=("online", "offline"),
                         help="detector mode (default: the config's `mode`)")
     parser.add_argument("--out", default="out/evaluate",
-                        help="result tables in <out>/seed-<s>/results, metrics.md/.csv/.json in <out> (default: %(default)s)")
+                        help="result tables in <out>/seed-<s>/results, metrics.md/.csv/.json in <out>; a rerun "
+                             "with the same setup keeps the seeds it finished (default: %(default)s)")
     parser.add_argument("--categories", nargs="+", help="evaluate only these categories (default: all)")
     parser.add_argument("--shots", type=int, default=0,
                         help="normal references per category from its train split, learned first (k-shot; default 0)")

@@ -135,6 +135,26 @@ def test_a_category_without_masks_gets_nan_pixel_metrics_and_a_reason(online, da
     assert json.loads((tmp_path / "copy" / "metrics.json").read_text())["summary"]["fabric"]["PRO"]["mean"] is None
 
 
+def test_a_rerun_keeps_finished_seeds_scores_an_unfinished_one_again_and_refuses_another_setup(
+        local_ray, online, dataset, tiny_config, tmp_path, capsys):
+    out, result = online
+    shutil.copytree(out, tmp_path / "again")
+    seed_1 = tmp_path / "again" / "seed-1" / "results" / "line_id=widget"
+    files = sorted(seed_1.rglob("*.parquet"))
+    for file in files[len(files) // 2:] if len(files) > 1 else files:  # seed 1 stopped part way
+        file.unlink()
+    kept = sorted(p.stat().st_mtime_ns for p in (tmp_path / "again" / "seed-0").rglob("*.parquet"))
+    again = evaluate("mvtec", dataset, tiny_config, SEEDS, "online", tmp_path / "again", progress=False)
+    err = capsys.readouterr().err
+    assert "seed 0 (1/2): scored by an earlier run of this evaluation; kept" in err
+    assert "seed 1 (2/2): an earlier run stopped part way; scoring it again" in err
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "again" / "seed-0").rglob("*.parquet")) == kept
+    assert again["per_seed"] == result["per_seed"] and again["summary"] == result["summary"]
+    with pytest.raises(FileExistsError, match=r"holds the rows of another evaluation \(detector\.mode: 'online' then, "
+                                               r"'offline' now\); choose another --out or remove it"):
+        evaluate("mvtec", dataset, tiny_config, SEEDS, "offline", tmp_path / "again", progress=False)
+
+
 def test_offline_mode_gives_the_same_metrics_for_every_seed(local_ray, dataset, tiny_config, tmp_path):
     result = evaluate("mvtec", dataset, tiny_config, SEEDS, "offline", tmp_path, categories=["fabric"], progress=False)
     assert result["mode"] == "offline" and result["categories"] == ["fabric"]
@@ -186,4 +206,4 @@ def test_bad_inputs_exit_2_with_the_readers_message_before_any_actor(tmp_path, d
     assert "nothing" in capsys.readouterr().err
     (tmp_path / "used" / "seed-1" / "results").mkdir(parents=True)
     assert run_cluster.main(args + ["--out", str(tmp_path / "used")]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert "holds the rows of another evaluation (no record of what it evaluated)" in capsys.readouterr().err
