@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .model_names import model_name_problem
+from .model_names import model_problem, vision_depth
 
 
 class ConfigError(ValueError):
@@ -38,9 +38,10 @@ def format_validation_error(err: ValidationError, source: str, prefix: str = "",
             problem = "not a setting here" + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "")
         else:
             problem = e["msg"].removeprefix("Value error, ")  # our own checks' messages need no prefix
-        field = prefix + ".".join(path)  # empty: a check of the whole config, whose message names its fields
+        # no path: a check of the whole (detector) config, whose message names its settings and values
+        field = prefix + ".".join(path) if path else prefix.rstrip(".")
         problems.setdefault(field, []).append(problem)
-        if field and e["type"] not in ("missing", "extra_forbidden"):
+        if path and e["type"] not in ("missing", "extra_forbidden"):
             inputs.setdefault(field, f" (got {_short_repr(e.get('input'))})")
     lines = [f"invalid configuration in {source}:"]
     lines += [
@@ -179,13 +180,25 @@ class DetectorSettings(StrictModel):
     # resized to image_size, then the centre square) or "squash" (the whole frame resized to a square)
     input_view: ClassVar[str] = "center_crop"
 
+    # settings that name 1-indexed blocks of the ViT (a list of them, or one): checked against its depth
+    block_fields: ClassVar[tuple[str, ...]] = ()
+
     @field_validator("model")
     @classmethod
-    def _an_openclip_model(cls, name: str) -> str:
-        problem = model_name_problem(name)
+    def _an_openclip_vit(cls, name: str) -> str:
+        problem = model_problem(name)
         if problem:
             raise ValueError(problem)
         return name
+
+    @model_validator(mode="after")
+    def _blocks_within_the_model(self):
+        depth = vision_depth(self.model)
+        for name in self.block_fields:
+            value = getattr(self, name)
+            if max(value if isinstance(value, list) else [value]) > depth:
+                raise ValueError(f"{name} = {value}, but model {self.model!r} has {depth} blocks (1 to {depth})")
+        return self
 
     @property
     def pretrained_tag(self) -> Optional[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib.util
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -13,12 +14,25 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "backbone" / "model_configs"  # the p
 
 
 @functools.cache
-def openclip_model_names() -> frozenset[str]:
-    """What `open_clip.list_models()` says once the project's configs are added: one name per
-    JSON file of OpenCLIP's `model_configs` folder and of MODEL_CONFIG_DIR."""
+def _model_config_files() -> dict[str, Path]:
+    """Model name -> its JSON file: OpenCLIP's `model_configs` folder and MODEL_CONFIG_DIR."""
     spec = importlib.util.find_spec("open_clip")
-    folders = [MODEL_CONFIG_DIR, *(Path(p) / "model_configs" for p in (spec.submodule_search_locations or []))]
-    return frozenset(path.stem for folder in folders for path in folder.glob("*.json"))
+    folders = [*(Path(p) / "model_configs" for p in (spec.submodule_search_locations or [])), MODEL_CONFIG_DIR]
+    return {path.stem: path for folder in folders for path in sorted(folder.glob("*.json"))}
+
+
+def openclip_model_names() -> frozenset[str]:
+    """What `open_clip.list_models()` says once the project's configs are added."""
+    return frozenset(_model_config_files())
+
+
+@functools.cache
+def vision_depth(name: str) -> Optional[int]:
+    """The number of transformer blocks of the model's vision tower, from its JSON config; None
+    where that tower is no OpenCLIP ViT (a ResNet, whose `layers` is a list; a timm model)."""
+    vision = json.loads(_model_config_files()[name].read_text()).get("vision_cfg", {})
+    layers = vision.get("layers")
+    return layers if isinstance(layers, int) and "timm_model_name" not in vision else None
 
 
 def model_name_problem(name: str) -> Optional[str]:
@@ -29,3 +43,12 @@ def model_name_problem(name: str) -> Optional[str]:
     close = [by_lower[match] for match in difflib.get_close_matches(name.lower(), by_lower, n=3, cutoff=0.6)]
     hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
     return f"not an OpenCLIP model name{hint} (the paper's is 'ViT-L-14-336'; 'rareclip-tiny' is the small test model)"
+
+
+def model_problem(name: str) -> Optional[str]:
+    """Why a detector cannot use `name`: no model of that name, or no ViT (every detector reads
+    a ViT's patch tokens by block); None when it can."""
+    problem = model_name_problem(name)
+    if problem is None and vision_depth(name) is None:
+        problem = "its vision tower is not OpenCLIP's own ViT (it is a ResNet or a timm model); the detectors read that ViT's patch tokens block by block"
+    return problem

@@ -41,8 +41,8 @@ def test_configs_load_with_the_papers_settings(config):
         detector_config_from_dict({"kind": "afrclip", "mpfa_size": 2})
     with pytest.raises(ConfigError, match="prompt_blocks: must be consecutive blocks from 2 on"):
         detector_config_from_dict({"kind": "afrclip", "prompt_blocks": [1, 2]})
-    with pytest.raises(ConfigError, match="detector.stage_blocks = \\[1, 2, 9\\] but rareclip-tiny has 4 blocks"):
-        build_detector(config.model_copy(update={"stage_blocks": [1, 2, 9]}))
+    with pytest.raises(ConfigError, match="stage_blocks = \\[1, 2, 9\\], but model 'rareclip-tiny' has 4 blocks"):
+        detector_config_from_dict({**config.model_dump(), "stage_blocks": [1, 2, 9]})
     with pytest.raises(ConfigError, match="detector.cnn_weights 'NOPE' is not a weights name of resnet18"):
         build_detector(config.model_copy(update={"cnn_weights": "NOPE"}))
 

@@ -11,6 +11,7 @@ from rareclip_core.detectors.rareclip.config import RareCLIPConfig
 from rareclip_core.detectors.rareclip.detector import RareCLIPDetector
 from rareclip_core.detectors.rareclip.text_branch import TPB_CHECKPOINT_KEY
 from rareclip_core.ops.compiled import compile_problem
+from rareclip_core.registry import detector_config_from_dict
 
 
 def run(detector, frames, **kw):
@@ -147,8 +148,9 @@ def test_missing_weights_give_a_clear_error(tiny_config, tmp_path):
 
 
 def test_blocks_beyond_the_model_are_rejected(tiny_config):
-    with pytest.raises(ConfigError, match="rarity_blocks"):
-        RareCLIPDetector(tiny_config.model_copy(update={"rarity_blocks": [6]}))
+    for name in ("rarity_blocks", "text_blocks"):
+        with pytest.raises(ConfigError, match=rf"{name} = \[1, 5\], but model 'rareclip-tiny' has 4 blocks"):
+            detector_config_from_dict({**tiny_config.model_dump(), name: [1, 5]})
 
 
 @pytest.mark.parametrize(

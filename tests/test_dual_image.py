@@ -48,8 +48,8 @@ def test_defaults_are_the_papers_and_files_load(dual_config):
     assert dual_config.model_id.startswith("dual_image:rareclip-tiny:random:")
     with pytest.raises(ConfigError, match="reference_policy"):
         detector_config_from_dict({"kind": "dual_image", "reference_policy": "newest"})
-    with pytest.raises(ConfigError, match="value_value_from = 9 but rareclip-tiny has 4 blocks"):
-        build_detector(dual_config.model_copy(update={"value_value_from": 9}))
+    with pytest.raises(ConfigError, match="value_value_from = 9, but model 'rareclip-tiny' has 4 blocks"):
+        detector_config_from_dict({**dual_config.model_dump(), "value_value_from": 9})
 
 
 def test_prompts_are_class_aware(tmp_path):

@@ -21,7 +21,7 @@ from rareclip_core import (
 )
 from rareclip_core.detectors.rareclip.config import RareCLIPConfig
 from rareclip_core.detectors.rareclip.detector import RareCLIPDetector
-from rareclip_core.model_names import openclip_model_names
+from rareclip_core.model_names import openclip_model_names, vision_depth
 from tests.conftest import REPO, TINY_CONFIG, textured_frames
 from tests.pipeline_helpers import line_frames, pipeline_config, read_rows, write_folder
 from tests.trivial_detector import BrightnessConfig, BrightnessDetector
@@ -89,24 +89,37 @@ def test_an_out_folder_among_the_line_folders_is_refused_unless_the_lines_are_na
         PipelineConfig.from_dict(fine)
 
 
-def test_a_model_name_is_checked_with_the_config_without_torch_and_agrees_with_openclip():
+def test_a_model_and_its_blocks_are_checked_with_the_config_without_torch_and_agree_with_openclip(tiny_config):
     code = (
         "import sys\n"
         "from rareclip_core import ConfigError, detector_config_from_dict\n"
-        "try:\n"
-        "    detector_config_from_dict({'kind': 'rareclip', 'model': 'vit-l-14-336'})\n"
-        "except ConfigError as err:\n"
-        "    print(err)\n"
+        "for settings in ({'model': 'vit-l-14-336'}, {'model': 'RN50'}, {'model': 'rareclip-tiny'},\n"
+        "                 {'kind': 'dual_image', 'model': 'rareclip-tiny', 'value_value_from': 5}):\n"
+        "    try:\n"
+        "        detector_config_from_dict(settings, source='line.yaml', prefix='detector.')\n"
+        "    except ConfigError as err:\n"
+        "        print(str(err).splitlines()[1])\n"
         "print('torch imported' if 'torch' in sys.modules else 'no torch')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
-    assert "  model: not an OpenCLIP model name; did you mean 'ViT-L-14-336' or" in out
-    assert out.rstrip().endswith("(got 'vit-l-14-336')\nno torch")
+    wrong_name, *others = out.splitlines()  # the closest names after the first depend on OpenCLIP's version
+    assert wrong_name.startswith("  detector.model: not an OpenCLIP model name; did you mean 'ViT-L-14-336' or ")
+    assert wrong_name.endswith("(got 'vit-l-14-336')")
+    assert others == [
+        "  detector.model: its vision tower is not OpenCLIP's own ViT (it is a ResNet or a timm model); the detectors "
+        "read that ViT's patch tokens block by block (got 'RN50')",
+        # the paper's blocks, the defaults, on a 4-block model: refused before any actor, not by each line's
+        "  detector: rarity_blocks = [6, 12, 18, 24], but model 'rareclip-tiny' has 4 blocks (1 to 4)",
+        "  detector: value_value_from = 5, but model 'rareclip-tiny' has 4 blocks (1 to 4)",
+        "no torch",
+    ]
     import open_clip
 
-    import rareclip_core.backbone.clip  # noqa: F401 - adds the project's model configs to OpenCLIP's
+    from rareclip_core.backbone.clip import create_clip_model
 
     assert openclip_model_names() == set(open_clip.list_models())
+    assert vision_depth("ViT-L-14-336") == 24 and vision_depth("ViT-SO400M-14-SigLIP") is None
+    assert vision_depth("rareclip-tiny") == len(create_clip_model(tiny_config).visual.transformer.resblocks) == 4
 
 
 def test_every_command_reads_the_detector_of_a_pipeline_yaml():

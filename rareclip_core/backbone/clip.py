@@ -4,14 +4,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import open_clip
 import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, DetectorSettings, names_a_file
-from ..model_names import MODEL_CONFIG_DIR, model_name_problem
+from ..model_names import MODEL_CONFIG_DIR, model_problem
 from ..ops.cuda_graph import CudaGraphRunner
 from .hub_access import offline_unless_reachable
 
@@ -49,7 +49,7 @@ def create_clip_model(config: DetectorSettings) -> torch.nn.Module:
     `pretrained`: 'openai' (downloads where a network exists), a local checkpoint file, or
     None for random weights drawn from `seed` (without touching the global RNG).
     """
-    problem = model_name_problem(config.model)
+    problem = model_problem(config.model)
     if problem:
         raise ConfigError(f"detector.model {config.model!r}: {problem}")
     pretrained = config.pretrained
@@ -183,16 +183,11 @@ class ClipBackbone(torch.nn.Module):
 
 
 def load_backbone(
-    config: DetectorSettings, blocks: dict[str, list[int]], device: torch.device, cuda_graphs: bool = False
+    config: DetectorSettings, blocks: Iterable[int], device: torch.device, cuda_graphs: bool = False
 ) -> tuple[ClipBackbone, torch.nn.Module]:
     """The configured CLIP model and a `ClipBackbone` over its vision tower returning the tokens
-    of every block in `blocks` (config field name -> 1-indexed blocks, checked against the
-    model's depth), replayed as CUDA graphs where `cuda_graphs` and on CUDA. The full model comes
-    back for its text tower: drop it once used."""
+    of every block in `blocks` (1-indexed; the config's `block_fields`, checked against the
+    model's depth when it was read), replayed as CUDA graphs where `cuda_graphs` and on CUDA.
+    The full model comes back for its text tower: drop it once used."""
     model = create_clip_model(config)
-    n_layers = len(model.visual.transformer.resblocks)
-    for name, wanted in blocks.items():
-        if max(wanted) > n_layers:
-            raise ConfigError(f"detector.{name} = {wanted} but {config.model} has {n_layers} blocks")
-    every = sorted({b for wanted in blocks.values() for b in wanted})
-    return ClipBackbone(model.visual, every, device, config.precision, cuda_graphs), model
+    return ClipBackbone(model.visual, sorted(set(blocks)), device, config.precision, cuda_graphs), model

@@ -13,6 +13,7 @@ class AdaptCLIPConfig(DetectorSettings):
 
     kind: Literal["adaptclip"] = "adaptclip"
     weight_fields: ClassVar[tuple[str, ...]] = ("weights",)
+    block_fields: ClassVar[tuple[str, ...]] = ("patch_blocks", "value_value_from")
     input_view: ClassVar[str] = "squash"
     # Backbone: model, pretrained, image_size (518), seed, device, precision (DetectorSettings)
     weights: Optional[str] = Field(

@@ -40,9 +40,6 @@ def build_clip(config: AdaptCLIPConfig) -> torch.nn.Module:
     patch = model.visual.patch_size[0]
     if config.image_size % patch:
         raise ConfigError(f"detector.image_size {config.image_size} must be a multiple of {config.model}'s patch size {patch}")
-    depth = len(model.visual.transformer.resblocks)
-    if max(config.patch_blocks) > depth:
-        raise ConfigError(f"detector.patch_blocks = {config.patch_blocks} but {config.model} has {depth} blocks")
     resize_position_embedding(model.visual, config.image_size)
     return model
 

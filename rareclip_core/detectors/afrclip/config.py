@@ -15,6 +15,7 @@ class AFRCLIPConfig(DetectorSettings):
 
     kind: Literal["afrclip"] = "afrclip"
     weight_fields: ClassVar[tuple[str, ...]] = ("weights",)
+    block_fields: ClassVar[tuple[str, ...]] = ("stage_blocks", "prompt_blocks")
     weights: Optional[str] = Field(
         None,
         description="checkpoint of the learned parts (adapters, CMFR, self-prompting), written by "

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from ...backbone import VisionOptions, backbone_dtype, create_clip_model, vision_forward
-from ...config import ConfigError
 from .checkpoint import load_heads
 from .cnn import build_cnn, cnn_input
 from .config import AFRCLIPConfig
@@ -88,10 +87,6 @@ def load_model(config: AFRCLIPConfig, device: torch.device, products: list[str],
     """CLIP (text tower used once, then dropped), the CNN, and the learned parts: `weights`, or
     seeded random ones (with a warning where CLIP's weights are real, unless `training`)."""
     clip = create_clip_model(config)
-    depth = len(clip.visual.transformer.resblocks)
-    for name in ("stage_blocks", "prompt_blocks"):
-        if max(getattr(config, name)) > depth:
-            raise ConfigError(f"detector.{name} = {getattr(config, name)} but {config.model} has {depth} blocks")
     text = encode_prompts(clip, config.model, products)
     cnn, cnn_dim = build_cnn(config)
     vision = PromptedVision(config, clip.visual, cnn, device)

@@ -3,7 +3,7 @@ AnoVL's (the same group's AnoCLIP code) where the paper says its architecture is
 ours where our copy of the paper lost the value (each marked; docs/algorithms/dual-image-clip.md)."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import Field
 
@@ -14,6 +14,7 @@ class DualImageConfig(DetectorSettings):
     """Dual-Image CLIP settings. Nothing is learned offline: no weights besides CLIP's."""
 
     kind: Literal["dual_image"] = "dual_image"
+    block_fields: ClassVar[tuple[str, ...]] = ("value_value_from",)
     # Backbone (paper: OpenCLIP ViT-B-16+; AnoVL: laion400m_e32 at 240 px)
     model: str = "ViT-B-16-plus-240"
     pretrained: Optional[str] = Field(

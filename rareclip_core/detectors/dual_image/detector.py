@@ -64,8 +64,6 @@ class DualImageDetector(Detector):
         visual = model.visual
         del model  # the text tower is not needed once the state embeddings exist
         self.depth = len(visual.transformer.resblocks)
-        if config.value_value_from > self.depth:
-            raise ConfigError(f"detector.value_value_from = {config.value_value_from} but {config.model} has {self.depth} blocks")
         if getattr(visual, "attn_pool", None) is not None or visual.proj is None:
             raise ConfigError(f"detector.model {config.model!r}: Dual-Image CLIP needs a ViT with a class token and a projection")
         self.dtype = backbone_dtype(config.precision, self.device)

@@ -14,6 +14,7 @@ class RareCLIPConfig(DetectorSettings):
 
     kind: Literal["rareclip"] = "rareclip"
     weight_fields: ClassVar[tuple[str, ...]] = ("tpb_weights",)
+    block_fields: ClassVar[tuple[str, ...]] = ("rarity_blocks", "text_blocks")
     execution_fields: ClassVar[frozenset[str]] = DetectorSettings.execution_fields | {"cuda_graphs", "compile_banks"}
     # Backbone (sec. 1): model, pretrained, image_size, seed, device, precision (DetectorSettings)
     rarity_blocks: list[int] = Field(default_factory=lambda: [6, 12, 18, 24], min_length=1)

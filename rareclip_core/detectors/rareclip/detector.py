@@ -79,10 +79,11 @@ class RareCLIPDetector(Detector):
     def __init__(self, config: RareCLIPConfig):
         self.config = config
         self.device = resolve_device(config.device)
-        blocks = {"rarity_blocks": config.rarity_blocks, "text_blocks": config.text_blocks}
         if config.compile_banks and (problem := compile_problem(self.device)):
             raise ValueError(f"detector.compile_banks: {problem}; or set compile_banks: false")
-        self.backbone, model = load_backbone(config, blocks, self.device, config.cuda_graphs)
+        self.backbone, model = load_backbone(
+            config, [*config.rarity_blocks, *config.text_blocks], self.device, config.cuda_graphs
+        )
         self.text_features = cached_state_embeddings(config, model).to(self.device)  # D x 2
         del model  # the text tower is not needed once the text embeddings exist
         self.text_projection = init_text_projection(config, self.backbone.width, self.text_features.shape[0]).to(

@@ -124,7 +124,7 @@ def train_text_projection(
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     device = resolve_device(config.device)
-    backbone, model = load_backbone(config, {"text_blocks": config.text_blocks}, device)
+    backbone, model = load_backbone(config, config.text_blocks, device)
     # D x 2; clone(): freshly encoded embeddings are inference-mode tensors, unusable in autograd
     text_features = cached_state_embeddings(config, model).clone().to(device)
     del model
