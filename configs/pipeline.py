@@ -26,6 +26,10 @@ class FolderSourceConfig(StrictModel):
     settle_s: float = Field(
         1.0, ge=0, description="watched folders: a file is taken once unmodified for this long (a camera still writing it)"
     )
+    recursive: bool = Field(
+        False, description="also read the frames in each line folder's subfolders (e.g. one per day), in the order of "
+        "their path under the line folder; off, a line that has subfolders says once that they are not read",
+    )
     max_file_age_s: float = Field(
         86_400.0,
         ge=0,
@@ -294,7 +298,10 @@ def open_source(source: SourceConfig, ledger_dir: Optional[str] = None):
     )
 
     if isinstance(source, FolderSourceConfig):
-        return Source(FolderSource(source.root, source.lines, source.watch, source.settle_s, source.max_file_age_s), ledger_dir)
+        folder = FolderSource(
+            source.root, source.lines, source.watch, source.settle_s, source.max_file_age_s, recursive=source.recursive
+        )
+        return Source(folder, ledger_dir)
     if isinstance(source, ManifestSourceConfig):
         return Source(ManifestSource(source.path, source.lines), ledger_dir)
     if isinstance(source, DatasetSourceConfig):

@@ -160,6 +160,26 @@ def test_a_watched_folder_takes_files_once_complete_and_lists_broken_links(tmp_p
     assert names == ["frame_0000_b.png", "frame_0001_b.png", "aaa_early.png", "broken.png"]
 
 
+def test_subfolders_are_read_in_path_order_when_recursive_and_named_once_when_not(tmp_path):
+    line = tmp_path / "src" / "line"
+    for name in ("day2/a.png", "day1/b.png", "day1/a.png", "top.png", "day1/.partial.png", ".hidden/x.png", "day1/deep/c.png"):
+        (line / name).parent.mkdir(parents=True, exist_ok=True)
+        (line / name).write_bytes(b"frame")
+    (line / "linked").symlink_to(line / "day2")  # a link to a folder is not walked (no cycles, no frame twice)
+    recursive = FolderSource(str(tmp_path / "src"), live=True, recursive=True)
+    names = [str(Path(uri).relative_to(line)) for uri in recursive.listing("line")]
+    assert names == ["day1/a.png", "day1/b.png", "day1/deep/c.png", "day2/a.png", "top.png"]
+    (line / "day3").mkdir()
+    (line / "day3" / "a.png").write_bytes(b"frame")  # a new day's folder, while the earlier files are taken
+    assert [str(Path(uri).relative_to(line)) for uri in recursive.listing("line")] == [*names[:4], "day3/a.png", "top.png"]
+    assert recursive.notices == []
+    flat = FolderSource(str(tmp_path / "src"), live=True)
+    for _ in range(2):
+        assert [Path(uri).name for uri in flat.listing("line")] == ["top.png"]
+    assert flat.notices == [f"line line: 4 subfolder(s) of {line} are not read (first: day1); "
+                            "set source.recursive: true to read the frames in them"]
+
+
 def test_a_live_folder_gets_one_row_per_file_slow_writes_early_names_and_broken_links(tmp_path):
     src = tmp_path / "src"
     write_folder(src, "cam", line_frames(3, 3))

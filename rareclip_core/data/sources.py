@@ -47,7 +47,9 @@ class FolderSource:
     folders again at each call). `listing(line)` is the line's
     frames present now, by name: every entry that is not a folder or hidden (a name starting with
     '.', the way to write a file before renaming it complete), broken links included (they get an
-    error row). A `live` source grows, and takes a file only once it is complete: not modified
+    error row). With `recursive`, the files of its subfolders too (not hidden ones, nor links to
+    folders), named and ordered by their path under the line's folder (`2026-12-07/0001.png`);
+    without it, the first listing that finds subfolders says they are not read. A `live` source grows, and takes a file only once it is complete: not modified
     for `settle_s` seconds (a camera still writing it keeps touching it).
 
     With `max_file_age_s` (A), the line's ledger remembers the frames recorded within 2A of its
@@ -60,7 +62,7 @@ class FolderSource:
 
     def __init__(
         self, root: str, lines: Optional[list[str]] = None, live: bool = False, settle_s: float = 0.0,
-        max_file_age_s: float = 0.0,
+        max_file_age_s: float = 0.0, *, recursive: bool = False,
     ):
         self.root = Path(root)
         if not self.root.is_dir():
@@ -71,6 +73,8 @@ class FolderSource:
         self.live = live
         self.settle_s = settle_s if live else 0.0
         self.max_file_age_s = max_file_age_s if live else 0.0
+        self.recursive = recursive
+        self._told_of_subfolders: set[str] = set()  # lines whose unread subfolders were named
         # line -> complete files listed before: name -> mtime (a live source only reads it; else 0)
         self._taken: dict[str, dict[str, float]] = {}
         self.notices: list[str] = []  # what the job should hear: files left out (`Source.notices`)
@@ -86,6 +90,23 @@ class FolderSource:
         """Where the line's frames come from, in words."""
         return f"folder {self.root / line_id}"
 
+    def _entries(self, folder: Path, prefix: str, taken: dict, subfolders: list[str]) -> Iterator[tuple[str, os.DirEntry]]:
+        """(name under the line's folder, entry) of each file listed; a name already `taken` is a
+        file without asking. Subfolders are walked where `recursive`, else named in `subfolders`."""
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                name = prefix + entry.name
+                if name in taken:
+                    yield name, entry
+                elif entry.name.startswith("."):
+                    continue
+                elif entry.is_dir():
+                    if not self.recursive:
+                        subfolders.append(name)
+                    elif not entry.is_symlink():
+                        yield from self._entries(Path(entry.path), name + "/", taken, subfolders)
+                else:
+                    yield name, entry
     def listing(self, line_id: str, not_before: Optional[float] = None) -> list[str]:
         """The line's complete files, in name order; with `not_before`, only those modified then
         or later (the others are frames recorded and forgotten, or files that came too late)."""
@@ -95,23 +116,26 @@ class FolderSource:
         first = line_id not in self._taken
         taken = self._taken.setdefault(line_id, {})
         now = time.time()
-        found, present, too_old = [], [], []
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                name = entry.name
-                mtime = taken.get(name)
-                if mtime is None:
-                    if name.startswith(".") or entry.is_dir():
-                        continue
-                    mtime = entry.stat(follow_symlinks=False).st_mtime if self.live else 0.0
-                    if now - mtime < self.settle_s:
-                        continue  # still being written
-                    taken[name] = mtime
-                    if not_before is not None and mtime < not_before and not first:
-                        too_old.append(name)
-                present.append(name)
-                if not_before is None or mtime >= not_before:
-                    found.append(name)
+        found, present, too_old, subfolders = [], [], [], []
+        for name, entry in self._entries(folder, "", taken, subfolders):
+            mtime = taken.get(name)
+            if mtime is None:
+                mtime = entry.stat(follow_symlinks=False).st_mtime if self.live else 0.0
+                if now - mtime < self.settle_s:
+                    continue  # still being written
+                taken[name] = mtime
+                if not_before is not None and mtime < not_before and not first:
+                    too_old.append(name)
+            present.append(name)
+            if not_before is None or mtime >= not_before:
+                found.append(name)
+        if subfolders and line_id not in self._told_of_subfolders:
+            self._told_of_subfolders.add(line_id)
+            self.notices.append(
+                f"line {line_id}: {len(subfolders)} subfolder(s) of {folder} are not read (first: {min(subfolders)}); "
+                "set source.recursive: true to read the frames in them"
+            )
+            log.warning(self.notices[-1])
         if len(taken) > 2 * len(present) + 1000:  # names gone from the folder (archived): forget them
             self._taken[line_id] = {name: taken[name] for name in present}
         if too_old:
