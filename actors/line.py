@@ -309,7 +309,8 @@ class LineActor:
         if generation != self.generation or persisted < next_seq - 1:
             log.info("line %s: snapshot at seq %d not taken (table at %d)", self.sequencer.line_id, next_seq, persisted)
             return None
-        self.store.save(state, next_seq, self.sequencer.detector.config.fingerprint())
+        config = self.sequencer.detector.config
+        self.store.save(state, next_seq, config.fingerprint(), config.fingerprinted_settings())
         self.store.prune(self.snapshot_keep)
         return next_seq
 

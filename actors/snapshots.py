@@ -15,14 +15,14 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import pyarrow.fs as pafs
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from rareclip_core.data.files import fsync_folder
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 3  # 3: k-shot state as the authors keep it (banks.n_reference, reference_laifs); 2: banks stacked
 STATE_FILE = "state.safetensors"
@@ -73,8 +73,12 @@ class SnapshotStore:
         found = [SnapshotInfo(self.line_id, n, int(n[4:]) + 1) for n in names if n.startswith("seq-") and n[4:].isdigit()]
         return sorted(found, key=lambda s: s.next_seq)
 
-    def save(self, state: dict[str, torch.Tensor], next_seq: int, fingerprint: str) -> SnapshotInfo:
-        """Write atomically the state of a line that has scored every seq < next_seq."""
+    def save(self, state: dict[str, torch.Tensor], next_seq: int, fingerprint: str,
+             settings: Optional[dict] = None) -> SnapshotInfo:
+        """Write atomically the state of a line that has scored every seq < next_seq; `settings`
+        (the detector's fingerprinted ones) let a later job say how its own differ."""
+        from safetensors.torch import save as save_safetensors
+
         name = snapshot_name(next_seq)
         final = f"{self.dir}/{name}"
         data = save_safetensors(state)
@@ -83,6 +87,7 @@ class SnapshotStore:
             "line_id": self.line_id,
             "next_seq": next_seq,
             "config_fingerprint": fingerprint,
+            "detector_settings": settings,
             "sha256": hashlib.sha256(data).hexdigest(),
             "bytes": len(data),
             "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -105,8 +110,19 @@ class SnapshotStore:
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
 
+    def manifest(self, info: SnapshotInfo) -> Optional[dict]:
+        """One snapshot's manifest; None when it cannot be read as a JSON object."""
+        try:
+            with self.fs.open_input_stream(f"{self.dir}/{info.name}/{MANIFEST_FILE}") as fh:
+                manifest = json.loads(fh.read())
+        except (OSError, ValueError):
+            return None
+        return manifest if isinstance(manifest, dict) else None
+
     def load(self, info: SnapshotInfo, fingerprint: str) -> dict[str, torch.Tensor]:
         """The state of one snapshot, or SnapshotError naming what is wrong with it."""
+        from safetensors.torch import load as load_safetensors
+
         path = f"{self.dir}/{info.name}"
         try:
             with self.fs.open_input_stream(f"{path}/{MANIFEST_FILE}") as fh:
@@ -149,11 +165,7 @@ class SnapshotStore:
         `problem`, None when `load` would accept it, else why it would be rejected."""
         path = f"{self.dir}/{info.name}"
         state = self.fs.get_file_info(f"{path}/{STATE_FILE}")
-        try:
-            with self.fs.open_input_stream(f"{path}/{MANIFEST_FILE}") as fh:
-                manifest = json.loads(fh.read())
-        except (OSError, ValueError):
-            manifest = None
+        manifest = self.manifest(info)
         try:
             self.load(info, fingerprint)
             problem = None
@@ -164,7 +176,7 @@ class SnapshotStore:
             "name": info.name,
             "next_seq": info.next_seq,
             "bytes": state.size if state.type == pafs.FileType.File else None,
-            "created_utc": manifest.get("created_utc") if isinstance(manifest, dict) else None,
+            "created_utc": manifest.get("created_utc") if manifest else None,
             "problem": problem,
         }
 

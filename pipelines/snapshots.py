@@ -101,7 +101,7 @@ def reset_line(cfg, line: str, address=None) -> int:
     detector = build_detector(cfg.detector_for(line))
     start_afresh(detector, tuple(cfg.references.get(line, ())), cfg.frame_decoding)
     # the new snapshot first, then the old ones go: a crash in between leaves the reset one newest
-    saved = store.save(detector.state_dict(), next_seq, detector.config.fingerprint())
+    saved = store.save(detector.state_dict(), next_seq, detector.config.fingerprint(), detector.config.fingerprinted_settings())
     for info in old:
         if info.name != saved.name:
             store.delete(info)

@@ -219,11 +219,13 @@ class DetectorSettings(StrictModel):
             if path is not None and not Path(path).expanduser().is_file()
         ]
 
+    def fingerprinted_settings(self) -> dict:
+        """Every setting that changes the detector's state or results (all but `execution_fields`)."""
+        return self.model_dump(exclude=set(self.execution_fields))
+
     def fingerprint(self) -> str:
-        """Hash of every setting that changes the detector's state or results (all but
-        `execution_fields`); snapshots and the `model_id` column carry it."""
-        data = self.model_dump(exclude=set(self.execution_fields))
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of `fingerprinted_settings`; snapshots and the `model_id` column carry it."""
+        return hashlib.sha256(json.dumps(self.fingerprinted_settings(), sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def model_id(self) -> str:

@@ -12,7 +12,10 @@ import yaml
 import run_cluster
 from actors.snapshots import MANIFEST_FILE, STATE_FILE, SnapshotStore, snapshot_lines
 from actors.writer import ResultWriterCore
+from configs.loading import load_pipeline_config
+from pipelines.preflight import job_problems
 from rareclip_core.detectors.rareclip.detector import RareCLIPDetector
+from tests.pipeline_helpers import line_frames, write_folder
 
 FP = "fingerprint-a"
 
@@ -268,6 +271,28 @@ def test_list_shows_each_snapshot_and_why_one_is_rejected(job, tiny_config, caps
     assert "another detector config" in b_part
     assert run_cluster.main(["snapshots", "list", "--config", str(config), "--line", "a"]) == 0
     assert "b: " not in capsys.readouterr().out
+
+
+def test_a_line_whose_snapshots_all_have_other_settings_stops_the_job_before_ray_and_is_told_the_ways_on(
+        job, tiny_config, tmp_path, capsys):
+    config, store, infos = job
+    write_folder(tmp_path / "src", "a", line_frames(1, 0))
+    assert job_problems(load_pipeline_config(config)) == []  # same settings: the job resumes from seq 8
+    changed = tmp_path / "changed.yaml"
+    data = yaml.safe_load(config.read_text())
+    changed.write_text(yaml.safe_dump({**data, "detector": {**data["detector"], "max_images": 50}}))
+    way_on = ("with these it would learn again from seq 0 and score every frame again. Go on with the earlier settings; or "
+              "have it learn afresh from where it stopped: `snapshots reset --line a` with this config; or write to another out")
+    # snapshots written before they recorded their settings: no difference to name
+    assert job_problems(load_pipeline_config(changed)) == [
+        f"line a: its snapshots in {store.dir} (the newest covers seqs 0-7) were made with other detector settings; {way_on}"]
+    store.save(sample_state(), 9, tiny_config.fingerprint(), tiny_config.fingerprinted_settings())
+    assert run_cluster.main(["replay", "--config", str(changed)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {changed}: line a: its snapshots in {store.dir} (the newest covers seqs 0-8) were made with other "
+        f"detector settings (max_images: 200 then, 50 now); {way_on}\n")
+    assert run_cluster.main(["snapshots", "reset", "--config", str(changed), "--line", "a"]) == 0
+    assert job_problems(load_pipeline_config(changed)) == []
 
 
 def test_reset_writes_an_empty_state_at_the_next_seq_of_the_table(job, tiny_config, capsys):
