@@ -27,12 +27,22 @@ def openclip_model_names() -> frozenset[str]:
 
 
 @functools.cache
+def _vision_config(name: str) -> dict:
+    return json.loads(_model_config_files()[name].read_text()).get("vision_cfg", {})
+
+
 def vision_depth(name: str) -> Optional[int]:
     """The number of transformer blocks of the model's vision tower, from its JSON config; None
     where that tower is no OpenCLIP ViT (a ResNet, whose `layers` is a list; a timm model)."""
-    vision = json.loads(_model_config_files()[name].read_text()).get("vision_cfg", {})
+    vision = _vision_config(name)
     layers = vision.get("layers")
     return layers if isinstance(layers, int) and "timm_model_name" not in vision else None
+
+
+def vision_patch_size(name: str) -> int:
+    """The patch side of the model's ViT, in pixels (call it where `vision_depth` is not None)."""
+    patch = _vision_config(name)["patch_size"]
+    return patch if isinstance(patch, int) else patch[0]
 
 
 def model_name_problem(name: str) -> Optional[str]:

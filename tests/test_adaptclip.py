@@ -133,6 +133,8 @@ def test_config_checks_and_the_paper_settings():
     assert (paper.patch_blocks, paper.value_value_from, paper.temperature, paper.top_k) == ([6, 12, 18, 24], 6, 0.07, 10)
     with pytest.raises(ConfigError, match="patch_blocks .* must all be >= value_value_from"):
         detector_config_from_dict({"kind": "adaptclip", "patch_blocks": [3, 12], "value_value_from": 6})
+    with pytest.raises(ConfigError, match=r"\n  detector: image_size 500 must be a multiple of model 'ViT-L-14-336'\'s patch size 14$"):
+        detector_config_from_dict({"kind": "adaptclip", "image_size": 500}, prefix="detector.")
     missing = paper.model_copy(update={"weights": "/nowhere/epoch_15.pth"}).missing_weight_files()
     assert missing == ["detector.weights: no file at '/nowhere/epoch_15.pth'; set it to the downloaded file's path"]
     assert len(state_sentences(NORMAL_STATES, "object")) == 147 and len(state_sentences(ABNORMAL_STATES, "object")) == 84

@@ -6,6 +6,7 @@ from typing import ClassVar, Literal, Optional
 from pydantic import Field, model_validator
 
 from ...config import DetectorSettings
+from ...model_names import vision_patch_size
 
 
 class AdaptCLIPConfig(DetectorSettings):
@@ -43,4 +44,7 @@ class AdaptCLIPConfig(DetectorSettings):
             )
         if sorted(set(self.patch_blocks)) != self.patch_blocks:
             raise ValueError(f"patch_blocks must be increasing and distinct, got {self.patch_blocks}")
+        patch = vision_patch_size(self.model)
+        if self.image_size % patch:
+            raise ValueError(f"image_size {self.image_size} must be a multiple of model {self.model!r}'s patch size {patch}")
         return self

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from ...backbone import FrameInput, create_clip_model, resolve_device
-from ...config import ConfigError
 from ...contract import DetectionResult, Detector, PaperFigures
 from ...timing import stage_timer
 from .adapters import AdaptCLIPAdapters, AdapterShapes, read_checkpoint
@@ -37,9 +36,6 @@ def build_clip(config: AdaptCLIPConfig) -> torch.nn.Module:
     native = open_clip.get_model_config(config.model)["vision_cfg"]["image_size"]
     native = native if isinstance(native, int) else native[0]
     model = create_clip_model(config.model_copy(update={"image_size": native}))
-    patch = model.visual.patch_size[0]
-    if config.image_size % patch:
-        raise ConfigError(f"detector.image_size {config.image_size} must be a multiple of {config.model}'s patch size {patch}")
     resize_position_embedding(model.visual, config.image_size)
     return model
 
