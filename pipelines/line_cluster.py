@@ -36,6 +36,7 @@ from rareclip_core.data.synthetic import write_line_folder
 
 from .job_lock import JobLock
 from .placement import place_lines
+from .preflight import snapshot_settings_problem
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -451,6 +452,8 @@ class LineCluster:
                             self.cfg.lines_per_gpu, self.cfg.line_num_cpus)
             except ConfigError as err:
                 problem = problem or f"{err}, then restart the job"
+            if not problem and (problem := snapshot_settings_problem(self.cfg, line)):
+                problem += "; then restart the job"
             if problem:
                 self._passed_over(line, f"line {line} appeared ({self.source.line_address(line)}), but cannot join: {problem}")
                 continue

@@ -39,7 +39,10 @@ def job_problems(cfg: PipelineConfig, lines: Optional[list[str]] = None) -> list
         else:
             problems += [f"{field}.{line}: no line {line!r} in the source (it has {', '.join(known)})" for line in unknown]
     for line in chosen:
-        problems += _reference_problems(cfg, line) + _snapshot_problems(cfg, line)
+        problems += _reference_problems(cfg, line)
+        problem = snapshot_settings_problem(cfg, line)
+        if problem:
+            problems.append(f"line {line}: {problem}")
     if cfg.verdict_stream is not None:
         from rareclip_core.data.nats_stream import NatsError, NatsLink
 
@@ -83,15 +86,14 @@ def _reference_problems(cfg: PipelineConfig, line: str) -> list[str]:
 SETTINGS_NAMED = 3  # the differences a snapshot message names
 
 
-def _snapshot_problems(cfg: PipelineConfig, line: str) -> list[str]:
-    """A line whose snapshots were all made with other detector settings: started, it would
-    reject them, learn again from seq 0 and score its whole history again, unasked."""
+def snapshot_settings_problem(cfg: PipelineConfig, line: str) -> Optional[str]:
+    """Why the line must not start: its snapshots were all made with other detector settings, so
+    it would reject them, learn again from seq 0 and score its whole history again, unasked."""
     store = SnapshotStore(cfg.snapshot_root, line)
-    infos = store.list()
-    manifests = [m for m in map(store.manifest, infos) if m]
+    manifests = [m for m in map(store.manifest, store.list()) if m]
     detector = cfg.detector_for(line)
     if not manifests or any(m.get("config_fingerprint") == detector.fingerprint() for m in manifests):
-        return []
+        return None
     newest = manifests[-1]
     then = newest.get("detector_settings")
     if isinstance(then, dict):
@@ -101,12 +103,12 @@ def _snapshot_problems(cfg: PipelineConfig, line: str) -> list[str]:
         what = f" ({'; '.join(changed[:SETTINGS_NAMED])}{more})"
     else:
         what = ""
-    return [
-        f"line {line}: its snapshots in {store.dir} (the newest covers seqs 0-{newest.get('next_seq', 0) - 1}) were made with "
-        f"other detector settings{what}; with these it would learn again from seq 0 and score every frame again. Go on with "
-        f"the earlier settings; or have it learn afresh from where it stopped: `snapshots reset --line {line}` with this "
+    return (
+        f"its snapshots in {store.dir} (the newest covers seqs 0-{newest.get('next_seq', 0) - 1}) were made with other "
+        f"detector settings{what}; with these it would learn again from seq 0 and score every frame again. Go on with the "
+        f"earlier settings; or have it learn afresh from where it stopped: `snapshots reset --line {line}` with this "
         "config; or write to another out"
-    ]
+    )
 
 
 def _source_lines(cfg: PipelineConfig, problems: list[str]) -> Optional[list[str]]:

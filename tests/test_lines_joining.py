@@ -9,6 +9,7 @@ import ray
 from PIL import Image
 
 from actors.names import line_actor_name
+from actors.snapshots import SnapshotStore
 
 from pipelines.drill import compare_results
 from pipelines.line_cluster import LineCluster
@@ -50,6 +51,7 @@ class NewLineFolder:
         if step == 0 and progress["a"] >= FIRST:
             write_folder(self.src, "b", self.frames[: JOINING // 2])
             (self.src / "_scratch").mkdir()
+            write_folder(self.src, "c", self.frames[:1])  # a line whose snapshots have other settings
             self.done.append("folders")
         elif step == 1 and progress.get("b", 0) >= 3:
             ray.kill(self.cluster.actors()["ingest:0"], no_restart=False)
@@ -71,6 +73,7 @@ def test_a_line_folder_that_appears_joins_the_live_job_and_recovers_like_the_oth
     write_folder(src, "a", line_frames(60, FIRST))
     cfg = pipeline_config(tiny_config, src, tmp_path / "out", snapshot={"every_frames": 2}, max_in_flight=2)
     cfg = cfg.model_copy(update={"source": cfg.source.model_copy(update={"watch": True, "poll_s": 0.2, "settle_s": 0.5})})
+    SnapshotStore(cfg.snapshot_root, "c").save({}, 3, "other-settings")
     plan, summary = run_planned(cfg, lambda cluster: NewLineFolder(cluster, src))
     assert plan.done == ["folders", "ingest killed", "line killed", "more frames", "stopped"], (plan.done, summary.events)
     assert summary.counts == {"a": FIRST, "b": JOINING}
@@ -78,6 +81,10 @@ def test_a_line_folder_that_appears_joins_the_live_job_and_recovers_like_the_oth
     assert {"ingest restarts", "line restarts"} <= set(summary.event_counts), summary.events
     assert any(f"line _scratch appeared (folder {src / '_scratch'}), but cannot join: line id '_scratch'" in n
                for n in summary.notices), summary.notices
+    assert f"line c appeared (folder {src / 'c'}), but cannot join: its snapshots in {cfg.snapshot_root}/c (the newest " \
+           "covers seqs 0-2) were made with other detector settings; with these it would learn again from seq 0 and " \
+           "score every frame again. Go on with the earlier settings; or have it learn afresh from where it stopped: " \
+           "`snapshots reset --line c` with this config; or write to another out; then restart the job" in summary.notices
     rows = read_rows(cfg.results_dir)
     assert [(r["line_id"], r["seq"]) for r in rows] == [("a", s) for s in range(FIRST)] + [("b", s) for s in range(JOINING)]
     verdict = compare_results(fault_free, cfg.results_dir)  # the same scores as without faults
