@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -21,11 +22,18 @@ DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", help="output folder (default: the demo config's, out/demo)")
+    parser.add_argument("--out", help="output folder (default: the demo config's, out/demo; with --detector, "
+                                      "out/demo-<the detector file's name>, e.g. out/demo-dual-image-tiny)")
     parser.add_argument("--config", default=str(DEMO_CONFIG), help="pipeline YAML (default: configs/demo.yaml)")
     parser.add_argument("--detector", help="a detector YAML to run instead of the config's (e.g. another kind's tiny config)")
     parser.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def demo_out(config_out: str, detector_file: str) -> str:
+    """Where the demo of another detector YAML writes: `out/demo` + `-dual-image-tiny` for
+    `configs/detector-dual-image-tiny.yaml`."""
+    return f"{config_out}-{Path(detector_file).stem.removeprefix('detector-')}"
 
 
 def main(args) -> int:
@@ -34,7 +42,13 @@ def main(args) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    cfg = load_config_or_exit(args.config, out=args.out, detector=detector)
+    out = args.out
+    if detector is not None and out is None:  # its own folder: not the default detector's rows and snapshots
+        default = load_config_or_exit(args.config, check=False)
+        if default is None:
+            return 2
+        out = demo_out(default.out, args.detector)
+    cfg = load_config_or_exit(args.config, out=out, detector=detector)
     if cfg is None:
         return 2
     started = time.monotonic()

@@ -110,11 +110,12 @@ class Plan:
         return self.out / "evaluation.json"
 
     def setup(self) -> dict:
-        """Everything that makes one seed's rows what they are (the seeds themselves aside), as JSON."""
+        """Everything that makes one seed's rows what they are (the seeds themselves aside), as JSON
+        (round-tripped, so that it compares equal with the record read back)."""
         return json.loads(json.dumps({
             "dataset": self.dataset, "root": self.root, "shots": self.shots,
             "images": {c: len(s) for c, s in self.samples.items()},
-            "detector": self.detector.model_dump(mode="json"),
+            "detector": self.detector.fingerprinted_settings(),  # not where it runs: a rerun may use another device
         }))
 
     def seed_is_complete(self, seed: int) -> bool:

@@ -98,7 +98,8 @@ def snapshot_settings_problem(cfg: PipelineConfig, line: str) -> Optional[str]:
     then = newest.get("detector_settings")
     if isinstance(then, dict):
         now = detector.fingerprinted_settings()
-        changed = [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in sorted({*then, *now}) if then.get(k) != now.get(k)]
+        keys = ["kind"] if then.get("kind") != now.get("kind") else sorted({*then, *now})  # another kind: all else differs
+        changed = [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in keys if then.get(k) != now.get(k)]
         more = f"; and {len(changed) - SETTINGS_NAMED} more" if len(changed) > SETTINGS_NAMED else ""
         what = f" ({'; '.join(changed[:SETTINGS_NAMED])}{more})"
     else:

@@ -11,6 +11,7 @@ import pytest
 import run_cluster
 from configs.loading import load_detector_config, load_pipeline_config
 from configs.pipeline import PipelineConfig
+from pipelines.demo import demo_out
 from pipelines.replay import run_replay
 from rareclip_core import (
     DETECTORS,
@@ -195,6 +196,8 @@ def test_demo_runs_another_detector_yaml(tmp_path, capsys):
                         "rarity_blocks: [1, 2, 3, 4]\ntext_blocks: [1, 2, 3, 4]\nmax_features: 0\n")
     assert run_cluster.main(["demo", "--detector", str(detector), "--out", str(tmp_path / "out")]) == 2
     assert "max_features" in capsys.readouterr().err
+    # without --out, its own folder beside the default demo's, whose snapshots it could not use
+    assert demo_out("out/demo", "configs/detector-dual-image-tiny.yaml") == "out/demo-dual-image-tiny"
 
 
 def test_references_are_checked_before_any_actor(tiny_config, tmp_path):
