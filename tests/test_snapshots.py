@@ -291,6 +291,10 @@ def test_a_line_whose_snapshots_all_have_other_settings_stops_the_job_before_ray
     assert capsys.readouterr().err == (
         f"error: {changed}: line a: its snapshots in {store.dir} (the newest covers seqs 0-8) were made with other "
         f"detector settings (max_images: 200 then, 50 now); {way_on}\n")
+    other_kind = tmp_path / "other-kind.yaml"
+    other_kind.write_text(yaml.safe_dump({**data, "detector": {"kind": "dual_image", "model": "rareclip-tiny", "pretrained": None}}))
+    assert "were made with other detector settings (kind: 'rareclip' then, 'dual_image' now); " in job_problems(
+        load_pipeline_config(other_kind))[0]  # another kind: every setting differs, the kind says it
     assert run_cluster.main(["snapshots", "reset", "--config", str(changed), "--line", "a"]) == 0
     assert job_problems(load_pipeline_config(changed)) == []
 
