@@ -5,6 +5,7 @@ import logging
 import socket
 
 import huggingface_hub.constants
+import open_clip
 import open_clip.pretrained
 import pytest
 import torch
@@ -78,6 +79,21 @@ def test_missing_named_weights_fail_at_once_and_say_why(offline_hub, tiny_config
     assert f"the Hub cannot be reached (127.0.0.1:{closed_port}: Connection refused)" in str(failure.value)
     assert "set detector.pretrained to its local file path" in str(failure.value)
     assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")]
+    assert not [r for r in caplog.records if "open_clip" in r.pathname]  # its "Failed to download" only repeats the cause
+
+
+def test_what_open_clip_logs_while_weights_load_is_passed_on(monkeypatch, tiny_config, tmp_path, caplog):
+    checkpoint = tmp_path / "tiny.safetensors"
+    checkpoint.touch()
+
+    def create_model(*args, **kwargs):
+        logging.warning("Model %s initialized partially.", tiny_config.model)
+        return "model"
+
+    monkeypatch.setattr(open_clip, "create_model", create_model)
+    with caplog.at_level(logging.WARNING):
+        assert create_clip_model(tiny_config.model_copy(update={"pretrained": str(checkpoint)})) == "model"
+    assert [r.getMessage() for r in caplog.records] == [f"Model {tiny_config.model} initialized partially."]
 
 
 def test_the_preflight_names_unloadable_tags_asking_the_hub_once(offline_hub, tiny_config, closed_port, tmp_path,

@@ -1,10 +1,11 @@
 """OpenCLIP backbone: global image embedding and raw patch tokens of chosen blocks (sec. 1)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import open_clip
 import torch
@@ -24,6 +25,27 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class BackboneOutput:
     image_embedding: torch.Tensor  # B x D, L2-normalized, float32
     patch_tokens: dict[int, torch.Tensor]  # 1-indexed block -> B x M x C, raw residual stream, float32
+
+
+@contextlib.contextmanager
+def open_clip_log_held(pass_on: bool) -> Iterator[None]:
+    """Hold what is logged on the root logger itself (where open_clip logs) within: passed on
+    afterwards when `pass_on`, dropped when not or when the block fails (the project's own error
+    then names the cause, so open_clip's "Failed to download weights" line would only repeat it)."""
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(record)
+        return False
+
+    root = logging.getLogger()
+    root.addFilter(hold)
+    try:
+        yield
+    finally:
+        root.removeFilter(hold)
+    for record in held if pass_on else ():
+        root.handle(record)
 
 
 def backbone_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -53,16 +75,10 @@ def create_clip_model(config: DetectorSettings) -> torch.nn.Module:
     if problem:
         raise ConfigError(f"detector.model {config.model!r}: {problem}")
     pretrained = config.pretrained
-    if pretrained is None:
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # open_clip warns that no weights were loaded: that is the intent
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(config.seed)
-                return open_clip.create_model(config.model, pretrained=None, force_image_size=config.image_size)
-        finally:
-            root.setLevel(level)
+    if pretrained is None:  # open_clip warns that no weights were loaded: that is the intent
+        with open_clip_log_held(pass_on=False), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            return open_clip.create_model(config.model, pretrained=None, force_image_size=config.image_size)
     looks_like_path = names_a_file(pretrained)
     if looks_like_path and not Path(pretrained).expanduser().is_file():
         raise ConfigError(
@@ -117,7 +133,8 @@ def _weights_unavailable(config: DetectorSettings, cause) -> str:
 
 def _create_with_weights(config: DetectorSettings, pretrained: str, unreachable: Optional[str]) -> torch.nn.Module:
     try:
-        return open_clip.create_model(config.model, pretrained=pretrained, force_image_size=config.image_size)
+        with open_clip_log_held(pass_on=True):
+            return open_clip.create_model(config.model, pretrained=pretrained, force_image_size=config.image_size)
     except Exception as err:  # noqa: BLE001 - open_clip raises many types for missing weights
         raise ConfigError(_weights_unavailable(config, _unreachable_cause(unreachable) if unreachable else err)) from None
 
