@@ -39,7 +39,9 @@ step() {  # step NAME LIMIT_S COMMAND...: run with the smaller of LIMIT_S and th
   local t0=$(date +%s)
   timeout "$limit" "$@" >"$OUT/logs/$name.log" 2>&1
   local rc=$?
-  echo "$name rc=$rc $(( $(date +%s) - t0 ))s: $(grep -E '^profile [a-z]+:|^compiled banks:|p50_ms=|max_score_diff=|aggregate_img_s=|replay_one_line|[0-9]+ (passed|failed)' "$OUT/logs/$name.log" | tr '\n' ' ' | cut -c1-700)" | tee -a "$OUT/summary.txt"
+  local said=$(grep -E '^profile [a-z]+:|^compiled banks:|p50_ms=|max_score_diff=|aggregate_img_s=|replay_one_line|[0-9]+ (passed|failed)' "$OUT/logs/$name.log" | tr '\n' ' ' | cut -c1-700)
+  [ "$rc" -ne 0 ] && said="$said last line: $(tail -n 1 "$OUT/logs/$name.log" | cut -c1-300)"  # why it failed, without the archive
+  echo "$name rc=$rc $(( $(date +%s) - t0 ))s: $said" | tee -a "$OUT/summary.txt"
 }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1

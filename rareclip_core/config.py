@@ -193,6 +193,8 @@ class DetectorSettings(StrictModel):
 
     @model_validator(mode="after")
     def _blocks_within_the_model(self):
+        if not self.block_fields:  # a kind that reads no blocks (a benchmark's probe) may name no OpenCLIP model
+            return self
         depth = vision_depth(self.model)
         for name in self.block_fields:
             value = getattr(self, name)

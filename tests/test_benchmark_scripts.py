@@ -43,3 +43,13 @@ def test_ledger_memory_reports_a_window_remembered():
     # more than 2 days older and forgotten; the second's (400,000 s) is not
     assert [(r["max_file_age_s"], r["frames"], r["remembered"]) for r in loads] == [(0, 250_000, 250_000),
                                                                                     (86_400, 250_000, 150_000)]
+
+
+def test_the_pipeline_alone_runs_with_the_probe_that_does_no_work():
+    """The GPU suite's measure of the pipeline's own ceiling (a detector kind that reads no blocks
+    and names no OpenCLIP model)."""
+    proc = subprocess.run([sys.executable, "benchmarks/pipeline_throughput.py", "--no-model", "--probe-step-ms", "5",
+                           "--frames", "8", "--lines", "1", "--replay-batches"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "model none (overhead probe)" in proc.stdout and "lines=1 aggregate_img_s=" in proc.stdout
