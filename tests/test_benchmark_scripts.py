@@ -53,3 +53,23 @@ def test_the_pipeline_alone_runs_with_the_probe_that_does_no_work():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "model none (overhead probe)" in proc.stdout and "lines=1 aggregate_img_s=" in proc.stdout
+
+
+ISSUE_18_FIELDS = {"device", "config", "image_size", "lines", "p50_ms", "p99_ms", "max_memory_mb", "images_per_s", "command"}
+
+
+@pytest.mark.parametrize("command", [
+    ["step_latency.py", "--config", "configs/detector-tiny.yaml", "--steps", "3", "--warmup", "1", "--fill",
+     "--cuda-graphs", "--resize-on-device", "--frame-size", "128"],
+    ["detector_latency.py", "--config", "configs/detector-afrclip-tiny.yaml", "--frames", "4", "--warmup", "1", "--size", "64"],
+], ids=["step_latency", "detector_latency"])
+def test_a_gpu_suite_timing_writes_the_record_the_speed_issue_asks_for(command, tmp_path):
+    """The GPU suite's timings, run here on CPU with a tiny model: one JSON record each, with the
+    fields docs/benchmarks/ records carry (a lent GPU's minutes are too few to find a broken script)."""
+    script, *args = command
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", *args, "--pretrained", "none", "--device", "cpu",
+                           "--json", str(tmp_path / "records.json")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [record] = json.loads((tmp_path / "records.json").read_text())
+    assert ISSUE_18_FIELDS <= set(record) and record["device"].startswith("CPU") and 0 < record["p50_ms"] <= record["p99_ms"]
+    assert record.get("banks_full", True)  # step_latency's --fill: timed in steady state
