@@ -19,7 +19,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from actors.ingest import IngestActor, IngestSettings, frames_per_submit
-from actors.line import AutoThreshold, LineActor, LineSettings
+from actors.line import LineActor
+from actors.line_settings import AutoThreshold, LineSettings
 from actors.names import NAMESPACE, job_key, line_actor_name, supervisor_actor_name, writer_actor_name
 from actors.result_table import STATUS_ERROR, append_event, line_id_problem, read_results
 from actors.supervisor import Supervisor

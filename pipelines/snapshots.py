@@ -88,7 +88,7 @@ def reset_line(cfg, line: str, address=None) -> int:
         print(f"line {line}: reset by the running job; it learns afresh from seq {next_seq}")
         return 0
 
-    from actors.line import start_afresh
+    from actors.line_sequencer import start_afresh
     from rareclip_core import build_detector
 
     store = SnapshotStore(cfg.snapshot_root, line)

@@ -13,7 +13,9 @@ from PIL import Image
 
 from actors.frames import Frame
 from actors.ingest import frames_per_submit
-from actors.line import LineActor, LineSettings, start_afresh
+from actors.line import LineActor
+from actors.line_sequencer import start_afresh
+from actors.line_settings import LineSettings
 from actors.writer import ResultWriter, ResultWriterCore, WriterSettings
 from pipelines.line_cluster import LineCluster
 from pipelines.replay import run_replay

@@ -10,7 +10,8 @@ import pytest
 import ray
 
 from actors.frames import Frame
-from actors.line import LineSequencer, LineSettings, start_afresh
+from actors.line_sequencer import LineSequencer, start_afresh
+from actors.line_settings import LineSettings
 from actors.reference_log import ReferenceLog
 from pipelines.drill import compare_results
 from pipelines.line_cluster import LineCluster

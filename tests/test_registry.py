@@ -39,8 +39,11 @@ def test_rareclip_is_the_default_kind():
 
 def test_configs_and_the_non_scoring_actors_load_no_torch():
     # the registry imports a detector class when a detector is built: reading a job's config,
-    # the result writer and the ingestion actors start without torch and the model code (~6 s each)
-    code = ("import sys, configs.loading, actors.writer, actors.ingest, actors.supervisor, pipelines.query; "
+    # the result writer and the ingestion actors start without torch and the model code (~6 s each);
+    # a line's handle (ingestion, the supervisor and the driver hold one; Ray imports the class's
+    # module to make it) does not bring them either: it held back a job's first frames by ~2 s
+    code = ("import sys, configs.loading, actors.writer, actors.ingest, actors.supervisor, actors.line, "
+            "pipelines.line_cluster, pipelines.query; "
             "configs.loading.load_pipeline_config('configs/demo.yaml'); "
             "print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -9,7 +9,9 @@ import ray
 from tests.trivial_detector import BrightnessConfig, BrightnessDetector
 
 from actors.frames import Frame
-from actors.line import CALIBRATION_KEY, AutoThreshold, LineActor, LineSequencer, LineSettings
+from actors.line import LineActor
+from actors.line_sequencer import CALIBRATION_KEY, LineSequencer
+from actors.line_settings import AutoThreshold, LineSettings
 from actors.result_table import read_results
 from actors.snapshots import SnapshotStore
 from actors.writer import ResultWriter, WriterSettings
