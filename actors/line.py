@@ -163,7 +163,7 @@ class LineActor:
                 if newer.next_seq > at_most:
                     self.store.delete(newer)
         if info is None:
-            self.sequencer.start_afresh()
+            self.sequencer.learn_afresh()
         else:
             self.sequencer.load_state(state)
         self.sequencer.next_seq = info.next_seq if info else 0
@@ -177,7 +177,7 @@ class LineActor:
         restart can never bring back what the line had learned). Returns the seq of the first
         frame scored with the empty state."""
         self.generation += 1
-        self.sequencer.start_afresh()
+        self.sequencer.learn_afresh()
         reset_at = self.sequencer.next_seq  # frames from here on see the empty state
         if self.store:
             seq = await self.snapshot()

@@ -26,8 +26,6 @@ def utc(ts: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc)
 
 
-
-
 def start_afresh(detector: Detector, references: tuple[str, ...], decoding: FrameDecoding = FrameDecoding()) -> None:
     """Empty the detector, then have it learn the line's normal references (k-shot), if any."""
     detector.reset()
@@ -108,7 +106,7 @@ class LineSequencer:
         if self.detector.references_mid_stream:
             self.detector.add_normal_references(reference_images(addition.files, self.decoding))
         else:
-            self.start_afresh(addition.files)
+            self.learn_afresh(addition.files)
 
     def _calibrate(self, score: float) -> None:
         """With `auto`, collect ok scores until there are `frames`, then fix the threshold."""
@@ -118,7 +116,7 @@ class LineSequencer:
         if len(self.calibration) == self.auto.frames:
             self.threshold = robust_threshold(self.calibration, self.auto.mads)
 
-    def start_afresh(self, added: tuple[str, ...] = ()) -> None:
+    def learn_afresh(self, added: tuple[str, ...] = ()) -> None:
         """Empty the detector, have it learn the configured references and `added`, and (with
         `auto`) calibrate the threshold again."""
         start_afresh(self.detector, self.configured_references + added, self.decoding)
