@@ -107,6 +107,7 @@ class FolderSource:
                         yield from self._entries(Path(entry.path), name + "/", taken, subfolders)
                 else:
                     yield name, entry
+
     def listing(self, line_id: str, not_before: Optional[float] = None) -> list[str]:
         """The line's complete files, in name order; with `not_before`, only those modified then
         or later (the others are frames recorded and forgotten, or files that came too late)."""
