@@ -99,7 +99,8 @@ class ResultWriterCore:
                     log.warning("line %s: row %d arrived before %d; dropped until replayed", line, seq, expected)
                 continue
             self.buffer.append(row)
-            self.unpublished.append(row)
+            if self.publisher:
+                self.unpublished.append(row)
             self.last_seq[line] = seq
             self.oldest = self.oldest or time.monotonic()
         if self.publisher and self.publisher.connected:

@@ -210,6 +210,27 @@ def test_writer_keeps_one_row_per_seq_and_no_holes(tmp_path):
     assert [r["seq"] for r in read_rows(tmp_path)] == [0, 1, 2, 3]
 
 
+def test_a_writer_without_verdicts_holds_no_row_once_it_is_written(tmp_path):
+    """A live job writes rows for days: once written, a row and its map must leave the writer's
+    memory (rows used to stay, kept for verdicts that no stream was there to publish: ~15 KB a row)."""
+    import tracemalloc
+
+    writer = ResultWriterCore(str(tmp_path), WriterSettings(batch_rows=100, flush_s=60))
+    row = lambda s: {"line_id": "x", "seq": s, "status": "ok", "score": 1.0, "date": "2026-11-23",
+                     "anomaly_map": np.zeros((64, 64), np.float16)}  # 8 KiB each
+    writer.write([row(s) for s in range(100)])  # the first flush's one-off allocations
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for start in range(100, 1100, 100):
+            writer.write([row(s) for s in range(start, start + 100)])
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(read_rows(tmp_path)) == 1100
+    assert held < 1_000_000, f"{held} bytes still held after 1,000 rows (8 MB of maps) were written"
+
+
 @pytest.fixture
 def full_disk(monkeypatch):
     """The writer's table writes fail as on a full disk while `full_disk[0]` is True."""
