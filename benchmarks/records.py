@@ -7,12 +7,17 @@ import platform
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def device_name(device: torch.device | str) -> str:
-    """`torch.cuda.get_device_name()` on CUDA, else the CPU and its thread count."""
+    """`torch.cuda.get_device_name()` on CUDA, else the CPU and its thread count (torch is
+    imported here: the scripts of the pipeline's actors and writer measure processes without it)."""
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
