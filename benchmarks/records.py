@@ -24,6 +24,12 @@ def device_name(device: torch.device | str) -> str:
     return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
+def rss_mb(proc: Path) -> float:
+    """The resident memory (MiB) of the process at `proc` (/proc/<pid> or /proc/self; Linux)."""
+    status = (proc / "status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
+
+
 def command_line() -> str:
     return "python " + shlex.join(sys.argv)
 

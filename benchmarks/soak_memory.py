@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.pipeline_throughput import gpu_name, write_lines  # noqa: E402
-from benchmarks.records import append_records  # noqa: E402
+from benchmarks.records import append_records, rss_mb  # noqa: E402
 from configs.loading import load_detector_config  # noqa: E402
 from configs.pipeline import PipelineConfig  # noqa: E402
 from pipelines.line_cluster import LineCluster, start_ray, stop_ray  # noqa: E402
@@ -34,11 +34,6 @@ from pipelines.line_cluster import LineCluster, start_ray, stop_ray  # noqa: E40
 ACTORS = ("LineActor", "IngestActor", "ResultWriter", "Supervisor")
 KINDS = (*ACTORS, "driver")
 SAMPLE_EVERY_S = 2.0
-
-
-def rss_mb(proc: Path) -> float:
-    status = (proc / "status").read_text()
-    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
 
 
 def actor_rss_mb() -> dict[str, list[float]]:

@@ -23,14 +23,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.writer import ResultWriterCore, WriterSettings  # noqa: E402
-from benchmarks.records import append_records  # noqa: E402
+from benchmarks.records import append_records, rss_mb  # noqa: E402
 
 CALL_ROWS = 10  # rows per `write` call, as a line sends a backbone batch's rows
-
-
-def rss_mb() -> float:
-    status = Path("/proc/self/status").read_text()
-    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
 
 
 def row(line: str, seq: int, now: dt.datetime) -> dict:
@@ -56,7 +51,7 @@ def main() -> None:
         tracemalloc.start()
         for start in range(0, args.rows, CALL_ROWS):
             if start % args.every == 0:
-                records.append({"rows": start * args.lines, "rss_mb": round(rss_mb(), 1),
+                records.append({"rows": start * args.lines, "rss_mb": round(rss_mb(Path("/proc/self")), 1),
                                 "python_mb": round(tracemalloc.get_traced_memory()[0] / 2**20, 2)})
                 print(f"{records[-1]['rows']:>9} rows: RSS {records[-1]['rss_mb']:.0f} MiB, "
                       f"Python objects {records[-1]['python_mb']:.2f} MiB", flush=True)
