@@ -6,6 +6,8 @@ killed mid-stream, every frame has one row and one verdict. Without `lines`, a l
 camera that starts publishing as a new line."""
 import io
 import json
+import socket
+import subprocess
 import threading
 import time
 
@@ -20,7 +22,7 @@ import run_cluster  # noqa: E402
 from configs.pipeline import NatsSourceConfig, PipelineConfig  # noqa: E402
 from pipelines.drill import compare_results  # noqa: E402
 from pipelines.line_cluster import LineCluster  # noqa: E402
-from pipelines.nats_server import server_binary, start_nats_server  # noqa: E402
+from pipelines.nats_server import free_port, server_binary, start_nats_server  # noqa: E402
 from rareclip_core.data.nats_stream import (  # noqa: E402
     NatsError,
     NatsFrameSource,
@@ -192,6 +194,47 @@ def test_an_unreachable_server_is_named_before_ray_starts(tmp_path, capsys):
     assert run_cluster.main(["replay", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert f"source.url: cannot reach the NATS server at {url}" in err and "run_cluster.py nats-server" in err, err
+
+
+def wait_for_port(port: int, within_s: float = 20.0) -> None:
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def test_a_server_without_jetstream_is_named_before_ray_starts(tmp_path, capsys):
+    port = free_port()
+    process = subprocess.Popen([server_binary(), "-a", "127.0.0.1", "-p", str(port)],  # no -js
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"nats://127.0.0.1:{port}"
+        wait_for_port(port)
+        config = tmp_path / "job.yaml"
+        config.write_text(json.dumps({"source": {"kind": "nats", "url": url, "lines": ["a"]},
+                                      "out": str(tmp_path / "out"), "detector": {"pretrained": None}}))
+        assert run_cluster.main(["replay", "--config", str(config)]) == 2
+    finally:
+        process.kill()
+        process.wait()
+    err = capsys.readouterr().err
+    assert f"the NATS server at {url} has no JetStream: start it with `-js`" in err, err
+
+
+def test_a_link_whose_server_stays_gone_gives_up_naming_the_server_and_what_it_was_doing(server):
+    link = NatsLink(server.url)
+    try:
+        link.ensure_stream(StreamSettings(server.url, "FRAMES", "frames"))
+        server.stop(kill=True)
+        with pytest.raises(NatsError, match=f"reading FRAMES at {server.url} failed for 1s .*is the server up"):
+            link.retry(lambda: link.js.stream_info("FRAMES"), "reading FRAMES", within_s=1.0)
+    finally:
+        link.close()
 
 
 @pytest.fixture(scope="module")

@@ -98,9 +98,9 @@ class NatsLink:
                 return self.call(make_coro())
             except (nats.errors.Error, asyncio.TimeoutError, TimeoutError, OSError) as err:
                 if isinstance(err, nats.js.errors.NotFoundError):
-                    raise NatsError(f"{what} at {self.settings.url}: not found ({err})") from None
+                    raise NatsError(f"{what} at {self.url}: not found ({err})") from None
                 if time.monotonic() >= deadline:
-                    raise NatsError(f"{what} at {self.settings.url} failed for {within_s:.0f}s ({type(err).__name__}: {err}); "
+                    raise NatsError(f"{what} at {self.url} failed for {within_s:.0f}s ({type(err).__name__}: {err}); "
                                     f"is the server up? {START_HINT}") from None
                 log.info("%s: %s; retrying", what, type(err).__name__)
                 time.sleep(0.25)
