@@ -1,11 +1,16 @@
 """Whether a long live job's actors hold more memory the longer it runs: a watched folder job
 scores `--frames` frames on each of `--lines` lines as fast as it can (anomaly maps stored,
-snapshots on), and the resident memory (RSS) of every actor's process and of the driver is read
-from /proc every 2 s. Prints, per actor kind, the RSS once the first `--warm` frames are scored, at the end, the
-highest between, and the growth per 1,000 frames (a line fitted to the samples). Linux only;
-not a test.
+snapshots on), and the resident memory (RSS) of every actor's process and of the driver is
+read from /proc every 2 s. Prints, per actor kind, the RSS once the first `--warm` frames are
+scored, at the end, the highest between, and the growth per 1,000 frames (a line fitted to the
+samples). Linux only; not a test.
 
     python benchmarks/soak_memory.py --lines 2 --frames 3000
+    python benchmarks/soak_memory.py --source nats --lines 2 --frames 3000   # NATS in, verdicts out
+
+With `--source nats` a local nats-server (from the `nats` extra) holds the frames in a stream
+that keeps 2,000 per line, a camera thread publishes them up to 200 ahead of the slowest line,
+and every row's verdict is published.
 
 A line's memories fill within its first frames (RareCLIP: `max_images` images), so a steady
 line should stop growing after the warm-up; what still grows is what a line streaming for days
@@ -17,6 +22,7 @@ import argparse
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -55,11 +61,11 @@ def actor_rss_mb() -> dict[str, list[float]]:
 
 
 class Sampler:
-    """`on_poll`: reads every actor's RSS every 2 s, with the frames scored then; stops the job
-    once every line has scored its frames."""
+    """`on_poll`: reads every actor's RSS every 2 s, with the frames scored then, tells a NATS
+    camera how far the lines are; stops the job once every line has scored its frames."""
 
-    def __init__(self, cluster: LineCluster, frames: int):
-        self.cluster, self.frames = cluster, frames
+    def __init__(self, cluster: LineCluster, frames: int, camera: "NatsCamera | None" = None):
+        self.cluster, self.frames, self.camera = cluster, frames, camera
         self.samples: list[tuple[int, dict[str, list[float]]]] = []  # (frames scored in all, RSS by kind)
         self.last = 0.0
 
@@ -68,6 +74,8 @@ class Sampler:
         if time.monotonic() - self.last >= SAMPLE_EVERY_S:
             self.samples.append((scored, actor_rss_mb()))
             self.last = time.monotonic()
+        if self.camera:
+            self.camera.scored = min(status["progress"].values())
         if min(status["progress"].values()) >= self.frames:
             self.cluster.supervisor.stop.remote()
 
@@ -90,9 +98,49 @@ def growth(samples: list[tuple[int, dict[str, list[float]]]], warm: int) -> list
     return rows
 
 
+class NatsCamera(threading.Thread):
+    """Publishes each line's frames to its NATS subject (the lines interleaved, as cameras
+    would), at most `ahead` frames past the slowest line's progress, which the sampler updates."""
+
+    def __init__(self, url: str, lines: list[str], frames: int, images: list[bytes], ahead: int = 200):
+        super().__init__(daemon=True)
+        self.url, self.lines, self.frames, self.images, self.ahead = url, lines, frames, images, ahead
+        self.scored = 0  # the slowest line's progress
+
+    def run(self) -> None:
+        from rareclip_core.data.nats_stream import NatsLink, StreamSettings, publish_frame
+
+        link, settings = NatsLink(self.url), StreamSettings(self.url, "FRAMES", "frames")
+        try:
+            for i in range(self.frames):
+                while i - self.scored > self.ahead:
+                    time.sleep(0.05)
+                for line in self.lines:
+                    publish_frame(link, settings, line, self.images[i % len(self.images)], msg_id=f"{line}:{i}")
+        finally:
+            link.close()
+
+
+def bounded_frame_stream(url: str, per_line: int) -> None:
+    """Stream FRAMES keeping each line's newest `per_line` messages (file storage), as a
+    deployment that streams for days would set it (README: the stream may drop old frames)."""
+    from nats.js.api import StorageType, StreamConfig
+
+    from rareclip_core.data.nats_stream import NatsLink
+
+    link = NatsLink(url)
+    try:
+        link.call(link.js.add_stream(StreamConfig(name="FRAMES", subjects=["frames.>"], storage=StorageType.FILE,
+                                                  max_msgs_per_subject=per_line)))
+    finally:
+        link.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/detector-tiny.yaml")
+    parser.add_argument("--source", choices=("folder", "nats"), default="folder",
+                        help="nats: a local nats-server, frames published by a camera thread, verdicts published")
     parser.add_argument("--lines", type=int, default=2)
     parser.add_argument("--frames", type=int, default=3000, help="frames per line")
     parser.add_argument("--warm", type=int, default=500, help="frames (all lines together) before the first figure")
@@ -103,32 +151,46 @@ def main() -> None:
     lines = [f"line{i:02d}" for i in range(args.lines)]
     start_ray()
     work = Path(tempfile.mkdtemp(prefix="rareclip-soak-"))
+    server = camera = None
     try:
         device = gpu_name()
-        write_lines(work, lines, args.frames, args.size)
-        cfg = PipelineConfig(
-            detector=detector, out=str(work / "out"),
-            source={"kind": "folder", "root": str(work / "src"), "watch": True, "poll_s": 0.5, "settle_s": 0.0},
-        )
-        print(f"{args.lines} lines x {args.frames} frames, {args.size}px, model {detector.model} @ "
-              f"{detector.image_size}, {device}")
+        if args.source == "folder":
+            write_lines(work, lines, args.frames, args.size)
+            source = {"kind": "folder", "root": str(work / "src"), "watch": True, "poll_s": 0.5, "settle_s": 0.0}
+            extra = {}
+        else:
+            from pipelines.nats_server import start_nats_server
+
+            write_lines(work, lines[:1], 6, args.size)
+            images = [p.read_bytes() for p in sorted((work / "src" / lines[0]).iterdir())]
+            server = start_nats_server(str(work / "jetstream"))
+            bounded_frame_stream(server.url, per_line=2000)
+            camera = NatsCamera(server.url, lines, args.frames, images)
+            camera.start()
+            source = {"kind": "nats", "url": server.url, "lines": lines, "watch": True}
+            extra = {"verdicts": {"kind": "nats"}}
+        cfg = PipelineConfig(detector=detector, out=str(work / "out"), source=source, **extra)
+        print(f"{args.lines} lines x {args.frames} frames from a {args.source} source, {args.size}px, model "
+              f"{detector.model} @ {detector.image_size}, {device}")
         cluster = LineCluster(cfg)
         started = time.monotonic()
         try:
-            sampler = Sampler(cluster, args.frames)
+            sampler = Sampler(cluster, args.frames, camera)
             cluster.run(progress=False, on_poll=sampler)
         finally:
             cluster.shutdown()
         seconds = time.monotonic() - started
     finally:
         stop_ray()
+        if server:
+            server.stop()
         shutil.rmtree(work, ignore_errors=True)
     rows = growth(sampler.samples, args.warm)
     print(f"{args.lines * args.frames} frames in {seconds:.0f} s")
     for r in rows:
         print(f"{r['actor']:>12}: {r['rss_from_mb']:.0f} MiB at {r['frames_from']} frames, {r['rss_to_mb']:.0f} MiB at "
               f"{r['frames_to']}, at most {r['rss_max_mb']:.0f}; fitted {r['mb_per_1000_frames']:+.2f} MiB per 1,000 frames")
-    append_records(args.json, [{"what": "soak memory", "device": device, "config": args.config,
+    append_records(args.json, [{"what": "soak memory", "device": device, "config": args.config, "source": args.source,
                                 "image_size": detector.image_size, "lines": args.lines, "frames": args.frames,
                                 "seconds": round(seconds, 1), **r} for r in rows])
 
