@@ -237,6 +237,31 @@ def test_a_link_whose_server_stays_gone_gives_up_naming_the_server_and_what_it_w
         link.close()
 
 
+def test_a_writer_holds_its_rows_while_the_server_is_gone_for_long_and_publishes_each_once_it_is_back(server, tmp_path):
+    """Longer than the writer's retries (shortened here from 30 s): it holds the rows and
+    verdicts, says why, and writes and publishes them once, after the server is back."""
+    from actors.writer import ResultWriterCore, WriterSettings
+
+    settings = StreamSettings(server.url, "VERDICTS", "verdicts")
+    writer = ResultWriterCore(str(tmp_path / "results"), WriterSettings(batch_rows=1, flush_s=60), verdicts=settings)
+    row = lambda s: {"line_id": "l0", "seq": s, "status": "ok", "score": 1.0, "date": "2026-12-07", "scored_time": None}
+    try:
+        writer.write([row(0)])
+        writer.publisher.reconnect_s = 0.5
+        server.stop(kill=True)
+        writer.write([row(1), row(2)])  # no exception: the rows are held
+        assert writer.status()["buffered"] == 2 and not writer.try_flush()
+        back = start_nats_server(server.store_dir, port=server.port)
+        try:
+            assert writer.try_flush()
+            assert [r["seq"] for r in read_rows(tmp_path / "results")] == [0, 1, 2]
+            assert [v["seq"] for v in verdicts(server.url)["l0"]] == [0, 1, 2]
+        finally:
+            back.stop(kill=True)
+    finally:
+        writer.publisher.close()
+
+
 @pytest.fixture(scope="module")
 def reference(local_ray, tiny_config, images, tmp_path_factory):
     """A folder run of the same images, uncrashed."""
