@@ -238,8 +238,8 @@ def test_a_link_whose_server_stays_gone_gives_up_naming_the_server_and_what_it_w
 
 
 def test_a_writer_holds_its_rows_while_the_server_is_gone_for_long_and_publishes_each_once_it_is_back(server, tmp_path):
-    """Longer than the writer's retries (shortened here from 30 s): it holds the rows and
-    verdicts, says why, and writes and publishes them once, after the server is back."""
+    """Longer than the writer's retries (shortened here from 30 s): it holds the rows and their
+    verdicts, and writes and publishes each once, after the server is back."""
     from actors.writer import ResultWriterCore, WriterSettings
 
     settings = StreamSettings(server.url, "VERDICTS", "verdicts")

@@ -212,7 +212,7 @@ def test_writer_keeps_one_row_per_seq_and_no_holes(tmp_path):
 
 def test_a_writer_without_verdicts_holds_no_row_once_it_is_written(tmp_path):
     """A live job writes rows for days: once written, a row and its map must leave the writer's
-    memory (rows used to stay, kept for verdicts that no stream was there to publish: ~15 KB a row)."""
+    memory (rows used to stay, kept for verdicts that no stream was there to publish: ~9 KiB a row)."""
     import tracemalloc
 
     writer = ResultWriterCore(str(tmp_path), WriterSettings(batch_rows=100, flush_s=60))
