@@ -136,14 +136,29 @@ class NatsLink:
         self.call(self.nc.subscribe(subject, cb=handler))
 
     def close(self) -> None:
+        """Close the connection, end the tasks the client left (a link to a server that is gone
+        keeps its subscriptions' tasks), then the loop and its thread."""
         nc = getattr(self, "nc", None)
         if nc is not None and not nc.is_closed:
             try:
                 self.call(nc.close(), 5)
             except Exception:  # noqa: BLE001 - closing a link to a server that is gone
                 pass
+
+        async def end_tasks():
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            self.call(end_tasks(), 5)
+        except Exception:  # noqa: BLE001 - a task that will not end is left to the loop's end
+            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+        if not self.thread.is_alive():
+            self.loop.close()
 
 
 class NatsFrameSource:
