@@ -49,6 +49,7 @@ class LineSequencer:
         self.auto = settings.auto_threshold
         self.calibration: list[float] = []  # the first ok scores, while `auto` calibrates
         self.map_resolution = settings.map_resolution
+        self.map_resize = settings.map_resize
         self.backbone_batch = settings.backbone_batch
         self.next_seq = next_seq
         self.map_dtype = np.dtype(settings.map_dtype)
@@ -152,7 +153,12 @@ class LineSequencer:
         if self.map_resolution is None:
             return None
         m = torch.from_numpy(anomaly_map)[None, None]
-        return F.interpolate(m, size=(self.map_resolution,) * 2, mode="area")[0, 0].numpy().astype(self.map_dtype)
+        size = (self.map_resolution,) * 2
+        if self.map_resize == "bilinear":
+            m = F.interpolate(m, size=size, mode="bilinear", align_corners=True)
+        else:
+            m = F.interpolate(m, size=size, mode="area")
+        return m[0, 0].numpy().astype(self.map_dtype)
 
     def _row(self, frame: Frame, score: Optional[float] = None, anomaly_map=None) -> dict:
         scored = time.time()

@@ -26,6 +26,7 @@ class LineSettings:
     auto_threshold: Optional[AutoThreshold] = None  # calibrate the threshold from the first scores instead
     map_resolution: Optional[int] = config_default("map_resolution")  # side of the stored anomaly map; None: none
     map_dtype: str = config_default("map_dtype")
+    map_resize: str = config_default("map_resize")  # "area" | "bilinear" (align_corners=True)
     backbone_batch: int = config_default("backbone_batch")  # frames per backbone call
     gap_timeout_s: float = config_default("gap_timeout_s")  # wait this long for a missing seq, then an error row
     snapshot_root: Optional[str] = None  # None: no snapshots

@@ -163,6 +163,10 @@ class PipelineConfig(StrictModel):
     map_dtype: Literal["float16", "float32"] = Field(
         "float16", description="dtype of stored maps; float32 for evaluation (no quantization)"
     )
+    map_resize: Literal["area", "bilinear"] = Field(
+        "area", description="how a map is brought to map_resolution: area (each stored pixel the mean of the pixels it "
+        "covers) or bilinear with align_corners=True (the RareCLIP authors' evaluation)",
+    )
     maps_keep_days: Optional[int] = Field(
         None, ge=0, description="delete the stored maps of rows dated more than this many days before a line's newest "
         "row (the rows stay); null keeps every map",

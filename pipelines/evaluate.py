@@ -5,11 +5,15 @@ Each category of an MVTec AD / VisA / generic-layout test split is a line of a
 category), fed in the order ``random.seed(s); random.shuffle(list)`` of the official test order
 for every seed ``s`` (a new cluster per seed, results in ``<out>/seed-<s>/results``). Rows are
 joined back to their samples by (line_id = category, seq = position in that seed's shuffled
-list); the stored float32 256 x 256 maps and the masks (``load_mask`` at the model input crop)
-give the pixel metrics. Metrics are in %:
+list); the stored float32 256 x 256 maps and the masks (``load_mask``) give the pixel metrics.
+How maps and masks meet is the `protocol` (``PROTOCOLS``): ``authors`` as the RareCLIP authors'
+evaluation code computes its Table 1 (masks squashed to the model's input size, legacy nearest
+sampling to 256, maps resized bilinearly with align_corners=True, PRO at 200 thresholds with
+the FPRs rescaled), ``aligned`` with masks cut as the model saw the frame and the exact PRO.
+Metrics are in %:
 
 * per category and seed: I-AUROC, I-F1-max, I-AP (``metrics.image_metrics``) and P-AUROC,
-  P-F1-max, P-AP, PRO (``metrics.pixel_metrics``, both resized to 256 x 256);
+  P-F1-max, P-AP, PRO (``metrics.pixel_metrics``, at 256 x 256);
 * per seed: the mean over categories (categories where a metric is undefined are skipped);
 * reported: mean ± std over seeds, std being the population std (``numpy.std``, ddof=0).
 
@@ -24,8 +28,8 @@ generic-layout category without masks), or no normal pixel; see ``rareclip_core.
 Anomalous images without a mask (generic layout) count for the image metrics only; frames the
 pipeline could not decode (error rows) count for none, and are reported.
 
-``<out>/evaluation.json`` records the setup (dataset, categories and their sizes, shots, the
-detector's settings). A rerun into the same ``<out>`` with that setup keeps every seed it
+``<out>/evaluation.json`` records the setup (dataset, categories and their sizes, shots,
+protocol, the detector's settings). A rerun into the same ``<out>`` with that setup keeps every seed it
 finished, scores a seed it left part way again from the start, and can add seeds; an ``<out>``
 holding another setup's seeds is refused with the settings that differ.
 """
@@ -57,13 +61,39 @@ from rareclip_core import DetectorSettings, detector_class, detector_config_from
 from rareclip_core.config import ConfigError
 from rareclip_core.data.datasets import Sample, load_dataset, load_mask, shuffled
 from rareclip_core.data.files import atomic_write
-from rareclip_core.metrics import image_metrics, pixel_metrics
+from rareclip_core.metrics import PixelProtocol, image_metrics, pixel_metrics
 
 from .common import EXIT_INTERRUPTED
 
 DEFAULT_CONFIG = CONFIG_DIR / "detector-paper.yaml"
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 MAP_RESOLUTION = 256  # the protocol's metric resolution: maps are stored at it
+
+
+@dataclass(frozen=True)
+class EvaluationProtocol:
+    """How the stored maps and the ground-truth masks meet for the pixel metrics."""
+
+    description: str
+    mask_view: Optional[str]  # load_mask's view; None: the detector's own input view
+    map_resize: str  # how a line brings its maps to MAP_RESOLUTION (PipelineConfig.map_resize)
+    pixels: PixelProtocol
+
+
+PROTOCOLS = {
+    "authors": EvaluationProtocol(
+        "as the RareCLIP authors' test.py computes Table 1: masks squashed to the input size (for frames that are "
+        "not square they do not line up with a centre-cropping detector's maps), legacy nearest sampling to 256, "
+        "maps resized bilinearly (align_corners=True), PRO at 200 thresholds with the kept FPRs rescaled to [0, 1]",
+        "squash", "bilinear", PixelProtocol(mask_resize="nearest", pro_curve="steps"),
+    ),
+    "aligned": EvaluationProtocol(
+        "masks cut as the detector saw each frame, sampled at pixel centres; maps area-averaged; the exact PRO "
+        "curve up to FPR 0.3 (the MVTec AD evaluation code's)",
+        None, "area", PixelProtocol(),
+    ),
+}
+DEFAULT_PROTOCOL = "authors"
 IMAGE_METRICS = {"I-AUROC": "auroc", "I-F1-max": "f1_max", "I-AP": "ap"}
 PIXEL_METRICS = {"P-AUROC": "auroc", "P-F1-max": "f1_max", "P-AP": "ap", "PRO": "pro"}
 METRICS = (*IMAGE_METRICS, *PIXEL_METRICS)
@@ -91,6 +121,7 @@ class Plan:
     samples: dict[str, list[Sample]]  # category -> samples in the official test order
     shots: int = 0  # normal references per category
     train: dict[str, list[Sample]] = field(default_factory=dict)  # category -> train (good) samples, with shots
+    protocol: str = DEFAULT_PROTOCOL  # a key of PROTOCOLS
 
     @property
     def categories(self) -> list[str]:
@@ -113,7 +144,7 @@ class Plan:
         """Everything that makes one seed's rows what they are (the seeds themselves aside), as JSON
         (round-tripped, so that it compares equal with the record read back)."""
         return json.loads(json.dumps({
-            "dataset": self.dataset, "root": self.root, "shots": self.shots,
+            "dataset": self.dataset, "root": self.root, "shots": self.shots, "protocol": self.protocol,
             "images": {c: len(s) for c, s in self.samples.items()},
             "detector": self.detector.fingerprinted_settings(),  # not where it runs: a rerun may use another device
         }))
@@ -128,11 +159,14 @@ class Plan:
 
 
 def plan_evaluation(dataset, root, detector_config, seeds=DEFAULT_SEEDS, mode=None, out="out/evaluate",
-                    categories=None, shots: int = 0) -> Plan:
+                    categories=None, shots: int = 0, protocol: str = DEFAULT_PROTOCOL) -> Plan:
     """Validate everything before any actor starts. Raises ConfigError (bad detector config),
-    FileNotFoundError / ValueError (missing or malformed dataset, unknown category, bad seeds)
-    or FileExistsError (`out` holds seeds of an evaluation with another setup: detector,
-    dataset, categories or shots; those of the same setup are kept, or scored again if unfinished)."""
+    FileNotFoundError / ValueError (missing or malformed dataset, unknown category, bad seeds,
+    unknown protocol) or FileExistsError (`out` holds seeds of an evaluation with another setup:
+    detector, dataset, categories, shots or protocol; those of the same setup are kept, or
+    scored again if unfinished)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}")
     if isinstance(detector_config, (DetectorSettings, dict)):
         detector = detector_config_from_dict(detector_config)
     else:
@@ -163,7 +197,7 @@ def plan_evaluation(dataset, root, detector_config, seeds=DEFAULT_SEEDS, mode=No
         short = {c: len(train.get(c, [])) for c in data if len(train.get(c, [])) < shots}
         if short:
             raise ValueError(f"--shots {shots}: too few train images in {short}")
-    plan = Plan(dataset, root, detector, seeds, Path(out), dict(sorted(data.items())), shots, train)
+    plan = Plan(dataset, root, detector, seeds, Path(out), dict(sorted(data.items())), shots, train, protocol)
     used = [seed for seed in seeds if _has_files(plan.results_dir(seed).parent)]
     if used:
         earlier = json.loads(plan.record_path.read_text()) if plan.record_path.is_file() else None
@@ -193,12 +227,14 @@ def _differences(then: dict, now: dict, path: str = "") -> list[str]:
 
 
 def evaluate(dataset, root, detector_config, seeds=DEFAULT_SEEDS, mode=None, out="out/evaluate",
-             categories=None, address=None, progress: bool = True, shots: int = 0) -> dict:
+             categories=None, address=None, progress: bool = True, shots: int = 0,
+             protocol: str = DEFAULT_PROTOCOL) -> dict:
     """Run the protocol and write metrics.md/.csv/.json under `out`; returns the metrics.json
     content (with NaN, not null). `detector_config`: detector settings, a dict, or the path of a
     detector YAML or of a pipeline YAML with a `detector:` section; `mode` ('online' or
-    'offline') overrides its `mode`, None keeps it; `shots` normal references per category."""
-    plan = plan_evaluation(dataset, root, detector_config, seeds, mode, out, categories, shots)
+    'offline') overrides its `mode`, None keeps it; `shots` normal references per category;
+    `protocol` a key of PROTOCOLS."""
+    plan = plan_evaluation(dataset, root, detector_config, seeds, mode, out, categories, shots, protocol)
     run_plan(plan, address, progress)
     return score_plan(plan)
 
@@ -240,6 +276,7 @@ def run_plan(plan: Plan, address=None, progress: bool = True) -> None:
             threshold=None,
             map_resolution=MAP_RESOLUTION,
             map_dtype="float32",
+            map_resize=PROTOCOLS[plan.protocol].map_resize,
             references={c: plan.references(c, seed) for c in plan.categories} if plan.shots else {},
             line_detector={c: category_settings(plan.detector, c) for c in plan.categories},
             # no snapshots: a restarted line replays its category from seq 0 with a fresh state,
@@ -267,7 +304,8 @@ def score_plan(plan: Plan) -> dict:
     per_seed: dict[str, dict[int, dict]] = {}
     notes: list[str] = []
     for category, samples in plan.samples.items():
-        masks = _category_masks(samples, plan.detector.image_size, plan.detector.input_view)
+        view = PROTOCOLS[plan.protocol].mask_view or plan.detector.input_view
+        masks = _category_masks(samples, plan.detector.image_size, view)
         per_seed[category] = {}
         seen: dict[str, list[int]] = {}  # message -> seeds it came up for
         for seed in plan.seeds:
@@ -299,6 +337,7 @@ def score_plan(plan: Plan) -> dict:
         "std": STD_NOTE,
         "category_mean": "mean over categories per seed, skipping categories where a metric is NaN",
         "map_resolution": MAP_RESOLUTION,
+        "protocol": {"name": plan.protocol, "description": PROTOCOLS[plan.protocol].description},
         "model_id": detector.model_id,
         "detector": detector.model_dump(),
         "results": {str(s): str(plan.results_dir(s)) for s in plan.seeds},
@@ -348,7 +387,8 @@ def category_metrics(plan: Plan, category: str, seed: int, masks: dict[str, np.n
             warnings.warn("image metrics are undefined (no scored image)", RuntimeWarning)
         if pixel:
             maps = np.stack([_load_map(results, r) for _, r in pixel])
-            pix = pixel_metrics(np.stack([masks[s.path] for s, _ in pixel]), maps, size=MAP_RESOLUTION)
+            pix = pixel_metrics(np.stack([masks[s.path] for s, _ in pixel]), maps, size=MAP_RESOLUTION,
+                                protocol=PROTOCOLS[plan.protocol].pixels)
         else:
             pix = dict.fromkeys(PIXEL_METRICS.values(), math.nan)
             warnings.warn("pixel metrics are undefined (no scored image with a mask)", RuntimeWarning)
@@ -444,7 +484,8 @@ def format_markdown(result: dict) -> str:
         + (f", {result['shots']} normal references per category (the first of its train images shuffled by the "
            f"seed, learned before the test images)" if result["shots"] else "") + f". Seeds {seeds}: "
         f"each category's official test order shuffled by `random.seed(s); random.shuffle`, a fresh state per "
-        f"category and seed. Metrics in %, maps and masks at {result['map_resolution']}x{result['map_resolution']}; "
+        f"category and seed. Metrics in %, maps and masks at {result['map_resolution']}x{result['map_resolution']}, "
+        f"protocol `{result['protocol']['name']}` ({result['protocol']['description']}); "
         f"each cell is the mean ± {result['std']}; the mean row averages the categories per seed first "
         f"(skipping a category where a metric is NaN).",
         "",
@@ -525,6 +566,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--categories", nargs="+", help="evaluate only these categories (default: all)")
     parser.add_argument("--shots", type=int, default=0,
                         help="normal references per category from its train split, learned first (k-shot; default 0)")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default=DEFAULT_PROTOCOL,
+                        help="how maps meet masks for the pixel metrics: authors (as the RareCLIP authors' code "
+                             "computes the paper's table) or aligned (masks cut as the detector saw each frame, "
+                             "the exact PRO curve); default %(default)s")
     parser.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -532,7 +577,7 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     try:
         plan = plan_evaluation(args.dataset, args.root, args.config, args.seeds, args.mode, args.out, args.categories,
-                               args.shots)
+                               args.shots, args.protocol)
     except (ConfigError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

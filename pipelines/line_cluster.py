@@ -336,6 +336,7 @@ class LineCluster:
             auto_threshold=AutoThreshold(cfg.auto_threshold.frames, cfg.auto_threshold.mads) if threshold == "auto" else None,
             map_resolution=cfg.map_resolution,
             map_dtype=cfg.map_dtype,
+            map_resize=cfg.map_resize,
             backbone_batch=cfg.backbone_batch,
             gap_timeout_s=cfg.gap_timeout_s,
             snapshot_root=cfg.snapshot_root,

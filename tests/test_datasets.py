@@ -180,6 +180,20 @@ def test_load_mask_resize_crop_binarize(tmp_path):
     assert upsampled[20:44, 20:44].all()
 
 
+def test_a_squashed_mask_is_what_the_authors_resize_of_the_8_bit_mask_gives(tmp_path):
+    import torchvision.transforms as T
+
+    rng = np.random.default_rng(1)
+    raw = (rng.random((45, 70)) < 0.5).astype(np.uint8) * 3  # VisA-like defect indices, not square
+    sample = Sample("x.png", 1, str(write_png(tmp_path / "m.png", raw)), "d", "c")
+    # the authors' evaluation: the 0/255 mask through Resize((S, S)) and ToTensor, binarized at 0.5
+    tf = T.Compose([T.Resize((32, 32)), T.CenterCrop(32), T.ToTensor()])
+    ref = tf(Image.fromarray((raw > 0).astype(np.uint8) * 255))[0].numpy() > 0.5
+    got = load_mask(sample, 32, "squash")
+    np.testing.assert_array_equal(got, ref)
+    assert got.any() and not got.all()
+
+
 def test_load_mask_good_and_missing(tmp_path):
     assert not load_mask(Sample("g.png", 0, None, "good", "c"), 16).any()
     with pytest.raises(ValueError, match="no mask"):

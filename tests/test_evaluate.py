@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 import run_cluster
+from actors.line_sequencer import LineSequencer
+from actors.line_settings import LineSettings
 from actors.result_table import read_results
 from pipelines.evaluate import (
     METRICS,
@@ -24,7 +26,8 @@ from rareclip_core.data.datasets import load_mask, load_mvtec, shuffled
 from rareclip_core.data.frames import decode_frame
 from rareclip_core.data.synthetic import write_mvtec_dataset
 from rareclip_core.detectors.rareclip.config import RareCLIPConfig
-from rareclip_core.metrics import image_metrics, pixel_metrics
+from rareclip_core.metrics import PixelProtocol, image_metrics, pixel_metrics
+from tests.trivial_detector import BrightnessConfig, BrightnessDetector
 
 SEEDS = [0, 1]
 
@@ -97,8 +100,22 @@ def test_seeds_shuffle_the_order_and_keep_the_rows(online, dataset):
         assert sorted(uris[category, 0]) == sorted(uris[category, 1])
 
 
-def test_metrics_equal_a_recomputation_from_the_stored_rows(online, dataset, tiny_config):
+# how each protocol brings masks to the metrics, spelled out (pipelines/evaluate.py PROTOCOLS)
+RECOMPUTE = {
+    "authors": ("squash", PixelProtocol(mask_resize="nearest", pro_curve="steps")),
+    "aligned": ("center_crop", PixelProtocol(mask_resize="nearest-exact", pro_curve="exact")),
+}
+
+
+@pytest.mark.parametrize("protocol", sorted(RECOMPUTE))
+def test_metrics_equal_a_recomputation_from_the_stored_rows(online, dataset, tiny_config, protocol, tmp_path):
     out, result = online
+    if protocol != "authors":  # the same rows scored under another protocol
+        shutil.copytree(out, tmp_path / "copy")
+        plan = Plan("mvtec", dataset, tiny_config, tuple(SEEDS), tmp_path / "copy", load_mvtec(dataset), protocol=protocol)
+        result = score_plan(plan)
+    assert result["protocol"]["name"] == protocol
+    view, pixels = RECOMPUTE[protocol]
     official = load_mvtec(dataset)
     for seed in SEEDS:
         results = out / f"seed-{seed}" / "results"
@@ -107,15 +124,27 @@ def test_metrics_equal_a_recomputation_from_the_stored_rows(online, dataset, tin
             order = shuffled(samples, seed)
             got = [r for r in rows if r["line_id"] == category]
             labels = [order[r["seq"]].label for r in got]
-            masks = np.stack([load_mask(order[r["seq"]], tiny_config.image_size) for r in got])
+            masks = np.stack([load_mask(order[r["seq"]], tiny_config.image_size, view) for r in got])
             maps = np.stack([np.load(results / r["map_uri"]) for r in got])
             expected = {f"I-{k}": v for k, v in image_metrics(labels, [r["score"] for r in got]).items()}
-            expected.update({f"P-{k}": v for k, v in pixel_metrics(masks, maps).items()})
+            expected.update({f"P-{k}": v for k, v in pixel_metrics(masks, maps, protocol=pixels).items()})
             names = {"I-auroc": "I-AUROC", "I-f1_max": "I-F1-max", "I-ap": "I-AP", "P-auroc": "P-AUROC",
                      "P-f1_max": "P-F1-max", "P-ap": "P-AP", "P-pro": "PRO"}
             values = result["per_seed"][category][str(seed)]
             for key, name in names.items():
                 assert values[name] == pytest.approx(100 * expected[key], rel=1e-9, abs=1e-9), (category, seed, name)
+    assert f"protocol `{protocol}`" in format_markdown(result)
+
+
+def test_the_authors_protocol_stores_maps_resized_bilinearly_with_aligned_corners():
+    def stored(resize, anomaly_map, side):
+        settings = LineSettings(map_resolution=side, map_resize=resize, map_dtype="float32")
+        return LineSequencer("l", BrightnessDetector(BrightnessConfig()), settings)._stored_map(anomaly_map)
+
+    corners = np.array([[0.0, 2.0], [4.0, 6.0]], dtype=np.float32)
+    np.testing.assert_array_equal(stored("bilinear", corners, 3), [[0, 1, 2], [2, 3, 4], [4, 5, 6]])
+    blocks = np.arange(16, dtype=np.float32).reshape(4, 4)
+    np.testing.assert_array_equal(stored("area", blocks, 2), [[2.5, 4.5], [10.5, 12.5]])  # block means
 
 
 def test_a_category_without_masks_gets_nan_pixel_metrics_and_a_reason(online, dataset, tiny_config, tmp_path):
@@ -153,6 +182,8 @@ def test_a_rerun_keeps_finished_seeds_scores_an_unfinished_one_again_and_refuses
     with pytest.raises(FileExistsError, match=r"holds the rows of another evaluation \(detector\.mode: 'online' then, "
                                                r"'offline' now\); choose another --out or remove it"):
         evaluate("mvtec", dataset, tiny_config, SEEDS, "offline", tmp_path / "again", progress=False)
+    with pytest.raises(FileExistsError, match=r"another evaluation \(protocol: 'authors' then, 'aligned' now\)"):
+        evaluate("mvtec", dataset, tiny_config, SEEDS, "online", tmp_path / "again", progress=False, protocol="aligned")
 
 
 def test_offline_mode_gives_the_same_metrics_for_every_seed(local_ray, dataset, tiny_config, tmp_path):

@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from sklearn.metrics import (
+    auc,
     average_precision_score,
     precision_recall_curve,
     roc_auc_score,
 )
 
-from rareclip_core.metrics import image_metrics, pixel_metrics, pro_score
+from rareclip_core.metrics import PixelProtocol, image_metrics, pixel_metrics, pro_score
 
 
 def sklearn_metrics(y, s):
@@ -90,6 +91,61 @@ def test_pixel_metrics_match_sklearn_and_slow_pro(seed):
     assert got["pro"] == pytest.approx(slow_pro(masks, maps), abs=1e-6)
 
 
+def slow_steps_pro(masks, maps, steps=200, max_fpr=0.3):
+    """The cflow-ad / RareCLIP authors' PRO spelled out: one pass per threshold of
+    arange(min, max, (max - min) / steps), "above" strictly; points with FPR < max_fpr, their FPRs
+    min-max rescaled, sklearn's auc."""
+    regions = []
+    for n, mask in enumerate(masks):
+        lab, k = ndimage.label(mask, structure=np.ones((3, 3)))
+        regions += [(n, lab == j) for j in range(1, k + 1)]
+    normal = ~masks
+    pros, fprs = [], []
+    for th in np.arange(maps.min(), maps.max(), (maps.max() - maps.min()) / steps):
+        hit = maps > th
+        pros.append(np.mean([hit[n][region].sum() / region.sum() for n, region in regions]))
+        fprs.append((hit & normal).sum() / normal.sum())
+    pros, fprs = np.array(pros), np.array(fprs)
+    kept = fprs < max_fpr
+    x = (fprs[kept] - fprs[kept].min()) / (fprs[kept].max() - fprs[kept].min())
+    return auc(x, pros[kept])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_steps_pro_matches_the_threshold_loop(seed):
+    rng = np.random.default_rng(300 + seed)
+    masks = ndimage.binary_opening(rng.random((3, 20, 20)) < 0.3, np.ones((1, 2, 2)))
+    masks[0, 0, 0] = True
+    maps = ndimage.gaussian_filter(rng.random(masks.shape) + masks, (0, 1, 1)).astype(np.float32)
+    if seed % 2:
+        maps = np.round(maps, 1).astype(np.float32)  # ties, and thresholds that equal map values
+    assert pro_score(masks, maps, curve="steps") == pytest.approx(slow_steps_pro(masks, maps), abs=1e-12)
+    assert pro_score(masks, maps, curve="steps", steps=7) == pytest.approx(slow_steps_pro(masks, maps, 7), abs=1e-12)
+
+
+def test_steps_pro_hand_computed():
+    # region {0.9, 0.5}; normals 0.8 and 0.1; thresholds arange(0.1, 0.9, 0.2) = 0.1, 0.3, 0.5, 0.7,
+    # "above" strictly: FPR 0.5 at all four. With max_fpr 0.6 all are kept and span no FPR: undefined
+    masks = np.array([[[1, 1], [0, 0]]], dtype=bool)
+    maps = np.array([[[0.9, 0.5], [0.8, 0.1]]])
+    with pytest.warns(RuntimeWarning, match="fewer than two distinct FPRs"):
+        assert np.isnan(pro_score(masks, maps, max_fpr=0.6, curve="steps", steps=4))
+    # normals 0.8, 0.4, 0.2, 0.1: FPR 3/4, 1/2, 1/4, 1/4 and PRO 1, 1, 1/2, 1/2 at 0.1, 0.3, 0.5, 0.7;
+    # kept (FPR < 0.6): the last three, FPRs rescaled to 1, 0, 0: area (1 + 1/2) / 2 = 0.75
+    masks = np.array([[[1, 1, 0], [0, 0, 0]]], dtype=bool)
+    maps = np.array([[[0.9, 0.5, 0.8], [0.4, 0.2, 0.1]]])
+    assert pro_score(masks, maps, max_fpr=0.6, curve="steps", steps=4) == pytest.approx(0.75, abs=1e-12)
+
+
+def test_steps_pro_moves_with_a_monotone_transform_of_the_maps_and_the_exact_one_does_not():
+    rng = np.random.default_rng(5)
+    masks = np.zeros((4, 32, 32), dtype=bool)
+    masks[:, 8:16, 8:16] = True
+    maps = ndimage.gaussian_filter(rng.random(masks.shape) + 0.8 * masks, (0, 2, 2))
+    assert pro_score(masks, np.exp(6 * maps)) == pytest.approx(pro_score(masks, maps), abs=1e-12)
+    assert abs(pro_score(masks, np.exp(6 * maps), curve="steps") - pro_score(masks, maps, curve="steps")) > 1e-3
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_pro_matches_slow_reference(seed):
     rng = np.random.default_rng(100 + seed)
@@ -134,6 +190,24 @@ def test_pixel_metrics_resizes_maps_bilinear_and_masks_nearest():
     for key in ("auroc", "ap", "f1_max"):
         assert got[key] == pytest.approx(ref[key], abs=1e-6)
     assert got["pro"] == pytest.approx(pro_score(m, a), abs=1e-12)
+
+
+def test_pixel_metrics_under_the_authors_protocol_sample_masks_by_legacy_nearest_and_use_the_steps_pro():
+    masks = np.zeros((2, 37, 37), dtype=bool)
+    masks[0, 3:9, 5:20] = masks[1, 20:37, 30:37] = True
+    maps = ndimage.gaussian_filter(masks.astype(np.float32), (0, 2, 2))[:, ::2, ::2]  # (2, 19, 19)
+    got = pixel_metrics(masks, maps, size=16, protocol=PixelProtocol(mask_resize="nearest", pro_curve="steps"))
+    rows = np.floor(np.arange(16) * 37 / 16).astype(int)  # legacy nearest: floor(i * in / out)
+    m = masks[:, rows][:, :, rows]
+    a = F.interpolate(torch.from_numpy(maps)[:, None], size=(16, 16), mode="bilinear", align_corners=False)[:, 0].numpy()
+    ref = sklearn_metrics(m.ravel(), a.ravel())
+    for key in ("auroc", "ap", "f1_max"):
+        assert got[key] == pytest.approx(ref[key], abs=1e-6)
+    assert got["pro"] == pytest.approx(slow_steps_pro(m, a), abs=1e-12)
+    centres = np.floor((np.arange(16) + 0.5) * 37 / 16).astype(int)  # the default samples pixel centres
+    assert not np.array_equal(rows, centres)
+    with pytest.raises(ValueError, match="pro_curve"):
+        PixelProtocol(pro_curve="cflow")
 
 
 def test_perfect_maps_score_one():

@@ -118,8 +118,10 @@ def load_mask(sample: Sample, image_size: int, view: str = "center_crop") -> np.
     defect indices), giving a 0/1 float mask. With `view` "center_crop" it is resized so the
     shorter side is ``image_size`` (PIL bilinear, longer side truncated as torchvision's Resize
     does), center cropped to ``image_size`` (torchvision's CenterCrop offsets); with "squash"
-    it is resized to ``image_size`` x ``image_size`` whatever its aspect (PIL bilinear). Then
-    binarized at > 0.5. A sample without a mask must be good and gives all False.
+    it is resized to ``image_size`` x ``image_size`` whatever its aspect, as the 0/255 8-bit
+    image that torchvision's ``Resize`` gets in the authors' evaluation codes (PIL bilinear,
+    rounded to 8 bits). Then binarized at > 0.5. A sample without a mask must be good and gives
+    all False.
     """
     if sample.mask_path is None:
         if sample.label:
@@ -128,9 +130,10 @@ def load_mask(sample: Sample, image_size: int, view: str = "center_crop") -> np.
     path = _existing_file(Path(sample.mask_path), f"mask of {sample.path}")
     with Image.open(path) as im:
         raw = np.asarray(im.convert("L"))  # (H, W) uint8
-    mask = Image.fromarray((raw > 0).astype(np.float32))  # mode "F"
     if view == "squash":
-        return np.asarray(mask.resize((image_size, image_size), Image.BILINEAR)) > 0.5
+        eight_bit = Image.fromarray((raw > 0).astype(np.uint8) * 255)  # mode "L"
+        return np.asarray(eight_bit.resize((image_size, image_size), Image.BILINEAR)) > 127
+    mask = Image.fromarray((raw > 0).astype(np.float32))  # mode "F"
     w, h = mask.size
     long_side = int(image_size * max(w, h) / min(w, h))
     new_w, new_h = (image_size, long_side) if w <= h else (long_side, image_size)
