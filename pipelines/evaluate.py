@@ -64,6 +64,7 @@ from rareclip_core.data.files import atomic_write
 from rareclip_core.metrics import PixelProtocol, image_metrics, pixel_metrics
 
 from .common import EXIT_INTERRUPTED
+from .preflight import out_problem, weights_problems
 
 DEFAULT_CONFIG = CONFIG_DIR / "detector-paper.yaml"
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
@@ -167,6 +168,8 @@ def plan_evaluation(dataset, root, detector_config, seeds=DEFAULT_SEEDS, mode=No
     scored again if unfinished)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}")
+    if problem := out_problem(str(out)):
+        raise ConfigError(problem)
     if isinstance(detector_config, (DetectorSettings, dict)):
         detector = detector_config_from_dict(detector_config)
     else:
@@ -197,6 +200,9 @@ def plan_evaluation(dataset, root, detector_config, seeds=DEFAULT_SEEDS, mode=No
         short = {c: len(train.get(c, [])) for c in data if len(train.get(c, [])) < shots}
         if short:
             raise ValueError(f"--shots {shots}: too few train images in {short}")
+    problems = weights_problems(detector)  # before Ray starts, as a job checks them (after the local checks: it may ask the Hub)
+    if problems:
+        raise ConfigError("; ".join(problems))
     plan = Plan(dataset, root, detector, seeds, Path(out), dict(sorted(data.items())), shots, train, protocol)
     used = [seed for seed in seeds if _has_files(plan.results_dir(seed).parent)]
     if used:

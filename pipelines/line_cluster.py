@@ -260,7 +260,9 @@ class LineCluster:
     def __init__(self, cfg: PipelineConfig, lines: Optional[list[str]] = None, fit_all: bool = False):
         """`fit_all`: every line must run at once (evaluate), so the GPU and CPU shares are made
         to fit the cluster (see `placement.place_lines`)."""
-        self.lock = JobLock(cfg.out).acquire()  # before anything is written to `out`
+        # before anything is written to `out`; the Ray address for an operator's --address meanwhile
+        address = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+        self.lock = JobLock(cfg.out).acquire(address)
         try:
             self._start(cfg, lines, fit_all)
         except BaseException:

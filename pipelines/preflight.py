@@ -2,6 +2,7 @@
 setting at fault and the fix, so that nothing fails later inside an actor."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -21,8 +22,8 @@ from rareclip_core.data.frames import FrameError, decode_frame
 def job_problems(cfg: PipelineConfig, lines: Optional[list[str]] = None) -> list[str]:
     """What would stop the job: an unreadable source, lines that do not exist or cannot be
     named, settings for unknown lines, reference images that would be refused as frames, missing
-    weight files. Empty when all is well."""
-    problems: list[str] = []
+    weight files, an output folder it cannot write. Empty when all is well."""
+    problems: list[str] = [problem] if (problem := out_problem(cfg.out)) else []
     known = _source_lines(cfg, problems)
     chosen = list(lines or known or [])
     if lines and known is not None:
@@ -53,21 +54,36 @@ def job_problems(cfg: PipelineConfig, lines: Optional[list[str]] = None) -> list
     tags_checked: dict[tuple, list[str]] = {}  # (model, tag) -> its problems: the Hub is asked once
     for line in chosen or [None]:
         detector = cfg.detector if line is None else cfg.detector_for(line)
-        key = (detector.model, detector.pretrained)
-        if key not in tags_checked:
-            tags_checked[key] = _named_weights_problems(detector)
-        problems += [p for p in detector.missing_weight_files() + tags_checked[key] if p not in problems]
+        problems += [p for p in weights_problems(detector, tags_checked) if p not in problems]
     return problems
 
 
-def _named_weights_problems(detector) -> list[str]:
-    """A named weights tag of the detector that cannot load here (see `named_weights_problem`)."""
-    if detector.pretrained_tag is None:
-        return []
-    from rareclip_core.backbone.clip import named_weights_problem  # OpenCLIP (and torch) only for a named tag
+def out_problem(out: str) -> Optional[str]:
+    """Why a job could not write its output folder `out`: a file there or above it, or a folder
+    this user may not write into (None when it can)."""
+    path = Path(out).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"lies under {existing}, which is a file"
+        return f"out: {out} {where}, not a folder; give the job another --out (or `out:` in the config)"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"out: {existing} is not writable by this user; give the job another --out (or `out:` in the config)"
+    return None
 
-    problem = named_weights_problem(detector)
-    return [problem] if problem else []
+
+def weights_problems(detector, tags_checked: Optional[dict[tuple, list[str]]] = None) -> list[str]:
+    """Weight files the detector names that are missing, and a named weights tag that cannot
+    load here (see `named_weights_problem`); `tags_checked` caches the tags' answers."""
+    tags_checked = {} if tags_checked is None else tags_checked
+    key = (detector.model, detector.pretrained)
+    if key not in tags_checked:
+        tags_checked[key] = []
+        if detector.pretrained_tag is not None:
+            from rareclip_core.backbone.clip import named_weights_problem  # OpenCLIP (and torch) only for a named tag
+
+            problem = named_weights_problem(detector)
+            tags_checked[key] = [problem] if problem else []
+    return detector.weight_file_problems() + tags_checked[key]
 
 
 def _reference_problems(cfg: PipelineConfig, line: str) -> list[str]:

@@ -26,7 +26,7 @@ from rareclip_core.config import ConfigError
 from rareclip_core.registry import detector_class
 
 from .common import add_cluster_arguments, load_config_or_exit
-from .job_lock import JobLock
+from .job_lock import JobLock, JobLockError
 
 ACTIONS = ("add", "list")
 
@@ -100,8 +100,11 @@ def main(args) -> int:
     try:
         uris = frames_by_seq(cfg, args.line, args.seq) + [str(Path(p).resolve()) for p in args.image]
         return add_references(cfg, args.line, uris, args.address)
-    except ConfigError as err:  # another job holds `out`
-        print(f"error: {err}; to give a running job references, pass its --address", file=sys.stderr)
+    except JobLockError as err:  # another job holds `out`
+        print(f"error: {err}. To give the running job references, {err.address_hint()}", file=sys.stderr)
+        return 2
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as err:  # a seq without a frame, an unreadable image (FrameError)
         print(f"error: {err}", file=sys.stderr)

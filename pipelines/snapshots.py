@@ -5,12 +5,12 @@
   reset    start the line's learning afresh at its current position (a product changeover).
            With --address (the job runs on that cluster): the running line actor resets its
            detector, snapshots the empty state and deletes its older snapshots. Without
-           --address the job must be stopped: a snapshot of the empty state is written at the
+           --address the job must be stopped (a running one is named, with its --address): a snapshot of the empty state is written at the
            seq after the line's last row in the result table, then the older snapshots are
            deleted, so the next start of the job continues from there with an empty memory.
   restore  make snapshot NAME the line's newest by deleting the newer ones, so the next start
            (or restart) of the line resumes from it. With --address the running line also loads
-           it now and ingestion replays the frames after it. Rows the table already holds past
+           it now and ingestion replays the frames after it; without, the job must be stopped. Rows the table already holds past
            NAME stay as they are: the writer keeps one row per (line, seq) and drops the
            re-computed ones, so only frames not yet written get scores from the restored state.
 """
@@ -22,8 +22,10 @@ import sys
 
 from actors.result_table import persisted_last_seqs
 from actors.snapshots import SnapshotStore, snapshot_lines
+from rareclip_core.config import ConfigError
 
 from .common import add_cluster_arguments, load_config_or_exit
+from .job_lock import JobLock, JobLockError
 
 ACTIONS = ("list", "reset", "restore")
 
@@ -102,12 +104,13 @@ def reset_line(cfg, line: str, address=None) -> int:
     start_afresh(detector, tuple(cfg.references.get(line, ())), cfg.frame_decoding)
     # the new snapshot first, then the old ones go: a crash in between leaves the reset one newest
     saved = store.save(detector.state_dict(), next_seq, detector.config.fingerprint(), detector.config.fingerprinted_settings())
-    for info in old:
-        if info.name != saved.name:
-            store.delete(info)
+    older = [info for info in old if info.name != saved.name]
+    for info in older:
+        store.delete(info)
+    replaced = " (it replaced the one of the same seq)" if len(older) < len(old) else ""
     print(
-        f"line {line}: reset at seq {next_seq} (the row after the last in the table); "
-        f"{len([i for i in old if i.name != saved.name])} older snapshot(s) deleted; the next start learns afresh from there"
+        f"line {line}: reset at seq {next_seq} (the row after the last in the table){replaced}; "
+        f"{len(older)} older snapshot(s) deleted; the next start learns afresh from there"
     )
     return 0
 
@@ -157,9 +160,23 @@ def main(args) -> int:
         return 2
     if args.action == "list":
         return list_snapshots(cfg, args.line)
-    if args.action == "reset":
-        return reset_line(cfg, args.line, args.address)
-    if not args.snapshot:
+    if args.action == "restore" and not args.snapshot:
         print("error: snapshots restore needs --snapshot NAME (see `snapshots list`)", file=sys.stderr)
         return 2
+    if args.address:
+        return act(cfg, args)
+    try:  # a stopped job's: a running line would write its own snapshots over the change
+        with JobLock(cfg.out):
+            return act(cfg, args)
+    except JobLockError as err:
+        print(f"error: {err}. To {args.action} the running job's line, {err.address_hint()}", file=sys.stderr)
+        return 2
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def act(cfg, args) -> int:
+    if args.action == "reset":
+        return reset_line(cfg, args.line, args.address)
     return restore_line(cfg, args.line, args.snapshot, args.address)

@@ -208,18 +208,24 @@ class DetectorSettings(StrictModel):
         (random weights) or a checkpoint file's path."""
         return None if self.pretrained is None or names_a_file(self.pretrained) else self.pretrained
 
-    def missing_weight_files(self) -> list[str]:
-        """One message per configured weights file that does not exist (checked before a job
-        starts its actors)."""
+    def weight_file_problems(self) -> list[str]:
+        """One message per configured weights file that does not exist or, by its first bytes,
+        cannot be weights (checked before a job starts its actors)."""
+        from .torch_files import weights_file_problem
+
         files = {name: getattr(self, name) for name in self.weight_fields}
         if self.pretrained is not None and names_a_file(self.pretrained):
             files["pretrained"] = self.pretrained
-        return [
-            f"detector.{name}: no file at {path!r}; set it to the downloaded file's path"
-            + (" (or null for random weights, tests only)" if name == "pretrained" else "")
-            for name, path in files.items()
-            if path is not None and not Path(path).expanduser().is_file()
-        ]
+        problems = []
+        for name, path in files.items():
+            fix = "set it to the downloaded file's path" + (" (or null for random weights, tests only)" if name == "pretrained" else "")
+            if path is None:
+                continue
+            if not Path(path).expanduser().is_file():
+                problems.append(f"detector.{name}: no file at {path!r}; {fix}")
+            elif problem := weights_file_problem(path):
+                problems.append(f"detector.{name}: {path} is not a weights file: {problem}; {fix}")
+        return problems
 
     def fingerprinted_settings(self) -> dict:
         """Every setting that changes the detector's state or results (all but `execution_fields`)."""

@@ -135,7 +135,7 @@ def test_config_checks_and_the_paper_settings():
         detector_config_from_dict({"kind": "adaptclip", "patch_blocks": [3, 12], "value_value_from": 6})
     with pytest.raises(ConfigError, match=r"\n  detector: image_size 500 must be a multiple of model 'ViT-L-14-336'\'s patch size 14$"):
         detector_config_from_dict({"kind": "adaptclip", "image_size": 500}, prefix="detector.")
-    missing = paper.model_copy(update={"weights": "/nowhere/epoch_15.pth"}).missing_weight_files()
+    missing = paper.model_copy(update={"weights": "/nowhere/epoch_15.pth"}).weight_file_problems()
     assert missing == ["detector.weights: no file at '/nowhere/epoch_15.pth'; set it to the downloaded file's path"]
     assert len(state_sentences(NORMAL_STATES, "object")) == 147 and len(state_sentences(ABNORMAL_STATES, "object")) == 84
 

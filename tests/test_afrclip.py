@@ -32,10 +32,10 @@ def test_configs_load_with_the_papers_settings(config):
     assert (paper.model, paper.pretrained, paper.image_size) == ("ViT-L-14-336", "openai", 518)
     assert (paper.stage_blocks, paper.n_prompts, paper.mpfa_size, paper.temperature) == ([6, 12, 18, 24], 5, 3, 1.0)
     assert isinstance(config, AFRCLIPConfig) and config.model_id.startswith("afrclip:rareclip-tiny:random:")
-    assert paper.missing_weight_files() == []
-    assert AFRCLIPConfig(weights="/nowhere/afr.pth").missing_weight_files() == [
+    assert paper.weight_file_problems() == []
+    assert AFRCLIPConfig(weights="/nowhere/afr.pth").weight_file_problems() == [
         "detector.weights: no file at '/nowhere/afr.pth'; set it to the downloaded file's path"]
-    assert AFRCLIPConfig(cnn_weights="/nowhere/wrn.pth").missing_weight_files()[0].startswith(
+    assert AFRCLIPConfig(cnn_weights="/nowhere/wrn.pth").weight_file_problems()[0].startswith(
         "detector.cnn_weights: no file at '/nowhere/wrn.pth'")
     with pytest.raises(ConfigError, match="mpfa_size: must be odd"):
         detector_config_from_dict({"kind": "afrclip", "mpfa_size": 2})

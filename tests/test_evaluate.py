@@ -238,3 +238,11 @@ def test_bad_inputs_exit_2_with_the_readers_message_before_any_actor(tmp_path, d
     (tmp_path / "used" / "seed-1" / "results").mkdir(parents=True)
     assert run_cluster.main(args + ["--out", str(tmp_path / "used")]) == 2
     assert "holds the rows of another evaluation (no record of what it evaluated)" in capsys.readouterr().err
+    # weights and the output folder are checked before Ray starts, as a job checks them
+    detector = tmp_path / "weights.yaml"
+    detector.write_text(Path("configs/detector-tiny.yaml").read_text() + f"tpb_weights: {tmp_path / 'tpb.pth'}\n")
+    assert run_cluster.main(args[:-1] + [str(detector)]) == 2
+    assert f"detector.tpb_weights: no file at '{tmp_path / 'tpb.pth'}'" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    assert run_cluster.main(args + ["--out", str(tmp_path / "a-file")]) == 2
+    assert f"out: {tmp_path / 'a-file'} is a file, not a folder" in capsys.readouterr().err

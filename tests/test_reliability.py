@@ -4,6 +4,7 @@ job's report of what happened (the ledger of each line's frames: test_frame_ledg
 import io
 import json
 import os
+import pickle
 import re
 import signal
 import struct
@@ -426,6 +427,35 @@ def test_config_problems_are_found_before_ray_starts(tmp_path, capsys):
     assert run_cluster.main(["replay", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "detector.tpb_weights: no file at" in err and "detector.pretrained: no file at" in err
+    # weights files that are there but cannot be weights, by their first bytes: an image, an empty file
+    (tmp_path / "tpb.pth").write_bytes(mono16.read_bytes())
+    (tmp_path / "clip.pt").write_bytes(b"")
+    assert run_cluster.main(["replay", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert (f"detector.tpb_weights: {tmp_path / 'tpb.pth'} is not a weights file: neither a torch file nor "
+            "safetensors (it begins b'\\x89PNG" in err), err
+    assert f"detector.pretrained: {tmp_path / 'clip.pt'} is not a weights file: the file is empty" in err, err
+    # an output folder that is a file, or lies under one
+    (tmp_path / "a-file").write_text("x")
+    for out, where in [(tmp_path / "a-file", "is a file"), (tmp_path / "a-file" / "sub", f"lies under {tmp_path / 'a-file'}, which is a file")]:
+        plain = write_config(tmp_path / "o.yaml", tmp_path / "src", out)
+        assert run_cluster.main(["replay", "--config", str(plain)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {plain}: out: {out} {where}, not a folder" in err and "Traceback" not in err, err
+
+
+def test_a_weights_file_torch_cannot_read_is_named_without_advice_to_load_it_unsafely(tmp_path):
+    from rareclip_core.config import ConfigError
+    from rareclip_core.detectors.rareclip.text_branch import TextProjection, load_tpb_checkpoint
+
+    pickled = tmp_path / "code.pth"
+    pickled.write_bytes(pickle.dumps(Path("x"), protocol=2))  # a pickle of a Python object: torch refuses it with weights_only
+    with pytest.raises(ConfigError) as caught:
+        load_tpb_checkpoint(TextProjection(8, 4, 2), str(pickled))
+    message = str(caught.value)
+    assert message.startswith(f"detector.tpb_weights: {pickled} is not a readable TPB checkpoint (not a torch file, or "
+                              "one that holds Python objects besides tensors, which are never unpickled here)"), message
+    assert "weights_only" not in message and "False" not in message
 
 
 # ---- frames ------------------------------------------------------------------------------------

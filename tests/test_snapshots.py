@@ -10,6 +10,7 @@ import torch
 import yaml
 
 import run_cluster
+from pipelines.job_lock import JobLock
 from actors.snapshots import MANIFEST_FILE, STATE_FILE, SnapshotStore, snapshot_lines
 from actors.writer import ResultWriterCore
 from configs.loading import load_pipeline_config
@@ -312,6 +313,23 @@ def test_reset_writes_an_empty_state_at_the_next_seq_of_the_table(job, tiny_conf
     assert run_cluster.main(["snapshots", "reset", "--config", str(config), "--line", "nope"]) == 2
     assert "nothing to reset" in capsys.readouterr().err
     assert run_cluster.main(["snapshots", "reset", "--config", str(config)]) == 2
+
+
+def test_reset_and_restore_are_refused_while_the_job_runs_naming_its_address(job, tiny_config, capsys):
+    """A running line would write its own snapshots over an offline reset or restore: both are
+    refused while the job holds its folder, and told how to act on the running job instead."""
+    config, store, infos = job
+    lock = JobLock(store.dir.rsplit("/snapshots/", 1)[0]).acquire("10.1.2.3:6379")  # the running job's
+    try:
+        for action in (["reset"], ["restore", "--snapshot", infos[0].name]):
+            assert run_cluster.main(["snapshots", *action, "--config", str(config), "--line", "a"]) == 2
+            err = capsys.readouterr().err
+            assert "another job is writing to" in err and "Ray at 10.1.2.3:6379" in err, err
+            assert err.rstrip().endswith(f"To {action[0]} the running job's line, pass --address 10.1.2.3:6379"), err
+        assert store.list() == infos  # nothing deleted, nothing written
+    finally:
+        lock.release()
+    assert run_cluster.main(["snapshots", "reset", "--config", str(config), "--line", "a"]) == 0
 
 
 def test_restore_makes_a_snapshot_the_newest(job, tiny_config, capsys):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ..config import ConfigError, DetectorSettings, names_a_file
 from ..model_names import MODEL_CONFIG_DIR, model_problem
 from ..ops.cuda_graph import CudaGraphRunner
+from ..torch_files import load_failure
 from .hub_access import offline_unless_reachable
 
 open_clip.add_model_config(MODEL_CONFIG_DIR)
@@ -99,7 +100,7 @@ def named_weights_problem(config: DetectorSettings) -> Optional[str]:
     tag of the model, or the Hub is unreachable and the weights are not in its local cache. None
     when it can, or when `pretrained` is not a tag (checked before a job starts its actors)."""
     if config.pretrained_tag is None or config.model not in open_clip.list_models():
-        return None  # random weights, a file (`missing_weight_files`), an unknown model (create_clip_model)
+        return None  # random weights, a file (`weight_file_problems`), an unknown model (create_clip_model)
     unknown = _unknown_tag(config)
     if unknown:
         return unknown
@@ -136,6 +137,13 @@ def _create_with_weights(config: DetectorSettings, pretrained: str, unreachable:
         with open_clip_log_held(pass_on=True):
             return open_clip.create_model(config.model, pretrained=pretrained, force_image_size=config.image_size)
     except Exception as err:  # noqa: BLE001 - open_clip raises many types for missing weights
+        file = Path(pretrained)
+        if file.is_file():  # a local file: it is there, so it is the file that does not fit
+            raise ConfigError(
+                f"detector.pretrained: {pretrained} could not be loaded as {config.model} weights "
+                f"({load_failure(err, file)}); set it to that model's checkpoint (an OpenAI .pt, an OpenCLIP .bin, "
+                ".pth or .safetensors), a weights tag, or null for random weights"
+            ) from None
         raise ConfigError(_weights_unavailable(config, _unreachable_cause(unreachable) if unreachable else err)) from None
 
 

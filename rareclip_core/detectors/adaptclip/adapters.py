@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import ConfigError
+from ...torch_files import read_torch_file
 
 CHECKPOINT_PARTS = ("textual_learner", "visual_learner", "pq_learner")
 PQ_LOCAL_WIDTHS = (128, 64)  # channels of the local head's two upsampling stages
@@ -211,13 +212,7 @@ def _shared_head_conflicts(state: dict[str, torch.Tensor], n_layers: int) -> lis
 
 def read_checkpoint(path: str, field: str = "detector.weights") -> dict:
     """The torch file at `path`, loaded with weights_only=True (never unpickles code)."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"{field}: no file at {path!r}; set it to the AdaptCLIP checkpoint (epoch_15.pth) or null")
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated zip, pickle with code, not a torch file...
-        raise ConfigError(f"{field}: {path} is not a readable torch checkpoint ({type(err).__name__}: {err})") from None
+    return read_torch_file(path, field, "torch checkpoint", "set it to the AdaptCLIP checkpoint (epoch_15.pth) or null")
 
 
 def save_checkpoint(adapters: AdaptCLIPAdapters, path: str) -> None:

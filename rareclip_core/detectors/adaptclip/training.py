@@ -33,6 +33,7 @@ from ...data.datasets import Sample, load_mask
 from ...data.files import atomic_write
 from ...ops.losses import dice_loss, focal_loss
 from ...optimizer_steps import OptimizerSteps
+from ...torch_files import read_torch_file
 from .adapters import AdaptCLIPAdapters
 from .config import AdaptCLIPConfig
 from .detector import build_clip, init_adapters
@@ -179,9 +180,7 @@ def _write_resume(path: Path, adapters, optimizer, epoch: int, losses: list[floa
 
 
 def _read_resume(path: Path, config: AdaptCLIPConfig, settings: TrainingSettings) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"--resume: no resume file at {path} (a run writes it after each epoch)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_torch_file(path, "--resume", "resume file", "a run writes it after each epoch")
     if state.get("config") != config.fingerprint() or state.get("settings") != asdict(settings):
         raise ConfigError(
             f"--resume: {path} was written with other detector settings or training options "

@@ -12,6 +12,7 @@ import torch
 
 from ...config import ConfigError
 from ...data.files import atomic_write
+from ...torch_files import read_torch_file
 from .config import AFRCLIPConfig
 from .parts import AFRCLIPHeads
 
@@ -35,13 +36,8 @@ def load_heads(config: AFRCLIPConfig, width: int, embed_dim: int, cnn_dim: int) 
 def read_checkpoint(path: str | Path, field: str) -> dict:
     """The checkpoint dict at `path` (weights_only=True: nothing is unpickled); ConfigError
     naming `field` when the file is missing or not in this format."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"{field}: no file at {str(path)!r}; train one with `run_cluster.py train-afrclip` or set it to null")
-    try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for foreign files
-        raise ConfigError(f"{field}: {path} is not a readable AFR-CLIP checkpoint ({err})") from None
+    checkpoint = read_torch_file(path, field, "AFR-CLIP checkpoint",
+                                 "train one with `run_cluster.py train-afrclip` or set it to null")
     if not isinstance(checkpoint, dict) or not {"config", "state_dict"} <= set(checkpoint):
         raise ConfigError(f"{field}: {path} is not an AFR-CLIP checkpoint (expected a dict with 'config' and 'state_dict')")
     return checkpoint

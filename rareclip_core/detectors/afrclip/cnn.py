@@ -2,14 +2,13 @@
 the paper does not name it: [ours] wide_resnet50_2 with ImageNet weights)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 import torchvision
 from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from ...config import ConfigError, names_a_file
+from ...torch_files import read_torch_file
 from .config import AFRCLIPConfig
 
 
@@ -49,10 +48,8 @@ def build_cnn(config: AFRCLIPConfig) -> tuple[torch.nn.Module, int]:
 
 
 def _load_state_file(cnn: torch.nn.Module, path: str) -> None:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"detector.cnn_weights: no file at {path!r}; set it to a {type(cnn).__name__} state dict, a weights name, or null")
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    state = read_torch_file(path, "detector.cnn_weights", f"{type(cnn).__name__} state dict",
+                            f"set it to a {type(cnn).__name__} state dict, a weights name, or null")
     expected = cnn.state_dict()
     if not isinstance(state, dict):
         state = {}

@@ -64,10 +64,10 @@ class AFRCLIPConfig(DetectorSettings):
             raise ValueError(f"must be consecutive blocks from 2 on (block 1 runs unchanged), got {value}")
         return value
 
-    def missing_weight_files(self) -> list[str]:
+    def weight_file_problems(self) -> list[str]:
         """`weights`, `pretrained` and, where it names a file rather than a torchvision weights
         name, `cnn_weights` (checked before a job starts its actors)."""
-        missing = super().missing_weight_files()
+        missing = super().weight_file_problems()
         cnn = self.cnn_weights
         if cnn is not None and names_a_file(cnn) and not Path(cnn).expanduser().is_file():
             missing.append(f"detector.cnn_weights: no file at {cnn!r}; set it to the downloaded {self.cnn} "

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ...backbone.text_cache import cached_text_tensor, weights_identity
 from ...config import ConfigError
+from ...torch_files import read_torch_file
 from .config import RareCLIPConfig
 from .prompts import ABNORMAL_STATES, NORMAL_STATES, state_sentences
 
@@ -46,12 +47,9 @@ def init_text_projection(config: RareCLIPConfig, width: int, embed_dim: int) -> 
 
 def load_tpb_checkpoint(projection: TextProjection, path: str) -> None:
     """Load a torch checkpoint `{'trainable_linearlayer': {'fc.i.weight': D x C, 'fc.i.bias': D}}`."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"detector.tpb_weights: no file at {path!r}; set it to a TPB checkpoint or null")
-    checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    checkpoint = read_torch_file(path, "detector.tpb_weights", "TPB checkpoint", "set it to a TPB checkpoint or null")
     if not isinstance(checkpoint, dict) or TPB_CHECKPOINT_KEY not in checkpoint:
-        raise ConfigError(f"{path}: not a TPB checkpoint (no '{TPB_CHECKPOINT_KEY}' key)")
+        raise ConfigError(f"detector.tpb_weights: {path} is not a TPB checkpoint (no '{TPB_CHECKPOINT_KEY}' key)")
     state = checkpoint[TPB_CHECKPOINT_KEY]
     expected = projection.state_dict()
     mismatched = [
