@@ -14,8 +14,8 @@ from rareclip_core.data.datasets import load_dataset
 from rareclip_core.detectors.adaptclip.config import AdaptCLIPConfig
 from rareclip_core.detectors.adaptclip.training import TrainingSettings, resume_path, train_adapters
 
-from .training_data import (add_config_argument, add_dataset_arguments, annotated_samples, at_least, described,
-                            loss_summary, training_config)
+from .training_data import (add_config_argument, add_dataset_arguments, annotated_samples, at_least,
+                            check_save_path, described, loss_summary, training_config)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-adaptclip.yaml"
 DEFAULTS = TrainingSettings()
@@ -35,11 +35,10 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    if resume_path(args.save).is_file() and not args.resume:
-        print(f"error: {resume_path(args.save)} holds an interrupted run: pass --resume, or delete it to start afresh",
-              file=sys.stderr)
-        return 2
     try:
+        check_save_path(args.save)
+        if resume_path(args.save).is_file() and not args.resume:
+            raise ConfigError(f"{resume_path(args.save)} holds an interrupted run: pass --resume, or delete it to start afresh")
         config = training_config(args.config, AdaptCLIPConfig, "train-adaptclip trains AdaptCLIP's adapters")
         queries = annotated_samples(args.dataset, args.root, args.limit)
         normals = {c: [s for s in samples if not s.label] for c, samples in load_dataset(args.dataset, args.root, "train").items()}

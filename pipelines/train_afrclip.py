@@ -14,8 +14,8 @@ from rareclip_core.detectors.afrclip.checkpoint import save_checkpoint
 from rareclip_core.detectors.afrclip.config import AFRCLIPConfig
 from rareclip_core.detectors.afrclip.training import TrainingSettings, train_afrclip
 
-from .training_data import (add_config_argument, add_dataset_arguments, annotated_samples, at_least, described,
-                            loss_summary, training_config)
+from .training_data import (add_config_argument, add_dataset_arguments, annotated_samples, at_least,
+                            check_save_path, described, loss_summary, training_config)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-afrclip.yaml"
 
@@ -38,6 +38,7 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     try:
+        check_save_path(args.save)
         config = training_config(args.config, AFRCLIPConfig, "train-afrclip trains AFR-CLIP")
         if args.precision != "config":
             config = config.model_copy(update={"precision": args.precision})

@@ -10,8 +10,8 @@ from rareclip_core.detectors.rareclip.config import RareCLIPConfig
 from rareclip_core.detectors.rareclip.text_branch import save_tpb_checkpoint
 from rareclip_core.detectors.rareclip.training import train_text_projection
 
-from .training_data import (add_config_argument, add_dataset_arguments, annotated_samples, at_least, described,
-                            loss_summary, training_config)
+from .training_data import (add_config_argument, add_dataset_arguments, annotated_samples, at_least,
+                            check_save_path, described, loss_summary, training_config)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-paper.yaml"
 
@@ -28,6 +28,7 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     try:
+        check_save_path(args.save)
         config = training_config(args.config, RareCLIPConfig, "train-tpb trains RareCLIP's text branch")
         samples = annotated_samples(args.dataset, args.root, args.limit)
     except (ConfigError, FileNotFoundError, ValueError) as err:

@@ -6,6 +6,7 @@ As in the papers, the learned parts are trained on one dataset's test images wit
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +39,19 @@ def training_config(path: str, config_class: type[DetectorSettings], trains: str
             f"pass --config with a detector of kind {_kind(config_class)!r}"
         )
     return config
+
+
+def check_save_path(path: str) -> None:
+    """ConfigError, before any training, when `--save` cannot be written: a folder, or under a
+    file, or in a folder this user may not write into (the run would end with nothing saved)."""
+    file = Path(path).expanduser().absolute()
+    if file.is_dir():
+        raise ConfigError(f"--save: {path} is a folder; give the file to write, e.g. {Path(path) / 'weights.pth'}")
+    existing = next(p for p in file.parents if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--save: {path} lies under {existing}, which is a file; give another --save")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--save: {existing} is not writable by this user; give another --save")
 
 
 def loss_summary(losses: list[float], steps_per_epoch: int) -> str:

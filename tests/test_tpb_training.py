@@ -138,3 +138,16 @@ def test_training_commands_refuse_bad_numbers_before_loading_anything(argv, mess
     with pytest.raises(SystemExit) as stopped:
         run_cluster.main([*argv, "--dataset", "mvtec", "--root", str(tmp_path / "nowhere"), "--save", str(tmp_path / "w.pth")])
     assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train-tpb", "train-adaptclip", "train-afrclip"])
+def test_training_commands_refuse_a_save_path_they_could_not_write_before_training(command, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    for save, message in [(tmp_path, f"--save: {tmp_path} is a folder; give the file to write"),
+                          (tmp_path / "a-file" / "w.pth", f"--save: {tmp_path / 'a-file' / 'w.pth'} lies under "
+                                                          f"{tmp_path / 'a-file'}, which is a file")]:
+        # the dataset does not exist: the save path is refused first, before anything is read
+        assert run_cluster.main([command, "--dataset", "mvtec", "--root", str(tmp_path / "nowhere"), "--save", str(save)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no resume file or checkpoint folder left
