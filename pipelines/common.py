@@ -1,6 +1,7 @@
 """Arguments and steps the streaming jobs share."""
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 
@@ -37,6 +38,33 @@ def load_config_or_exit(path: str, check: bool = True, lines=None, **overrides) 
     return None if problems else cfg
 
 
+def at_least(minimum: int, why: str = ""):
+    """An argparse type: an integer >= `minimum`; argparse names the option and exits 2 otherwise,
+    before anything is loaded."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}{why}, got {value}")
+        return value
+
+    return parse
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 1 to 65535 (argparse names the option and exits 2 otherwise)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {port}")
+    return port
+
+
 def configure_console(verbose: bool = False) -> None:
     """Warnings and errors on the console (Ray's own logs stay in its log folder); `verbose`
     (-v): also this project's and Ray's informational lines."""
@@ -44,3 +72,4 @@ def configure_console(verbose: bool = False) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(level)
     logging.getLogger("ray").setLevel(level if verbose else logging.ERROR)
+    logging.getLogger("werkzeug").setLevel(level)  # the dashboard's line per HTTP request only with -v

@@ -31,6 +31,7 @@ from PIL import Image
 
 from actors.result_table import STATUS_ERROR, STATUS_OK, VISIBLE_PARQUET, MapUnavailable, read_events, read_map
 from pipelines import page_style as style
+from pipelines.common import port_number
 from pipelines import query
 from pipelines.report import overlay_map
 from rareclip_core.config import ConfigError
@@ -249,8 +250,7 @@ def _read_fresh(files: list[str], last_seqs: dict[str, int]) -> dict[str, FreshR
 
 
 def _frame_json(row: dict) -> dict:
-    verdict = "error" if row["status"] == STATUS_ERROR else (
-        "anomaly" if row["is_anomaly"] else "normal" if row["is_anomaly"] is not None else "not judged")
+    verdict = "error" if row["status"] == STATUS_ERROR else style.verdict(row["is_anomaly"])
     return {
         "seq": row["seq"],
         "score": row["score"],
@@ -274,7 +274,7 @@ def _page(results_dir: str) -> str:
 
 def add_arguments(parser) -> None:
     query.add_results_arguments(parser)
-    parser.add_argument("--port", type=int, default=8080, help="port (default: %(default)s)")
+    parser.add_argument("--port", type=port_number, default=8080, help="port (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
 
 

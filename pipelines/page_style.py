@@ -42,6 +42,12 @@ def colorbar(low, high, label: str = "anomaly map") -> str:
     return f'<span class=colorbar>{html.escape(label)} {number(low)} <i></i> {number(high)}</span>'
 
 
+def verdict(is_anomaly) -> str:
+    """A row's verdict in words: "not judged" where it has none (no threshold, or one still
+    calibrating), which is not "normal"."""
+    return "not judged" if is_anomaly is None else "anomaly" if is_anomaly else "normal"
+
+
 def number(value) -> str:
     return "–" if value is None else f"{value:.4g}"
 

@@ -48,6 +48,10 @@ def frames_by_seq(cfg, line: str, seqs: list[int]) -> list[str]:
     table = table.filter(pc.equal(table["status"], "ok"))
     uris = dict(zip(table["seq"].to_pylist(), table["uri"].to_pylist()))
     missing = [s for s in seqs if s not in uris]
+    if missing and not uris:
+        lines = sorted(persisted_last_seqs(cfg.results_dir))
+        raise ValueError(f"--line: line {line} has no scored frame in {cfg.results_dir} "
+                         f"(its lines: {', '.join(lines) or 'none yet'})")
     if missing:
         raise ValueError(f"--seq: line {line} has no scored frame with seq {', '.join(map(str, missing))} in {cfg.results_dir}")
     return [uris[s] for s in seqs]

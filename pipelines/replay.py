@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 import time
 
-
 from .common import (
     EXIT_INTERRUPTED,
     add_cluster_arguments,
+    at_least,
     load_config_or_exit,
 )
 from .line_cluster import LineCluster, RunSummary, start_ray, stop_ray
@@ -26,7 +26,7 @@ def run_replay(cfg, address=None, progress=True) -> RunSummary:
 
 def add_arguments(parser) -> None:
     add_cluster_arguments(parser)
-    parser.add_argument("--batch", type=int, help="frames per backbone call (scores are unchanged)")
+    parser.add_argument("--batch", type=at_least(1), help="frames per backbone call (scores are unchanged)")
 
 
 def main(args) -> int:

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from actors.result_table import STATUS_ERROR, STATUS_OK, MapUnavailable, read_map
 from pipelines import page_style as style
 from pipelines import query
+from pipelines.common import at_least
 from rareclip_core import DETECTORS
 from rareclip_core.config import ConfigError
 from rareclip_core.data.frames import viewable_rgb
@@ -31,7 +32,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--line", required=True, help="line id")
     query.add_results_arguments(parser)
     parser.add_argument("--report-dir", help="where index.html and its PNG files go (default: <out>/report/<line>)")
-    parser.add_argument("--top", type=int, default=DEFAULT_TOP, help="frames shown, highest scores first (default: 8)")
+    parser.add_argument("--top", type=at_least(1), default=DEFAULT_TOP, help="frames shown, highest scores first (default: 8)")
 
 
 def main(args) -> int:
@@ -213,10 +214,10 @@ def _page(line: str, summary: dict, rows: list, frames: list, scale) -> str:
         row = card["row"]
         picture = f'<img src="{e(card["image"])}" alt="frame {row["seq"]}">' if card["image"] else ""
         note = f'<p class=note>{e(card["note"])}</p>' if card["note"] else ""
-        flag = "anomaly" if row["is_anomaly"] else "normal"
+        flag = style.verdict(row["is_anomaly"])
         cards.append(
             f'<figure class={"flagged" if row["is_anomaly"] else "normal"}>{picture}{note}<figcaption><b>seq {row["seq"]}</b> · score '
-            f'{n(row["score"])} · <span class={flag}>{flag}</span><br><small>{e(style.utc_time(row["scored_time"]))}'
+            f'{n(row["score"])} · <span class="{flag}">{flag}</span><br><small>{e(style.utc_time(row["scored_time"]))}'
             f'<br><span title="{e(str(row["uri"]))}">{e(_file_name(row["uri"]))}</span></small></figcaption></figure>'
         )
     frames_html = "".join(cards) or "<p>No scored frames.</p>"

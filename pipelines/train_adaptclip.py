@@ -14,8 +14,9 @@ from rareclip_core.data.datasets import load_dataset
 from rareclip_core.detectors.adaptclip.config import AdaptCLIPConfig
 from rareclip_core.detectors.adaptclip.training import TrainingSettings, resume_path, train_adapters
 
-from .training_data import (add_config_argument, add_dataset_arguments, annotated_samples, at_least,
-                            check_save_path, described, loss_summary, training_config)
+from .common import at_least
+from .training_data import (add_config_argument, add_dataset_arguments, annotated_samples,
+                            check_save_path, described, loss_summary, shows_progress, training_config)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-adaptclip.yaml"
 DEFAULTS = TrainingSettings()
@@ -48,7 +49,8 @@ def main(args) -> int:
     settings = TrainingSettings(args.epochs, args.batch_size, args.lr, DEFAULTS.betas, args.seed)
     print(f"training AdaptCLIP's adapters on {described(queries, args.root)}")
     try:
-        _, losses = train_adapters(config, queries, normals, args.save, settings, resume=args.resume)
+        _, losses = train_adapters(config, queries, normals, args.save, settings, resume=args.resume,
+                                   progress=shows_progress(args))
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

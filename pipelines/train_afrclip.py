@@ -14,8 +14,9 @@ from rareclip_core.detectors.afrclip.checkpoint import save_checkpoint
 from rareclip_core.detectors.afrclip.config import AFRCLIPConfig
 from rareclip_core.detectors.afrclip.training import TrainingSettings, train_afrclip
 
-from .training_data import (add_config_argument, add_dataset_arguments, annotated_samples, at_least,
-                            check_save_path, described, loss_summary, training_config)
+from .common import at_least
+from .training_data import (add_config_argument, add_dataset_arguments, annotated_samples,
+                            check_save_path, described, loss_summary, shows_progress, training_config)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-afrclip.yaml"
 
@@ -33,7 +34,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpoints", help="folder of the per-epoch checkpoints (default: <save>.checkpoints)")
     parser.add_argument("--keep", type=at_least(1), default=2, help="newest epoch checkpoints kept (default %(default)s)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest epoch checkpoint")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(args) -> int:
@@ -50,7 +50,7 @@ def main(args) -> int:
     print(f"training AFR-CLIP on {described(samples, args.root)}; epoch checkpoints in {checkpoints}")
     settings = TrainingSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                 checkpoint_dir=checkpoints, keep_checkpoints=args.keep, resume=args.resume,
-                                progress=not args.no_progress)
+                                progress=shows_progress(args))
     try:
         heads, shape, losses = train_afrclip(config, samples, settings)
     except ConfigError as err:

@@ -10,8 +10,9 @@ from rareclip_core.detectors.rareclip.config import RareCLIPConfig
 from rareclip_core.detectors.rareclip.text_branch import save_tpb_checkpoint
 from rareclip_core.detectors.rareclip.training import train_text_projection
 
-from .training_data import (add_config_argument, add_dataset_arguments, annotated_samples, at_least,
-                            check_save_path, described, loss_summary, training_config)
+from .common import at_least
+from .training_data import (add_config_argument, add_dataset_arguments, annotated_samples,
+                            check_save_path, described, loss_summary, shows_progress, training_config)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detector-paper.yaml"
 
@@ -37,7 +38,8 @@ def main(args) -> int:
     print(f"training TPB on {described(samples, args.root)}")
     try:
         projection, losses = train_text_projection(
-            config, samples, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed
+            config, samples, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+            progress=shows_progress(args),
         )
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -5,7 +5,6 @@ As in the papers, the learned parts are trained on one dataset's test images wit
 (all categories) and used on another (VisA -> MVTec AD and back)."""
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -13,6 +12,8 @@ from pathlib import Path
 from configs.loading import load_detector_config
 from rareclip_core.config import ConfigError, DetectorSettings
 from rareclip_core.data.datasets import Sample, load_dataset
+
+from .common import at_least
 
 
 def _kind(config_class: type[DetectorSettings]) -> str:
@@ -61,22 +62,6 @@ def loss_summary(losses: list[float], steps_per_epoch: int) -> str:
             f"first epoch mean {sum(first) / len(first):.4f})")
 
 
-def at_least(minimum: int, why: str = ""):
-    """An argparse type: an integer >= `minimum`; argparse names the option and exits 2 otherwise,
-    before anything is loaded."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}{why}, got {value}")
-        return value
-
-    return parse
-
-
 def add_dataset_arguments(parser, min_images: int = 1, why: str = "") -> None:
     parser.add_argument("--dataset", required=True, choices=("mvtec", "visa", "folder"), help="dataset layout")
     parser.add_argument("--root", required=True, help="dataset root folder")
@@ -84,6 +69,12 @@ def add_dataset_arguments(parser, min_images: int = 1, why: str = "") -> None:
         "--limit", type=at_least(min_images, why), default=None, metavar="N",
         help="train on N images spread evenly over the test split (quick runs)",
     )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (there is none off a terminal)")
+
+
+def shows_progress(args) -> bool:
+    """A progress bar on a terminal unless --no-progress (off one, a bar's redraws fill a log)."""
+    return not args.no_progress and sys.stderr.isatty()
 
 
 def annotated_samples(dataset: str, root: str, limit: int | None) -> list[Sample]:

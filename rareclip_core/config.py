@@ -107,10 +107,14 @@ def _kind_tags(member) -> tuple:
 def read_yaml(path: str | Path) -> dict:
     """A YAML file's mapping, or ConfigError naming the file and what is wrong."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a YAML file (e.g. configs/default.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a YAML file (it is not text)") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import threading
 import urllib.request
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -159,6 +160,33 @@ def test_the_server_answers_on_a_free_local_port(results):
     finally:
         server.shutdown()
         thread.join()
+
+
+def test_the_dashboard_command_prints_its_address_and_no_line_per_request(results):
+    import signal
+    import sys
+    import time
+
+    from pipelines.nats_server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "run_cluster.py", "dashboard", "--results", str(results), "--port", str(port)],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                for path in ("/", "/api/lines", "/api/lines"):
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10).read()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "no answer"
+                time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and out.startswith(f"dashboard of {results}: http://127.0.0.1:{port}/"), (out, err)
+    assert "GET" not in out + err and "werkzeug" not in out + err, (out, err)
 
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

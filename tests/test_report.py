@@ -107,3 +107,18 @@ def test_a_stored_map_is_read_back_or_its_absence_named(tmp_path):
                         ("flat.npy", "anomaly map has shape (4,), expected a 2-D array")]:
         with pytest.raises(MapUnavailable, match=re.escape(reason)):
             read_map(tmp_path, uri)
+
+
+def test_frames_without_a_verdict_are_shown_as_not_judged(tmp_path):
+    """A line without a threshold (or still calibrating one) has no verdicts: its frames are
+    neither anomalous nor normal."""
+    from actors.writer import ResultWriterCore
+
+    frame = tmp_path / "f.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(frame)
+    writer = ResultWriterCore(str(tmp_path / "results"))
+    writer.write([{"line_id": "fresh", "seq": s, "uri": str(frame), "status": "ok", "score": float(s), "threshold": None,
+                   "is_anomaly": None, "date": "2026-12-07", "anomaly_map": np.zeros((8, 8), np.float16)} for s in range(3)])
+    writer.flush()
+    page = write_report(tmp_path / "results", "fresh", tmp_path / "report", top=3)
+    assert page.count(">not judged<") == 3 and ">normal<" not in page and ">anomaly<" not in page
