@@ -6,6 +6,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -186,6 +187,13 @@ class DetectorSettings(StrictModel):
 
     # settings that name 1-indexed blocks of the ViT (a list of them, or one): checked against its depth
     block_fields: ClassVar[tuple[str, ...]] = ()
+
+    @field_validator("device")
+    @classmethod
+    def _a_torch_device(cls, name: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+            raise ValueError("expected 'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU's index)")
+        return name
 
     @field_validator("model")
     @classmethod

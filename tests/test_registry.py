@@ -56,6 +56,9 @@ def test_unknown_kind_and_bad_fields_name_the_problem():
         detector_config_from_dict({"kind": "nope"})
     with pytest.raises(ConfigError, match="max_featurs"):
         detector_config_from_dict({"max_featurs": 1})
+    with pytest.raises(ConfigError, match=r"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N' \(N a GPU's index\) \(got 'gpu0'\)"):
+        detector_config_from_dict({"device": "gpu0"})  # checked with the config, not when a line builds its detector
+    assert detector_config_from_dict({"device": "cuda:1"}).device == "cuda:1"
 
 
 def test_a_misspelt_or_missing_setting_is_named_with_the_closest_real_ones(tmp_path):
