@@ -184,6 +184,9 @@ class DetectorSettings(StrictModel):
     # what part of a frame the model sees (and its maps cover): "center_crop" (the shorter side
     # resized to image_size, then the centre square) or "squash" (the whole frame resized to a square)
     input_view: ClassVar[str] = "center_crop"
+    # how the position embedding meets image_size: "openclip" (its force_image_size: bicubic,
+    # antialiased) or "bilinear" (align_corners=False, no antialiasing: AdaptCLIP's authors)
+    position_resize: ClassVar[str] = "openclip"
 
     # settings that name 1-indexed blocks of the ViT (a list of them, or one): checked against its depth
     block_fields: ClassVar[tuple[str, ...]] = ()

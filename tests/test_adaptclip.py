@@ -24,7 +24,7 @@ from rareclip_core.detectors.adaptclip.adapters import (
 )
 from rareclip_core.detectors.adaptclip.config import AdaptCLIPConfig
 from rareclip_core.detectors.adaptclip.detector import AdaptCLIPDetector, harmonic_mean
-from rareclip_core.detectors.adaptclip.encoder import resize_position_embedding
+from rareclip_core.backbone.clip import resize_position_embedding
 from rareclip_core.detectors.adaptclip.prompts import ABNORMAL_STATES, NORMAL_STATES, state_sentences
 from tests.conftest import REPO, textured_frames
 from tests.pipeline_helpers import line_frames, pipeline_config, read_rows, write_folder

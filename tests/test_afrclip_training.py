@@ -92,3 +92,24 @@ def test_cli_writes_the_checkpoint_format(config, tmp_path, capsys):
     argv[argv.index("--config") + 1] = str(TINY.parent / "detector-tiny.yaml")
     assert run_cluster.main(argv) == 2
     assert "train-afrclip trains AFR-CLIP; this config's detector is 'rareclip'" in capsys.readouterr().err
+
+
+def test_training_sees_the_whole_frame_squashed_and_its_masks_likewise(config, tmp_path):
+    """The paper resizes every image to 518 x 518: a defect in the left third of a wide frame
+    (outside a centre crop) is in the training image and in its mask."""
+    from rareclip_core.data.datasets import Sample
+    from rareclip_core.detectors.afrclip.model import load_model
+    from rareclip_core.detectors.afrclip.training import _TrainingData
+
+    frame = np.zeros((100, 300, 3), np.uint8)
+    frame[:, :100] = 255
+    mask = np.zeros((100, 300), np.uint8)
+    mask[:, :100] = 255
+    Image.fromarray(frame).save(tmp_path / "x.png")
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    sample = Sample(str(tmp_path / "x.png"), 1, str(tmp_path / "m.png"), "dent", "widget")
+    model = load_model(config, torch.device("cpu"), ["widget"], training=True)
+    images, _, _, masks, labels = _TrainingData(model, config, [sample]).batch([0])
+    third = config.image_size // 3
+    assert masks[0, :, : third - 1].all() and not masks[0, :, third + 1 :].any() and labels.tolist() == [1]
+    assert images[0, :, :, : third - 1].mean() > images[0, :, :, third + 1 :].mean()  # the white third, left

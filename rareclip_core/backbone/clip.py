@@ -67,7 +67,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def create_clip_model(config: DetectorSettings) -> torch.nn.Module:
-    """The full CLIP model (text tower included) with the configured weights.
+    """The full CLIP model (text tower included) with the configured weights, for input images
+    of `image_size`: its position embedding resized by OpenCLIP (bicubic, antialiased), or, where
+    the kind's `position_resize` is "bilinear", by `resize_position_embedding`.
 
     `pretrained`: 'openai' (downloads where a network exists), a local checkpoint file, or
     None for random weights drawn from `seed` (without touching the global RNG).
@@ -75,6 +77,16 @@ def create_clip_model(config: DetectorSettings) -> torch.nn.Module:
     problem = model_problem(config.model)
     if problem:
         raise ConfigError(f"detector.model {config.model!r}: {problem}")
+    if config.position_resize == "bilinear":
+        native = open_clip.get_model_config(config.model)["vision_cfg"]["image_size"]
+        native = native if isinstance(native, int) else native[0]
+        model = _create_clip_model(config.model_copy(update={"image_size": native}))
+        resize_position_embedding(model.visual, config.image_size)
+        return model
+    return _create_clip_model(config)
+
+
+def _create_clip_model(config: DetectorSettings) -> torch.nn.Module:
     pretrained = config.pretrained
     if pretrained is None:  # open_clip warns that no weights were loaded: that is the intent
         with open_clip_log_held(pass_on=False), torch.random.fork_rng(devices=[]):
@@ -93,6 +105,23 @@ def create_clip_model(config: DetectorSettings) -> torch.nn.Module:
         raise ConfigError(unknown)
     with offline_unless_reachable() as unreachable:  # a named tag: from the Hub, or its local cache
         return _create_with_weights(config, pretrained, unreachable)
+
+
+def resize_position_embedding(visual: torch.nn.Module, image_size: int) -> None:
+    """Resize `visual`'s position embedding in place to the grid of `image_size`: the class
+    token's row kept, the g x g grid bilinearly interpolated (align_corners=False, no
+    antialiasing; OpenCLIP's own resize is bicubic with antialiasing)."""
+    patch = visual.patch_size[0]
+    grid = image_size // patch
+    old = visual.positional_embedding.data  # (1 + g0^2) x C
+    g0 = int(round((old.shape[0] - 1) ** 0.5))
+    if g0 != grid:
+        table = old[1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2).float()  # 1 x C x g0 x g0
+        table = F.interpolate(table, size=(grid, grid), mode="bilinear", align_corners=False)
+        table = table.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(old.dtype)
+        visual.positional_embedding = torch.nn.Parameter(torch.cat([old[:1], table]), requires_grad=False)
+    visual.grid_size = (grid, grid)
+    visual.image_size = (image_size, image_size)
 
 
 def named_weights_problem(config: DetectorSettings) -> Optional[str]:

@@ -16,6 +16,7 @@ class AdaptCLIPConfig(DetectorSettings):
     weight_fields: ClassVar[tuple[str, ...]] = ("weights",)
     block_fields: ClassVar[tuple[str, ...]] = ("patch_blocks", "value_value_from")
     input_view: ClassVar[str] = "squash"
+    position_resize: ClassVar[str] = "bilinear"
     # Backbone: model, pretrained, image_size (518), seed, device, precision (DetectorSettings)
     weights: Optional[str] = Field(
         None,

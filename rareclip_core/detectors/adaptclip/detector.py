@@ -16,7 +16,7 @@ from ...contract import DetectionResult, Detector, PaperFigures
 from ...timing import stage_timer
 from .adapters import AdaptCLIPAdapters, AdapterShapes, read_checkpoint
 from .config import AdaptCLIPConfig
-from .encoder import AdaptCLIPEncoder, FrameFeatures, resize_position_embedding, static_text_features
+from .encoder import AdaptCLIPEncoder, FrameFeatures, static_text_features
 from .heads import prompt_query_logits, text_alignment_logits, upsample, visual_adapter
 from .paper import paper_figures
 from .prompts import ABNORMAL_STATES, NORMAL_STATES, state_sentences
@@ -26,18 +26,6 @@ def harmonic_mean(*values: torch.Tensor) -> torch.Tensor:
     """n / sum(1 / x) elementwise; nan and inf (from zeros) become 0, as the authors'."""
     total = sum(1.0 / v for v in values)
     return torch.nan_to_num(len(values) / total, nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def build_clip(config: AdaptCLIPConfig) -> torch.nn.Module:
-    """The configured CLIP model at its native input size (its position embedding is resized
-    afterwards by `resize_position_embedding`, not by OpenCLIP)."""
-    if config.model not in open_clip.list_models():
-        create_clip_model(config)  # raises the ConfigError naming detector.model
-    native = open_clip.get_model_config(config.model)["vision_cfg"]["image_size"]
-    native = native if isinstance(native, int) else native[0]
-    model = create_clip_model(config.model_copy(update={"image_size": native}))
-    resize_position_embedding(model.visual, config.image_size)
-    return model
 
 
 def adapter_shapes(config: AdaptCLIPConfig, model: torch.nn.Module) -> AdapterShapes:
@@ -85,7 +73,7 @@ class AdaptCLIPDetector(Detector):
     def __init__(self, config: AdaptCLIPConfig):
         self.config = config
         self.device = resolve_device(config.device)
-        model = build_clip(config).to(self.device).eval().requires_grad_(False)
+        model = create_clip_model(config).to(self.device).eval().requires_grad_(False)
         self.adapters = init_adapters(config, model)
         sentences = tuple(state_sentences(s, config.object_noun) for s in (NORMAL_STATES, ABNORMAL_STATES))
         with torch.inference_mode():

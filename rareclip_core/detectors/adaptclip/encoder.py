@@ -12,23 +12,6 @@ import torch.nn.functional as F
 from ...backbone import VisionOptions, backbone_dtype, vision_forward
 
 
-def resize_position_embedding(visual: torch.nn.Module, image_size: int) -> None:
-    """Resize `visual`'s position embedding in place to the grid of `image_size`: the class
-    token's row kept, the g x g grid bilinearly interpolated (align_corners=False, no
-    antialiasing; OpenCLIP's own resize is bicubic with antialiasing)."""
-    patch = visual.patch_size[0]
-    grid = image_size // patch
-    old = visual.positional_embedding.data  # (1 + g0^2) x C
-    g0 = int(round((old.shape[0] - 1) ** 0.5))
-    if g0 != grid:
-        table = old[1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2).float()  # 1 x C x g0 x g0
-        table = F.interpolate(table, size=(grid, grid), mode="bilinear", align_corners=False)
-        table = table.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(old.dtype)
-        visual.positional_embedding = torch.nn.Parameter(torch.cat([old[:1], table]), requires_grad=False)
-    visual.grid_size = (grid, grid)
-    visual.image_size = (image_size, image_size)
-
-
 @dataclass
 class FrameFeatures:
     """The frozen backbone's output for one frame (no state involved, so frames batch)."""

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from ...backbone import FrameInput, resolve_device
+from ...backbone import FrameInput, create_clip_model, resolve_device
 from ...config import ConfigError
 from ...data.datasets import Sample, load_mask
 from ...data.files import atomic_write
@@ -36,7 +36,7 @@ from ...optimizer_steps import OptimizerSteps
 from ...torch_files import read_torch_file
 from .adapters import AdaptCLIPAdapters
 from .config import AdaptCLIPConfig
-from .detector import build_clip, init_adapters
+from .detector import init_adapters
 from .encoder import AdaptCLIPEncoder, FrameFeatures, static_text_features
 from .heads import prompt_query_logits, text_alignment_logits, upsample, visual_adapter
 from .prompts import ABNORMAL_STATES, NORMAL_STATES, state_sentences
@@ -69,7 +69,7 @@ class _Trainer:
     def __init__(self, config: AdaptCLIPConfig):
         self.config = config
         self.device = resolve_device(config.device)
-        self.model = build_clip(config).to(self.device).eval().requires_grad_(False)
+        self.model = create_clip_model(config).to(self.device).eval().requires_grad_(False)
         self.adapters = init_adapters(config, self.model).train().requires_grad_(True)
         self.adapters.textual_learner.requires_grad_(False)
         self.adapters.textual_learner.ctx_pos.requires_grad_(True)

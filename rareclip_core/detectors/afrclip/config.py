@@ -15,6 +15,8 @@ class AFRCLIPConfig(DetectorSettings):
 
     kind: Literal["afrclip"] = "afrclip"
     weight_fields: ClassVar[tuple[str, ...]] = ("weights",)
+    input_view: ClassVar[str] = "squash"  # the paper: "all images are resized to 518x518"
+    position_resize: ClassVar[str] = "bilinear"  # not stated; as AdaptCLIP's authors [ours]
     block_fields: ClassVar[tuple[str, ...]] = ("stage_blocks", "prompt_blocks")
     weights: Optional[str] = Field(
         None,

@@ -81,6 +81,7 @@ class _TrainingData:
         self.model = model
         self.samples = samples
         self.image_size = config.image_size
+        self.view = config.input_view  # masks cut as the frames are
         self.frame_input = FrameInput(config.image_size, config.input_view, model.vision.device, config.resize_on_device)
         self.cnn_cache: dict[int, torch.Tensor] = {}
 
@@ -97,7 +98,7 @@ class _TrainingData:
                 self.cnn_cache[i] = self.model.vision.cnn_features(images[k : k + 1])[0].cpu()
         cnn = torch.stack([self.cnn_cache[i] for i in indices]).to(device)
         text = torch.stack([self.model.text[product_name(self.samples[i].category)] for i in indices]).to(device)
-        masks = torch.stack([torch.from_numpy(load_mask(self.samples[i], self.image_size)) for i in indices])
+        masks = torch.stack([torch.from_numpy(load_mask(self.samples[i], self.image_size, self.view)) for i in indices])
         labels = torch.tensor([self.samples[i].label for i in indices])
         return images, cnn, text, masks.to(device), labels.to(device)
 

@@ -22,7 +22,7 @@ class AdaptationSettings:
 
 
 class TokenAdapter(torch.nn.Module):
-    """L(x) = 0.5 x + 0.5 (W x/|x| + b) (AnoVL's adapter form), W and b drawn as torch's Linear
+    """L(x) = 0.5 x + 0.5 (W x/|x| + b) (AnoVL's `Adapter`, which its VisA script uses), W and b drawn as torch's Linear
     default (uniform in +-1/sqrt(D)) but from `generator`, so a restored line draws the same."""
 
     def __init__(self, dim: int, generator: torch.Generator):
