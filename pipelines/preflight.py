@@ -59,15 +59,23 @@ def job_problems(cfg: PipelineConfig, lines: Optional[list[str]] = None) -> list
 
 
 def out_problem(out: str) -> Optional[str]:
-    """Why a job could not write its output folder `out`: a file there or above it, or a folder
-    this user may not write into (None when it can)."""
-    path = Path(out).expanduser().absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    """Why a job could not write its output folder `out` (None when it can)."""
+    return writable_problem(out, "folder", "out", "give the job another --out (or `out:` in the config)")
+
+
+def writable_problem(path: str, want: str, name: str, fix: str) -> Optional[str]:
+    """Why `path` cannot be written as a `want` ("folder" or "file"): it is the other kind, it
+    lies under a file, or the folder it would go in is not writable by this user. `name` is the
+    setting or option that gave it, `fix` what to do. None when it can."""
+    target = Path(path).expanduser().absolute()
+    if want == "file" and target.is_dir():
+        return f"{name}: {path} is a folder; {fix}"
+    existing = next(p for p in (target, *target.parents) if p.exists())
     if not existing.is_dir():
-        where = "is a file" if existing == path else f"lies under {existing}, which is a file"
-        return f"out: {out} {where}, not a folder; give the job another --out (or `out:` in the config)"
+        where = "is a file, not a folder" if existing == target else f"lies under {existing}, which is a file"
+        return f"{name}: {path} {where}; {fix}"
     if not os.access(existing, os.W_OK | os.X_OK):
-        return f"out: {existing} is not writable by this user; give the job another --out (or `out:` in the config)"
+        return f"{name}: {existing} is not writable by this user; {fix}"
     return None
 
 

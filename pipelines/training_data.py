@@ -5,7 +5,6 @@ As in the papers, the learned parts are trained on one dataset's test images wit
 (all categories) and used on another (VisA -> MVTec AD and back)."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from rareclip_core.config import ConfigError, DetectorSettings
 from rareclip_core.data.datasets import Sample, load_dataset
 
 from .common import at_least
+from .preflight import writable_problem
 
 
 def _kind(config_class: type[DetectorSettings]) -> str:
@@ -43,16 +43,12 @@ def training_config(path: str, config_class: type[DetectorSettings], trains: str
 
 
 def check_save_path(path: str) -> None:
-    """ConfigError, before any training, when `--save` cannot be written: a folder, or under a
-    file, or in a folder this user may not write into (the run would end with nothing saved)."""
-    file = Path(path).expanduser().absolute()
-    if file.is_dir():
-        raise ConfigError(f"--save: {path} is a folder; give the file to write, e.g. {Path(path) / 'weights.pth'}")
-    existing = next(p for p in file.parents if p.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"--save: {path} lies under {existing}, which is a file; give another --save")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--save: {existing} is not writable by this user; give another --save")
+    """ConfigError, before any training, when `--save` cannot be written (the run would end
+    with nothing saved): see `writable_problem`."""
+    problem = writable_problem(path, "file", "--save", f"give the file to write, e.g. {Path(path) / 'weights.pth'}"
+                               if Path(path).expanduser().is_dir() else "give another --save")
+    if problem:
+        raise ConfigError(problem)
 
 
 def loss_summary(losses: list[float], steps_per_epoch: int) -> str:

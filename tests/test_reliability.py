@@ -437,11 +437,12 @@ def test_config_problems_are_found_before_ray_starts(tmp_path, capsys):
     assert f"detector.pretrained: {tmp_path / 'clip.pt'} is not a weights file: the file is empty" in err, err
     # an output folder that is a file, or lies under one
     (tmp_path / "a-file").write_text("x")
-    for out, where in [(tmp_path / "a-file", "is a file"), (tmp_path / "a-file" / "sub", f"lies under {tmp_path / 'a-file'}, which is a file")]:
+    for out, where in [(tmp_path / "a-file", "is a file, not a folder"),
+                       (tmp_path / "a-file" / "sub", f"lies under {tmp_path / 'a-file'}, which is a file")]:
         plain = write_config(tmp_path / "o.yaml", tmp_path / "src", out)
         assert run_cluster.main(["replay", "--config", str(plain)]) == 2
         err = capsys.readouterr().err
-        assert f"error: {plain}: out: {out} {where}, not a folder" in err and "Traceback" not in err, err
+        assert f"error: {plain}: out: {out} {where}; give the job another --out" in err and "Traceback" not in err, err
 
 
 def test_a_weights_file_torch_cannot_read_is_named_without_advice_to_load_it_unsafely(tmp_path):
