@@ -70,7 +70,8 @@ def writable_problem(path: str, want: str, name: str, fix: str) -> Optional[str]
     target = Path(path).expanduser().absolute()
     if want == "file" and target.is_dir():
         return f"{name}: {path} is a folder; {fix}"
-    existing = next(p for p in (target, *target.parents) if p.exists())
+    folders = target.parents if want == "file" else (target, *target.parents)  # a file there is overwritten
+    existing = next(p for p in folders if p.exists())
     if not existing.is_dir():
         where = "is a file, not a folder" if existing == target else f"lies under {existing}, which is a file"
         return f"{name}: {path} {where}; {fix}"
