@@ -119,6 +119,27 @@ def test_a_row_cut_short_by_a_crash_is_dropped_and_a_damaged_ledger_is_named(tmp
         FrameLedger(tmp_path / "l", "l")
 
 
+def test_an_append_that_fails_on_a_full_disk_leaves_the_file_as_it_was_and_the_retry_appends_whole_rows(
+        tmp_path, monkeypatch):
+    ledger = FrameLedger(tmp_path / "l", "l")
+    ledger.extend(["a.png", "b.png"])
+    [file] = (tmp_path / "l").iterdir()
+    before = file.read_bytes()
+    real_write = os.write
+
+    def half_then_full(fd, data):  # the disk fills part way through the rows
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sources.os, "write", half_then_full)
+    with pytest.raises(OSError, match="No space left"):
+        ledger.extend(["c.png", "d.png", "e.png"])
+    assert file.read_bytes() == before  # no part of a row stays
+    monkeypatch.setattr(sources.os, "write", real_write)
+    assert ledger.extend(["c.png", "d.png", "e.png"]) == 3  # what ingestion retries
+    assert FrameLedger(tmp_path / "l", "l").uris_from(0) == ["a.png", "b.png", "c.png", "d.png", "e.png"]
+
+
 def test_a_ledger_written_as_one_file_per_line_is_read_on(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "LEDGER_SEGMENT_ROWS", 2)
     (tmp_path / "l.csv").write_text("line_id,seq,uri\nl,0,a\nl,1,b\nl,2,c\n")  # the layout before ledger files

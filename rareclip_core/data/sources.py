@@ -6,6 +6,7 @@ after a crash gives every frame the same number again (exactly-once rests on tha
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 import shutil
@@ -346,7 +347,7 @@ class FrameLedger:
         legacy.unlink()
 
     def _read(self, first_seq: int, path: Path) -> LedgerSegment:
-        with path.open(newline="") as fh:
+        with path.open(newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
         for i, row in enumerate(rows):
             if int(row["seq"]) != first_seq + i:
@@ -356,17 +357,30 @@ class FrameLedger:
         return LedgerSegment(first_seq, [row["uri"] for row in rows], newest)
 
     def _write(self, path: Path, first_seq: int, uris: list[str], taken_at: float) -> None:
-        """Append the rows of seqs first_seq.. to a ledger file (made with its header), fsynced."""
+        """Append the rows of seqs first_seq.. to a ledger file (made with its header), fsynced.
+        All or nothing: a write that fails (a full disk) cuts the file back to where it was, so
+        that the retry appends the same rows whole after the last good one."""
         created = not path.is_file()
         if created:
             path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", newline="") as fh:
-            writer = csv.writer(fh)
-            if fh.tell() == 0:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            text = io.StringIO()
+            writer = csv.writer(text)
+            if start == 0:
                 writer.writerow(LEDGER_COLUMNS)
             writer.writerows([self.line_id, first_seq + i, uri, f"{taken_at:.3f}"] for i, uri in enumerate(uris))
-            fh.flush()
-            os.fsync(fh.fileno())
+            data = memoryview(text.getvalue().encode("utf-8"))
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, start)
+                raise
+        finally:
+            os.close(fd)
         if created:
             fsync_folder(path.parent)
 
