@@ -152,7 +152,7 @@ class IngestActor:
                 self.drops.add(line_id)
             return None
 
-    def run(self, start_seqs: dict[str, int] | None = None) -> dict[str, int]:
+    def run(self, start_seqs: dict[str, int] | None = None, delay_s: float = 0.0) -> dict[str, int]:
         """Feed the lines of `start_seqs` (default: its first lines, from 0) from their start seqs
         until the source ends (or, for a live source, until `stop`). Lines are interleaved round
         by round: each round decodes up to `chunks_per_round` chunks of every line that has room
@@ -160,7 +160,11 @@ class IngestActor:
         order; a full line is passed over, so a slow or stalled line holds back no other. Returns next seq per line.
         Sequence numbers are source positions, so any seq can be read again for a replay. A
         `run` replaces one still running (the supervisor started a new feed when it could not
-        reach this actor): the older one ends, so that the actor's threads stay free for `stop`."""
+        reach this actor): the older one ends, so that the actor's threads stay free for `stop`.
+        `delay_s`: wait this long first (the supervisor's back-off after feeds that failed at once),
+        or until `stop`."""
+        if delay_s and self.stopped.wait(delay_s):
+            return dict(start_seqs) if start_seqs else {line: 0 for line in self.lines}
         with self.lock:
             self.running = True
             self.feed += 1

@@ -23,6 +23,8 @@ from .result_table import append_event
 log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 2.0
 PAUSED_FLUSH_EVERY_S = 1.0  # while ingestion is paused, how often the writer is asked to try writing again
+FEED_STEADY_S = 30.0  # a feed failing sooner than this after its start counts toward the back-off
+FEED_RETRY_MAX_S = 30.0  # the longest wait before a failed feed is started again
 
 
 def tell_supervisor(supervisor_name: Optional[str], text: str, call: str = "notice") -> None:
@@ -64,6 +66,8 @@ class Supervisor:
         self.every_frames = every_frames
         self.every_s = every_s
         self.feeds: dict[int, Optional[ray.ObjectRef]] = {}
+        self.feed_started: dict[int, float] = {}  # when each feed last started (monotonic)
+        self.feed_failures: dict[int, int] = {}  # failures in a row, each soon after its feed started
         self.fed_to: dict[str, int] = {}  # where a finished feed left each line
         self.totals: dict[str, Optional[int]] = {}
         self.progress: dict[str, int] = {line: 0 for line in lines}
@@ -91,7 +95,7 @@ class Supervisor:
         for i, (actor, group) in enumerate(self.ingest):
             totals = await actor.totals.remote()
             self.totals.update(totals or {line: None for line in group})
-            self.feeds[i] = actor.run.remote({line: self.progress[line] for line in group})
+            self._start_feed(i)
         self.watcher = asyncio.get_running_loop().create_task(self._watch())
 
     # ---- notifications from restarted actors ---------------------------------------------------
@@ -255,7 +259,7 @@ class Supervisor:
             await self._check_feed(i)  # a feed that failed since the last check is noted, not overwritten
             if self.feeds.get(i) is not None and await _call(actor.rewind.remote(line, seq)):
                 return
-            self.feeds[i] = actor.run.remote({other: self.progress[other] for other in group})
+            self._start_feed(i)
 
     # ---- the watch loop ----------------------------------------------------------------------------
     async def _watch(self) -> None:
@@ -296,9 +300,19 @@ class Supervisor:
         except ray.exceptions.RayError as err:
             group = self.ingest[i][1]
             cause = str(getattr(err, "cause", None) or type(err).__name__).strip().splitlines()[-1][:300]
-            self._event("feed restarts", f"ingest {i} failed; feeding {group} again from the lines' positions ({cause})",
-                        counted=False)  # counted as the ingest restart it comes with
-            self.feeds[i] = self.ingest[i][0].run.remote({line: self.progress[line] for line in group})
+            soon = time.monotonic() - self.feed_started.get(i, 0.0) < FEED_STEADY_S
+            self.feed_failures[i] = self.feed_failures.get(i, 0) + 1 if soon else 1
+            # a feed that keeps failing at once (a full disk, a server gone) is tried again less and less often
+            delay = 0.0 if self.feed_failures[i] == 1 else min(FEED_RETRY_MAX_S, 2.0 ** (self.feed_failures[i] - 2))
+            again = f"again in {delay:.0f} s" if delay else "again"
+            self._event("feed restarts", f"ingest {i} failed; feeding {group} {again} from the lines' positions ({cause})",
+                        counted=not isinstance(err, ray.exceptions.RayActorError))  # a dead actor: its restart counts
+            self._start_feed(i, delay)
+
+    def _start_feed(self, i: int, delay_s: float = 0.0) -> None:
+        """A new feed of ingest actor i from its lines' positions (after `delay_s`)."""
+        self.feed_started[i] = time.monotonic() + delay_s
+        self.feeds[i] = self.ingest[i][0].run.remote({line: self.progress[line] for line in self.ingest[i][1]}, delay_s)
 
     def _maybe_snapshot(self, line: str, actor) -> None:
         if self.every_frames is None and self.every_s is None or line in self.snapshotting:

@@ -6,10 +6,13 @@ import datetime as dt
 import gc
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -42,6 +45,18 @@ from .preflight import snapshot_settings_problem
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def send_token_to_an_explicit_address() -> None:
+    """Ray sends this machine's token (the one an embedded Ray started here uses, ~/.ray/auth_token)
+    only when it finds the cluster itself (`auto`), not to an address given to it, where a
+    cluster with token authentication then refuses the connection; a cluster without ignores the
+    token. So: what Ray does for `auto` (when RAY_AUTH_MODE is not set and a token exists)."""
+    try:
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
     """Join a cluster at `address`, or start an embedded local Ray (the default)."""
     if ray.is_initialized():
@@ -52,6 +67,8 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> 
     # Ray's console lines (token-auth notice, "Started a local Ray instance") only with -v
     console = {"logging_level": logging.INFO if logging.getLogger("ray").isEnabledFor(logging.INFO) else logging.ERROR}
     if address:
+        if address != "auto":
+            send_token_to_an_explicit_address()
         ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=False, **console)
     else:
         ray.init(
@@ -187,6 +204,24 @@ class RunSummary:
         if self.interrupted:
             out.append("  interrupted: run the same command again to resume where each line stopped")
         return out
+
+
+@contextmanager
+def sigterm_as_ctrl_c():
+    """While inside, SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl-C does (elsewhere:
+    nothing changes; signal handlers belong to the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class TerminalProgress:
@@ -364,7 +399,12 @@ class LineCluster:
         """Feed all lines until the source ends (a live source: until interrupted), wait until
         every row is persisted. `on_poll(status)` is called about twice a second (the fault
         drill uses it). Ctrl-C stops reading, finishes the frames in flight, flushes and
-        snapshots every line (a second Ctrl-C leaves at once: the next run resumes all the same)."""
+        snapshots every line (a second Ctrl-C leaves at once: the next run resumes all the same).
+        SIGTERM (systemd, `docker stop`, `kill`) is taken as Ctrl-C."""
+        with sigterm_as_ctrl_c():
+            return self._run(progress, flush_every_s, on_poll)
+
+    def _run(self, progress: bool, flush_every_s: Optional[float], on_poll) -> RunSummary:
         append_event(self.cfg.results_dir, "job", f"started: {len(self.lines)} lines (pid {os.getpid()} on {socket.gethostname()})")
         try:
             ray.get(self.supervisor.start.remote())
@@ -381,10 +421,11 @@ class LineCluster:
         def show(status: dict) -> None:
             if bars:
                 bars.update(status["progress"])
-                for kind in told:  # recoveries and the actors' notices, as they happen (local time)
-                    for text in status[kind][told[kind]:]:
-                        bars.say(f"{dt.datetime.now():%Y-%m-%d %H:%M:%S} {text}")
-                    told[kind] = len(status[kind])
+            for kind in told:  # recoveries and the actors' notices, as they happen (local time), bars or not
+                for text in status[kind][told[kind]:]:
+                    stamped = f"{dt.datetime.now():%Y-%m-%d %H:%M:%S} {text}"
+                    bars.say(stamped) if bars else print(stamped, file=sys.stderr, flush=True)
+                told[kind] = len(status[kind])
 
         try:
             try:

@@ -243,6 +243,21 @@ def test_ctrl_c_on_replay_stops_cleanly_and_a_rerun_resumes(tmp_path):
     assert verdict["ok"] and verdict["rows"] == 120, verdict
 
 
+def test_sigterm_stops_a_live_job_as_ctrl_c_does(tmp_path):
+    """systemd and `docker stop` send SIGTERM: the job stops reading, flushes, snapshots and says
+    so, instead of Ray's crash report."""
+    write_folder(tmp_path / "src", "a", line_frames(61, 6))
+    config = write_config(tmp_path / "job.yaml", tmp_path / "src", tmp_path / "out", writer_flush_s=0.1,
+                          source={"watch": True, "poll_s": 0.2, "settle_s": 0.0})
+    live = start(["live", "--config", str(config)])
+    wait_for_rows(tmp_path / "out" / "results", 6)
+    live.send_signal(signal.SIGTERM)
+    out, err = live.communicate(timeout=90)
+    assert live.returncode == 130 and "Traceback" not in err and "SIGTERM received" not in err, err
+    assert "interrupted: run the same command again" in out, out
+    assert [r["seq"] for r in read_rows(tmp_path / "out" / "results")] == list(range(6))
+
+
 def test_a_second_ctrl_c_leaves_at_once_without_a_traceback(tmp_path):
     write_folder(tmp_path / "src", "a", line_frames(60, 200))
     config = write_config(tmp_path / "job.yaml", tmp_path / "src", tmp_path / "out", max_in_flight=2,
@@ -559,3 +574,59 @@ def test_a_lost_supervisor_says_how_to_resume(local_ray, tiny_config, tmp_path):
             cluster.run(progress=False, on_poll=kill_supervisor)
     finally:
         cluster.shutdown()
+
+
+def test_a_feed_that_keeps_failing_is_tried_again_less_often_counted_and_said_without_progress_bars(
+        local_ray, tiny_config, tmp_path, capsys):
+    """Ingestion that fails at once each time (here its ledger folder is a file: the disk could be
+    full, a server gone) is started again after 1, 2, 4 ... s, not as fast as it fails; each
+    failure is told on the console although the job draws no progress, and counted."""
+    from pipelines.line_cluster import LineCluster
+    from tests.pipeline_helpers import pipeline_config
+
+    write_folder(tmp_path / "src", "a", line_frames(5, 2))
+    cfg = pipeline_config(tiny_config, tmp_path / "src", tmp_path / "out")
+    cfg = cfg.model_copy(update={"source": cfg.source.model_copy(update={"watch": True, "poll_s": 0.1, "settle_s": 0.0})})
+    (Path(cfg.ledger_dir)).mkdir(parents=True)
+    (Path(cfg.ledger_dir) / "a").write_text("not a folder")
+    cluster = LineCluster(cfg)
+    seen: list[float] = []
+
+    def stop_after_four_failures(status):
+        failures = [e for e in status["events"] if e.startswith("ingest 0 failed")]
+        seen[len(seen):] = [time.monotonic()] * (len(failures) - len(seen))
+        if len(failures) >= 4:
+            cluster.supervisor.stop.remote()
+
+    try:
+        summary = cluster.run(progress=False, on_poll=stop_after_four_failures)
+    finally:
+        cluster.shutdown()
+    failures = [e for e in summary.events if e.startswith("ingest 0 failed")]
+    assert failures[0].startswith("ingest 0 failed; feeding ['a'] again from the lines' positions"), failures
+    assert [f.split(" from ")[0].rsplit("again", 1)[1] for f in failures[1:4]] == [" in 1 s", " in 2 s", " in 4 s"], failures
+    assert seen[3] - seen[1] >= 2.5, seen  # the waits were made (2 s, then 4 s less the polls' lag)
+    assert summary.event_counts.get("feed restarts", 0) >= 4
+    err = capsys.readouterr().err
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ingest 0 failed; feeding \['a'\] again in 2 s", err, re.M), err
+
+
+def test_a_command_joins_an_embedded_jobs_ray_by_the_address_its_lock_names(tmp_path):
+    """`references add` / `snapshots reset` with the --address a refusal names: the embedded Ray a
+    job starts here uses token authentication, which Ray sends by itself only for `auto`."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, ray\n"
+         "from pipelines.line_cluster import start_ray\n"
+         "start_ray(num_cpus=1)\nprint(ray.get_runtime_context().gcs_address, flush=True)\nsys.stdin.read()"],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        address = holder.stdout.readline().strip()
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+        joined = subprocess.run(
+            [sys.executable, "-c", "import sys, ray\nfrom pipelines.line_cluster import start_ray, stop_ray\n"
+             f"start_ray({address!r})\nprint(ray.cluster_resources()['CPU'])\nstop_ray()"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert joined.returncode == 0 and joined.stdout.strip() == "1.0", joined.stderr[-2000:]
+    finally:
+        holder.stdin.close()
+        holder.wait(60)
