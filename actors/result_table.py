@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from rareclip_core.data.files import atomic_write
+from rareclip_core.data.files import append_whole, atomic_write
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -137,8 +137,8 @@ def append_event(results_dir, kind: str, text: str) -> None:
     happened to the jobs that wrote it (recoveries, notices), for people to read."""
     record = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "kind": kind, "text": text}
     Path(results_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(results_dir) / EVENTS_FILE, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
+    line = (json.dumps(record) + "\n").encode("utf-8")
+    append_whole(Path(results_dir) / EVENTS_FILE, lambda size: line, fsync=False)  # a full disk tears no line
 
 
 def read_events(results_dir, newest: int) -> list[dict]:

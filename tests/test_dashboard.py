@@ -239,3 +239,21 @@ def test_before_any_row_the_page_is_empty_not_broken(tmp_path):
     client = create_app(tmp_path / "not-yet" / "results").test_client()
     assert lines_json(client) == {}
     assert client.get("/api/frame/a/0").status_code == 404 and client.get("/").status_code == 200
+
+
+def test_an_event_the_disk_had_no_room_for_tears_no_line(tmp_path, monkeypatch):
+    from rareclip_core.data import files
+
+    append_event(tmp_path, "job", "started")
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "write", half_then_full)
+    with pytest.raises(OSError):
+        append_event(tmp_path, "feed restarts", "ingest 0 failed")
+    monkeypatch.setattr(files.os, "write", real_write)
+    append_event(tmp_path, "job", "stopped")  # once there is room: whole, after the last whole line
+    assert [e["text"] for e in read_events(tmp_path, 10)] == ["started", "stopped"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rareclip_core.data import sources
+from rareclip_core.data import files, sources
 from rareclip_core.data.sources import FolderSource, FrameLedger, ManifestSource, Source
 
 
@@ -131,11 +131,11 @@ def test_an_append_that_fails_on_a_full_disk_leaves_the_file_as_it_was_and_the_r
         real_write(fd, bytes(data[: len(data) // 2]))
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(sources.os, "write", half_then_full)
+    monkeypatch.setattr(files.os, "write", half_then_full)
     with pytest.raises(OSError, match="No space left"):
         ledger.extend(["c.png", "d.png", "e.png"])
     assert file.read_bytes() == before  # no part of a row stays
-    monkeypatch.setattr(sources.os, "write", real_write)
+    monkeypatch.setattr(files.os, "write", real_write)
     assert ledger.extend(["c.png", "d.png", "e.png"]) == 3  # what ingestion retries
     assert FrameLedger(tmp_path / "l", "l").uris_from(0) == ["a.png", "b.png", "c.png", "d.png", "e.png"]
 

@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .datasets import load_dataset, shuffled
-from .files import fsync_folder
+from .files import append_whole, fsync_folder
 
 log = logging.getLogger(__name__)
 
@@ -363,24 +363,16 @@ class FrameLedger:
         created = not path.is_file()
         if created:
             path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            start = os.lseek(fd, 0, os.SEEK_END)
+
+        def rows(size: int) -> bytes:
             text = io.StringIO()
             writer = csv.writer(text)
-            if start == 0:
+            if size == 0:
                 writer.writerow(LEDGER_COLUMNS)
             writer.writerows([self.line_id, first_seq + i, uri, f"{taken_at:.3f}"] for i, uri in enumerate(uris))
-            data = memoryview(text.getvalue().encode("utf-8"))
-            try:
-                while data:
-                    data = data[os.write(fd, data):]
-                os.fsync(fd)
-            except OSError:
-                os.ftruncate(fd, start)
-                raise
-        finally:
-            os.close(fd)
+            return text.getvalue().encode("utf-8")
+
+        append_whole(path, rows)
         if created:
             fsync_folder(path.parent)
 
