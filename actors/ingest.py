@@ -162,13 +162,14 @@ class IngestActor:
         `run` replaces one still running (the supervisor started a new feed when it could not
         reach this actor): the older one ends, so that the actor's threads stay free for `stop`.
         `delay_s`: wait this long first (the supervisor's back-off after feeds that failed at once),
-        or until `stop`."""
-        if delay_s and self.stopped.wait(delay_s):
-            return dict(start_seqs) if start_seqs else {line: 0 for line in self.lines}
+        or until `stop`; the feed is this one meanwhile, so a `rewind` asked then is taken when
+        it starts, and a newer `run` replaces it."""
         with self.lock:
             self.running = True
             self.feed += 1
             feed = self.feed
+        if delay_s:
+            self.stopped.wait(delay_s)
         next_seq = dict(start_seqs) if start_seqs else {line: 0 for line in self.lines}
         lines = list(next_seq)
         iterators = {line: self.source.frames(line, next_seq[line]) for line in lines}
