@@ -38,9 +38,9 @@ def load_config_or_exit(path: str, check: bool = True, lines=None, **overrides) 
     return None if problems else cfg
 
 
-def at_least(minimum: int, why: str = ""):
-    """An argparse type: an integer >= `minimum`; argparse names the option and exits 2 otherwise,
-    before anything is loaded."""
+def at_least(minimum: int, why: str = "", maximum: int | None = None):
+    """An argparse type: an integer >= `minimum` (and <= `maximum` where given); argparse names
+    the option and exits 2 otherwise, before anything is loaded."""
 
     def parse(text: str) -> int:
         try:
@@ -49,20 +49,14 @@ def at_least(minimum: int, why: str = ""):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}{why}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}{why}, got {value}")
         return value
 
     return parse
 
 
-def port_number(text: str) -> int:
-    """An argparse type: a TCP port, 1 to 65535 (argparse names the option and exits 2 otherwise)."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {port}")
-    return port
+port_number = at_least(1, " (a TCP port is 1 to 65535)", maximum=65535)  # an argparse type
 
 
 def configure_console(verbose: bool = False) -> None:
