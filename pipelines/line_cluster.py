@@ -39,7 +39,7 @@ from rareclip_core.config import ConfigError
 from rareclip_core.data.synthetic import write_line_folder
 
 from .job_lock import JobLock
-from .placement import place_lines
+from .placement import line_device_problem, place_lines
 from .preflight import snapshot_settings_problem
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -310,7 +310,11 @@ class LineCluster:
         self.lines = list(lines or self.source.lines())
         self.key = job_key(cfg.results_dir)
         supervisor_name = supervisor_actor_name(self.key)
-        self.place = place_lines(len(self.lines), ray.cluster_resources(), cfg.lines_per_gpu, cfg.line_num_cpus, fit_all)
+        resources = ray.cluster_resources()
+        self.place = place_lines(len(self.lines), resources, cfg.lines_per_gpu, cfg.line_num_cpus, fit_all)
+        problems = sorted({p for line in self.lines if (p := self._device_problem(line, resources))})
+        if problems:
+            raise ConfigError("\n".join(problems))
         writer_name = writer_actor_name(self.key)
         self.writer = ResultWriter.options(name=writer_name).remote(
             str(cfg.results_dir), self._writer_settings(), supervisor_name, cfg.verdict_stream
@@ -349,6 +353,10 @@ class LineCluster:
             self.writer, self.line_actors, list(zip(self.ingest, groups)), cfg.snapshot.every_frames, cfg.snapshot.every_s,
             str(cfg.results_dir),
         )
+
+    def _device_problem(self, line: str, resources: dict) -> Optional[str]:
+        field = f"line_detector.{line}.device" if "device" in self.cfg.line_detector.get(line, {}) else "detector.device"
+        return line_device_problem(self.cfg.detector_for(line).device, resources, field)
 
     def _new_line_actor(self, line: str):
         return LineActor.options(
@@ -492,11 +500,14 @@ class LineCluster:
         self._retire_gone_lines(found)
         for line in sorted(set(found) - set(self.line_actors) - set(self.joining) - self.passed_over):
             problem = line_id_problem(line)
+            resources = ray.cluster_resources()
             try:
-                place_lines(len(self.line_actors) + len(self.joining) + 1, ray.cluster_resources(),
+                place_lines(len(self.line_actors) + len(self.joining) + 1, resources,
                             self.cfg.lines_per_gpu, self.cfg.line_num_cpus)
             except ConfigError as err:
                 problem = problem or f"{err}, then restart the job"
+            if not problem and (problem := self._device_problem(line, resources)):
+                problem += "; then restart the job"
             if not problem and (problem := snapshot_settings_problem(self.cfg, line)):
                 problem += "; then restart the job"
             if problem:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+from typing import Optional
 
 from rareclip_core.config import ConfigError
 
@@ -29,3 +31,16 @@ def place_lines(n_lines: int, resources: dict, lines_per_gpu: int, line_num_cpus
             f"the cluster has {gpus:g}: raise lines_per_gpu"
         )
     return LinePlacement(1 / lines_per_gpu if gpus else 0, line_num_cpus)
+
+
+def line_device_problem(device: str, resources: dict, field: str = "detector.device") -> Optional[str]:
+    """Why a line actor could not use the torch device `device` on a cluster of `resources`
+    (`ray.cluster_resources()`), or None. A line actor sees only the GPU share Ray gives it, and
+    that GPU is its `cuda:0`: a cluster without GPUs has none to give, and `cuda:N` past 0 names
+    a GPU the actor cannot see."""
+    if device.startswith("cuda") and not resources.get("GPU"):
+        return f"{field} is {device!r}, but the Ray cluster has no GPU: set it to 'auto' or 'cpu', or join a cluster with GPUs"
+    if re.fullmatch(r"cuda:0*[1-9]\d*", device):
+        return (f"{field} is {device!r}, but a line actor sees only the GPU that Ray gives it, as cuda:0: "
+                "set it to 'cuda' (or 'auto'), and let lines_per_gpu share the GPUs out")
+    return None

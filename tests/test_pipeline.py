@@ -17,9 +17,11 @@ from actors.line import LineActor
 from actors.line_sequencer import start_afresh
 from actors.line_settings import LineSettings
 from actors.writer import ResultWriter, ResultWriterCore, WriterSettings
+from pipelines.job_lock import JobLock
 from pipelines.line_cluster import LineCluster
 from pipelines.replay import run_replay
 from pipelines.report import write_report
+from rareclip_core.config import ConfigError
 from rareclip_core.data.frames import decode_frame
 from rareclip_core.detectors.rareclip.detector import RareCLIPDetector
 from rareclip_core.registry import detector_config_from_dict
@@ -321,6 +323,18 @@ def test_bad_config_fails_before_any_actor_starts(tmp_path):
     )
     assert proc.returncode == 2
     assert "detector.max_images" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_cuda_device_on_a_cluster_without_gpus_is_refused_before_any_actor_starts(local_ray, tiny_config, tmp_path):
+    if ray.cluster_resources().get("GPU"):
+        pytest.skip("the cluster has a GPU")
+    write_folder(tmp_path / "frames", "a", line_frames(0, 2))
+    cfg = pipeline_config(tiny_config, tmp_path / "frames", tmp_path / "out", line_detector={"a": {"device": "cuda"}})
+    actors_before = ray.util.list_named_actors(all_namespaces=True)
+    with pytest.raises(ConfigError, match=r"^line_detector.a.device is 'cuda', but the Ray cluster has no GPU"):
+        LineCluster(cfg)
+    assert ray.util.list_named_actors(all_namespaces=True) == actors_before
+    JobLock(cfg.out).acquire(None).release()  # the job lock was given back
 
 
 def test_demo_runs_from_the_command_line(tmp_path):
