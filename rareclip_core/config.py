@@ -15,7 +15,7 @@ from typing import ClassVar, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .model_names import model_problem, vision_depth
+from .model_names import model_problem, model_uses_quick_gelu, vision_depth
 
 
 class ConfigError(ValueError):
@@ -161,6 +161,12 @@ class DetectorSettings(StrictModel):
     pretrained: Optional[str] = Field(
         "openai", description="'openai' (or another OpenCLIP tag), a local checkpoint path, or null for random weights"
     )
+    quick_gelu: Optional[bool] = Field(
+        None,
+        description="whether the towers' MLPs use QuickGELU, as OpenAI's CLIP was trained (GELU otherwise); "
+        "null: as the weights were trained (a tag: its own setting; a file of a model OpenAI published, "
+        "e.g. ViT-L-14-336: QuickGELU; random weights: the model's config). Set it for a file of other weights",
+    )
     image_size: int = Field(518, ge=32)
     seed: int = Field(0, description="seeds random weights (pretrained: null) and any sampling")
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N'")
@@ -205,6 +211,13 @@ class DetectorSettings(StrictModel):
         if problem:
             raise ValueError(problem)
         return name
+
+    @model_validator(mode="after")
+    def _quick_gelu_as_the_model_allows(self):
+        if self.quick_gelu is False and model_uses_quick_gelu(self.model):
+            raise ValueError(f"quick_gelu is false, but model {self.model!r} is a QuickGELU model by its name; "
+                             f"drop '-quickgelu' from the name, or set quick_gelu to null")
+        return self
 
     @model_validator(mode="after")
     def _blocks_within_the_model(self):

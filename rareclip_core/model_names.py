@@ -27,8 +27,17 @@ def openclip_model_names() -> frozenset[str]:
 
 
 @functools.cache
+def _model_config(name: str) -> dict:
+    return json.loads(_model_config_files()[name].read_text())
+
+
 def _vision_config(name: str) -> dict:
-    return json.loads(_model_config_files()[name].read_text()).get("vision_cfg", {})
+    return _model_config(name).get("vision_cfg", {})
+
+
+def model_uses_quick_gelu(name: str) -> bool:
+    """Whether the model's own config makes its MLPs QuickGELU (OpenCLIP's '-quickgelu' names)."""
+    return bool(_model_config(name).get("quick_gelu", False))
 
 
 def vision_depth(name: str) -> Optional[int]:

@@ -3,6 +3,8 @@ cached weights load without a single request, missing ones fail at once with the
 job names both them and unknown tags before it starts."""
 import logging
 import socket
+import warnings
+from pathlib import Path
 
 import huggingface_hub.constants
 import open_clip
@@ -13,11 +15,14 @@ from safetensors.torch import save_file
 
 from pipelines.preflight import job_problems
 from rareclip_core.backbone import hub_access
-from rareclip_core.backbone.clip import create_clip_model
+from rareclip_core.backbone.clip import create_clip_model, uses_quick_gelu
 from rareclip_core.backbone.hub_access import hub_unreachable
+from rareclip_core.backbone.text_cache import weights_identity
 from rareclip_core.config import ConfigError
+from rareclip_core.registry import detector_config_from_dict, detector_config_from_yaml
 from tests.pipeline_helpers import line_frames, pipeline_config, write_folder
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -114,3 +119,41 @@ def test_the_preflight_names_unloadable_tags_asking_the_hub_once(offline_hub, ti
                                   f"reached (127.0.0.1:{closed_port}: Connection refused)")
     assert problems("cahced") == [f"detector.pretrained 'cahced' is not a weights tag of {tiny_config.model} (its tags: "
                                   "cached, missing); set a tag, a local checkpoint file, or null for random weights"]
+
+
+def activations(model) -> set[str]:
+    blocks = [*model.visual.transformer.resblocks, *model.transformer.resblocks]
+    return {type(block.mlp.gelu).__name__ for block in blocks}
+
+
+def test_weights_run_with_the_activation_they_were_trained_with(offline_hub, tiny_config, tmp_path):
+    """OpenAI trained CLIP with QuickGELU, and OpenCLIP 3 builds GELU for its 'openai' tag unless
+    asked (it only warns): a tag's own setting is followed, without that warning."""
+    tags = open_clip.pretrained._PRETRAINED[tiny_config.model]
+    tags["cached"]["quick_gelu"] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = create_clip_model(tiny_config.model_copy(update={"pretrained": "cached"}))
+    assert activations(model) == {"QuickGELU"}
+    assert torch.equal(model.state_dict()["visual.proj"], offline_hub["visual.proj"])
+    # a file of a model OpenAI published: QuickGELU unless told otherwise; random weights: the model's config
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in offline_hub.items()}, checkpoint)
+    tags["openai"] = {"hf_hub": "local/tiny-openai/", "quick_gelu": True}
+    from_file = tiny_config.model_copy(update={"pretrained": str(checkpoint)})
+    assert activations(create_clip_model(from_file)) == {"QuickGELU"}
+    assert activations(create_clip_model(from_file.model_copy(update={"quick_gelu": False}))) == {"GELU"}
+    assert activations(create_clip_model(tiny_config)) == {"GELU"}
+    # the text cache tells the two activations apart
+    assert weights_identity(from_file) != weights_identity(from_file.model_copy(update={"quick_gelu": False}))
+
+
+def test_the_paper_models_run_as_openai_trained_them_and_dual_images_as_laion_did():
+    paper = detector_config_from_yaml(CONFIGS / "detector-paper.yaml")
+    assert uses_quick_gelu(paper)
+    assert uses_quick_gelu(paper.model_copy(update={"pretrained": "/weights/ViT-L-14-336.bin"}))
+    for name in ("detector-adaptclip.yaml", "detector-afrclip.yaml"):
+        assert uses_quick_gelu(detector_config_from_yaml(CONFIGS / name))
+    assert not uses_quick_gelu(detector_config_from_yaml(CONFIGS / "detector-dual-image.yaml"))
+    with pytest.raises(ConfigError, match="quick_gelu is false, but model 'ViT-L-14-quickgelu' is a QuickGELU model"):
+        detector_config_from_dict({"model": "ViT-L-14-quickgelu", "quick_gelu": False})

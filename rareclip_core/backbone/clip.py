@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, DetectorSettings, names_a_file
-from ..model_names import MODEL_CONFIG_DIR, model_problem
+from ..model_names import MODEL_CONFIG_DIR, model_problem, model_uses_quick_gelu
 from ..ops.cuda_graph import CudaGraphRunner
 from ..torch_files import load_failure
 from .hub_access import offline_unless_reachable
@@ -66,6 +66,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def uses_quick_gelu(config: DetectorSettings) -> bool:
+    """Whether the towers' MLPs are QuickGELU (x * sigmoid(1.702 x), as OpenAI trained CLIP) rather
+    than GELU: `detector.quick_gelu` where set; else as the weights were trained: a tag's own
+    setting, OpenAI's for a file of a model OpenAI published (the four methods' authors all use
+    OpenAI's weights), the model's config for random weights. OpenCLIP itself builds GELU for
+    ViT-L-14-336 even with its 'openai' weights, and only warns."""
+    if config.quick_gelu is not None or model_uses_quick_gelu(config.model):
+        return bool(config.quick_gelu) or model_uses_quick_gelu(config.model)
+    if config.pretrained is None:
+        return False
+    if config.pretrained_tag is not None:
+        return bool(open_clip.get_pretrained_cfg(config.model, config.pretrained_tag).get("quick_gelu", False))
+    return "openai" in open_clip.list_pretrained_tags_by_model(config.model)
+
+
 def create_clip_model(config: DetectorSettings) -> torch.nn.Module:
     """The full CLIP model (text tower included) with the configured weights, for input images
     of `image_size`: its position embedding resized by OpenCLIP (bicubic, antialiased), or, where
@@ -91,7 +106,8 @@ def _create_clip_model(config: DetectorSettings) -> torch.nn.Module:
     if pretrained is None:  # open_clip warns that no weights were loaded: that is the intent
         with open_clip_log_held(pass_on=False), torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            return open_clip.create_model(config.model, pretrained=None, force_image_size=config.image_size)
+            return open_clip.create_model(config.model, pretrained=None, force_image_size=config.image_size,
+                                          force_quick_gelu=uses_quick_gelu(config))
     looks_like_path = names_a_file(pretrained)
     if looks_like_path and not Path(pretrained).expanduser().is_file():
         raise ConfigError(
@@ -164,7 +180,8 @@ def _weights_unavailable(config: DetectorSettings, cause) -> str:
 def _create_with_weights(config: DetectorSettings, pretrained: str, unreachable: Optional[str]) -> torch.nn.Module:
     try:
         with open_clip_log_held(pass_on=True):
-            return open_clip.create_model(config.model, pretrained=pretrained, force_image_size=config.image_size)
+            return open_clip.create_model(config.model, pretrained=pretrained, force_image_size=config.image_size,
+                                          force_quick_gelu=uses_quick_gelu(config))
     except Exception as err:  # noqa: BLE001 - open_clip raises many types for missing weights
         file = Path(pretrained)
         if file.is_file():  # a local file: it is there, so it is the file that does not fit

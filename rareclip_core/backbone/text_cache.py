@@ -11,12 +11,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import DetectorSettings
+from .clip import uses_quick_gelu
 
 
 def weights_identity(config: DetectorSettings) -> dict:
-    """What identifies the text tower's weights: model, tag or file (path, size, mtime); for seeded
-    random weights the seed and the image size (the text tower is drawn after a vision tower
-    whose size follows the image size)."""
+    """What identifies the text tower's weights: model, tag or file (path, size, mtime), its
+    activation; for seeded random weights the seed and the image size (the text tower is drawn
+    after a vision tower whose size follows the image size)."""
     pretrained = config.pretrained
     if pretrained is not None and Path(pretrained).expanduser().is_file():
         stat = Path(pretrained).expanduser().stat()
@@ -24,6 +25,7 @@ def weights_identity(config: DetectorSettings) -> dict:
     return {
         "model": config.model,
         "pretrained": pretrained,
+        "quick_gelu": uses_quick_gelu(config),
         "seed": config.seed if config.pretrained is None else None,
         "image_size": config.image_size if config.pretrained is None else None,
         "open_clip": open_clip.__version__,
