@@ -43,12 +43,18 @@ def trained(config, samples):
 
 
 def test_focal_loss_matches_hand_computation():
-    # pixel 0: p = (0.25, 0.75), target abnormal -> p_t = 0.75; pixel 1: p = (0.5, 0.5), target normal
-    logits = torch.tensor([[0.0, 0.0], [math.log(3), 0.0]]).reshape(1, 2, 1, 2)
+    # pixel 0: P = (0.25, 0.75), target abnormal; pixel 1: P = (0.5, 0.5), target normal. The
+    # authors' one-hot is clamped to [1e-5, 1 - 1e-5] and 1e-5 added: p_t = (1-s) P_t + s P_o + s
+    probs = torch.tensor([[0.25, 0.5], [0.75, 0.5]], dtype=torch.float64).reshape(1, 2, 1, 2)
     mask = torch.tensor([[[1, 0]]])
-    expected = (-(0.25**2) * math.log(0.75) - (0.5**2) * math.log(0.5)) / 2
-    assert focal_loss(logits, mask).item() == pytest.approx(expected, rel=1e-6)
-    assert focal_loss(logits, mask, gamma=0).item() == pytest.approx(-(math.log(0.75) + math.log(0.5)) / 2)
+    s = 1e-5
+    pt = [(1 - s) * 0.75 + s * 0.25 + s, (1 - s) * 0.5 + s * 0.5 + s]
+    expected = sum(-((1 - p) ** 2) * math.log(p) for p in pt) / 2
+    assert focal_loss(probs, mask).item() == pytest.approx(expected, rel=1e-12)
+    assert focal_loss(probs, mask, gamma=0).item() == pytest.approx(-(math.log(pt[0]) + math.log(pt[1])) / 2, rel=1e-12)
+    # a confidently wrong pixel is bounded: p_t = 2s, not 0
+    wrong = torch.tensor([1.0, 0.0], dtype=torch.float64).reshape(1, 2, 1, 1)
+    assert focal_loss(wrong, torch.tensor([[[1]]])).item() == pytest.approx(-((1 - 2 * s) ** 2) * math.log(2 * s), rel=1e-12)
 
 
 def test_dice_loss_matches_hand_computation():
@@ -59,23 +65,20 @@ def test_dice_loss_matches_hand_computation():
     assert dice_loss(probs, target).item() == pytest.approx((first + second) / 2, rel=1e-6)
 
 
-def test_tpb_loss_sums_the_terms_over_blocks():
+def test_tpb_loss_is_the_authors_sum_over_blocks_with_one_mse_over_all_tokens():
     torch.manual_seed(0)
     text = torch.nn.functional.normalize(torch.randn(8, 2), dim=0)
-    tokens = torch.nn.functional.normalize(torch.randn(2, 4, 8), dim=-1)  # 2 x 2 grid
+    blocks = [torch.nn.functional.normalize(torch.randn(2, 4, 8), dim=-1) for _ in range(2)]  # 2 x 2 grids
     embedding = torch.nn.functional.normalize(torch.randn(2, 8), dim=-1)
     masks = torch.zeros(2, 2, 2)
     masks[0, 0, 1] = 1
-    logits = (20 * tokens @ text).transpose(1, 2).reshape(2, 2, 2, 2)  # same size: no resampling
-    probs = logits.softmax(1)
-    one_block = (
-        focal_loss(logits, masks)
-        + dice_loss(probs[:, 1], masks)
-        + dice_loss(probs[:, 0], 1 - masks)
-        + (((tokens * embedding[:, None]).sum(-1) - 1) ** 2).mean()
-    )
-    total = tpb_loss([tokens, tokens], embedding, text, masks, 20.0)
-    assert total.item() == pytest.approx(2 * one_block.item(), rel=1e-5)
+    expected = 0.0
+    for tokens in blocks:
+        probs = (20 * tokens @ text).transpose(1, 2).reshape(2, 2, 2, 2).softmax(1)  # same size: no resampling
+        expected += (focal_loss(probs, masks) + dice_loss(probs[:, 1], masks)).item()
+    cosines = [(tokens * embedding[:, None]).sum(-1) for tokens in blocks]  # 2 x 4 each
+    expected += sum(((c - 1) ** 2).sum().item() for c in cosines) / 16  # one mean over 2 blocks x 2 images x 4 tokens
+    assert tpb_loss(blocks, embedding, text, masks, 20.0).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_training_decreases_the_loss_and_is_deterministic(config, samples, trained):

@@ -5,14 +5,18 @@ import torch
 import torch.nn.functional as F
 
 
-def focal_loss(logits: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
-    """Focal loss (Lin et al.; RareCLIP Eq. 4, AdaptCLIP training): mean over pixels of -(1 - p_t)^gamma log p_t.
+def focal_loss(probs: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
+    """Focal loss (Lin et al.) as the authors' code computes it (RareCLIP Eq. 4, AdaptCLIP and
+    AFR-CLIP training; APRIL-GAN's and AnomalyCLIP's `FocalLoss`): mean over pixels of
+    -(1 - p_t)^gamma log p_t, with p_t = sum_c clamp(onehot_c, s, 1 - s) P_c + s, so that
+    p_t = (1 - s) P[true] + s P[other] + s and log p_t is bounded below by log s (s = 1e-5).
 
-    logits: B x 2 x H x W (channel 0 normal, 1 abnormal); mask: B x H x W in {0, 1};
-    p_t = softmax(logits)[mask], computed as a log-softmax for stability.
+    probs: B x 2 x H x W probabilities (channel 0 normal, 1 abnormal); mask: B x H x W in {0, 1}.
     """
-    log_pt = F.log_softmax(logits, dim=1).gather(1, mask[:, None].long())[:, 0]
-    return (-((1 - log_pt.exp()) ** gamma) * log_pt).mean()
+    mask = mask.to(probs.dtype)
+    one_hot = torch.stack([1 - mask, mask], dim=1).clamp(smooth, 1 - smooth)  # B x 2 x H x W
+    pt = (one_hot * probs).sum(1) + smooth
+    return (-((1 - pt) ** gamma) * pt.log()).mean()
 
 
 def dice_loss(probs: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:

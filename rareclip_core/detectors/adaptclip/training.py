@@ -4,13 +4,15 @@ Queries are images with masks (a base dataset's test split); each query is paire
 normal image of its category, drawn at random every epoch, as its prompt. Per step, one summed
 loss over three branches, one Adam optimizer (the frozen backbone never learns):
 
-    branch loss = CE(image logits, label) + Focal(map logits, mask)
+    branch loss = CE(image logits, label) + Focal(map, mask)
                   + Dice(map[abnormal], mask) + Dice(map[normal], 1 - mask)
     visual:   the visual adapter's tokens and feature against the static text features
     textual:  the raw tokens and feature against the textual learner's text features
     prompt-query: each compared layer, query against its prompt, summed over layers
 
-Map logits are upsampled bilinearly to the input size before the softmax. BatchNorm layers
+The map is the softmax of the map logits on the patch grid, upsampled bilinearly to the input
+size, as the authors' adapters return it (and as the detector scores); Focal as
+`ops.losses.focal_loss`. BatchNorm layers
 learn batch statistics, so a batch needs 2 queries or more (a last batch of one is dropped).
 After every epoch a resume file (`<out>.resume.pt`: adapters, optimizer, epoch, losses) is
 written; `resume=True` continues from it, bitwise as if never stopped on CPU.
@@ -56,10 +58,9 @@ class TrainingSettings:
 def branch_loss(map_logits: torch.Tensor, image_logits: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """One branch's loss (module docstring). map_logits B x 2 x h x w, image_logits B x 2,
     masks B x S x S in {0, 1}, labels B in {0, 1}."""
-    logits = upsample(map_logits, masks.shape[-1])
-    probs = logits.softmax(dim=1)
+    probs = upsample(map_logits.softmax(dim=1), masks.shape[-1])  # softmax on the grid, as at inference
     masks = masks.float()
-    return (F.cross_entropy(image_logits, labels.long()) + focal_loss(logits, masks)
+    return (F.cross_entropy(image_logits, labels.long()) + focal_loss(probs, masks)
             + dice_loss(probs[:, 1], masks) + dice_loss(probs[:, 0], 1 - masks))
 
 

@@ -4,10 +4,10 @@ The paper: 518 x 518 images, 100 epochs, batch 4, Adam, lr 1e-3 / (epoch + 1). I
 stated; [ours, AnomalyCLIP's recipe] per stage s, with L_s the two-class logits [S_n, S_a] / tau:
 
     pixel_s = upsample_bilinear(L_s of the patches as a g x g grid, to S x S)
-    loss    = sum_s Focal(pixel_s, mask) + Dice(softmax(pixel_s)[abnormal], mask)
+    loss    = sum_s Focal(softmax(pixel_s), mask) + Dice(softmax(pixel_s)[abnormal], mask)
                     + Dice(softmax(pixel_s)[normal], 1 - mask) + CE(L_s of the class token, label)
 
-CLIP and the CNN are frozen; gradients reach the self-prompts through the frozen vision tower.
+(Focal as `ops.losses.focal_loss`, AnomalyCLIP's own.) CLIP and the CNN are frozen; gradients reach the self-prompts through the frozen vision tower.
 Each epoch's order is a permutation drawn from (seed, epoch), and every epoch ends with a
 checkpoint (format in `checkpoint.py`, plus the optimizer state), so a resumed run continues
 exactly as an uninterrupted one.
@@ -68,7 +68,7 @@ def afrclip_loss(logits: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor
         pixel = stage[:, 1:].transpose(1, 2).reshape(batch, 2, grid, grid)
         pixel = F.interpolate(pixel, size=masks.shape[-2:], mode="bilinear", align_corners=False)
         probs = pixel.softmax(dim=1)
-        total = total + focal_loss(pixel, masks) + dice_loss(probs[:, 1], masks) + dice_loss(probs[:, 0], 1 - masks)
+        total = total + focal_loss(probs, masks) + dice_loss(probs[:, 1], masks) + dice_loss(probs[:, 0], 1 - masks)
         total = total + F.cross_entropy(stage[:, 0], labels.long())
     return total
 
