@@ -89,7 +89,7 @@ def test_missing_named_weights_fail_at_once_and_say_why(offline_hub, tiny_config
 
 def test_what_open_clip_logs_while_weights_load_is_passed_on(monkeypatch, tiny_config, tmp_path, caplog):
     checkpoint = tmp_path / "tiny.safetensors"
-    checkpoint.touch()
+    save_file({"x": torch.zeros(1)}, checkpoint)
 
     def create_model(*args, **kwargs):
         logging.warning("Model %s initialized partially.", tiny_config.model)

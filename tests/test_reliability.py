@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 from PIL import Image
 
 import run_cluster
@@ -472,6 +473,22 @@ def test_a_weights_file_torch_cannot_read_is_named_without_advice_to_load_it_uns
     assert message.startswith(f"detector.tpb_weights: {pickled} is not a readable TPB checkpoint (not a torch file, or "
                               "one that holds Python objects besides tensors, which are never unpickled here)"), message
     assert "weights_only" not in message and "False" not in message
+
+
+def test_a_torchscript_archive_as_clip_weights_is_refused_naming_the_file_to_use_instead(tmp_path, tiny_config):
+    from rareclip_core.backbone.clip import create_clip_model
+    from rareclip_core.config import ConfigError
+    from rareclip_core.torch_files import weights_file_problem
+
+    scripted = tmp_path / "ViT-L-14-336px.pt"  # OpenAI's own files are TorchScript archives
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(scripted))
+    assert weights_file_problem(scripted).startswith("a TorchScript archive (such as OpenAI's own .pt files)")
+    with pytest.raises(ConfigError) as caught:
+        create_clip_model(tiny_config.model_copy(update={"pretrained": str(scripted)}))
+    assert "a TorchScript archive" in str(caught.value) and "open_clip_model.safetensors" in str(caught.value)
+    plain = tmp_path / "weights.pth"
+    torch.save({"w": torch.zeros(2)}, plain)  # an ordinary torch.save zip is no TorchScript
+    assert weights_file_problem(plain) is None
 
 
 # ---- frames ------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..config import ConfigError, DetectorSettings, names_a_file
 from ..model_names import MODEL_CONFIG_DIR, model_problem, model_uses_quick_gelu
 from ..ops.cuda_graph import CudaGraphRunner
-from ..torch_files import load_failure
+from ..torch_files import load_failure, weights_file_problem
 from .hub_access import offline_unless_reachable
 
 open_clip.add_model_config(MODEL_CONFIG_DIR)
@@ -115,6 +115,8 @@ def _create_clip_model(config: DetectorSettings) -> torch.nn.Module:
             f"path of a downloaded {config.model} checkpoint, 'openai', or null for random weights"
         )
     if looks_like_path:
+        if problem := weights_file_problem(pretrained):  # before OpenCLIP, whose torch.load would try TorchScript
+            raise ConfigError(f"detector.pretrained: {pretrained} is not a weights file: {problem}")
         return _create_with_weights(config, str(Path(pretrained).expanduser()), unreachable=None)
     unknown = _unknown_tag(config)
     if unknown:
@@ -187,8 +189,8 @@ def _create_with_weights(config: DetectorSettings, pretrained: str, unreachable:
         if file.is_file():  # a local file: it is there, so it is the file that does not fit
             raise ConfigError(
                 f"detector.pretrained: {pretrained} could not be loaded as {config.model} weights "
-                f"({load_failure(err, file)}); set it to that model's checkpoint (an OpenAI .pt, an OpenCLIP .bin, "
-                ".pth or .safetensors), a weights tag, or null for random weights"
+                f"({load_failure(err, file)}); set it to that model's checkpoint (an OpenCLIP .safetensors, .bin "
+                "or .pth), a weights tag, or null for random weights"
             ) from None
         raise ConfigError(_weights_unavailable(config, _unreachable_cause(unreachable) if unreachable else err)) from None
 
