@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from rareclip_core.detectors.rareclip import samplers
 from rareclip_core.detectors.rareclip.memory import (
     DirectPatchRarityBank,
     PatchRarityBank,
@@ -11,6 +12,8 @@ from rareclip_core.detectors.rareclip.memory import (
     rarity_score,
     sequential_coreset_indices,
 )
+
+from rareclip_core.detectors.rareclip.samplers import greedy_coreset_indices, kmeans_indices
 
 
 def unit(*xy):
@@ -196,21 +199,23 @@ def test_rare_cluster_patches_get_high_rarity():
     assert late > early
 
 
-@pytest.mark.parametrize("sampler", ["scs", "random", "kmeans", "greedy", "dprb"])
+@pytest.mark.parametrize("sampler", ["scs", "random", "kmeans", "greedy", "dprb", "dprb-random", "dprb-kmeans"])
 def test_bank_stack_equals_banks_stepped_one_by_one(sampler):
     """A stack of 3 banks (the detector steps its 8 as one) gives each bank exactly what it gets
-    alone: rarities, k-shot maps, kept features, PSM and Eq. 8 bookkeeping, through reference
-    protection and evictions with a different number of stale rows per bank."""
+    alone (bank b draws as a bank alone seeded seed + b): rarities, k-shot maps, kept features,
+    PSM and Eq. 8 bookkeeping, through reference protection and evictions with a different
+    number of stale rows per bank."""
     gen = torch.Generator().manual_seed(7)
 
-    def make(n_banks):
-        if sampler == "dprb":
-            return DirectPatchRarityBank(max_images=5, alpha=0.5, dtype=torch.float64, n_banks=n_banks)
+    def make(n_banks, seed=0):
+        if sampler.startswith("dprb"):
+            return DirectPatchRarityBank(max_images=5, alpha=0.5, dtype=torch.float64, n_banks=n_banks,
+                                         sampler=sampler.partition("-")[2] or "scs", seed=seed)
         return PatchRarityBank(
-            max_features=14, max_images=4, sampler=sampler, max_protected=4, dtype=torch.float64, n_banks=n_banks
+            max_features=14, max_images=4, sampler=sampler, max_protected=4, dtype=torch.float64, n_banks=n_banks, seed=seed
         )
 
-    stack, alone = make(3), [make(1) for _ in range(3)]
+    stack, alone = make(3), [make(1, seed=b) for b in range(3)]
     spread = torch.tensor([0.2, 0.7, 1.5], dtype=torch.float64)[:, None, None]  # unlike banks, unlike stale counts
     stale_per_step = []
     for step in range(25):
@@ -234,3 +239,82 @@ def test_bank_stack_equals_banks_stepped_one_by_one(sampler):
             assert torch.allclose(value.double(), reference.double(), rtol=0, atol=1e-12), key
     if sampler == "scs":  # the padded stale recomputation was exercised with unequal counts
         assert any(len(set(counts)) > 1 and max(counts) > 0 for counts in stale_per_step)
+
+
+def patchcore_greedy(features: torch.Tensor, n_keep: int) -> set[int]:
+    """The authors' GCS (PatchCore's `_compute_greedy_coreset_indices`), written out: Euclidean
+    distances, the first pick where the row of distances has the largest norm."""
+    distance = torch.cdist(features, features)
+    anchor = distance.norm(dim=1)
+    picks = []
+    for _ in range(n_keep):
+        pick = int(anchor.argmax())
+        picks.append(pick)
+        anchor = torch.minimum(anchor, distance[:, pick])
+    return set(picks)
+
+
+def authors_kcs(points: torch.Tensor, initial: torch.Tensor, max_iterations: int, tol: float = 1e-4) -> set[int]:
+    """The authors' KCS loop, written out from its description, from the given initial centres."""
+    centres = points[initial]
+    for _ in range(max_iterations):
+        assign = torch.cdist(points, centres).argmin(dim=1)
+        one_hot = torch.nn.functional.one_hot(assign, centres.shape[0]).double()
+        counts = one_hot.sum(0)
+        moved = torch.where((counts == 0)[:, None], centres, one_hot.T @ points / counts.clamp(min=1e-10)[:, None])
+        if torch.norm(centres - moved) < tol:
+            break
+        centres = moved
+    distance = (points - centres[assign]).norm(dim=1)
+    picks = []
+    for i in range(centres.shape[0]):
+        members = (assign == i).nonzero().squeeze(1)
+        picks.append(int(members[distance[members].argmin()]) if members.numel() else int((points - centres[i]).norm(dim=1).argmin()))
+    return set(picks)
+
+
+def test_greedy_coreset_starts_where_patchcore_starts_and_keeps_what_it_keeps():
+    # unit vectors at 0, 10, 20 and 150 degrees: the 150-degree one is farthest from the rest
+    angles = torch.tensor([0.0, 10.0, 20.0, 150.0], dtype=torch.float64).deg2rad()
+    circle = torch.stack([angles.cos(), angles.sin()], dim=1)
+    none = torch.zeros(4, dtype=torch.bool)
+    assert greedy_coreset_indices(circle, 1, none).tolist() == [3]
+    assert greedy_coreset_indices(circle, 2, none).tolist() == [0, 3]
+    gen = torch.Generator().manual_seed(5)
+    features = torch.nn.functional.normalize(torch.randn(60, 8, generator=gen, dtype=torch.float64), dim=1)
+    kept = greedy_coreset_indices(features, 20, torch.zeros(60, dtype=torch.bool))
+    assert set(kept.tolist()) == patchcore_greedy(features, 20)
+
+
+@pytest.mark.parametrize("iterations", [1, 20, 100])
+def test_kmeans_keeps_each_cluster_member_nearest_its_centre_as_the_authors_kcs(iterations):
+    gen = torch.Generator().manual_seed(11)
+    points = torch.nn.functional.normalize(torch.randn(80, 6, generator=gen, dtype=torch.float64), dim=1)
+    initial = torch.randperm(80, generator=torch.Generator().manual_seed(3))[:12]
+    expected = authors_kcs(points, initial, iterations)
+    assert len(expected) == 12  # no two clusters share a pick here: nothing to make up
+    kept = kmeans_indices(points, 12, torch.zeros(80, dtype=torch.bool), torch.Generator().manual_seed(3), iterations)
+    assert set(kept.tolist()) == expected
+
+
+def test_random_sampler_banks_draw_independently():
+    x = torch.nn.functional.normalize(torch.randn(1, 6, 4, generator=torch.Generator().manual_seed(2)), dim=2)
+    bank = PatchRarityBank(max_features=8, max_images=5, sampler="random", n_banks=3)
+    for _ in range(4):
+        bank.score(x.expand(3, 6, 4))  # the same features in every bank
+    kept = [{tuple(row.tolist()) for row in bank.features[b]} for b in range(3)]
+    assert kept[0] != kept[1] and kept[1] != kept[2]
+
+
+@pytest.mark.parametrize("sampler", ["random", "kmeans", "greedy"])
+def test_rareclip_d_keeps_what_its_sampler_picks_of_each_image(sampler):
+    gen = torch.Generator().manual_seed(4)
+    image = torch.nn.functional.normalize(torch.randn(1, 10, 4, generator=gen, dtype=torch.float64), dim=2)
+    bank = DirectPatchRarityBank(max_images=3, alpha=0.5, dtype=torch.float64, sampler=sampler, seed=9)
+    bank.score(image)
+    picked = samplers.select(sampler, image[0].float(), 5, torch.zeros(10, dtype=torch.bool), torch.Generator().manual_seed(9),
+                             samplers.KMEANS_ITERATIONS["dprb"])
+    assert torch.equal(bank.features[0, 0], image[0, picked])
+    scs = DirectPatchRarityBank(max_images=3, alpha=0.5, dtype=torch.float64)
+    scs.score(image)
+    assert not torch.equal(bank.features, scs.features)

@@ -137,6 +137,8 @@ class RareCLIPDetector(Detector):
                 dtype=dtype,
                 n_banks=n_banks,
                 reference_loose_ratio=cfg.dprb_reference_loose_ratio,
+                sampler=cfg.sampler,
+                seed=cfg.seed,
             )
         return PatchRarityBank(
             max_features=cfg.max_features,

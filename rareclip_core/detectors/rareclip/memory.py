@@ -182,8 +182,7 @@ class PatchRarityBank:
         self.nearest_earlier: torch.Tensor | None = None  # B x N, argmax j of s_i, -1 if none
         self.n_reference: torch.Tensor | None = None  # B, surviving reference features per bank (first rows)
         self.has_references = False  # kept on the host: no device sync to know whether to compute a k-shot map
-        # random / k-means samplers: one generator per bank
-        self.generators = [torch.Generator().manual_seed(self.seed) for _ in range(self.n_banks)]
+        self.generators = samplers.bank_generators(self.seed, self.n_banks)  # random / k-means samplers
         self.last_stale = 0  # rows whose Eq. 8 argmax was evicted at the last update (all banks; set by `settle`)
         self.stale: torch.Tensor | None = None  # B x N_F: rows of the last update still to recompute (`settle`)
         self._upper: torch.Tensor | None = None  # m x m mask of columns >= row, cached per m
@@ -442,6 +441,8 @@ class DirectPatchRarityBank:
         dtype=torch.float32,
         n_banks: int = 1,
         reference_loose_ratio: float = 0.02,
+        sampler: str = "scs",
+        seed: int = 0,
     ):
         self.max_images = max_images
         self.alpha = alpha
@@ -449,8 +450,11 @@ class DirectPatchRarityBank:
         self.dtype = dtype
         self.n_banks = n_banks
         self.reference_loose_ratio = reference_loose_ratio
+        self.sampler = sampler
+        self.seed = seed
         self.references: torch.Tensor | None = None  # B x k x S x C, the reference images' sets
         self.window = RowWindow(max_images, max(4, max_images // 8), {"features": 1})
+        self.generators = samplers.bank_generators(seed, n_banks)  # random / k-means samplers
 
     @property
     def features(self) -> torch.Tensor | None:  # B x n x S x C, the other images, oldest first (a view)
@@ -481,14 +485,25 @@ class DirectPatchRarityBank:
             nearest = per_image[0].amax(2)  # B x M, max over every reference feature
             kshot = 1 - loose_similarity(nearest, self.reference_loose_ratio, start_dim=1).square()
         if update:
-            n_keep = max(1, int(self.alpha * features.shape[1]))
-            kept = gather_rows(features, sequential_coreset_indices(features.float(), n_keep))  # B x S x C
+            kept = gather_rows(features, self._select(features.float()))  # B x S x C
             if reference:
                 self.references = kept[:, None] if self.references is None else torch.cat([self.references, kept[:, None]], 1)
                 self.window.capacity = max(1, self.max_images - self.n_references)
             else:
                 self.window.append(features=kept)
         return BankScores(rarity, kshot)
+
+    def _select(self, features: torch.Tensor) -> torch.Tensor:
+        """The int(alpha M) features of each bank's image to keep (B x S, ascending): SCS, or the
+        ablation's sampler over the image's own features (the authors' RareCLIP-d `sample`)."""
+        n_keep = max(1, int(self.alpha * features.shape[1]))
+        if self.sampler == "scs":
+            return sequential_coreset_indices(features, n_keep)
+        none = torch.zeros(features.shape[1], dtype=torch.bool, device=features.device)
+        return torch.stack([
+            samplers.select(self.sampler, f, n_keep, none, g, samplers.KMEANS_ITERATIONS["dprb"])
+            for f, g in zip(features, self.generators)
+        ])
 
     @staticmethod
     def _max_similarity(features: torch.Tensor, sets: torch.Tensor | None) -> torch.Tensor | None:
@@ -508,6 +523,8 @@ class DirectPatchRarityBank:
         state = self.window.state_dict()
         if self.references is not None:
             state["references"] = self.references
+        if self.sampler != "scs":
+            state["generators"] = torch.stack([g.get_state() for g in self.generators])
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
@@ -519,3 +536,6 @@ class DirectPatchRarityBank:
         if "features" in state:
             _check_bank_count(state["features"].shape[0], self.n_banks, "state holds")
         self.window.load_state_dict({k: v.to(dtype=self.dtype) for k, v in state.items() if k == "features"}, device)
+        self.generators = samplers.bank_generators(self.seed, self.n_banks)
+        for generator, generator_state in zip(self.generators, state.get("generators", torch.empty(0)).cpu()):
+            generator.set_state(generator_state.clone())  # a row of its own: set_state reads the storage

@@ -1,4 +1,5 @@
-"""Memory samplers of the ablation (Table 3) other than SCS: random, k-means, greedy coreset.
+"""Memory samplers of the ablation (Table 3) other than SCS: random, k-means, greedy coreset, as
+the authors' code runs them (`rareclip.py` RS, KCS, GCS; `sampler.py`).
 
 Each returns the ascending indices of the n_keep features to keep; protected rows (k-shot
 references) are always kept. SCS itself lives in `memory` (incremental, inside the bank).
@@ -7,9 +8,20 @@ from __future__ import annotations
 
 import torch
 
+# the authors' k-means: at most this many Lloyd steps (IPRB's KCS: 20; RareCLIP-d's: 100), and a
+# stop once the centres move less than KMEANS_TOLERANCE (Frobenius norm of the shift)
+KMEANS_ITERATIONS = {"iprb": 20, "dprb": 100}
+KMEANS_TOLERANCE = 1e-4
+
+
+def bank_generators(seed: int, n_banks: int) -> list[torch.Generator]:
+    """One random stream per bank (bank b from seed + b): the banks draw independently, as the
+    authors' banks do from torch's global generator one after another."""
+    return [torch.Generator().manual_seed(seed + b) for b in range(n_banks)]
+
 
 def random_indices(n: int, n_keep: int, protected: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Protected rows plus a uniform random choice of the others."""
+    """Protected rows plus a uniform random choice of the others (RS)."""
     free = (~protected).nonzero().squeeze(1)
     n_free = n_keep - int(protected.sum())
     pick = free[torch.randperm(free.numel(), generator=generator)[:n_free].to(free.device)]
@@ -17,11 +29,14 @@ def random_indices(n: int, n_keep: int, protected: torch.Tensor, generator: torc
 
 
 def greedy_coreset_indices(features: torch.Tensor, n_keep: int, protected: torch.Tensor) -> torch.Tensor:
-    """PatchCore's greedy k-center coreset: start from the protected rows (or row 0), then add
-    the feature farthest (1 - cosine) from everything chosen until n_keep are chosen."""
+    """PatchCore's greedy k-center coreset (GCS): start from the protected rows, or, without any,
+    from the row whose Euclidean distances to all rows have the largest L2 norm (PatchCore's
+    start); then add the feature farthest from everything chosen until n_keep are chosen. For
+    unit features the Euclidean distance sqrt(2 - 2 cos) orders as 1 - cos, used here."""
     chosen = protected.clone()
     if not chosen.any():
-        chosen[0] = True
+        gram = features @ features.T  # N x N
+        chosen[torch.sqrt((2 - 2 * gram).clamp_min(0)).norm(dim=1).argmax()] = True
     distance = 1 - (features @ features[chosen].T).max(dim=1).values  # N
     distance[chosen] = float("-inf")
     for _ in range(n_keep - int(chosen.sum())):
@@ -33,24 +48,38 @@ def greedy_coreset_indices(features: torch.Tensor, n_keep: int, protected: torch
 
 
 def kmeans_indices(
-    features: torch.Tensor, n_keep: int, protected: torch.Tensor, generator: torch.Generator, iterations: int = 10
+    features: torch.Tensor, n_keep: int, protected: torch.Tensor, generator: torch.Generator, max_iterations: int = 20
 ) -> torch.Tensor:
-    """Spherical k-means over the unprotected features with n_keep - |protected| centroids; each
-    centroid keeps its nearest feature. Duplicate picks are filled by the most novel remaining
-    features (lowest max similarity to those kept)."""
+    """The authors' KCS over the unprotected features, with n_free = n_keep - |protected| centres
+    drawn at random among them: Euclidean Lloyd steps (an empty cluster keeps its centre) until
+    the centres move less than KMEANS_TOLERANCE or after `max_iterations`; then each cluster
+    keeps its member nearest its centre, an empty one the feature nearest its centre. Picks that
+    coincide (the authors then keep a row twice) are made up by the most novel remaining
+    features (lowest max similarity to those kept), so that n_keep distinct rows stay."""
     free = (~protected).nonzero().squeeze(1)
     n_free = n_keep - int(protected.sum())
     points = features[free]  # F x C
-    init = torch.randperm(points.shape[0], generator=generator)[:n_free].to(points.device)
-    centroids = points[init]
-    for _ in range(iterations):
-        assign = (points @ centroids.T).argmax(dim=1)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, points)
+    centres = points[torch.randperm(points.shape[0], generator=generator)[:n_free].to(points.device)]
+    for _ in range(max_iterations):
+        assign = torch.cdist(points, centres).argmin(dim=1)  # F
         counts = torch.bincount(assign, minlength=n_free)
-        moved = counts > 0
-        centroids[moved] = torch.nn.functional.normalize(sums[moved], dim=1)
+        sums = torch.zeros_like(centres).index_add_(0, assign, points)
+        moved = torch.where((counts > 0)[:, None], sums / counts.clamp_min(1)[:, None], centres)
+        if torch.linalg.norm(centres - moved) < KMEANS_TOLERANCE:
+            break
+        centres = moved
+    distance = (points - centres[assign]).norm(dim=1)  # each point to its cluster's centre
+    nearest = torch.full((n_free,), float("inf"), dtype=distance.dtype, device=points.device)
+    nearest = nearest.scatter_reduce(0, assign, distance, "amin")
+    index = torch.arange(points.shape[0], device=points.device)
+    is_nearest = distance == nearest[assign]
+    first = torch.full((n_free,), points.shape[0], device=points.device)  # the first nearest member, as argmin
+    first = first.scatter_reduce(0, assign[is_nearest], index[is_nearest], "amin")
+    empty = first == points.shape[0]
+    if empty.any():
+        first[empty] = torch.cdist(centres[empty], points).argmin(dim=1)
     picked = torch.zeros(points.shape[0], dtype=torch.bool, device=points.device)
-    picked[(centroids @ points.T).argmax(dim=1)] = True
+    picked[first] = True
     missing = n_free - int(picked.sum())
     if missing > 0:
         novelty = (points @ points[picked].T).max(dim=1).values
@@ -61,12 +90,13 @@ def kmeans_indices(
     return keep.nonzero().squeeze(1)
 
 
-def select(name: str, features: torch.Tensor, n_keep: int, protected: torch.Tensor, generator) -> torch.Tensor:
+def select(name: str, features: torch.Tensor, n_keep: int, protected: torch.Tensor, generator,
+           kmeans_iterations: int = KMEANS_ITERATIONS["iprb"]) -> torch.Tensor:
     """Dispatch by the config's `sampler` name."""
     if name == "random":
         return random_indices(features.shape[0], n_keep, protected, generator)
     if name == "greedy":
         return greedy_coreset_indices(features, n_keep, protected)
     if name == "kmeans":
-        return kmeans_indices(features, n_keep, protected, generator)
+        return kmeans_indices(features, n_keep, protected, generator, kmeans_iterations)
     raise ValueError(f"unknown sampler {name!r}; expected scs, random, kmeans or greedy")
