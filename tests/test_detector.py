@@ -1,4 +1,6 @@
 """The RareCLIPDetector end to end on the tiny random-weight model (CPU)."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -283,3 +285,22 @@ def test_banks_that_cannot_be_compiled_warn_once_and_go_on_eagerly(tiny_config, 
         for frame in frames[:12]:
             assert eager.step(frame).score == compiled.step(frame).score
     assert len(calls) == 1 and not compiled.banks.compiles
+
+
+def test_rescoring_is_eq_22_by_hand():
+    """Two remembered images, one LAIF block each equal to the embedding: e1 = (1, 0) with
+    c = 1, e2 = (0.6, 0.8) with c = 0; the test image e = (1, 0) with c_test = 0.5."""
+    from rareclip_core.detectors.rareclip.image_memory import ImageMemory, RescoreSettings
+
+    memory = ImageMemory(capacity=4)
+    for embedding, score in (((1.0, 0.0), 1.0), ((0.6, 0.8), 0.0)):
+        e = torch.tensor(embedding)
+        memory.add(e, e[None], score)
+    e = torch.tensor([1.0, 0.0])
+    got = memory.rescore(e, e[None], 0.5, RescoreSettings(min_images=0, divisor=1, max_neighbors=3, temperature=1.0))
+    # similarities 1 + 1 = 2, 0.6 + 0.6 = 1.2, itself 1 + 1 = 2; over their max: 1, 0.6, 1
+    expected = (1.0 * math.e + 0.0 * math.exp(0.6) + 0.5 * math.e) / (2 * math.e + math.exp(0.6))
+    assert float(got) == pytest.approx(expected, abs=1e-6)
+    # the 2 nearest only (divisor 2: ceil(3 / 2) = 2): e1 and itself, equal weights
+    two = memory.rescore(e, e[None], 0.5, RescoreSettings(min_images=0, divisor=2, max_neighbors=3, temperature=1.0))
+    assert float(two) == pytest.approx(0.75, abs=1e-6)

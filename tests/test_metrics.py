@@ -256,3 +256,12 @@ def test_bad_inputs_raise():
         image_metrics([0, 1], [np.nan, 0.2])
     with pytest.raises(ValueError, match="entries"):
         image_metrics([0, 1, 1], [0.1, 0.2])
+
+
+def test_steps_pro_leaves_out_a_point_at_exactly_max_fpr():
+    """The authors keep the thresholds whose FPR is below max_fpr, strictly."""
+    masks = np.array([[[1, 1, 0], [0, 0, 0]]], dtype=bool)
+    maps = np.array([[[0.9, 0.5, 0.8], [0.4, 0.2, 0.1]]])
+    # FPRs at the 4 thresholds: 3/4, 1/2, 1/4, 1/4; below 0.5 only the last two, which span no FPR
+    with pytest.warns(RuntimeWarning, match="fewer than two distinct FPRs"):
+        assert np.isnan(pro_score(masks, maps, max_fpr=0.5, curve="steps", steps=4))

@@ -125,7 +125,7 @@ def test_a_line_of_12_bit_frames_with_frame_bits_scores_as_its_8_bit_twin(local_
     for name in rows:
         report = write_report(tmp_path / f"out-{name}" / "results", "a", tmp_path / f"report-{name}", top=2)
         pictures[name] = [np.asarray(Image.open(p)) for p in sorted(report.parent.glob("frame-*.png"))]
-    assert len(pictures["12-bit"]) == 2
+    assert len(pictures["12-bit"]) == len(pictures["8-bit"]) == 2
     assert all(np.array_equal(a, b) for a, b in zip(pictures["12-bit"], pictures["8-bit"]))
 
 

@@ -98,6 +98,18 @@ def test_the_drill_counts_a_row_whose_threshold_or_verdict_changed_as_differing(
     assert compare_results(tmp_path / "a", tmp_path / "a")["ok"]
 
 
+def test_the_drill_fails_on_a_duplicated_row_and_on_any_score_difference(tmp_path):
+    rows = [{"seq": i, "status": "ok", "score": 0.5, "threshold": None, "is_anomaly": None} for i in range(2)]
+    write_rows(tmp_path / "a", "l", "2026-12-04", rows)
+    write_rows(tmp_path / "b", "l", "2026-12-04", rows)
+    write_rows(tmp_path / "b", "l", "2026-12-04", rows[1:])  # seq 1 written twice
+    verdict = compare_results(tmp_path / "a", tmp_path / "b")
+    assert verdict["duplicated"] == [("l", 1)] and not verdict["ok"]
+    write_rows(tmp_path / "c", "l", "2026-12-04", [rows[0], {**rows[1], "score": 0.5 + 2**-40}])  # the last bit
+    verdict = compare_results(tmp_path / "a", tmp_path / "c")
+    assert verdict["differing"] == [("l", 1)] and verdict["max_score_diff"] == 2**-40 and not verdict["ok"]
+
+
 def test_the_job_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
     first = JobLock(tmp_path).acquire()
     with pytest.raises(JobLockError, match=f"another job is writing to {tmp_path}: pid {os.getpid()} on "):

@@ -82,7 +82,7 @@ def test_a_restart_of_calibration_forgets_the_threshold():
     line.add(frames(range(8)))
     line.restart_calibration()  # a reset (product changeover)
     rows = line.add(frames(range(8, 12)))
-    assert all(r["threshold"] is None for r in rows)
+    assert [r["seq"] for r in rows] == [8, 9, 10, 11] and all(r["threshold"] is None for r in rows)
 
 
 def test_config_accepts_auto_or_a_number_per_line():
@@ -120,3 +120,42 @@ def test_a_line_actor_restarted_after_calibration_keeps_its_threshold(local_ray,
     ray.get(writer.flush.remote())
     rows = sorted(read_results(tmp_path / "results").to_pylist(), key=lambda r: r["seq"])
     assert columns(rows) == columns(sequencer().add(stream))  # bitwise: scores, thresholds, verdicts
+
+
+def test_a_score_equal_to_the_threshold_is_an_anomaly():
+    line = LineSequencer("l", BrightnessDetector(BrightnessConfig()), LineSettings(threshold=0.2, map_resolution=None))
+    rows = line.add([Frame("l", 0, "m", 0.0, np.full((8, 8, 3), 51, np.uint8))])  # mean brightness 51/255 = 0.2
+    assert rows[0]["score"] == 0.2 and rows[0]["is_anomaly"] is True
+
+
+def noise_frames(seqs) -> list[Frame]:
+    rng = np.random.default_rng(0)
+    images = {s: rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for s in range(max(seqs) + 1)}
+    return [Frame("l", s, f"mem://{s}", 0.0, images[s]) for s in seqs]
+
+
+def test_a_restore_in_the_same_process_mid_calibration_equals_the_straight_run():
+    """What `LineActor.restore` does after the writer refused rows: the calibration goes back to
+    the snapshot's scores, without those of the frames scored since."""
+    settings = LineSettings(auto_threshold=AutoThreshold(frames=5, mads=3.0), map_resolution=None)
+
+    def columns(rows):
+        return [(r["seq"], r["score"], r["threshold"], r["is_anomaly"]) for r in rows]
+
+    whole = columns(LineSequencer("l", BrightnessDetector(BrightnessConfig()), settings).add(noise_frames(range(12))))
+    line = LineSequencer("l", BrightnessDetector(BrightnessConfig()), settings)
+    line.add(noise_frames(range(2)))
+    state = line.state()  # 2 calibration scores
+    line.add(noise_frames(range(2, 4)))  # 4 scores, then the rows are refused
+    line.load_state(state)
+    line.next_seq = 2
+    assert columns(line.add(noise_frames(range(2, 12)))) == whole[2:]
+    assert whole[5][2] is not None and whole[4][2] is None  # calibrated from the 6th frame on
+
+
+@pytest.mark.parametrize("extra, field", [({"auto_threshold": {"frames": 2}}, "auto_threshold.frames"),
+                                          ({"snapshot": {"keep": 0}}, "snapshot.keep"),
+                                          ({"lines_per_gpu": 0}, "lines_per_gpu")])
+def test_pipeline_settings_out_of_bounds_are_refused_by_name(extra, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        PipelineConfig.from_dict({"source": {"kind": "folder", "root": "x"}, **extra})
