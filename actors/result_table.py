@@ -67,7 +67,7 @@ def line_id_problem(line_id: str) -> Optional[str]:
     """Why `line_id` cannot name a line of the table, or None."""
     if LINE_ID.fullmatch(line_id):
         return None
-    return (f"line id {line_id!r} is not allowed: use letters, digits, '.', '_' and '-' (not first), "
+    return (f"line id {line_id!r} is not allowed: use letters, digits, '.', '_' and '-' (not starting with '.' or '_'), "
             "at most 128 characters (it names a folder of the result table)")
 
 

@@ -19,9 +19,9 @@ class FolderSourceConfig(StrictModel):
     """`<root>/<line_id>/<frames sorted by name>`; `watch` keeps polling for new files (live)."""
 
     kind: Literal["folder"]
-    root: str
-    lines: Optional[list[str]] = None
-    watch: bool = False
+    root: str = Field(description="the folder holding one folder of frames per line")
+    lines: Optional[list[str]] = Field(None, description="the lines to read; default: every line folder")
+    watch: bool = Field(False, description="keep polling for new files (`live` sets it)")
     poll_s: float = Field(1.0, gt=0, description="how often a watched folder is listed again")
     settle_s: float = Field(
         1.0, ge=0, description="watched folders: a file is taken once unmodified for this long (a camera still writing it)"
@@ -42,29 +42,29 @@ class ManifestSourceConfig(StrictModel):
     """A CSV or Parquet file with columns line_id, uri[, timestamp]."""
 
     kind: Literal["manifest"]
-    path: str
-    lines: Optional[list[str]] = None
+    path: str = Field(description="the CSV or Parquet manifest file")
+    lines: Optional[list[str]] = Field(None, description="the lines to read; default: every line_id in the manifest")
 
 
 class DatasetSourceConfig(StrictModel):
     """An MVTec AD / VisA / generic-layout dataset: each category is a line (test split)."""
 
     kind: Literal["dataset"]
-    dataset: Literal["mvtec", "visa", "folder"]
-    root: str
-    lines: Optional[list[str]] = None
-    shuffle_seed: Optional[int] = None
+    dataset: Literal["mvtec", "visa", "folder"] = Field(description="the dataset's layout")
+    root: str = Field(description="the dataset's root folder")
+    lines: Optional[list[str]] = Field(None, description="the categories to read; default: all")
+    shuffle_seed: Optional[int] = Field(None, description="shuffle each category's test images with this seed; null: the official order")
 
 
 class SyntheticSourceConfig(StrictModel):
     """Generated line images with known defects, written under `<out>/frames/<line_id>/`."""
 
     kind: Literal["synthetic"]
-    lines: dict[str, Literal["object", "texture"]] = Field(min_length=1)
-    frames: int = Field(30, ge=1)
-    seed: int = 0
-    size: int = Field(128, ge=16)
-    defect_rate: float = Field(0.1, ge=0, le=1)
+    lines: dict[str, Literal["object", "texture"]] = Field(min_length=1, description="line id -> what its frames show")
+    frames: int = Field(30, ge=1, description="frames per line")
+    seed: int = Field(0, description="seeds every line's drawing")
+    size: int = Field(128, ge=16, description="frame side in pixels")
+    defect_rate: float = Field(0.1, ge=0, le=1, description="share of frames drawn with a defect")
 
 
 class NatsSourceConfig(StrictModel):
@@ -73,15 +73,15 @@ class NatsSourceConfig(StrictModel):
     `live`) follows new frames."""
 
     kind: Literal["nats"]
-    url: str = DEFAULT_NATS_URL
+    url: str = Field(DEFAULT_NATS_URL, description="the NATS server")
     stream: str = Field("FRAMES", pattern=r"^[A-Za-z0-9_-]+$", description="the JetStream stream (created if missing)")
-    subject_prefix: str = "frames"
+    subject_prefix: str = Field("frames", description="frames of line L arrive on <subject_prefix>.L")
     lines: Optional[list[str]] = Field(
         None, min_length=1,
         description="the lines to read (one subject each); default: every line with a message in the stream, and "
         "(watched) each line whose camera starts publishing while the job runs",
     )
-    watch: bool = False
+    watch: bool = Field(False, description="follow new frames (`live` sets it)")
     poll_s: float = Field(0.05, gt=0, description="how often a watched line looks for new frames")
 
 
@@ -111,7 +111,7 @@ class VerdictsConfig(StrictModel):
     kind: Literal["nats"]
     url: Optional[str] = Field(None, description="default: the NATS source's url")
     stream: str = Field("VERDICTS", pattern=r"^[A-Za-z0-9_-]+$", description="the JetStream stream (created if missing)")
-    subject_prefix: str = "verdicts"
+    subject_prefix: str = Field("verdicts", description="the verdict of line L is published to <subject_prefix>.L")
     duplicate_window_s: float = Field(120.0, gt=0, description="a new stream's message-id deduplication window")
 
 
@@ -127,7 +127,7 @@ class PipelineConfig(StrictModel):
         default_factory=dict,
         description="per line, normal reference images (paths or URIs) the line learns first (k-shot)",
     )
-    source: SourceConfig
+    source: SourceConfig = Field(description="where frames come from: its `kind` is folder, manifest, dataset, synthetic or nats")
     out: str = Field("out", description="results in <out>/results, snapshots in <out>/snapshots")
     threshold: Optional[Union[float, Literal["auto"]]] = Field(
         None, description="is_anomaly = score >= threshold; `auto`: calibrated per line (auto_threshold); null leaves it empty"
@@ -183,7 +183,7 @@ class PipelineConfig(StrictModel):
         "refuses rows and ingestion pauses until it can write, and then the lines score the refused frames again from "
         "their snapshots",
     )
-    snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
+    snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig, description="when and where line state is saved")
     verdicts: Optional[VerdictsConfig] = Field(None, description="also publish each row as a verdict (NATS)")
 
     @property

@@ -157,7 +157,7 @@ class DetectorSettings(StrictModel):
     CLIP backbone and where it runs. Each kind subclasses this with its own fields."""
 
     kind: str
-    model: str = "ViT-L-14-336"
+    model: str = Field("ViT-L-14-336", description="the OpenCLIP model (a ViT); rareclip-tiny is the small test model")
     pretrained: Optional[str] = Field(
         "openai", description="'openai' (or another OpenCLIP tag), a local checkpoint path, or null for random weights"
     )
@@ -167,7 +167,7 @@ class DetectorSettings(StrictModel):
         "null: as the weights were trained (a tag: its own setting; a file of a model OpenAI published, "
         "e.g. ViT-L-14-336: QuickGELU; random weights: the model's config). Set it for a file of other weights",
     )
-    image_size: int = Field(518, ge=32)
+    image_size: int = Field(518, ge=32, description="the square input side in pixels (the position embedding is resized to it)")
     seed: int = Field(0, description="seeds random weights (pretrained: null) and any sampling")
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N'")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(

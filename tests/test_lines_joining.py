@@ -148,7 +148,7 @@ def test_settings_may_name_a_line_yet_to_appear_only_where_lines_can_join(tiny_c
     cfg = pipeline_config(tiny_config, tmp_path / "src", tmp_path / "out", thresholds={"b": 0.5, "c d": 0.5})
     watched = cfg.model_copy(update={"source": cfg.source.model_copy(update={"watch": True})})
     assert job_problems(watched) == ["thresholds: line id 'c d' is not allowed: use letters, digits, '.', '_' and '-' "
-                                     "(not first), at most 128 characters (it names a folder of the result table)"]
+                                     "(not starting with '.' or '_'), at most 128 characters (it names a folder of the result table)"]
     for fixed, lines in ((watched, ["a"]), (cfg, None)):  # lines named, or a replay: no line joins
         assert job_problems(fixed, lines) == [f"thresholds.{line}: no line '{line}' in the source (it has a)"
                                               for line in ("b", "c d")]

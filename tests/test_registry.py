@@ -152,7 +152,9 @@ def test_restructure_left_rareclip_scores_unchanged(tiny_config):
     """Scores and maps of five variants, stored before the detector-contract restructure (bitwise
     equal on the machine that stored them; to 1e-6 here, so another CPU's kernels or torch build
     cannot fail it: the score, the map's mean pixel and its maximum. The map's sum would add up
-    last-bit differences of 50,176 float32 pixels, 0.018 of 22,609 with torch 2.14.1)."""
+    last-bit differences of 50,176 float32 pixels, 0.018 of 22,609 with torch 2.14.1). The greedy
+    variant's were stored again when its first pick became PatchCore's (the stored ones differ
+    from frame 4 on, where the memory is first cut down)."""
     stored = json.loads(STORED.read_text())
     frames = textured_frames(24)
     variants = {"online": ({}, 0), "dprb": ({"rarity_branch": "dprb"}, 0), "kshot2": ({}, 2),
@@ -215,3 +217,27 @@ def test_references_are_checked_before_any_actor(tiny_config, tmp_path):
     with pytest.raises(ConfigError, match="references.a: detector kind 'brightness' takes no normal references"):
         PipelineConfig.from_dict({"detector": {"kind": "brightness"}, "source": source,
                                   "references": {"a": [str(tmp_path / "ok.png")]}})
+
+
+def test_the_configuration_reference_is_what_the_settings_classes_say():
+    """docs/configuration.md: regenerate it with `python -m configs.reference > docs/configuration.md`."""
+    from configs.reference import configuration_reference
+
+    text = configuration_reference()
+    assert (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text() == text
+    assert "| `max_features` | `4107` | N_F, patch feature memory size |" in text
+    assert "| `root` | required | the folder holding one folder of frames per line |" in text
+
+
+def test_a_setting_without_a_description_cannot_enter_the_reference():
+    from pydantic import Field
+
+    from configs.reference import _table
+    from rareclip_core.config import StrictModel
+
+    class Undocumented(StrictModel):
+        said: int = Field(1, description="documented")
+        unsaid: int = 2
+
+    with pytest.raises(ValueError, match="Undocumented.unsaid has no description"):
+        _table(Undocumented, ["said", "unsaid"])

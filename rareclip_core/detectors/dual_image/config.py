@@ -16,11 +16,11 @@ class DualImageConfig(DetectorSettings):
     kind: Literal["dual_image"] = "dual_image"
     block_fields: ClassVar[tuple[str, ...]] = ("value_value_from",)
     # Backbone (paper: OpenCLIP ViT-B-16+; AnoVL: laion400m_e32 at 240 px)
-    model: str = "ViT-B-16-plus-240"
+    model: str = Field("ViT-B-16-plus-240", description="the OpenCLIP model (a ViT); AnoVL's ViT-B-16+")
     pretrained: Optional[str] = Field(
         "laion400m_e32", description="an OpenCLIP tag, a local checkpoint path, or null for random weights"
     )
-    image_size: int = Field(240, ge=32)
+    image_size: int = Field(240, ge=32, description="the square input side in pixels (15 x 15 patches)")
     value_value_from: int = Field(1, ge=1, description="first block of the V-V attention path (AnoVL: every block)")
     # Prompts (AnoVL's class-aware list)
     product: str = Field("object", min_length=1, description="the line's product name in the prompts, e.g. 'bottle'")
