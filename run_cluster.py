@@ -27,11 +27,24 @@ COMMANDS = {
 }
 
 
+class CommandHelp(argparse.RawDescriptionHelpFormatter):
+    """A command's description and epilog as written; each option's default after its help,
+    where it has one worth saying (not None, empty or an off switch) and the help does not say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or "default" in text.lower()
+                or action.default is None or action.default is False or action.default == []
+                or action.default == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 def build_parser(command=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run_cluster.py", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
-        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        command_parser = sub.add_parser(name, help=help_text, description=help_text, formatter_class=CommandHelp)
         command_parser.add_argument("-v", "--verbose", action="store_true", help="informational log lines too (Ray's included)")
         if name == command:
             module = importlib.import_module(module_name)

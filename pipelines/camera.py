@@ -18,9 +18,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--folder", required=True, help="images to publish, in name order")
     parser.add_argument("--rate", type=float, default=2.0, help="frames per second (0: as fast as possible)")
     parser.add_argument("--loop", action="store_true", help="start over at the end, until Ctrl-C")
-    parser.add_argument("--url", default=DEFAULT_NATS_URL)
-    parser.add_argument("--stream", default=NatsSourceConfig.model_fields["stream"].default)
-    parser.add_argument("--subject-prefix", default=NatsSourceConfig.model_fields["subject_prefix"].default)
+    parser.add_argument("--url", default=DEFAULT_NATS_URL, help="the NATS server")
+    parser.add_argument("--stream", default=NatsSourceConfig.model_fields["stream"].default, help="the JetStream stream of frames")
+    parser.add_argument("--subject-prefix", default=NatsSourceConfig.model_fields["subject_prefix"].default,
+                        help="frames go to <this>.<line>")
     parser.add_argument("--verdicts", default=VerdictsConfig.model_fields["subject_prefix"].default,
                         help="print the verdicts published to <this>.<line> (default: verdicts)")
     parser.add_argument("--wait-s", type=float, default=30.0, help="at the end, wait this long for the last verdicts")

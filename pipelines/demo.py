@@ -27,7 +27,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", default=str(DEMO_CONFIG), help="pipeline YAML (default: configs/demo.yaml)")
     parser.add_argument("--detector", help="a detector YAML to run instead of the config's (e.g. another kind's tiny config)")
     parser.add_argument("--address", help="join this Ray cluster instead of starting a local one")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def demo_out(config_out: str, detector_file: str) -> str:

@@ -69,7 +69,7 @@ def start_nats_server(store_dir: str, port: Optional[int] = None, host: str = "1
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--port", type=port_number, default=4222)
+    parser.add_argument("--port", type=port_number, default=4222, help="port to listen on")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     parser.add_argument("--store", help="JetStream storage folder (default: a new temporary folder)")
 

@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -32,7 +31,6 @@ ACTIONS = ("add", "list")
 
 
 def add_arguments(parser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n", 2)[2]
     parser.add_argument("action", choices=ACTIONS, help="add or list")
     add_cluster_arguments(parser, address_help="the Ray cluster the job runs on: give the running line its references (without: the job is stopped)")

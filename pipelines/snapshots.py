@@ -16,7 +16,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import sys
 
@@ -31,7 +30,6 @@ ACTIONS = ("list", "reset", "restore")
 
 
 def add_arguments(parser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n", 2)[2]
     parser.add_argument("action", choices=ACTIONS, help="list, reset or restore")
     add_cluster_arguments(parser, address_help="the Ray cluster the job runs on: act on its running line (without: the job is stopped)")

@@ -28,9 +28,9 @@ def add_arguments(parser) -> None:
     add_dataset_arguments(parser, min_images=2, why=BATCH_NORM)
     parser.add_argument("--save", required=True, metavar="FILE", help="where to write the adapters' checkpoint (.pth)")
     add_config_argument(parser, AdaptCLIPConfig, DEFAULT_CONFIG)
-    parser.add_argument("--epochs", type=at_least(1), default=DEFAULTS.epochs)
-    parser.add_argument("--batch-size", type=at_least(2, BATCH_NORM), default=DEFAULTS.batch_size)
-    parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
+    parser.add_argument("--epochs", type=at_least(1), default=DEFAULTS.epochs, help="passes over the images")
+    parser.add_argument("--batch-size", type=at_least(2, BATCH_NORM), default=DEFAULTS.batch_size, help="queries per optimizer step")
+    parser.add_argument("--lr", type=float, default=DEFAULTS.lr, help="Adam's learning rate")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="order and prompt draws")
     parser.add_argument("--resume", action="store_true", help="continue from <save>.resume.pt")
 

@@ -25,8 +25,8 @@ def add_arguments(parser) -> None:
     add_dataset_arguments(parser)
     parser.add_argument("--save", required=True, metavar="FILE", help="where to write the trained parts (.pth)")
     add_config_argument(parser, AFRCLIPConfig, DEFAULT_CONFIG)
-    parser.add_argument("--epochs", type=at_least(1), default=100)
-    parser.add_argument("--batch-size", type=at_least(1), default=4)
+    parser.add_argument("--epochs", type=at_least(1), default=100, help="passes over the images")
+    parser.add_argument("--batch-size", type=at_least(1), default=4, help="images per optimizer step")
     parser.add_argument("--lr", type=float, default=1e-3, help="initial learning rate; epoch e uses lr / (e + 1)")
     parser.add_argument("--seed", type=int, default=0, help="shuffling seed")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16", "config"), default="fp32",

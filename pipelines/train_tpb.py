@@ -21,9 +21,9 @@ def add_arguments(parser) -> None:
     add_dataset_arguments(parser)
     parser.add_argument("--save", required=True, metavar="FILE", help="where to write the TPB checkpoint (.pth)")
     add_config_argument(parser, RareCLIPConfig, DEFAULT_CONFIG)
-    parser.add_argument("--epochs", type=at_least(1), default=5)
-    parser.add_argument("--batch-size", type=at_least(1), default=16)
-    parser.add_argument("--lr", type=float, default=0.005)
+    parser.add_argument("--epochs", type=at_least(1), default=5, help="passes over the images")
+    parser.add_argument("--batch-size", type=at_least(1), default=16, help="images per optimizer step")
+    parser.add_argument("--lr", type=float, default=0.005, help="Adam's learning rate")
     parser.add_argument("--seed", type=int, default=0, help="shuffling seed")
 
 
