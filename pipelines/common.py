@@ -38,15 +38,15 @@ def load_config_or_exit(path: str, check: bool = True, lines=None, **overrides) 
     return None if problems else cfg
 
 
-def at_least(minimum: int, why: str = "", maximum: int | None = None):
-    """An argparse type: an integer >= `minimum` (and <= `maximum` where given); argparse names
-    the option and exits 2 otherwise, before anything is loaded."""
+def at_least(minimum, why: str = "", maximum=None, number: type = int):
+    """An argparse type: a `number` (int, or float) >= `minimum` (and <= `maximum` where
+    given); argparse names the option and exits 2 otherwise, before anything is loaded."""
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(text)
+            value = number(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if number is int else 'a number'}, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}{why}, got {value}")
         if maximum is not None and value > maximum:
@@ -57,6 +57,7 @@ def at_least(minimum: int, why: str = "", maximum: int | None = None):
 
 
 port_number = at_least(1, " (a TCP port is 1 to 65535)", maximum=65535)  # an argparse type
+probability = at_least(0.0, maximum=1.0, number=float)  # an argparse type
 
 
 def configure_console(verbose: bool = False) -> None:

@@ -1,4 +1,5 @@
 """TPB training (Eq. 4): loss terms, convergence, the CLI and the authors' checkpoint format."""
+import argparse
 import math
 
 import numpy as np
@@ -8,7 +9,8 @@ import yaml
 from PIL import Image
 
 import run_cluster
-from rareclip_core.data.datasets import load_dataset
+from rareclip_core.data.datasets import Sample, load_dataset
+from rareclip_core.data.mosaic import MosaicDraws, kept_for_mosaic_training
 from rareclip_core.data.synthetic import write_mvtec_dataset
 from rareclip_core.detectors.rareclip.detector import RareCLIPDetector
 from rareclip_core.detectors.rareclip.text_branch import TPB_CHECKPOINT_KEY
@@ -90,6 +92,55 @@ def test_training_decreases_the_loss_and_is_deterministic(config, samples, train
     _, again = train_text_projection(config, samples[:6], epochs=1, batch_size=4, progress=False)
     _, repeat = train_text_projection(config, samples[:6], epochs=1, batch_size=4, progress=False)
     assert again == repeat
+
+
+@pytest.fixture
+def coloured_category(tmp_path):
+    """Category c: a red good image, a blue crack with its left half masked, a green misplaced one."""
+    samples = []
+    for defect, colour in (("good", (255, 0, 0)), ("crack", (0, 0, 255)), ("misplaced", (0, 255, 0))):
+        image = tmp_path / f"{defect}.png"
+        Image.new("RGB", (8, 6), colour).save(image)
+        mask = None
+        if defect != "good":
+            mask = tmp_path / f"{defect}_mask.png"
+            Image.fromarray(np.repeat(np.array([[255] * 4 + [0] * 4], np.uint8), 6, axis=0)).save(mask)
+        samples.append(Sample(str(image), int(defect != "good"), mask and str(mask), defect, "c"))
+    return samples
+
+
+def test_a_mosaic_pastes_four_images_of_the_category_and_their_masks(coloured_category):
+    assert [s.defect_type for s in kept_for_mosaic_training(coloured_category)] == ["good", "crack"]
+    draws = MosaicDraws(coloured_category, rate=1.0, seed=0)
+    seen = set()
+    for _ in range(10):
+        assert draws.replaces()
+        mosaic = draws.draw("c")
+        image = np.asarray(mosaic.image)
+        assert image.shape == (12, 16, 3) and mosaic.mask.shape == (12, 16)
+        for top, left in ((0, 0), (0, 8), (6, 0), (6, 8)):
+            colour = tuple(image[top, left])
+            tile_mask = mosaic.mask[top : top + 6, left : left + 8]
+            assert colour in {(255, 0, 0), (0, 0, 255)}  # never the misplaced one
+            assert (image[top : top + 6, left : left + 8] == colour).all()
+            crack_mask = np.repeat([[True] * 4 + [False] * 4], 6, axis=0)
+            assert np.array_equal(tile_mask, crack_mask if colour == (0, 0, 255) else np.zeros((6, 8), bool))
+            seen.add(colour)
+    assert seen == {(255, 0, 0), (0, 0, 255)}
+    assert not MosaicDraws(coloured_category, rate=0.0, seed=0).replaces()
+
+
+def test_training_with_mosaics_is_repeatable_and_trains_on_other_images(config, samples):
+    runs = [train_text_projection(config, samples[:6], epochs=1, batch_size=3, progress=False, mosaic_rate=rate, seed=1)[1]
+            for rate in (1.0, 1.0, 0.0)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+@pytest.mark.parametrize("dataset, given, rate", [("mvtec", None, 0.2), ("visa", None, 0.0), ("visa", 0.5, 0.5)])
+def test_the_mosaic_rate_is_the_authors_on_mvtec_ad_unless_given(dataset, given, rate):
+    from pipelines.train_tpb import mosaic_rate
+
+    assert mosaic_rate(argparse.Namespace(dataset=dataset, mosaic_rate=given)) == rate
 
 
 def test_cli_writes_authors_checkpoint_that_changes_the_detector(config, dataset, tmp_path, capsys):

@@ -127,13 +127,28 @@ def load_mask(sample: Sample, image_size: int, view: str = "center_crop") -> np.
         if sample.label:
             raise ValueError(f"anomalous sample {sample.path} has no mask")
         return np.zeros((image_size, image_size), dtype=bool)
+    return fit_mask(read_mask(sample), image_size, view)
+
+
+def read_mask(sample: Sample) -> np.ndarray:
+    """The sample's mask as it is on disk, H x W bool (any non-zero pixel a defect); all False
+    for a good sample without one."""
+    if sample.mask_path is None:
+        if sample.label:
+            raise ValueError(f"anomalous sample {sample.path} has no mask")
+        with Image.open(sample.path) as im:
+            return np.zeros((im.height, im.width), dtype=bool)
     path = _existing_file(Path(sample.mask_path), f"mask of {sample.path}")
     with Image.open(path) as im:
-        raw = np.asarray(im.convert("L"))  # (H, W) uint8
+        return np.asarray(im.convert("L")) > 0
+
+
+def fit_mask(raw: np.ndarray, image_size: int, view: str = "center_crop") -> np.ndarray:
+    """An H x W bool mask brought to the model's input as `load_mask` says."""
     if view == "squash":
-        eight_bit = Image.fromarray((raw > 0).astype(np.uint8) * 255)  # mode "L"
+        eight_bit = Image.fromarray(raw.astype(np.uint8) * 255)  # mode "L"
         return np.asarray(eight_bit.resize((image_size, image_size), Image.BILINEAR)) > 127
-    mask = Image.fromarray((raw > 0).astype(np.float32))  # mode "F"
+    mask = Image.fromarray(raw.astype(np.float32))  # mode "F"
     w, h = mask.size
     long_side = int(image_size * max(w, h) / min(w, h))
     new_w, new_h = (image_size, long_side) if w <= h else (long_side, image_size)

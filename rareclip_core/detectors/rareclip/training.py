@@ -20,7 +20,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ...backbone import ClipBackbone, FrameInput, load_backbone, resolve_device
-from ...data.datasets import Sample, load_mask
+from ...data.datasets import Sample, fit_mask, load_mask
+from ...data.mosaic import Mosaic, MosaicDraws, kept_for_mosaic_training
 from ...ops.losses import dice_loss, focal_loss
 from ...optimizer_steps import OptimizerSteps
 from .config import RareCLIPConfig
@@ -77,26 +78,33 @@ class _TrainingFeatures:
         with Image.open(sample.path) as image:
             return self.frame_input([image])[0]
 
-    def _encode(self, indices: list[int]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
-        out = self.backbone(torch.stack([self._load_image(self.samples[i]) for i in indices]))
+    def _encode(self, pixels: list[torch.Tensor]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+        out = self.backbone(torch.stack(pixels))
         # CPU copies: the cache stays off the GPU, and inference-mode tensors (the backbone's
         # outputs) cannot be saved for the projection's backward pass
         return [
             ([out.patch_tokens[b][k].to("cpu", copy=True) for b in self.blocks], out.image_embedding[k].to("cpu", copy=True))
-            for k in range(len(indices))
+            for k in range(len(pixels))
         ]
 
-    def batch(self, indices: list[int]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Per text block B x M x C tokens, B x D embeddings, B x S x S masks (on the backbone's device)."""
+    def batch(self, items: list[int | Mosaic]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Per text block B x M x C tokens, B x D embeddings, B x S x S masks (on the backbone's
+        device) of the items: samples by index (cached), or mosaics (encoded afresh)."""
+        indices = [i for i in items if isinstance(i, int)]
         missing = [i for i in indices if self.cache is None or i not in self.cache]
-        encoded = dict(zip(missing, self._encode(missing))) if missing else {}
+        encoded = dict(zip(missing, self._encode([self._load_image(self.samples[i]) for i in missing]))) if missing else {}
         if self.cache is not None:
             self.cache.update(encoded)
             encoded = {i: self.cache[i] for i in indices}
+        mosaics = [item for item in items if not isinstance(item, int)]
+        fresh = iter(self._encode([self.frame_input([m.image])[0] for m in mosaics]) if mosaics else [])
+        per_item = [encoded[item] if isinstance(item, int) else next(fresh) for item in items]
         device = self.backbone.device
-        tokens = [torch.stack([encoded[i][0][j] for i in indices]).to(device) for j in range(len(self.blocks))]
-        embeddings = torch.stack([encoded[i][1] for i in indices]).to(device)
-        masks = torch.stack([torch.from_numpy(load_mask(self.samples[i], self.image_size)) for i in indices])
+        tokens = [torch.stack([tokens[j] for tokens, _ in per_item]).to(device) for j in range(len(self.blocks))]
+        embeddings = torch.stack([embedding for _, embedding in per_item]).to(device)
+        masks = torch.stack([torch.from_numpy(
+            load_mask(self.samples[item], self.image_size) if isinstance(item, int)
+            else fit_mask(item.mask, self.image_size)) for item in items])
         return tokens, embeddings, masks.to(device)
 
 
@@ -109,14 +117,20 @@ def train_text_projection(
     betas: tuple[float, float] = (0.5, 0.999),
     seed: int = 0,
     progress: bool = True,
+    mosaic_rate: float = 0.0,
 ) -> tuple[TextProjection, list[float]]:
     """Train the TPB's Linear(C, D) layers on images with masks by Eq. 4; returns the layers
     (CPU, eval mode) and the loss of every optimizer step.
 
     Starts from `init_text_projection(config)` (seeded init, or `config.tpb_weights`); `seed`
-    fixes the per-epoch shuffling, so runs on CPU are deterministic. Anomalous samples need a
-    mask (`load_mask` raises otherwise); good samples without one count as all-normal.
+    fixes the per-epoch shuffling and the mosaics, so runs on CPU are deterministic. Anomalous
+    samples need a mask (`load_mask` raises otherwise); good samples without one count as
+    all-normal. `mosaic_rate` > 0: each image of an epoch is replaced by a 2 x 2 mosaic of its
+    category with that probability, and MVTec AD's misplaced and missing_cable images are left
+    out (the authors' MVTec AD loader: `data.mosaic`, rate `AUTHORS_RATE`).
     """
+    if mosaic_rate > 0:
+        samples = kept_for_mosaic_training(samples)
     if not samples:
         raise ValueError("no training samples")
     if epochs < 1 or batch_size < 1:
@@ -131,6 +145,7 @@ def train_text_projection(
     optimizer = torch.optim.Adam(projection.parameters(), lr=lr, betas=betas)
     features = _TrainingFeatures(backbone, config, samples)
     generator = torch.Generator().manual_seed(seed)
+    mosaics = MosaicDraws(samples, mosaic_rate, seed)
     steps_per_epoch = -(-len(samples) // batch_size)
     losses: list[float] = []
     with tqdm(total=epochs * steps_per_epoch, desc="TPB training", unit="step", disable=not progress) as bar:
@@ -138,6 +153,7 @@ def train_text_projection(
         for epoch in range(epochs):
             order = torch.randperm(len(samples), generator=generator).tolist()
             for start in range(0, len(order), batch_size):
-                tokens, embeddings, masks = features.batch(order[start : start + batch_size])
+                items = [mosaics.draw(samples[i].category) if mosaics.replaces() else i for i in order[start : start + batch_size]]
+                tokens, embeddings, masks = features.batch(items)
                 steps.take(tpb_loss(projection(tokens), embeddings, text_features, masks, config.text_temperature), epoch)
     return projection.cpu().eval().requires_grad_(False), losses
