@@ -159,3 +159,14 @@ def test_a_restore_in_the_same_process_mid_calibration_equals_the_straight_run()
 def test_pipeline_settings_out_of_bounds_are_refused_by_name(extra, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         PipelineConfig.from_dict({"source": {"kind": "folder", "root": "x"}, **extra})
+
+
+def test_a_seq_delivered_twice_while_it_waits_is_scored_as_first_delivered():
+    """A frame held for a missing earlier seq keeps its first delivery (a replay resends it)."""
+    line = LineSequencer("l", BrightnessDetector(BrightnessConfig()), LineSettings(map_resolution=None))
+    first, second = np.full((8, 8, 3), 51, np.uint8), np.full((8, 8, 3), 102, np.uint8)
+    assert line.add([Frame("l", 1, "m1", 0.0, first)]) == []  # waits for seq 0
+    rows = line.add([Frame("l", 1, "m1-again", 0.0, second), Frame("l", 0, "m0", 0.0, first)])
+    # the brightness detector adds 1e-3 per frame seen: 51/255 = 0.2, then 0.2 + 0.001 (not 102/255)
+    assert [(r["seq"], r["uri"]) for r in rows] == [(0, "m0"), (1, "m1")]
+    assert [r["score"] for r in rows] == pytest.approx([0.2, 0.201], abs=1e-12)
