@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* when run as a script
 
 from benchmarks.records import append_records, device_name  # noqa: E402
+from benchmarks.weights import with_weights  # noqa: E402
 from configs.loading import load_detector_config  # noqa: E402
 from rareclip_core import build_detector  # noqa: E402
 from rareclip_core.data.synthetic import SyntheticLine  # noqa: E402
@@ -49,11 +50,9 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="append the figures as a record to this JSON list")
     args = parser.parse_args()
     config = load_detector_config(args.config)
-    update = {}
     if args.pretrained:
-        update["pretrained"] = None if args.pretrained == "none" else args.pretrained
-        if args.pretrained == "none" and "cnn_weights" in type(config).model_fields:
-            update["cnn_weights"] = None  # same cost as ImageNet weights, and no download
+        config = with_weights(config, args.pretrained)
+    update = {}
     if args.device:
         update["device"] = args.device
     config = config.model_copy(update=update)

@@ -4,8 +4,8 @@ TTA) is compared with the joint map of the same step (the map without TTA: same 
 same text), both post-processed alike. Prints pixel AUROC and PRO over the defective frames and
 how often each map's peak lies inside the defect. Prints figures; not a test.
 
-    PYTHONPATH=. python benchmarks/dual_image_tta_effect.py --config configs/detector-dual-image-tiny.yaml
-    PYTHONPATH=. python benchmarks/dual_image_tta_effect.py --config configs/detector-dual-image.yaml --frames 200
+    python benchmarks/dual_image_tta_effect.py --config configs/detector-dual-image-tiny.yaml
+    python benchmarks/dual_image_tta_effect.py --config configs/detector-dual-image.yaml --frames 200
 
 With random weights (the tiny config) the text embeddings mean nothing, so no gain is expected;
 with real weights this is the check of the paper's "Ours" vs "Ours+" on one line.
@@ -13,15 +13,20 @@ with real weights this is the check of the paper's "Ours" vs "Ours+" on one line
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from configs.loading import load_detector_config
-from rareclip_core import build_detector
-from rareclip_core.data.synthetic import SyntheticLine
-from rareclip_core.detectors.dual_image.detector import map_to_image
-from rareclip_core.metrics import pixel_metrics
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* when run as a script
+
+from benchmarks.weights import with_weights  # noqa: E402
+from configs.loading import load_detector_config  # noqa: E402
+from rareclip_core import build_detector  # noqa: E402
+from rareclip_core.data.synthetic import SyntheticLine  # noqa: E402
+from rareclip_core.detectors.dual_image.detector import map_to_image  # noqa: E402
+from rareclip_core.metrics import pixel_metrics  # noqa: E402
 
 
 def main() -> None:
@@ -37,7 +42,7 @@ def main() -> None:
     if config.kind != "dual_image":
         raise SystemExit(f"{args.config} is kind {config.kind!r}, not dual_image")
     if args.pretrained:
-        config = config.model_copy(update={"pretrained": None if args.pretrained == "none" else args.pretrained})
+        config = with_weights(config, args.pretrained)
     if config.tta_steps == 0:
         raise SystemExit("tta_steps is 0 in this config: nothing to compare")
     detector = build_detector(config)

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from actors.result_table import read_results  # noqa: E402
 from benchmarks.overhead_probe import OverheadProbeConfig  # noqa: E402
 from benchmarks.records import append_records  # noqa: E402
+from benchmarks.weights import with_weights  # noqa: E402
 from configs.loading import load_detector_config  # noqa: E402
 from configs.pipeline import PipelineConfig  # noqa: E402
 from pipelines.line_cluster import LineCluster, start_ray, stop_ray  # noqa: E402
@@ -183,7 +184,7 @@ def main() -> None:
     detector = (OverheadProbeConfig(step_ms=args.probe_step_ms, step_holds_gil=args.probe_holds_gil) if args.no_model
                 else load_detector_config(args.config))
     if args.pretrained:
-        detector = detector.model_copy(update={"pretrained": None if args.pretrained == "none" else args.pretrained})
+        detector = with_weights(detector, args.pretrained)
     switched_on = {name: True for name in ("cuda_graphs", "compile_banks") if getattr(args, name)}
     for name in switched_on:
         if name not in type(detector).model_fields:

@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* when run as a script
 
 from benchmarks.records import append_records, device_name  # noqa: E402
+from benchmarks.weights import with_weights  # noqa: E402
 from benchmarks.step_latency import synthetic_frames  # noqa: E402
 from rareclip_core.data.frames import decode_frame  # noqa: E402
 from rareclip_core.detectors.rareclip.config import RareCLIPConfig  # noqa: E402
@@ -82,9 +83,9 @@ def main() -> None:
         update["device"] = args.device
     if args.branch:
         update["rarity_branch"] = args.branch
-    if args.pretrained is not None:
-        update["pretrained"] = None if args.pretrained.lower() in ("none", "null", "random") else args.pretrained
     cfg = cfg.model_copy(update=update)
+    if args.pretrained is not None:
+        cfg = with_weights(cfg, args.pretrained)
     frames = folder_frames(Path(args.images), args.frames) if args.images else synthetic_frames(args.frames, cfg.image_size)
 
     reference = RareCLIPDetector(cfg)

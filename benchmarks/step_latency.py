@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* whe
 
 from benchmarks.profiling import describe, profile_calls  # noqa: E402
 from benchmarks.records import append_records, device_name  # noqa: E402
+from benchmarks.weights import with_weights  # noqa: E402
 from rareclip_core.detectors.rareclip.config import RareCLIPConfig  # noqa: E402
 from rareclip_core.detectors.rareclip.detector import FrameFeatures, RareCLIPDetector  # noqa: E402
 from rareclip_core.detectors.rareclip.memory import PatchRarityBank  # noqa: E402
@@ -214,11 +215,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = RareCLIPConfig.from_yaml(args.config)
+    if args.pretrained is not None:
+        cfg = with_weights(cfg, args.pretrained)
     update = {}
     if args.device:
         update["device"] = args.device
-    if args.pretrained is not None:
-        update["pretrained"] = None if args.pretrained.lower() in ("none", "null", "random") else args.pretrained
     if args.precision:
         update["precision"] = args.precision
     if args.bank_dtype:

@@ -73,3 +73,16 @@ def test_a_gpu_suite_timing_writes_the_record_the_speed_issue_asks_for(command, 
     [record] = json.loads((tmp_path / "records.json").read_text())
     assert ISSUE_18_FIELDS <= set(record) and record["device"].startswith("CPU") and 0 < record["p50_ms"] <= record["p99_ms"]
     assert record.get("banks_full", True)  # step_latency's --fill: timed in steady state
+
+
+def test_random_weights_for_timing_keep_the_network_of_the_real_ones():
+    from benchmarks.weights import with_weights
+    from configs.loading import load_detector_config
+
+    paper = with_weights(load_detector_config(str(REPO / "configs" / "detector-paper.yaml")), "none")
+    assert paper.pretrained is None and paper.quick_gelu is True  # OpenAI's activation, as with the real weights
+    afr = with_weights(load_detector_config(str(REPO / "configs" / "detector-afrclip.yaml")), "none")
+    assert afr.cnn_weights is None and afr.quick_gelu is True
+    dual = with_weights(load_detector_config(str(REPO / "configs" / "detector-dual-image.yaml")), "none")
+    assert dual.quick_gelu is False  # LAION's ViT-B-16+ was trained with GELU
+    assert with_weights(paper, "/w/clip.bin").pretrained == "/w/clip.bin"
