@@ -214,7 +214,7 @@ class DetectorSettings(StrictModel):
 
     @model_validator(mode="after")
     def _quick_gelu_as_the_model_allows(self):
-        if self.quick_gelu is False and model_uses_quick_gelu(self.model):
+        if self.quick_gelu is False and "quick_gelu" in self.model_fields_set and model_uses_quick_gelu(self.model):
             raise ValueError(f"quick_gelu is false, but model {self.model!r} is a QuickGELU model by its name; "
                              f"drop '-quickgelu' from the name, or set quick_gelu to null")
         return self

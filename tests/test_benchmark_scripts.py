@@ -80,7 +80,9 @@ def test_random_weights_for_timing_keep_the_network_of_the_real_ones():
     from configs.loading import load_detector_config
 
     paper = with_weights(load_detector_config(str(REPO / "configs" / "detector-paper.yaml")), "none")
-    assert paper.pretrained is None and paper.quick_gelu is True  # OpenAI's activation, as with the real weights
+    assert paper.pretrained is None and paper.quick_gelu is False  # RareCLIP's authors' GELU, as with the real weights
+    adapt = with_weights(load_detector_config(str(REPO / "configs" / "detector-adaptclip.yaml")), "none")
+    assert adapt.quick_gelu is True  # OpenAI's activation, as with the real weights
     afr = with_weights(load_detector_config(str(REPO / "configs" / "detector-afrclip.yaml")), "none")
     assert afr.cnn_weights is None and afr.quick_gelu is True
     dual = with_weights(load_detector_config(str(REPO / "configs" / "detector-dual-image.yaml")), "none")

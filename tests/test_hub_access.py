@@ -131,29 +131,35 @@ def test_weights_run_with_the_activation_they_were_trained_with(offline_hub, tin
     asked (it only warns): a tag's own setting is followed, without that warning."""
     tags = open_clip.pretrained._PRETRAINED[tiny_config.model]
     tags["cached"]["quick_gelu"] = True
+    as_trained = tiny_config.model_copy(update={"quick_gelu": None})  # RareCLIP's own default is GELU (its authors')
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model = create_clip_model(tiny_config.model_copy(update={"pretrained": "cached"}))
+        model = create_clip_model(as_trained.model_copy(update={"pretrained": "cached"}))
     assert activations(model) == {"QuickGELU"}
     assert torch.equal(model.state_dict()["visual.proj"], offline_hub["visual.proj"])
     # a file of a model OpenAI published: QuickGELU unless told otherwise; random weights: the model's config
     checkpoint = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in offline_hub.items()}, checkpoint)
     tags["openai"] = {"hf_hub": "local/tiny-openai/", "quick_gelu": True}
-    from_file = tiny_config.model_copy(update={"pretrained": str(checkpoint)})
+    from_file = as_trained.model_copy(update={"pretrained": str(checkpoint)})
     assert activations(create_clip_model(from_file)) == {"QuickGELU"}
     assert activations(create_clip_model(from_file.model_copy(update={"quick_gelu": False}))) == {"GELU"}
-    assert activations(create_clip_model(tiny_config)) == {"GELU"}
+    assert activations(create_clip_model(as_trained)) == {"GELU"}
     # the text cache tells the two activations apart
     assert weights_identity(from_file) != weights_identity(from_file.model_copy(update={"quick_gelu": False}))
 
 
-def test_the_paper_models_run_as_openai_trained_them_and_dual_images_as_laion_did():
+def test_each_kind_runs_the_activation_its_authors_ran():
+    """AdaptCLIP's authors hard-code QuickGELU (OpenAI's); RareCLIP's run OpenAI's weights resized to
+    518 px through APRIL-GAN's OpenCLIP, which builds them with GELU (their TPB weights were trained
+    so); Dual-Image's LAION weights were trained with GELU; AFR-CLIP (no code published): OpenAI's."""
     paper = detector_config_from_yaml(CONFIGS / "detector-paper.yaml")
-    assert uses_quick_gelu(paper)
-    assert uses_quick_gelu(paper.model_copy(update={"pretrained": "/weights/ViT-L-14-336.bin"}))
+    assert not uses_quick_gelu(paper)
+    assert not uses_quick_gelu(paper.model_copy(update={"pretrained": "/weights/ViT-L-14-336.bin"}))
+    assert uses_quick_gelu(paper.model_copy(update={"quick_gelu": None}))  # as OpenAI trained them
     for name in ("detector-adaptclip.yaml", "detector-afrclip.yaml"):
         assert uses_quick_gelu(detector_config_from_yaml(CONFIGS / name))
     assert not uses_quick_gelu(detector_config_from_yaml(CONFIGS / "detector-dual-image.yaml"))
     with pytest.raises(ConfigError, match="quick_gelu is false, but model 'ViT-L-14-quickgelu' is a QuickGELU model"):
         detector_config_from_dict({"model": "ViT-L-14-quickgelu", "quick_gelu": False})
+    assert uses_quick_gelu(detector_config_from_dict({"model": "ViT-L-14-quickgelu"}))  # RareCLIP's default yields to the name

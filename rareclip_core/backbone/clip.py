@@ -68,11 +68,11 @@ def resolve_device(name: str) -> torch.device:
 
 def uses_quick_gelu(config: DetectorSettings) -> bool:
     """Whether the towers' MLPs are QuickGELU (x * sigmoid(1.702 x), as OpenAI trained CLIP) rather
-    than GELU: `detector.quick_gelu` where set; else as the weights were trained: a tag's own
-    setting, OpenAI's for a file of a model OpenAI published (the four methods' authors all use
-    OpenAI's weights), the model's config for random weights. OpenCLIP itself builds GELU for
+    than GELU: `detector.quick_gelu` where set (RareCLIP sets false: its authors' code runs GELU);
+    else as the weights were trained: a tag's own setting, OpenAI's for a file of a model OpenAI
+    published, the model's config for random weights. OpenCLIP 3 itself builds GELU for
     ViT-L-14-336 even with its 'openai' weights, and only warns."""
-    if config.quick_gelu is not None or model_uses_quick_gelu(config.model):
+    if config.quick_gelu is not None or model_uses_quick_gelu(config.model):  # a '-quickgelu' name always is
         return bool(config.quick_gelu) or model_uses_quick_gelu(config.model)
     if config.pretrained is None:
         return False

@@ -17,6 +17,12 @@ class RareCLIPConfig(DetectorSettings):
     block_fields: ClassVar[tuple[str, ...]] = ("rarity_blocks", "text_blocks")
     execution_fields: ClassVar[frozenset[str]] = DetectorSettings.execution_fields | {"cuda_graphs", "compile_banks"}
     # Backbone (sec. 1): model, pretrained, image_size, seed, device, precision (DetectorSettings)
+    quick_gelu: Optional[bool] = Field(
+        False,
+        description="whether the towers' MLPs use QuickGELU; false as the authors run it: their OpenCLIP (APRIL-GAN's) "
+        "builds OpenAI's model resized to 518 px with GELU, and their TPB weights were trained on those features; "
+        "null: as the weights were trained (OpenAI's: QuickGELU)",
+    )
     rarity_blocks: list[int] = Field(default_factory=lambda: [6, 12, 18, 24], min_length=1,
                                      description="ViT blocks (1-indexed) whose patch tokens fill the rarity banks")
     text_blocks: list[int] = Field(default_factory=lambda: [12, 16, 20, 24], min_length=1,
