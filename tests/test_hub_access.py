@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from pipelines.preflight import job_problems
 from rareclip_core.backbone import hub_access
-from rareclip_core.backbone.clip import create_clip_model, uses_quick_gelu
+from rareclip_core.backbone.clip import create_clip_model, hub_holds_another_tag, uses_quick_gelu
 from rareclip_core.backbone.hub_access import hub_unreachable
 from rareclip_core.backbone.text_cache import weights_identity
 from rareclip_core.config import ConfigError
@@ -163,3 +163,28 @@ def test_each_kind_runs_the_activation_its_authors_ran():
     with pytest.raises(ConfigError, match="quick_gelu is false, but model 'ViT-L-14-quickgelu' is a QuickGELU model"):
         detector_config_from_dict({"model": "ViT-L-14-quickgelu", "quick_gelu": False})
     assert uses_quick_gelu(detector_config_from_dict({"model": "ViT-L-14-quickgelu"}))  # RareCLIP's default yields to the name
+
+
+def test_a_tag_whose_hub_entry_holds_another_tags_weights_is_fetched_by_its_release_url(
+        monkeypatch, tiny_config, tmp_path):
+    """OpenCLIP 3 sends ViT-B-16-plus-240's laion400m_e32 to the Hub repository of laion400m_e31."""
+    assert hub_holds_another_tag(detector_config_from_yaml(CONFIGS / "detector-dual-image.yaml")) == "laion400m_e31"
+    url = "https://example.org/tiny-e32.pt"
+    tags = {"e31": {"url": "https://example.org/tiny-e31.pt", "hf_hub": "timm/tiny.e31/"},
+            "e32": {"url": url, "hf_hub": "timm/tiny.e31/"}}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, tiny_config.model, tags)
+    weights = create_clip_model(tiny_config.model_copy(update={"seed": 5})).state_dict()
+    release = tmp_path / "tiny-e32.safetensors"
+    save_file({k: v.contiguous() for k, v in weights.items()}, release)
+    fetched = []
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained_from_url", lambda u, **kw: fetched.append(u) or str(release))
+    model = create_clip_model(tiny_config.model_copy(update={"pretrained": "e32"}))
+    assert fetched == [url] and torch.equal(model.state_dict()["visual.proj"], weights["visual.proj"])
+
+    def unreachable(u, **kw):
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained_from_url", unreachable)
+    with pytest.raises(ConfigError, match=r"OpenCLIP's Hub entry for it holds e31's weights, and its release file "
+                                          r"https://example.org/tiny-e32.pt could not be fetched \(OSError: no route to host\)"):
+        create_clip_model(tiny_config.model_copy(update={"pretrained": "e32"}))

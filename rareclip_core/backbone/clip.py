@@ -121,8 +121,33 @@ def _create_clip_model(config: DetectorSettings) -> torch.nn.Module:
     unknown = _unknown_tag(config)
     if unknown:
         raise ConfigError(unknown)
+    if other := hub_holds_another_tag(config):
+        return _create_with_weights(config, _release_file(config, other), unreachable=None)
     with offline_unless_reachable() as unreachable:  # a named tag: from the Hub, or its local cache
         return _create_with_weights(config, pretrained, unreachable)
+
+
+def hub_holds_another_tag(config: DetectorSettings) -> Optional[str]:
+    """The other tag of the model whose weights OpenCLIP's Hub entry for `config.pretrained`
+    holds, or None. OpenCLIP 3's registry sends ViT-B-16-plus-240's `laion400m_e32` to the Hub
+    repository of `laion400m_e31`: such a tag is fetched from its own release URL instead."""
+    cfg = open_clip.get_pretrained_cfg(config.model, config.pretrained_tag) if config.pretrained_tag else {}
+    hub = cfg.get("hf_hub", "")  # 'org/repo/' or 'org/repo/file'; timm's repos end '.<tag>'
+    repo = (hub.rstrip("/") if hub.endswith("/") else hub.rsplit("/", 1)[0]).rsplit("/", 1)[-1]
+    named = repo.rsplit(".", 1)[-1] if "." in repo else ""
+    tags = open_clip.list_pretrained_tags_by_model(config.model)
+    return named if cfg.get("url") and named in tags and named != config.pretrained_tag else None
+
+
+def _release_file(config: DetectorSettings, other: str) -> str:
+    """The local file of the tag's release URL (downloaded once into OpenCLIP's cache)."""
+    cfg = open_clip.get_pretrained_cfg(config.model, config.pretrained_tag)
+    try:
+        return open_clip.pretrained.download_pretrained_from_url(cfg["url"])
+    except Exception as err:  # noqa: BLE001 - urllib and the checksum raise many types
+        raise ConfigError(_weights_unavailable(
+            config, f"OpenCLIP's Hub entry for it holds {other}'s weights, and its release file "
+                    f"{cfg['url']} could not be fetched ({type(err).__name__}: {err})")) from None
 
 
 def resize_position_embedding(visual: torch.nn.Module, image_size: int) -> None:
@@ -151,6 +176,8 @@ def named_weights_problem(config: DetectorSettings) -> Optional[str]:
     unknown = _unknown_tag(config)
     if unknown:
         return unknown
+    if hub_holds_another_tag(config):
+        return None  # fetched from its release URL when the line builds its detector
     with offline_unless_reachable() as unreachable:
         if unreachable is None:
             return None
