@@ -188,3 +188,14 @@ def test_a_tag_whose_hub_entry_holds_another_tags_weights_is_fetched_by_its_rele
     with pytest.raises(ConfigError, match=r"OpenCLIP's Hub entry for it holds e31's weights, and its release file "
                                           r"https://example.org/tiny-e32.pt could not be fetched \(OSError: no route to host\)"):
         create_clip_model(tiny_config.model_copy(update={"pretrained": "e32"}))
+
+
+def test_a_float16_checkpoint_that_must_be_resized_is_named_with_the_fix(tiny_config, tmp_path):
+    weights = create_clip_model(tiny_config).state_dict()
+    half = tmp_path / "half.safetensors"
+    save_file({k: v.half().contiguous() for k, v in weights.items()}, half)
+    with pytest.raises(ConfigError, match=r"holds float16 tensors, and OpenCLIP cannot resize their position embedding "
+                                          r"to image_size 112 in float16 on the CPU; save the checkpoint as float32"):
+        create_clip_model(tiny_config.model_copy(update={"pretrained": str(half), "image_size": 112}))
+    model = create_clip_model(tiny_config.model_copy(update={"pretrained": str(half)}))  # its own size: no resize
+    assert torch.equal(model.state_dict()["visual.proj"], weights["visual.proj"].half().float())

@@ -213,6 +213,12 @@ def _create_with_weights(config: DetectorSettings, pretrained: str, unreachable:
                                           force_quick_gelu=uses_quick_gelu(config))
     except Exception as err:  # noqa: BLE001 - open_clip raises many types for missing weights
         file = Path(pretrained)
+        if file.is_file() and "for 'Half'" in str(err):  # OpenCLIP resizes the position table in the file's dtype
+            raise ConfigError(
+                f"detector.pretrained: {pretrained} holds float16 tensors, and OpenCLIP cannot resize their position "
+                f"embedding to image_size {config.image_size} in float16 on the CPU; save the checkpoint as float32 "
+                "(every floating tensor .float()), or use OpenCLIP's own file of these weights"
+            ) from None
         if file.is_file():  # a local file: it is there, so it is the file that does not fit
             raise ConfigError(
                 f"detector.pretrained: {pretrained} could not be loaded as {config.model} weights "
