@@ -183,7 +183,7 @@ def main() -> None:
         raise SystemExit("--probe-step-ms and --probe-holds-gil go with --no-model")
     detector = (OverheadProbeConfig(step_ms=args.probe_step_ms, step_holds_gil=args.probe_holds_gil) if args.no_model
                 else load_detector_config(args.config))
-    if args.pretrained:
+    if args.pretrained and not args.no_model:  # the probe has no weights
         detector = with_weights(detector, args.pretrained)
     switched_on = {name: True for name in ("cuda_graphs", "compile_banks") if getattr(args, name)}
     for name in switched_on:

@@ -49,6 +49,7 @@ def test_the_pipeline_alone_runs_with_the_probe_that_does_no_work():
     """The GPU suite's measure of the pipeline's own ceiling (a detector kind that reads no blocks
     and names no OpenCLIP model)."""
     proc = subprocess.run([sys.executable, "benchmarks/pipeline_throughput.py", "--no-model", "--probe-step-ms", "5",
+                           "--pretrained", "none",  # as the GPU suite passes it: the probe has no weights to swap
                            "--frames", "8", "--lines", "1", "--replay-batches"], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
