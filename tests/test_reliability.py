@@ -487,6 +487,7 @@ def test_a_weights_file_torch_cannot_read_is_named_without_advice_to_load_it_uns
     assert "weights_only" not in message and "False" not in message
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # it makes the archive
 def test_a_torchscript_archive_as_clip_weights_is_refused_naming_the_file_to_use_instead(tmp_path, tiny_config):
     from rareclip_core.backbone.clip import create_clip_model
     from rareclip_core.config import ConfigError
