@@ -90,14 +90,16 @@ def test_missing_named_weights_fail_at_once_and_say_why(offline_hub, tiny_config
 def test_what_open_clip_logs_while_weights_load_is_passed_on(monkeypatch, tiny_config, tmp_path, caplog):
     checkpoint = tmp_path / "tiny.safetensors"
     save_file({"x": torch.zeros(1)}, checkpoint)
+    built = open_clip.create_model(tiny_config.model, pretrained=None)  # at its native size: nothing to resize
 
     def create_model(*args, **kwargs):
         logging.warning("Model %s initialized partially.", tiny_config.model)
-        return "model"
+        return built
 
     monkeypatch.setattr(open_clip, "create_model", create_model)
+    caplog.clear()  # OpenCLIP's own line for `built`'s random weights
     with caplog.at_level(logging.WARNING):
-        assert create_clip_model(tiny_config.model_copy(update={"pretrained": str(checkpoint)})) == "model"
+        assert create_clip_model(tiny_config.model_copy(update={"pretrained": str(checkpoint)})) is built
     assert [r.getMessage() for r in caplog.records] == [f"Model {tiny_config.model} initialized partially."]
 
 
@@ -190,12 +192,19 @@ def test_a_tag_whose_hub_entry_holds_another_tags_weights_is_fetched_by_its_rele
         create_clip_model(tiny_config.model_copy(update={"pretrained": "e32"}))
 
 
-def test_a_float16_checkpoint_that_must_be_resized_is_named_with_the_fix(tiny_config, tmp_path):
-    weights = create_clip_model(tiny_config).state_dict()
-    half = tmp_path / "half.safetensors"
+def test_weights_resized_to_the_image_size_equal_openclips_own_resize_and_a_float16_file_loads(tiny_config, tmp_path):
+    """Weights load at the model's native size and the position table is resized after, in
+    float32: bitwise what OpenCLIP's own load at image_size gives a float32 file, and a float16
+    file (which OpenCLIP would resize in float16, impossible on the CPU) loads as well."""
+    weights = create_clip_model(tiny_config.model_copy(update={"seed": 3})).state_dict()
+    full, half = tmp_path / "full.safetensors", tmp_path / "half.safetensors"
+    save_file({k: v.contiguous() for k, v in weights.items()}, full)
     save_file({k: v.half().contiguous() for k, v in weights.items()}, half)
-    with pytest.raises(ConfigError, match=r"holds float16 tensors, and OpenCLIP cannot resize their position embedding "
-                                          r"to image_size 112 in float16 on the CPU; save the checkpoint as float32"):
-        create_clip_model(tiny_config.model_copy(update={"pretrained": str(half), "image_size": 112}))
-    model = create_clip_model(tiny_config.model_copy(update={"pretrained": str(half)}))  # its own size: no resize
-    assert torch.equal(model.state_dict()["visual.proj"], weights["visual.proj"].half().float())
+    resized = tiny_config.model_copy(update={"pretrained": str(full), "image_size": 112, "quick_gelu": None})
+    ours = create_clip_model(resized).state_dict()
+    theirs = open_clip.create_model(tiny_config.model, pretrained=str(full), force_image_size=112).state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert ours["visual.positional_embedding"].shape == (1 + 7 * 7, 64)
+    from_half = create_clip_model(resized.model_copy(update={"pretrained": str(half)})).state_dict()
+    assert from_half["visual.positional_embedding"].shape == (1 + 7 * 7, 64)
+    assert torch.equal(from_half["visual.proj"], weights["visual.proj"].half().float())

@@ -83,8 +83,11 @@ def uses_quick_gelu(config: DetectorSettings) -> bool:
 
 def create_clip_model(config: DetectorSettings) -> torch.nn.Module:
     """The full CLIP model (text tower included) with the configured weights, for input images
-    of `image_size`: its position embedding resized by OpenCLIP (bicubic, antialiased), or, where
-    the kind's `position_resize` is "bilinear", by `resize_position_embedding`.
+    of `image_size`: its position embedding resized as the kind's `position_resize` says
+    (`resize_position_embedding`). Weights are loaded at the model's native size and the table
+    resized after, in float32, so that a float16 checkpoint loads too (OpenCLIP would resize it
+    in float16, which torch cannot do on the CPU); seeded random weights of the `openclip`
+    resize are drawn at `image_size` directly.
 
     `pretrained`: 'openai' (downloads where a network exists), a local checkpoint file, or
     None for random weights drawn from `seed` (without touching the global RNG).
@@ -92,13 +95,13 @@ def create_clip_model(config: DetectorSettings) -> torch.nn.Module:
     problem = model_problem(config.model)
     if problem:
         raise ConfigError(f"detector.model {config.model!r}: {problem}")
-    if config.position_resize == "bilinear":
-        native = open_clip.get_model_config(config.model)["vision_cfg"]["image_size"]
-        native = native if isinstance(native, int) else native[0]
-        model = _create_clip_model(config.model_copy(update={"image_size": native}))
-        resize_position_embedding(model.visual, config.image_size)
-        return model
-    return _create_clip_model(config)
+    if config.pretrained is None and config.position_resize == "openclip":
+        return _create_clip_model(config)
+    native = open_clip.get_model_config(config.model)["vision_cfg"]["image_size"]
+    native = native if isinstance(native, int) else native[0]
+    model = _create_clip_model(config.model_copy(update={"image_size": native}))
+    resize_position_embedding(model.visual, config.image_size, config.position_resize)
+    return model
 
 
 def _create_clip_model(config: DetectorSettings) -> torch.nn.Module:
@@ -150,17 +153,21 @@ def _release_file(config: DetectorSettings, other: str) -> str:
                     f"{cfg['url']} could not be fetched ({type(err).__name__}: {err})")) from None
 
 
-def resize_position_embedding(visual: torch.nn.Module, image_size: int) -> None:
+def resize_position_embedding(visual: torch.nn.Module, image_size: int, mode: str = "bilinear") -> None:
     """Resize `visual`'s position embedding in place to the grid of `image_size`: the class
-    token's row kept, the g x g grid bilinearly interpolated (align_corners=False, no
-    antialiasing; OpenCLIP's own resize is bicubic with antialiasing)."""
+    token's row kept, the g x g grid interpolated in float32 (align_corners=False) by `mode`:
+    "openclip", OpenCLIP's own resize (bicubic, antialiased), or "bilinear" (no antialiasing;
+    AdaptCLIP's authors)."""
     patch = visual.patch_size[0]
     grid = image_size // patch
     old = visual.positional_embedding.data  # (1 + g0^2) x C
     g0 = int(round((old.shape[0] - 1) ** 0.5))
     if g0 != grid:
         table = old[1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2).float()  # 1 x C x g0 x g0
-        table = F.interpolate(table, size=(grid, grid), mode="bilinear", align_corners=False)
+        if mode == "openclip":
+            table = F.interpolate(table, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
+        else:
+            table = F.interpolate(table, size=(grid, grid), mode="bilinear", align_corners=False)
         table = table.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(old.dtype)
         visual.positional_embedding = torch.nn.Parameter(torch.cat([old[:1], table]), requires_grad=False)
     visual.grid_size = (grid, grid)
@@ -213,12 +220,6 @@ def _create_with_weights(config: DetectorSettings, pretrained: str, unreachable:
                                           force_quick_gelu=uses_quick_gelu(config))
     except Exception as err:  # noqa: BLE001 - open_clip raises many types for missing weights
         file = Path(pretrained)
-        if file.is_file() and "for 'Half'" in str(err):  # OpenCLIP resizes the position table in the file's dtype
-            raise ConfigError(
-                f"detector.pretrained: {pretrained} holds float16 tensors, and OpenCLIP cannot resize their position "
-                f"embedding to image_size {config.image_size} in float16 on the CPU; save the checkpoint as float32 "
-                "(every floating tensor .float()), or use OpenCLIP's own file of these weights"
-            ) from None
         if file.is_file():  # a local file: it is there, so it is the file that does not fit
             raise ConfigError(
                 f"detector.pretrained: {pretrained} could not be loaded as {config.model} weights "
