@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 
 from configs.loading import load_pipeline_config
@@ -45,6 +46,8 @@ def at_least(minimum, why: str = "", maximum=None, number: type = int):
     def parse(text: str):
         try:
             value = number(text)
+            if not math.isfinite(value):
+                raise ValueError
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if number is int else 'a number'}, got {text!r}") from None
         if value < minimum:

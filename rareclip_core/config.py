@@ -214,7 +214,8 @@ class DetectorSettings(StrictModel):
 
     @model_validator(mode="after")
     def _quick_gelu_as_the_model_allows(self):
-        if self.quick_gelu is False and "quick_gelu" in self.model_fields_set and model_uses_quick_gelu(self.model):
+        kind_default = type(self).model_fields["quick_gelu"].default  # RareCLIP's false yields to a '-quickgelu' name
+        if self.quick_gelu is False and kind_default is not False and model_uses_quick_gelu(self.model):
             raise ValueError(f"quick_gelu is false, but model {self.model!r} is a QuickGELU model by its name; "
                              f"drop '-quickgelu' from the name, or set quick_gelu to null")
         return self
@@ -256,8 +257,13 @@ class DetectorSettings(StrictModel):
         return problems
 
     def fingerprinted_settings(self) -> dict:
-        """Every setting that changes the detector's state or results (all but `execution_fields`)."""
-        return self.model_dump(exclude=set(self.execution_fields))
+        """Every setting that changes the detector's state or results (all but `execution_fields`).
+        `quick_gelu: false` is left out: GELU is what every version before the setting computed
+        (OpenCLIP's own default), so snapshots written then stay valid."""
+        settings = self.model_dump(exclude=set(self.execution_fields))
+        if settings.get("quick_gelu") is False:
+            del settings["quick_gelu"]
+        return settings
 
     def fingerprint(self) -> str:
         """Hash of `fingerprinted_settings`; snapshots and the `model_id` column carry it."""

@@ -36,8 +36,9 @@ def _vision_config(name: str) -> dict:
 
 
 def model_uses_quick_gelu(name: str) -> bool:
-    """Whether the model's own config makes its MLPs QuickGELU (OpenCLIP's '-quickgelu' names)."""
-    return bool(_model_config(name).get("quick_gelu", False))
+    """Whether the model's own config makes its MLPs QuickGELU (OpenCLIP's '-quickgelu' names);
+    False for a name with no config (a kind that names no OpenCLIP model)."""
+    return name in _model_config_files() and bool(_model_config(name).get("quick_gelu", False))
 
 
 def vision_depth(name: str) -> Optional[int]:

@@ -163,8 +163,21 @@ def test_each_kind_runs_the_activation_its_authors_ran():
         assert uses_quick_gelu(detector_config_from_yaml(CONFIGS / name))
     assert not uses_quick_gelu(detector_config_from_yaml(CONFIGS / "detector-dual-image.yaml"))
     with pytest.raises(ConfigError, match="quick_gelu is false, but model 'ViT-L-14-quickgelu' is a QuickGELU model"):
-        detector_config_from_dict({"model": "ViT-L-14-quickgelu", "quick_gelu": False})
-    assert uses_quick_gelu(detector_config_from_dict({"model": "ViT-L-14-quickgelu"}))  # RareCLIP's default yields to the name
+        detector_config_from_dict({"kind": "adaptclip", "model": "ViT-L-14-quickgelu", "quick_gelu": False})
+    # RareCLIP's false yields to the name, however it is given: as its default, or written out by a merge
+    named = {"model": "ViT-L-14-quickgelu", "pretrained": None}
+    assert uses_quick_gelu(detector_config_from_dict(named))
+    assert uses_quick_gelu(detector_config_from_dict({**detector_config_from_dict(named).model_dump(), "max_images": 50}))
+
+
+def test_runs_that_compute_what_they_did_before_the_setting_keep_their_snapshots_fingerprint():
+    """RareCLIP computes GELU as every version did before `quick_gelu` existed: the same hash (its
+    value at the commit before the setting), so a running plant's snapshots stay valid."""
+    assert detector_config_from_yaml(CONFIGS / "detector-paper.yaml").model_copy(
+        update={"text_cache_dir": None}).fingerprint() == detector_config_from_dict({"kind": "rareclip"}).fingerprint()
+    assert detector_config_from_dict({"kind": "rareclip"}).fingerprint() == "343e623e2b2c14ce"
+    as_trained = detector_config_from_dict({"kind": "rareclip", "quick_gelu": None})
+    assert as_trained.fingerprint() != "343e623e2b2c14ce"
 
 
 def test_a_tag_whose_hub_entry_holds_another_tags_weights_is_fetched_by_its_release_url(
@@ -192,19 +205,23 @@ def test_a_tag_whose_hub_entry_holds_another_tags_weights_is_fetched_by_its_rele
         create_clip_model(tiny_config.model_copy(update={"pretrained": "e32"}))
 
 
-def test_weights_resized_to_the_image_size_equal_openclips_own_resize_and_a_float16_file_loads(tiny_config, tmp_path):
-    """Weights load at the model's native size and the position table is resized after, in
-    float32: bitwise what OpenCLIP's own load at image_size gives a float32 file, and a float16
-    file (which OpenCLIP would resize in float16, impossible on the CPU) loads as well."""
+def test_a_float16_checkpoint_loads_resized_by_openclips_rule_and_a_file_already_at_size_as_it_is(tiny_config, tmp_path):
+    """OpenCLIP resizes a checkpoint's position table as it loads it, in the file's dtype: a
+    float16 file is loaded at the native size instead and resized after, in float32, by the same
+    rule, giving what the float32 file gives to float16 precision."""
     weights = create_clip_model(tiny_config.model_copy(update={"seed": 3})).state_dict()
     full, half = tmp_path / "full.safetensors", tmp_path / "half.safetensors"
     save_file({k: v.contiguous() for k, v in weights.items()}, full)
     save_file({k: v.half().contiguous() for k, v in weights.items()}, half)
-    resized = tiny_config.model_copy(update={"pretrained": str(full), "image_size": 112, "quick_gelu": None})
-    ours = create_clip_model(resized).state_dict()
-    theirs = open_clip.create_model(tiny_config.model, pretrained=str(full), force_image_size=112).state_dict()
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    assert ours["visual.positional_embedding"].shape == (1 + 7 * 7, 64)
+    resized = tiny_config.model_copy(update={"pretrained": str(full), "image_size": 112})
+    from_full = create_clip_model(resized).state_dict()
     from_half = create_clip_model(resized.model_copy(update={"pretrained": str(half)})).state_dict()
+    assert from_half.keys() == from_full.keys()
     assert from_half["visual.positional_embedding"].shape == (1 + 7 * 7, 64)
+    assert torch.allclose(from_half["visual.positional_embedding"], from_full["visual.positional_embedding"], atol=2e-3)
     assert torch.equal(from_half["visual.proj"], weights["visual.proj"].half().float())
+    # a checkpoint saved at 112 px loads at 112 px as it is (nothing resized down and up again)
+    at_size = tmp_path / "at-112.safetensors"
+    save_file({k: v.contiguous() for k, v in from_full.items()}, at_size)
+    again = create_clip_model(resized.model_copy(update={"pretrained": str(at_size)})).state_dict()
+    assert all(torch.equal(again[k], from_full[k]) for k in from_full)

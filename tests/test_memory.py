@@ -318,3 +318,16 @@ def test_rareclip_d_keeps_what_its_sampler_picks_of_each_image(sampler):
     scs = DirectPatchRarityBank(max_images=3, alpha=0.5, dtype=torch.float64)
     scs.score(image)
     assert not torch.equal(bank.features, scs.features)
+
+
+def test_kmeans_keeps_the_references_alone_when_they_fill_the_memory():
+    """16-shot at the paper's sizes: 16 x 1369 / 4 >= N_F, so the protected references fill the bank."""
+    bank = PatchRarityBank(max_features=14, max_images=5, sampler="kmeans", max_protected=14)
+    gen = torch.Generator().manual_seed(1)
+    references = [torch.nn.functional.normalize(torch.randn(1, 7, 4, generator=gen), dim=2) for _ in range(2)]
+    for image in references:
+        bank.score(image, reference=True)  # 14 reference features: all protected, the memory full
+    bank.score(torch.nn.functional.normalize(torch.randn(1, 7, 4, generator=gen), dim=2))
+    assert torch.equal(bank.features[0], torch.cat(references, dim=1)[0])
+    with pytest.raises(ValueError, match="at least one step"):
+        kmeans_indices(references[0][0], 3, torch.zeros(6, dtype=torch.bool), torch.Generator(), max_iterations=0)

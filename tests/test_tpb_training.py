@@ -187,6 +187,8 @@ def test_cli_missing_dataset_exits_2(config, tmp_path, capsys):
     (["train-afrclip", "--keep", "0"], "argument --keep: must be >= 1, got 0"),
     (["train-adaptclip", "--batch-size", "1"], "argument --batch-size: must be >= 2 (the adapters' BatchNorm needs two"),
     (["train-adaptclip", "--limit", "x"], "argument --limit: expected an integer, got 'x'"),
+    (["train-tpb", "--mosaic-rate", "nan"], "argument --mosaic-rate: expected a number, got 'nan'"),
+    (["train-tpb", "--mosaic-rate", "1.5"], "argument --mosaic-rate: must be <= 1.0, got 1.5"),
 ])
 def test_training_commands_refuse_bad_numbers_before_loading_anything(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:

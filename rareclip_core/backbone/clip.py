@@ -83,11 +83,10 @@ def uses_quick_gelu(config: DetectorSettings) -> bool:
 
 def create_clip_model(config: DetectorSettings) -> torch.nn.Module:
     """The full CLIP model (text tower included) with the configured weights, for input images
-    of `image_size`: its position embedding resized as the kind's `position_resize` says
-    (`resize_position_embedding`). Weights are loaded at the model's native size and the table
-    resized after, in float32, so that a float16 checkpoint loads too (OpenCLIP would resize it
-    in float16, which torch cannot do on the CPU); seeded random weights of the `openclip`
-    resize are drawn at `image_size` directly.
+    of `image_size`: its position embedding resized as the kind's `position_resize` says: by
+    OpenCLIP as it loads the weights ("openclip"; a float16 checkpoint, which OpenCLIP cannot
+    resize on the CPU, is loaded at the native size and resized after, in float32, by the same
+    rule), or after loading at the native size ("bilinear"; `resize_position_embedding`).
 
     `pretrained`: 'openai' (downloads where a network exists), a local checkpoint file, or
     None for random weights drawn from `seed` (without touching the global RNG).
@@ -95,11 +94,18 @@ def create_clip_model(config: DetectorSettings) -> torch.nn.Module:
     problem = model_problem(config.model)
     if problem:
         raise ConfigError(f"detector.model {config.model!r}: {problem}")
-    if config.pretrained is None and config.position_resize == "openclip":
-        return _create_clip_model(config)
+    if config.position_resize == "bilinear":
+        return _at_native_size_then_resized(config)
+    return _create_clip_model(config)
+
+
+def _native_size(config: DetectorSettings) -> int:
     native = open_clip.get_model_config(config.model)["vision_cfg"]["image_size"]
-    native = native if isinstance(native, int) else native[0]
-    model = _create_clip_model(config.model_copy(update={"image_size": native}))
+    return native if isinstance(native, int) else native[0]
+
+
+def _at_native_size_then_resized(config: DetectorSettings) -> torch.nn.Module:
+    model = _create_clip_model(config.model_copy(update={"image_size": _native_size(config)}))
     resize_position_embedding(model.visual, config.image_size, config.position_resize)
     return model
 
@@ -219,6 +225,9 @@ def _create_with_weights(config: DetectorSettings, pretrained: str, unreachable:
             return open_clip.create_model(config.model, pretrained=pretrained, force_image_size=config.image_size,
                                           force_quick_gelu=uses_quick_gelu(config))
     except Exception as err:  # noqa: BLE001 - open_clip raises many types for missing weights
+        if "for 'Half'" in str(err) and config.position_resize == "openclip" and config.image_size != _native_size(config):
+            # OpenCLIP resizes a float16 position table in float16, which torch cannot do on the CPU
+            return _at_native_size_then_resized(config)
         file = Path(pretrained)
         if file.is_file():  # a local file: it is there, so it is the file that does not fit
             raise ConfigError(

@@ -56,8 +56,12 @@ def kmeans_indices(
     keeps its member nearest its centre, an empty one the feature nearest its centre. Picks that
     coincide (the authors then keep a row twice) are made up by the most novel remaining
     features (lowest max similarity to those kept), so that n_keep distinct rows stay."""
+    if max_iterations < 1:
+        raise ValueError(f"k-means needs at least one step, got max_iterations={max_iterations}")
     free = (~protected).nonzero().squeeze(1)
     n_free = n_keep - int(protected.sum())
+    if n_free <= 0:  # the protected rows fill the memory
+        return protected.nonzero().squeeze(1)
     points = features[free]  # F x C
     centres = points[torch.randperm(points.shape[0], generator=generator)[:n_free].to(points.device)]
     for _ in range(max_iterations):
