@@ -398,7 +398,7 @@ class PatchRarityBank:
             "redundancy": self.redundancy,
             "nearest_earlier": self.nearest_earlier,
             "n_reference": self.n_reference,
-            "generators": torch.stack([g.get_state() for g in self.generators]),
+            "generators": samplers.generator_states(self.generators),
         }
 
     @torch.inference_mode()
@@ -415,8 +415,7 @@ class PatchRarityBank:
         self.nearest_earlier = state["nearest_earlier"].to(device, copy=True)
         self.n_reference = state["n_reference"].to(device, copy=True)
         self.has_references = bool(self.n_reference.any())
-        for generator, generator_state in zip(self.generators, state["generators"].cpu()):
-            generator.set_state(generator_state.clone())  # a row of its own: set_state reads the storage
+        samplers.restore_generators(self.generators, state["generators"])
 
 
 class DirectPatchRarityBank:
@@ -524,7 +523,7 @@ class DirectPatchRarityBank:
         if self.references is not None:
             state["references"] = self.references
         if self.sampler != "scs":
-            state["generators"] = torch.stack([g.get_state() for g in self.generators])
+            state["generators"] = samplers.generator_states(self.generators)
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
@@ -537,5 +536,5 @@ class DirectPatchRarityBank:
             _check_bank_count(state["features"].shape[0], self.n_banks, "state holds")
         self.window.load_state_dict({k: v.to(dtype=self.dtype) for k, v in state.items() if k == "features"}, device)
         self.generators = samplers.bank_generators(self.seed, self.n_banks)
-        for generator, generator_state in zip(self.generators, state.get("generators", torch.empty(0)).cpu()):
-            generator.set_state(generator_state.clone())  # a row of its own: set_state reads the storage
+        if "generators" in state:
+            samplers.restore_generators(self.generators, state["generators"])

@@ -20,6 +20,17 @@ def bank_generators(seed: int, n_banks: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed + b) for b in range(n_banks)]
 
 
+def generator_states(generators: list[torch.Generator]) -> torch.Tensor:
+    """The banks' random streams as one tensor (a snapshot's `generators`), a row per bank."""
+    return torch.stack([g.get_state() for g in generators])
+
+
+def restore_generators(generators: list[torch.Generator], states: torch.Tensor) -> None:
+    """Set each bank's stream from its row of `generator_states` (banks past the rows keep theirs)."""
+    for generator, state in zip(generators, states.cpu()):
+        generator.set_state(state.clone())  # a row of its own: set_state reads the storage
+
+
 def random_indices(n: int, n_keep: int, protected: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Protected rows plus a uniform random choice of the others (RS)."""
     free = (~protected).nonzero().squeeze(1)
