@@ -15,6 +15,7 @@ from configs.pipeline import config_default, open_source
 from rareclip_core.data.frames import FrameDecoding, FrameError, decode_frame
 from rareclip_core.data.sources import FrameRef, read_uri
 
+from .feed_control import FeedControl
 from .frames import Frame
 from .names import line_actor_name
 from .supervisor import tell_supervisor
@@ -95,12 +96,7 @@ class IngestActor:
         self.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.stopped = threading.Event()
         self.paused = threading.Event()  # no new frames to the lines (`pause`)
-        self.lock = threading.Lock()
-        self.running = False
-        self.feed = 0  # the current `run`; an older one ends when a new one starts
-        self.rewinds: dict[str, int] = {}
-        self.drops: set[str] = set()  # lines to stop feeding once their frames in flight are scored (`drop`)
-        self.dropped: dict[str, tuple[int, int]] = {}  # line -> (feed, the seq it was fed up to)
+        self.control = FeedControl()  # the current `run` (an older one ends), its rewinds and drops
         self.supervisor_name = supervisor_name
         if supervisor_name:
             try:  # a restart (the first start comes before the supervisor exists)
@@ -130,59 +126,46 @@ class IngestActor:
         else:
             self.paused.clear()
 
-    def rewind(self, line_id: str, seq: int) -> bool:
-        """Have the running feed go back to `seq` for a line (its actor restored a snapshot), or
-        feed a line from `seq` that it did not feed yet (a line added to a live job). False when
-        no feed is running: the caller starts a new `run` instead."""
-        with self.lock:
-            if self.running:
-                self.rewinds[line_id] = seq
-            return self.running
+    def rewind(self, line_id: str, seq: int, feed: int) -> bool:
+        """Have feed number `feed` (running, or asked for and not begun yet) go back to `seq` for
+        a line (its actor restored a snapshot), or feed a line from `seq` that it did not feed
+        yet (a line added to a live job). False when that feed has ended or was replaced: the
+        caller starts a new `run` instead."""
+        return self.control.rewind(line_id, seq, feed)
 
     def drop(self, line_id: str) -> Optional[int]:
         """Stop feeding a line (retired: its folder or subject is gone): the running feed lists it
         no more, feeds it what it already recorded, and lets it go once the line has scored all
         of it. Call again until it returns the seq the line was fed up to; None meanwhile, and
         while no feed runs. A later `rewind` of the line feeds it again."""
-        with self.lock:
-            done = self.dropped.get(line_id)
-            if done is not None and done[0] == self.feed:
-                return done[1]
-            if self.running:
-                self.drops.add(line_id)
-            return None
+        return self.control.drop(line_id)
 
-    def run(self, start_seqs: dict[str, int] | None = None, delay_s: float = 0.0) -> dict[str, int]:
-        """Feed the lines of `start_seqs` (default: its first lines, from 0) from their start seqs
-        until the source ends (or, for a live source, until `stop`). Lines are interleaved round
-        by round: each round decodes up to `chunks_per_round` chunks of every line that has room
-        (fewer than `max_in_flight` frames submitted and not yet scored), then submits them in
-        order; a full line is passed over, so a slow or stalled line holds back no other. Returns next seq per line.
-        Sequence numbers are source positions, so any seq can be read again for a replay. A
-        `run` replaces one still running (the supervisor started a new feed when it could not
-        reach this actor): the older one ends, so that the actor's threads stay free for `stop`.
-        `delay_s`: wait this long first (the supervisor's back-off after feeds that failed at once),
-        or until `stop`; the feed is this one meanwhile, so a `rewind` asked then is taken when
-        it starts, and a newer `run` replaces it."""
-        with self.lock:
-            self.running = True
-            self.feed += 1
-            feed = self.feed
+    def run(self, start_seqs: dict[str, int], feed: int, delay_s: float = 0.0) -> dict[str, int]:
+        """Feed the lines of `start_seqs` from their start seqs until the source ends (or, for a
+        live source, until `stop`). Lines are interleaved round by round: each round decodes up
+        to `chunks_per_round` chunks of every line that has room (fewer than `max_in_flight`
+        frames submitted and not yet scored), then submits them in order; a full line is passed
+        over, so a slow or stalled line holds back no other. Returns next seq per line.
+        Sequence numbers are source positions, so any seq can be read again for a replay.
+        `feed`: the supervisor's number for this feed (`FeedControl`). A `run` replaces an older
+        one still running (the supervisor started a new feed when it could not reach this
+        actor): the older one ends, so that the actor's threads stay free for `stop`; one older
+        than a feed already begun returns at once. `delay_s`: wait this long first (the
+        supervisor's back-off after feeds that failed at once), or until `stop`; the feed is
+        this one meanwhile, so a `rewind` asked then is taken when it starts, and a newer `run`
+        replaces it."""
+        next_seq = dict(start_seqs)
+        if not self.control.begin(feed):
+            return next_seq
         if delay_s:
             self.stopped.wait(delay_s)
-        next_seq = dict(start_seqs) if start_seqs else {line: 0 for line in self.lines}
         lines = list(next_seq)
         iterators = {line: self.source.frames(line, next_seq[line]) for line in lines}
         listed_at = {line: time.monotonic() for line in lines}
         in_flight: dict[str, list] = {line: [] for line in lines}
-        while not self.stopped.is_set() and self.feed == feed:
+        while not self.stopped.is_set() and self.control.is_current(feed):
             progressed = False
-            with self.lock:
-                rewinds, self.rewinds = (self.rewinds, {}) if self.feed == feed else ({}, self.rewinds)
-                drops = set(self.drops) if self.feed == feed else set()
-                for line in rewinds:  # fed again: a drop asked before is void
-                    self.drops.discard(line)
-                    self.dropped.pop(line, None)
+            rewinds, drops = self.control.take(feed)
             for line, seq in rewinds.items():
                 self.line_actors.pop(line, None)  # found by name again: a retired line that rejoins has a new actor
                 if line not in in_flight:  # a line added to the job
@@ -206,7 +189,8 @@ class IngestActor:
             }
             for line, refs in taken.items():
                 if not refs and line in drops and not in_flight[line]:  # all it was fed is scored
-                    self._let_go(line, feed, next_seq.pop(line))
+                    self.control.let_go(line, feed, next_seq.pop(line))
+                    self.line_actors.pop(line, None)
                     lines.remove(line)
                     del iterators[line], in_flight[line], listed_at[line]
                     progressed = True
@@ -229,26 +213,16 @@ class IngestActor:
                 if full:  # the lines with frames left may all be full: wait for one to take more
                     ray.wait(full, num_returns=1, timeout=min(0.2, self.poll_s))
                     continue
-                with self.lock:
-                    if not self.source.live and not self.rewinds:
-                        self.running = self.running and self.feed != feed
-                        break
+                if not self.source.live and self.control.end_unless_asked(feed):
+                    break
                 time.sleep(min(0.2, self.poll_s))
         for ref in [r for refs in in_flight.values() for r in refs]:
             try:
                 ray.get(ref)
             except ray.exceptions.RayError as err:  # a line died: its restart triggers a rewind
                 log.info("a submit failed: %s", type(err).__name__)
-        with self.lock:
-            if self.feed == feed:
-                self.running = False
+        self.control.end(feed)
         return next_seq
-
-    def _let_go(self, line: str, feed: int, next_seq: int) -> None:
-        with self.lock:
-            self.drops.discard(line)
-            self.dropped[line] = (feed, next_seq)
-        self.line_actors.pop(line, None)
 
     def _line_actor(self, line: str):
         if line not in self.line_actors:

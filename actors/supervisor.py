@@ -66,11 +66,14 @@ class Supervisor:
         self.every_frames = every_frames
         self.every_s = every_s
         self.feeds: dict[int, Optional[ray.ObjectRef]] = {}
+        self.feeds_started = 0  # feeds are numbered, so that an ingest actor knows the newest (`FeedControl`)
+        self.feed_number: dict[int, int] = {}  # the number of each ingest actor's newest feed
         self.feed_started: dict[int, float] = {}  # when each feed last started (monotonic)
         self.feed_failures: dict[int, int] = {}  # failures in a row, each soon after its feed started
         self.fed_to: dict[str, int] = {}  # where a finished feed left each line
         self.totals: dict[str, Optional[int]] = {}
         self.progress: dict[str, int] = {line: 0 for line in lines}
+        self.replays: Counter = Counter()  # per line: a progress read before a replay is stale
         self.snapshot_seq = {line: 0 for line in lines}
         self.snapshot_time = {line: time.monotonic() for line in lines}
         self.snapshotting: dict[str, asyncio.Task] = {}
@@ -252,12 +255,13 @@ class Supervisor:
         new feed from every line's position. Replays of lines sharing an ingest actor (lines
         restarting together) take turns, so that each sees the feed the previous one left."""
         self.progress[line] = seq
+        self.replays[line] += 1
         self.snapshot_seq[line] = min(self.snapshot_seq[line], seq)
         i = self.ingest_of[line]
         actor, group = self.ingest[i]
         async with self.feed_locks[i]:
             await self._check_feed(i)  # a feed that failed since the last check is noted, not overwritten
-            if self.feeds.get(i) is not None and await _call(actor.rewind.remote(line, seq)):
+            if self.feeds.get(i) is not None and await _call(actor.rewind.remote(line, seq, self.feed_number[i])):
                 return
             self._start_feed(i)
 
@@ -278,8 +282,10 @@ class Supervisor:
     async def _watch_line(self, line: str, actor) -> None:
         while self.lines.get(line) is actor:  # until the line is retired
             await asyncio.sleep(0.2)
+            replays = self.replays[line]
             p = await _call(actor.progress.remote())
-            if p is not None and self.lines.get(line) is actor:
+            # read before the line restored and replayed, its position would start feeds past it
+            if p is not None and self.lines.get(line) is actor and self.replays[line] == replays:
                 self.progress[line] = p["next_seq"]
                 self._maybe_snapshot(line, actor)
 
@@ -312,7 +318,10 @@ class Supervisor:
     def _start_feed(self, i: int, delay_s: float = 0.0) -> None:
         """A new feed of ingest actor i from its lines' positions (after `delay_s`)."""
         self.feed_started[i] = time.monotonic() + delay_s
-        self.feeds[i] = self.ingest[i][0].run.remote({line: self.progress[line] for line in self.ingest[i][1]}, delay_s)
+        self.feeds_started += 1
+        self.feed_number[i] = self.feeds_started
+        positions = {line: self.progress[line] for line in self.ingest[i][1]}
+        self.feeds[i] = self.ingest[i][0].run.remote(positions, self.feeds_started, delay_s)
 
     def _maybe_snapshot(self, line: str, actor) -> None:
         if self.every_frames is None and self.every_s is None or line in self.snapshotting:
