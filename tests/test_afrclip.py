@@ -82,10 +82,43 @@ def test_self_prompts_reach_only_the_blocks_after_they_are_inserted(detector):
     prompts = torch.randn(2, 2, k, width, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = (detector.vision.stage_tokens(images, p) for p in prompts)
-    n = 1 + detector.grid**2
-    assert [t.shape for t in a] == [(2, n, width)] * 4  # the prompt tokens are dropped after block 2
     assert torch.equal(a[0], b[0])  # block 1 runs before any prompt
     assert all((x - y).abs().max() > 1e-4 for x, y in zip(a[1:], b[1:]))
+
+
+def test_self_prompts_are_appended_before_the_first_prompt_block_set_again_before_the_next_and_dropped_after(config):
+    """Eq. 18 as the VPT reading: the tokens each block is fed (4 blocks, prompts in blocks 2 and 3)."""
+    detector = build_detector(config.model_copy(update={"prompt_blocks": [2, 3]}))
+    images = detector.frame_input(textured_frames(1))
+    k, n = config.n_prompts, 1 + detector.grid**2
+    prompts = torch.randn(1, k, detector.vision.width, generator=torch.Generator().manual_seed(0))
+    fed: list[torch.Tensor] = []
+    hooks = [block.register_forward_pre_hook(lambda _, args: fed.append(args[0].clone()))
+             for block in detector.vision.visual.transformer.resblocks]
+    try:
+        with torch.no_grad():
+            detector.vision.stage_tokens(images, prompts)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert [x.shape[1] for x in fed] == [n, n + k, n + k, n]
+    assert torch.equal(fed[1][:, n:], prompts) and torch.equal(fed[2][:, n:], prompts)  # block 2's outputs overwritten
+
+
+def test_the_score_and_map_are_the_stage_probabilities_averaged_the_map_upsampled(detector, monkeypatch):
+    """Eq. 14: stage s's patches all at P_a = p_s and its class token at c_s give the image score
+    mean_s c_s and a map equal to mean_s p_s everywhere."""
+    grid, patch_p, class_p = detector.grid, [0.2, 0.4, 0.6, 0.9], [0.1, 0.3, 0.5, 0.7]
+
+    def logits(p):  # two-class logits whose softmax gives P_a = p
+        return [0.0, math.log(p / (1 - p))]
+
+    fixed = torch.tensor([[[logits(c)] + [logits(p)] * grid**2] for c, p in zip(class_p, patch_p)])  # 4 x 1 x (1 + P) x 2
+    monkeypatch.setattr(detector.heads, "stage_logits", lambda *args: fixed)
+    result = detector.step(textured_frames(1)[0])
+    assert result.score == pytest.approx(np.mean(class_p))
+    assert result.parts["stage_scores"] == pytest.approx(class_p)
+    assert np.allclose(result.anomaly_map, np.mean(patch_p), atol=1e-6) and result.anomaly_map.shape == (224, 224)
 
 
 def test_the_detector_keeps_no_state_and_any_order_gives_the_same_results(detector):

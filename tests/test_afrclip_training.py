@@ -1,5 +1,7 @@
 """train-afrclip: the loss falls and the held-out pixel AUROC rises (tiny random-weight CLIP,
 fixed seeds), an interrupted run resumes exactly, and the CLI writes the checkpoint format."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from rareclip_core.data.datasets import load_dataset, load_mask
 from rareclip_core.data.synthetic import write_mvtec_dataset
 from rareclip_core.detectors.afrclip.checkpoint import save_checkpoint
 from rareclip_core.detectors.afrclip.detector import AFRCLIPDetector
-from rareclip_core.detectors.afrclip.training import TrainingSettings, train_afrclip
+from rareclip_core.detectors.afrclip.training import TrainingSettings, afrclip_loss, train_afrclip
 from rareclip_core.metrics import pixel_metrics
 from tests.test_afrclip import TINY
 
@@ -34,6 +36,34 @@ def held_out_pixel_auroc(config, samples) -> float:
     maps = [detector.step(np.asarray(Image.open(s.path))).anomaly_map for s in samples]
     masks = [load_mask(s, config.image_size) for s in samples]
     return pixel_metrics(np.stack(masks), np.stack(maps))["auroc"]
+
+
+def test_the_loss_matches_a_hand_computation():
+    """Two stages, one image, a 1 x 1 patch grid (so each stage's map is constant) and a 2 x 2
+    mask with one defective pixel. Stage 1: class token P_a = 0.5, patch P_a = 0.75; stage 2:
+    class token 0.25, patch 0.5. Loss = 4 * sum over stages of focal + Dice(abnormal) +
+    Dice(normal) + the cross-entropy of the image score (0.5 + 0.25) / 2 against label 1."""
+    s = 1e-5
+
+    def focal(p_true):  # AnomalyCLIP's form: p_t = (1 - s) P[true] + s P[other] + s
+        pt = (1 - s) * p_true + s * (1 - p_true) + s
+        return -((1 - pt) ** 2) * math.log(pt)
+
+    def stage_terms(pa):
+        focal_mean = (focal(pa) + 3 * focal(1 - pa)) / 4
+        dice_abnormal = 1 - (2 * pa + 1) / (4 * pa + 1 + 1)
+        dice_normal = 1 - (2 * 3 * (1 - pa) + 1) / (4 * (1 - pa) + 3 + 1)
+        return focal_mean + dice_abnormal + dice_normal
+
+    expected = 4 * (stage_terms(0.75) + stage_terms(0.5)) - math.log((0.5 + 0.25) / 2)
+    logits = torch.tensor([[[[0.0, 0.0], [0.0, math.log(3)]]], [[[math.log(3), 0.0], [0.0, 0.0]]]])  # 2 x 1 x 2 x 2
+    mask = torch.tensor([[[1, 0], [0, 0]]])
+    assert afrclip_loss(logits, mask, torch.tensor([1]), grid=1).item() == pytest.approx(expected, rel=1e-6)
+    # where every stage's P_a underflows to 0 (a small temperature), the image term is still its -log
+    sure_normal = logits.clone()
+    sure_normal[:, 0, 0] = torch.tensor([200.0, 0.0])
+    image_term = afrclip_loss(sure_normal, mask, torch.tensor([1]), grid=1) - afrclip_loss(sure_normal, mask, torch.tensor([0]), grid=1)
+    assert image_term.item() == pytest.approx(200.0, rel=1e-5)
 
 
 def test_training_lowers_the_loss_and_raises_held_out_pixel_auroc(config, samples, tmp_path):

@@ -1,11 +1,12 @@
 """Training AFR-CLIP's learned parts on an auxiliary annotated dataset (docs/algorithms/afrclip.md, "Training").
 
 The paper: 518 x 518 images, 100 epochs, batch 4, Adam, lr 1e-3 / (epoch + 1). Its loss is not
-stated; [ours, AnomalyCLIP's recipe] per stage s, with L_s the two-class logits [S_n, S_a] / tau:
+stated; [ours, AnomalyCLIP's recipe (its train.py)] with L_s the stage's two-class logits
+[S_n, S_a] / tau and P_s = softmax(L_s), the probabilities the detector scores with:
 
-    pixel_s = upsample_bilinear(L_s of the patches as a g x g grid, to S x S)
-    loss    = sum_s Focal(softmax(pixel_s), mask) + Dice(softmax(pixel_s)[abnormal], mask)
-                    + Dice(softmax(pixel_s)[normal], 1 - mask) + CE(L_s of the class token, label)
+    map_s = upsample_bilinear(P_s of the patches as a g x g grid, to S x S)   (as the detector's Eq. 14)
+    loss  = PIXEL_WEIGHT * sum_s [Focal(map_s, mask) + Dice(map_s[abnormal], mask) + Dice(map_s[normal], 1 - mask)]
+            + CE(image score, label),  image score = mean_s P_s[class token, abnormal]
 
 (Focal as `ops.losses.focal_loss`, AnomalyCLIP's own.) CLIP and the CNN are frozen; gradients reach the self-prompts through the frozen vision tower.
 Each epoch's order is a permutation drawn from (seed, epoch), and every epoch ends with a
@@ -14,6 +15,7 @@ exactly as an uninterrupted one.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -58,19 +60,23 @@ def product_name(category: str) -> str:
     return category.replace("_", " ")
 
 
+PIXEL_WEIGHT = 4.0  # AnomalyCLIP's `lam`: the pixel terms against the one image term
+
+
 def afrclip_loss(logits: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, grid: int) -> torch.Tensor:
     """The module docstring's loss. logits: n_stages x B x (1 + P) x 2 (class token first);
     masks: B x S x S in {0, 1}; labels: B in {0, 1}."""
     masks = masks.float()
     batch = logits.shape[1]
-    total = logits.new_zeros(())
-    for stage in logits:
-        pixel = stage[:, 1:].transpose(1, 2).reshape(batch, 2, grid, grid)
-        pixel = F.interpolate(pixel, size=masks.shape[-2:], mode="bilinear", align_corners=False)
-        probs = pixel.softmax(dim=1)
-        total = total + focal_loss(probs, masks) + dice_loss(probs[:, 1], masks) + dice_loss(probs[:, 0], 1 - masks)
-        total = total + F.cross_entropy(stage[:, 0], labels.long())
-    return total
+    probs = logits.softmax(-1)
+    pixel = logits.new_zeros(())
+    for stage in probs:
+        maps = stage[:, 1:].transpose(1, 2).reshape(batch, 2, grid, grid)
+        maps = F.interpolate(maps, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+        pixel = pixel + focal_loss(maps, masks) + dice_loss(maps[:, 1], masks) + dice_loss(maps[:, 0], 1 - masks)
+    # log of the image score and its complement, B x 2: log mean_s P_s, without underflow at a small tau
+    log_image = logits[:, :, 0].log_softmax(-1).logsumexp(0) - math.log(logits.shape[0])
+    return PIXEL_WEIGHT * pixel + F.nll_loss(log_image, labels.long())
 
 
 class _TrainingData:
