@@ -66,15 +66,20 @@ class FeedControl:
             self.newest_ended = self.newest_ended or feed == self.newest
             return True
 
-    def end(self, feed: int) -> None:
+    def end(self, feed: int) -> dict[str, int]:
+        """The feed stops (stopped, or replaced): later rewinds of it are refused, and those it
+        accepted but did not take are returned (where their lines stand now)."""
         with self.lock:
             self.newest_ended = self.newest_ended or feed == self.newest
+            return self.rewinds.pop(feed, {}) if feed == self.newest else {}
 
-    def drop(self, line: str) -> Optional[int]:
-        """Ask the running feed to drop `line`; the seq it was fed up to once it let it go."""
+    def drop(self, line: str, feed: int) -> Optional[int]:
+        """Ask the running feed to drop `line`; the seq it was fed up to once feed `feed` (the
+        newest the caller started) let it go: an older feed's answer would be void once `feed`
+        begins, fed from positions that still hold the line."""
         with self.lock:
             done = self.dropped.get(line)
-            if done is not None and done[0] == self.newest:
+            if done is not None and done[0] == feed == self.newest:
                 return done[1]
             if self.running:
                 self.drops.add(line)

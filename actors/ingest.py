@@ -96,6 +96,7 @@ class IngestActor:
         self.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.stopped = threading.Event()
         self.paused = threading.Event()  # no new frames to the lines (`pause`)
+        self.pause_lock, self.pause_number = threading.Lock(), 0
         self.control = FeedControl()  # the current `run` (an older one ends), its rewinds and drops
         self.supervisor_name = supervisor_name
         if supervisor_name:
@@ -118,13 +119,18 @@ class IngestActor:
     def stop(self) -> None:
         self.stopped.set()
 
-    def pause(self, paused: bool) -> None:
+    def pause(self, paused: bool, number: int) -> None:
         """Submit no new frames (the writer refuses rows) until called with False; a feed
-        neither ends nor forgets where it stands meanwhile."""
-        if paused:
-            self.paused.set()
-        else:
-            self.paused.clear()
+        neither ends nor forgets where it stands meanwhile. `number`: the supervisor numbers its
+        calls, and one older than a call already taken is void (queued calls may start in any order)."""
+        with self.pause_lock:
+            if number < self.pause_number:
+                return
+            self.pause_number = number
+            if paused:
+                self.paused.set()
+            else:
+                self.paused.clear()
 
     def rewind(self, line_id: str, seq: int, feed: int) -> bool:
         """Have feed number `feed` (running, or asked for and not begun yet) go back to `seq` for
@@ -133,12 +139,13 @@ class IngestActor:
         caller starts a new `run` instead."""
         return self.control.rewind(line_id, seq, feed)
 
-    def drop(self, line_id: str) -> Optional[int]:
+    def drop(self, line_id: str, feed: int) -> Optional[int]:
         """Stop feeding a line (retired: its folder or subject is gone): the running feed lists it
         no more, feeds it what it already recorded, and lets it go once the line has scored all
         of it. Call again until it returns the seq the line was fed up to; None meanwhile, and
-        while no feed runs. A later `rewind` of the line feeds it again."""
-        return self.control.drop(line_id)
+        while no feed runs, or while feed number `feed` has not begun. A later `rewind` of the
+        line feeds it again."""
+        return self.control.drop(line_id, feed)
 
     def run(self, start_seqs: dict[str, int], feed: int, delay_s: float = 0.0) -> dict[str, int]:
         """Feed the lines of `start_seqs` from their start seqs until the source ends (or, for a
@@ -216,12 +223,13 @@ class IngestActor:
                 if not self.source.live and self.control.end_unless_asked(feed):
                     break
                 time.sleep(min(0.2, self.poll_s))
+        for line, seq in self.control.end(feed).items():  # taken too late (a stop): the feed ends there
+            next_seq[line] = min(seq, next_seq.get(line, seq))
         for ref in [r for refs in in_flight.values() for r in refs]:
             try:
                 ray.get(ref)
             except ray.exceptions.RayError as err:  # a line died: its restart triggers a rewind
                 log.info("a submit failed: %s", type(err).__name__)
-        self.control.end(feed)
         return next_seq
 
     def _line_actor(self, line: str):

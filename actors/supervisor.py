@@ -25,6 +25,7 @@ CALL_TIMEOUT_S = 2.0
 PAUSED_FLUSH_EVERY_S = 1.0  # while ingestion is paused, how often the writer is asked to try writing again
 FEED_STEADY_S = 30.0  # a feed failing sooner than this after its start counts toward the back-off
 FEED_RETRY_MAX_S = 30.0  # the longest wait before a failed feed is started again
+LINE_RETRY_MAX_S = 60.0  # the longest wait before a line whose detector could not be built is restarted again
 
 
 def tell_supervisor(supervisor_name: Optional[str], text: str, call: str = "notice") -> None:
@@ -37,8 +38,9 @@ def tell_supervisor(supervisor_name: Optional[str], text: str, call: str = "noti
         log.warning(text)
 
 
-async def _call(ref, timeout: float = CALL_TIMEOUT_S):
-    """Await an actor call; None if the actor is dead or restarting."""
+async def _call(ref, timeout: Optional[float] = CALL_TIMEOUT_S):
+    """Await an actor call (`timeout` None: however long it takes); None if the actor is dead
+    or restarting, or the call outlasted `timeout`."""
     try:
         return await asyncio.wait_for(ref, timeout)
     except (asyncio.TimeoutError, ray.exceptions.RayError):
@@ -74,6 +76,7 @@ class Supervisor:
         self.totals: dict[str, Optional[int]] = {}
         self.progress: dict[str, int] = {line: 0 for line in lines}
         self.replays: Counter = Counter()  # per line: a progress read before a replay is stale
+        self.line_failures: Counter = Counter()  # per line: restarts in a row whose detector could not be built
         self.snapshot_seq = {line: 0 for line in lines}
         self.snapshot_time = {line: time.monotonic() for line in lines}
         self.snapshotting: dict[str, asyncio.Task] = {}
@@ -85,6 +88,7 @@ class Supervisor:
         self.added_watchers: list[asyncio.Task] = []  # the watch of each line added while running
         self.feed_locks = [asyncio.Lock() for _ in ingest]  # one rewind-or-restart of a feed at a time
         self.ingest_paused = False  # while the writer refuses rows (`writer_refusing`)
+        self.pause_calls = 0  # pause calls are numbered: a threaded actor may start two queued ones in either order
         self.refusing_spells = 0  # times the writer began to refuse rows
         self.flush_tried = 0.0  # when the writer last tried to write, asked while ingestion is paused
         self.retired: dict[str, int] = {}  # line -> where it stood when retired (`retire_line`), until it rejoins
@@ -118,6 +122,7 @@ class Supervisor:
 
     async def line_started(self, line: str, next_seq: int, rejected: Optional[list] = None) -> None:
         joining = line not in self.lines  # first built while the job runs: `add_line` asks where it stands
+        self.line_failures.pop(line, None)
         if not joining:
             self._event("line restarts", f"line {line} restarted, restored at seq {next_seq}")
         for reason in rejected or []:
@@ -158,7 +163,7 @@ class Supervisor:
                 return None
             async with self.feed_locks[i]:
                 await self._check_feed(i)
-                fed = await _call(self.ingest[i][0].drop.remote(line)) if self.feeds.get(i) is not None else None
+                fed = await _call(self.ingest[i][0].drop.remote(line, self.feed_number[i])) if self.feeds.get(i) is not None else None
                 if fed is not None:
                     self.ingest[i][1].remove(line)
                     del self.ingest_of[line]
@@ -194,8 +199,11 @@ class Supervisor:
         """A restarted ingest actor: a feed it ran fails and `_check_feeds` starts it again (paused
         if ingestion is)."""
         self._event("ingest restarts", f"ingest {index} restarted (feeding {self.ingest[index][1]})")
+        if self.stopping:  # the stop went to the instance that died
+            self.ingest[index][0].stop.remote()
         if self.ingest_paused:
-            self.ingest[index][0].pause.remote(True)
+            self.pause_calls += 1
+            self.ingest[index][0].pause.remote(True, self.pause_calls)
 
     async def writer_started(self, persisted: dict) -> None:
         """A restarted writer lost the rows it held (refused ones too): every line restores and
@@ -225,8 +233,9 @@ class Supervisor:
 
     def _pause_ingest(self, paused: bool) -> None:
         self.ingest_paused = paused
+        self.pause_calls += 1
         for actor, _ in self.ingest:
-            actor.pause.remote(paused)
+            actor.pause.remote(paused, self.pause_calls)
 
     def _resume_ingest_unless_refusing_since(self, spell: int) -> None:
         """Ingestion goes on after a restore, unless the writer began to refuse rows again while
@@ -239,7 +248,9 @@ class Supervisor:
         snapshot not past its persisted rows, and replays from it as soon as its restore is done."""
 
         async def restore(line: str) -> None:
-            next_seq = await _call(self.lines[line].restore.remote(persisted.get(line, -1) + 1), timeout=60)
+            actor = self.lines.get(line)  # None: retired meanwhile
+            # no time limit: a line that restored must replay, however long its snapshot took to load
+            next_seq = await _call(actor.restore.remote(persisted.get(line, -1) + 1), timeout=None) if actor else None
             if next_seq is not None:  # a line that is itself restarting reports through line_started
                 await self._replay(line, next_seq)
 
@@ -254,6 +265,8 @@ class Supervisor:
         """Have the line's ingest feed it again from `seq`: a rewind of the running feed, or a
         new feed from every line's position. Replays of lines sharing an ingest actor (lines
         restarting together) take turns, so that each sees the feed the previous one left."""
+        if line not in self.ingest_of:  # retired meanwhile
+            return
         self.progress[line] = seq
         self.replays[line] += 1
         self.snapshot_seq[line] = min(self.snapshot_seq[line], seq)
@@ -284,10 +297,24 @@ class Supervisor:
             await asyncio.sleep(0.2)
             replays = self.replays[line]
             p = await _call(actor.progress.remote())
+            if p is not None and "error" in p:
+                await self._restart_failed_line(line, actor, p["error"])
+                continue
             # read before the line restored and replayed, its position would start feeds past it
             if p is not None and self.lines.get(line) is actor and self.replays[line] == replays:
                 self.progress[line] = p["next_seq"]
                 self._maybe_snapshot(line, actor)
+
+    async def _restart_failed_line(self, line: str, actor, error: str) -> None:
+        """A line Ray restarted whose detector could not be built (a GPU still full, a weights
+        share away: its actor says why) is said, and restarted again after a back-off until it
+        builds; it then restores and replays as any restarted line."""
+        self.line_failures[line] += 1
+        delay = min(LINE_RETRY_MAX_S, 2.0 ** (self.line_failures[line] - 1))
+        self._event("line start failures", f"line {line} could not start again ({error}); restarting it in {delay:.0f} s")
+        await asyncio.sleep(delay)
+        if self.lines.get(line) is actor:
+            ray.kill(actor, no_restart=False)
 
     async def _check_feeds(self) -> None:
         for i in list(self.feeds):
@@ -337,8 +364,9 @@ class Supervisor:
 
     async def _snapshot(self, line: str, actor) -> None:
         try:
+            replays = self.replays[line]
             seq = await _call(actor.snapshot.remote(), timeout=60)
-            if seq is not None:
+            if seq is not None and self.replays[line] == replays:  # a restore since may have deleted it
                 self.snapshot_seq[line], self.snapshot_time[line] = seq, time.monotonic()
         finally:
             self.snapshotting.pop(line, None)

@@ -147,6 +147,30 @@ def test_a_damaged_newest_snapshot_is_rejected_and_the_previous_one_used(referen
     assert_same_as_reference(reference, cfg.results_dir)
 
 
+def test_a_line_whose_detector_cannot_be_built_after_a_crash_is_restarted_until_it_can(local_ray, tmp_path):
+    frames = 30
+    write_folder(tmp_path / "src", "a", line_frames(40, frames))
+    flag = tmp_path / "gpu-busy"
+    detector = detector_config_from_dict({"kind": "brightness", "step_sleep_s": 0.05, "build_fails_while": str(flag)})
+    cfg = failover_config(detector, tmp_path / "src", tmp_path / "out")
+
+    class FailingRestart(KillPlan):
+        def __call__(self, status):
+            super().__call__(status)
+            if any("could not start again" in e for e in status["events"]):
+                flag.unlink(missing_ok=True)
+
+    plan, summary = run_planned(cfg, lambda cluster: FailingRestart(cluster, [("line:a", "a", 8)], before_kill=lambda _: flag.touch(),
+                                                                      min_snapshots=1))
+    assert summary.counts == {"a": frames} and len(plan.killed) == 1
+    assert f"line a could not start again (RuntimeError: {flag} exists); restarting it in 1 s" in summary.events, summary.events
+    assert summary.events[-1].startswith("line a restarted, restored at seq "), summary.events
+    clean = BrightnessDetector(detector)
+    expected = {seq: clean.step(image).score for seq, image in enumerate(line_frames(40, frames))}
+    rows = read_rows(cfg.results_dir)
+    assert {r["seq"]: r["score"] for r in rows} == expected and len(rows) == frames
+
+
 def test_after_a_writer_restart_the_lines_restore_side_by_side(local_ray, tmp_path):
     # three lines whose snapshots take 1.5 s each to load: restored one after another, the
     # last would wait 3 s for the first two (a paper-size RareCLIP-d line holds 3 GB of state)

@@ -45,11 +45,31 @@ def test_rewinds_for_a_feed_that_never_began_are_forgotten_by_the_next():
 
 def test_a_dropped_line_is_let_go_and_a_rewind_feeds_it_again():
     control = FeedControl()
-    assert control.drop("a") is None  # no feed runs: nothing to ask
+    assert control.drop("a", feed=1) is None  # no feed runs: nothing to ask
     assert control.begin(1)
-    assert control.drop("a") is None
+    assert control.drop("a", feed=1) is None
     assert control.take(1) == ({}, {"a"})
     control.let_go("a", 1, 9)
-    assert control.drop("a") == 9 and control.take(1) == ({}, set())
+    assert control.drop("a", feed=1) == 9 and control.take(1) == ({}, set())
     assert control.rewind("a", 9, feed=1)
-    assert control.take(1) == ({"a": 9}, set()) and control.drop("a") is None
+    assert control.take(1) == ({"a": 9}, set()) and control.drop("a", feed=1) is None
+
+
+def test_a_drop_is_answered_by_the_feed_the_caller_started_last():
+    # feed 1 let the line go, but feed 2 (asked for, not begun) starts from positions that hold it
+    control = FeedControl()
+    assert control.begin(1) and control.drop("a", feed=2) is None
+    control.let_go("a", 1, 5)
+    assert control.drop("a", feed=2) is None
+    assert control.begin(2) and control.take(2) == ({}, {"a"})
+    control.let_go("a", 2, 5)
+    assert control.drop("a", feed=2) == 5
+
+
+def test_a_feed_that_stops_hands_back_the_rewinds_it_did_not_take_and_refuses_later_ones():
+    # a line restored while the feed was stopping: the feed reports the line where it now stands
+    control = FeedControl()
+    assert control.begin(1) and control.rewind("a", 3, feed=1)
+    assert control.end(1) == {"a": 3}
+    assert not control.rewind("a", 2, feed=1) and not control.running
+    assert control.end(1) == {}

@@ -1,7 +1,9 @@
 """A second detector kind for the registry tests: the mean brightness of each frame, with a
 memory of how many frames it has seen; `step_sleep_s` makes a slow line, `load_sleep_s` a slow
-restore (each load is appended to `load_log` as "start end" in epoch seconds). It registers
+restore (each load is appended to `load_log` as "start end" in epoch seconds), and
+`build_fails_while` a detector that cannot be built while that file exists. It registers
 itself when imported (as a Ray worker does when it receives its settings)."""
+import os
 import time
 from typing import Literal, Optional
 
@@ -19,12 +21,15 @@ class BrightnessConfig(DetectorSettings):
     step_sleep_s: float = 0.0
     load_sleep_s: float = 0.0
     load_log: Optional[str] = None
+    build_fails_while: Optional[str] = None
 
 
 class BrightnessDetector(Detector):
     kind = "brightness"
 
     def __init__(self, config: BrightnessConfig):
+        if config.build_fails_while and os.path.exists(config.build_fails_while):
+            raise RuntimeError(f"{config.build_fails_while} exists")
         self.config = config
         self.reset()
 
