@@ -12,10 +12,12 @@ from pathlib import Path
 from configs.pipeline import DEFAULT_NATS_URL, NatsSourceConfig, VerdictsConfig
 from rareclip_core.data.datasets import IMAGE_SUFFIXES
 
+from .common import existing_folder
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--line", required=True, help="the line id (subject <subject-prefix>.<line>)")
-    parser.add_argument("--folder", required=True, help="images to publish, in name order")
+    parser.add_argument("--folder", required=True, type=existing_folder, help="images to publish, in name order")
     parser.add_argument("--rate", type=float, default=2.0, help="frames per second (0: as fast as possible)")
     parser.add_argument("--loop", action="store_true", help="start over at the end, until Ctrl-C")
     parser.add_argument("--url", default=DEFAULT_NATS_URL, help="the NATS server")

@@ -5,9 +5,10 @@ import argparse
 import logging
 import math
 import sys
+from pathlib import Path
 
 from configs.loading import load_pipeline_config
-from configs.pipeline import PipelineConfig
+from configs.pipeline import FolderSourceConfig, NatsSourceConfig, PipelineConfig
 from rareclip_core.config import ConfigError
 
 from .preflight import job_problems
@@ -25,18 +26,29 @@ def add_cluster_arguments(
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def load_config_or_exit(path: str, check: bool = True, lines=None, **overrides) -> PipelineConfig | None:
+def load_config_or_exit(path: str, check: bool = True, lines=None, live: bool = False, **overrides) -> PipelineConfig | None:
     """The validated config, or None after printing why it is invalid; with `check`, also every
-    problem that would stop the job later (`preflight.job_problems` for `lines`, default all)."""
+    problem that would stop the job later (`preflight.job_problems` for `lines`, default all).
+    `live`: the `live` command's config, whose folder or stream source is watched whatever its
+    `watch` says (checked as such: an empty folder waits for its cameras)."""
     try:
         cfg = load_pipeline_config(path, **overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return None
+    if live and isinstance(cfg.source, (FolderSourceConfig, NatsSourceConfig)) and not cfg.source.watch:
+        cfg = cfg.model_copy(update={"source": cfg.source.model_copy(update={"watch": True})})
     problems = job_problems(cfg, lines) if check else []
     for problem in problems:
         print(f"error: {path}: {problem}", file=sys.stderr)
     return None if problems else cfg
+
+
+def existing_folder(text: str) -> str:
+    """An argparse type: a folder that exists (argparse names the option and exits 2 otherwise)."""
+    if not Path(text).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"no folder at {text}" + (" (it is a file)" if Path(text).expanduser().exists() else ""))
+    return text
 
 
 def at_least(minimum, why: str = "", maximum=None, number: type = int):

@@ -10,6 +10,7 @@ after it ends. Served by Flask on 127.0.0.1 by default.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import glob
 import html
@@ -286,11 +287,17 @@ def main(args) -> int:
     except (FileNotFoundError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    said = io.StringIO()
     try:
-        server = make_server(args.host, args.port, create_app(results), threaded=True)
-    except OSError as exc:
-        print(f"error: cannot listen on {args.host}:{args.port} ({exc.strerror}); choose another --port", file=sys.stderr)
+        with contextlib.redirect_stderr(said):  # Werkzeug says a busy port its own way, and exits
+            server = make_server(args.host, args.port, create_app(results), threaded=True)
+    except (OSError, SystemExit) as exc:
+        why = getattr(exc, "strerror", None) or (said.getvalue().strip().splitlines() or ["the address cannot be used"])[0]
+        print(f"error: cannot listen on {args.host}:{args.port} ({why}); choose another --port", file=sys.stderr)
         return 2
+    if not results.is_dir():
+        print(f"note: no result table at {results} yet; the page fills in once a job writes there (check --out)",
+              file=sys.stderr)
     print(f"dashboard of {results}: http://{args.host}:{server.port}/  (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()

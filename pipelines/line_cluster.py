@@ -6,6 +6,7 @@ import datetime as dt
 import gc
 import logging
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -173,6 +174,10 @@ JOIN_WAIT_S = 120.0  # a joining line whose actor is not up by then is said to w
 NOTICES_SHOWN = 10  # a run's summary names the first few notices
 
 
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 @dataclass
 class RunSummary:
     """How a run ended: frames per line scored and persisted (`counts`), the source's totals
@@ -195,7 +200,10 @@ class RunSummary:
         for line, count in self.counts.items():
             total = self.totals.get(line)
             where = f"{count} of {total}" if total is not None else str(count)
-            out.append(f"  {line}: {where} frames scored; table {rows[line]} rows, {errors[line]} error rows")
+            out.append(f"  {line}: {where} frames scored; table {plural(rows[line], 'row')}, {plural(errors[line], 'error row')}")
+        if sum(errors[line] for line in self.counts):
+            out.append(f"  why each error row: python run_cluster.py query --results {shlex.quote(str(results_dir))} "
+                       "\"SELECT line_id, seq, uri, error FROM results WHERE status = 'error'\"")
         seen = ", ".join(f"{n} {kind}" for kind, n in sorted(self.event_counts.items())) or "none"
         out.append(f"  recoveries seen: {seen}")
         out += [f"  {text}" for text in self.notices[:NOTICES_SHOWN]]

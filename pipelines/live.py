@@ -2,9 +2,6 @@
 for new frames."""
 from __future__ import annotations
 
-
-from configs.pipeline import FolderSourceConfig, NatsSourceConfig
-
 from .common import (
     EXIT_INTERRUPTED,
     add_cluster_arguments,
@@ -19,11 +16,9 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    cfg = load_config_or_exit(args.config, lines=args.lines, out=args.out)
+    cfg = load_config_or_exit(args.config, lines=args.lines, live=True, out=args.out)
     if cfg is None:
         return 2
-    if isinstance(cfg.source, (FolderSourceConfig, NatsSourceConfig)) and not cfg.source.watch:
-        cfg = cfg.model_copy(update={"source": cfg.source.model_copy(update={"watch": True})})
     start_ray(args.address)
     cluster = LineCluster(cfg, args.lines)
     print(f"live: {len(cluster.lines)} lines -> {cfg.results_dir} (Ctrl-C to stop)")

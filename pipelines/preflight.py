@@ -157,4 +157,9 @@ def _source_lines(cfg: PipelineConfig, problems: list[str]) -> Optional[list[str
         return None
     if isinstance(source, ManifestSourceConfig) and source.lines:
         problems += [f"source.lines: no line {line!r} in manifest {source.path}" for line in source.lines if line not in found]
+    if isinstance(source, FolderSourceConfig) and not opened.live and not any(map(opened.frame_count, found)):
+        sub = " (or in subfolders of it, with source.recursive: true)" if not source.recursive else ""
+        problems.append(f"source.root: the line folders under {source.root} ({', '.join(found[:5])}"
+                        f"{', ...' if len(found) > 5 else ''}) hold no frames, so there is nothing to replay; put each "
+                        f"line's frames in <root>/<line_id>/{sub}")
     return found

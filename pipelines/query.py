@@ -193,7 +193,8 @@ def main(args) -> int:
 def _connect(results_dir: str) -> duckdb.DuckDBPyConnection:
     """A fresh in-memory connection (time zone UTC) with the view `results` over `results_dir`."""
     if not os.path.isdir(results_dir):
-        raise FileNotFoundError(f"results directory {results_dir!r} does not exist")
+        raise FileNotFoundError(f"no result table at {results_dir}: check --out DIR (a job's output folder) or --results, "
+                                "or run a job there first")
     connection = duckdb.connect()
     connection.execute("SET TimeZone = 'UTC'")
     if glob.glob(os.path.join(glob.escape(results_dir), VISIBLE_PARQUET)):

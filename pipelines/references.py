@@ -99,6 +99,11 @@ def main(args) -> int:
     if not detector_class(cfg.detector_for(args.line)).supports_references:
         print(f"error: line {args.line}: detector kind {kind!r} takes no normal references", file=sys.stderr)
         return 2
+    missing = [path for path in args.image if not Path(path).is_file()]
+    if missing:
+        print(f"error: --image {missing[0]}: no such file{' (and ' + str(len(missing) - 1) + ' more)' if len(missing) > 1 else ''}",
+              file=sys.stderr)
+        return 2
     try:
         uris = frames_by_seq(cfg, args.line, args.seq) + [str(Path(p).resolve()) for p in args.image]
         return add_references(cfg, args.line, uris, args.address)

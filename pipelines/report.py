@@ -35,12 +35,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top", type=at_least(1), default=DEFAULT_TOP, help="frames shown, highest scores first (default: 8)")
 
 
+class ReportFolderError(Exception):
+    """The report's folder cannot be made."""
+
+
 def main(args) -> int:
     try:
         results = query.results_dir_of(args)
         report_dir = args.report_dir or results.parent / "report" / args.line
         page = write_report(results, args.line, report_dir, top=args.top)
-    except (query.QueryError, FileNotFoundError, ConfigError) as exc:
+    except (query.QueryError, FileNotFoundError, ConfigError, ReportFolderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(page)
@@ -60,7 +64,10 @@ def write_report(results_dir, line: str, out_dir, top: int = DEFAULT_TOP) -> Pat
     top_rows = query.top_anomalies(results_dir, line, top=top).to_pylist() if top > 0 else []
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ReportFolderError(f"cannot make the report folder {out} ({err.strerror}); give another --report-dir") from None
     for stale in out.glob("frame-*.png"):  # frames of an earlier report in the same directory
         stale.unlink()
     plot_timeline(rows, out / "timeline.png")

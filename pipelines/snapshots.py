@@ -58,7 +58,12 @@ def _created(iso) -> str:
 
 def list_snapshots(cfg, line=None) -> int:
     root = cfg.snapshot_root
-    lines = [line] if line else snapshot_lines(root)
+    present = snapshot_lines(root)
+    if line and line not in present:
+        print(f"error: line {line} has no snapshots under {root} (lines with snapshots: {', '.join(present) or 'none'})",
+              file=sys.stderr)
+        return 2
+    lines = [line] if line else present
     if not lines:
         print(f"no snapshots under {root}")
         return 0

@@ -113,7 +113,8 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        with path.open(encoding="utf-8") as stream:  # a stream: YAML's messages name the file
+            data = yaml.safe_load(stream) or {}
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not a YAML file (it is not text)") from None
     except yaml.YAMLError as err:

@@ -189,6 +189,20 @@ def test_the_dashboard_command_prints_its_address_and_no_line_per_request(result
     assert "GET" not in out + err and "werkzeug" not in out + err, (out, err)
 
 
+def test_a_busy_port_is_said_plainly_with_the_option_to_change(tmp_path, capsys):
+    import socket
+
+    import run_cluster
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert run_cluster.main(["dashboard", "--out", str(tmp_path / "typo"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: cannot listen on 127.0.0.1:{port} (Address already in use); choose another --port\n", err
+
+
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 

@@ -97,8 +97,14 @@ def test_bad_files_become_error_rows_and_leave_scores_unchanged(local_ray, tiny_
         "frame_0006_a.png": gray16.read_bytes(),  # 16-bit
     }
     write_folder(tmp_path / "dirty", "a", images, extras)
-    run_replay(pipeline_config(tiny_config, tmp_path / "clean", tmp_path / "out-clean"), progress=False)
-    run_replay(pipeline_config(tiny_config, tmp_path / "dirty", tmp_path / "out-dirty"), progress=False)
+    clean_summary = run_replay(pipeline_config(tiny_config, tmp_path / "clean", tmp_path / "out-clean"), progress=False)
+    dirty_config = pipeline_config(tiny_config, tmp_path / "dirty", tmp_path / "out-dirty")
+    summary = run_replay(dirty_config, progress=False)
+    said = summary.describe(dirty_config.results_dir)
+    assert said[:2] == ["  a: 12 of 12 frames scored; table 12 rows, 4 error rows",
+                        f"  why each error row: python run_cluster.py query --results {dirty_config.results_dir} "
+                        "\"SELECT line_id, seq, uri, error FROM results WHERE status = 'error'\""]
+    assert clean_summary.describe(tmp_path / "out-clean" / "results")[0] == "  a: 8 of 8 frames scored; table 8 rows, 0 error rows"
     clean = read_rows(tmp_path / "out-clean" / "results")
     dirty = read_rows(tmp_path / "out-dirty" / "results")
     assert len(dirty) == len(clean) + 4 and [r["seq"] for r in dirty] == list(range(12))

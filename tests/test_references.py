@@ -148,6 +148,9 @@ def test_the_command_records_references_for_a_stopped_job(tmp_path, reference_fi
     proc = subprocess.run(run + ["add", "--config", str(config), "--line", "a", "--seq", "7"], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "line a has no scored frame in" in proc.stderr and "(its lines: none yet)" in proc.stderr, proc.stderr
+    proc = subprocess.run(run + ["add", "--config", str(config), "--line", "a", "--image", str(tmp_path / "nope.png")],
+                          cwd=REPO, capture_output=True, text=True)
+    assert (proc.returncode, proc.stderr) == (2, f"error: --image {tmp_path / 'nope.png'}: no such file\n")
     proc = subprocess.run(run + ["add", "--config", str(config), "--line", "a", "--image", str(reference_file[1])],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0 and "take effect at seq 0" in proc.stdout, proc.stderr

@@ -241,3 +241,16 @@ def test_a_setting_without_a_description_cannot_enter_the_reference():
 
     with pytest.raises(ValueError, match="Undocumented.unsaid has no description"):
         _table(Undocumented, ["said", "unsaid"])
+
+
+def test_a_config_file_that_is_not_a_yaml_mapping_is_named_with_where_it_breaks(tmp_path):
+    broken = tmp_path / "job.yaml"
+    broken.write_text("source:\n  root: [frames\n")
+    with pytest.raises(ConfigError, match=rf'(?s){broken} is not valid YAML: .*\n  in "{broken}", line 2, column 9'):
+        load_pipeline_config(broken)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match=f"{listed} must hold a mapping of settings, not list"):
+        load_pipeline_config(listed)
+    with pytest.raises(ConfigError, match=f"config file not found: {tmp_path / 'none.yaml'}"):
+        load_pipeline_config(tmp_path / "none.yaml")

@@ -32,6 +32,7 @@ from actors.result_table import (
     write_rows,
 )
 from configs.pipeline import PipelineConfig
+from pipelines.common import load_config_or_exit
 from pipelines.drill import compare_results
 from pipelines.job_lock import JobLock, JobLockError
 from pipelines.line_cluster import LineCluster, SupervisorLost
@@ -431,8 +432,15 @@ def test_config_problems_are_found_before_ray_starts(tmp_path, capsys):
     write_folder(tmp_path / "src", "a", line_frames(7, 1))
     mono16 = tmp_path / "mono16.png"
     mono16.write_bytes(encoded(np.full((16, 16), 4000, np.uint16), "PNG"))
+    (tmp_path / "empty" / "notes").mkdir(parents=True)
     cases = [
         ({"source": {"root": str(tmp_path / "none")}}, "source.root: source folder"),
+        ({"source": {"root": str(tmp_path / "src" / "a")}}, f"source.root: source folder {tmp_path / 'src' / 'a'} has no line "
+         f"subfolders (expected <root>/<line_id>/<images>); it holds 1 file(s) itself, as a line's folder does: set root "
+         f"to its parent, {tmp_path / 'src'}"),
+        ({"source": {"root": str(tmp_path / "empty")}}, f"source.root: the line folders under {tmp_path / 'empty'} (notes) "
+         "hold no frames, so there is nothing to replay; put each line's frames in <root>/<line_id>/ (or in subfolders "
+         "of it, with source.recursive: true)"),
         ({"source": {"lines": ["a", "nosuchline"]}}, "source.lines: no folder"),
         ({"thresholds": {"unknown_line": 1.0}}, "thresholds.unknown_line: no line 'unknown_line'"),
         ({"line_detector": {"ghost": {"max_images": 5}}}, "line_detector.ghost: no line 'ghost'"),
@@ -447,6 +455,7 @@ def test_config_problems_are_found_before_ray_starts(tmp_path, capsys):
         assert run_cluster.main(["replay", "--config", str(config)]) == 2
         err = capsys.readouterr().err
         assert f"error: {config}: {message}" in err and "Traceback" not in err, err  # the pre-flight's
+    assert load_config_or_exit(str(tmp_path / "c2.yaml"), live=True) is not None  # a watched empty folder waits for frames
     detector = tmp_path / "weights.yaml"
     detector.write_text((REPO / "configs" / "detector-tiny.yaml").read_text()
                         + f"tpb_weights: {tmp_path / 'tpb.pth'}\npretrained: {tmp_path / 'clip.pt'}\n")

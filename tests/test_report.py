@@ -99,6 +99,15 @@ def test_unknown_line_exits_2(results_dir, tmp_path, capsys):
     assert code == 2 and "no-such-line" in capsys.readouterr().err
 
 
+def test_a_report_folder_that_cannot_be_made_is_named_with_the_option(results_dir, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    line = lines_summary(results_dir).column("line_id")[0].as_py()
+    code = run_cluster.main(["report", "--line", str(line), "--report-dir", str(tmp_path / "a-file" / "rep"), "--results", str(results_dir)])
+    assert code == 2
+    assert capsys.readouterr().err == (f"error: cannot make the report folder {tmp_path / 'a-file' / 'rep'} (Not a directory); "
+                                       "give another --report-dir\n")
+
+
 def test_a_stored_map_is_read_back_or_its_absence_named(tmp_path):
     np.save(tmp_path / "good.npy", np.arange(6, dtype=np.float16).reshape(2, 3))
     np.save(tmp_path / "flat.npy", np.zeros(4, dtype=np.float16))

@@ -272,12 +272,14 @@ def test_list_shows_each_snapshot_and_why_one_is_rejected(job, tiny_config, caps
     assert "another detector config" in b_part
     assert run_cluster.main(["snapshots", "list", "--config", str(config), "--line", "a"]) == 0
     assert "b: " not in capsys.readouterr().out
+    assert run_cluster.main(["snapshots", "list", "--config", str(config), "--line", "widgit"]) == 2  # a typo
+    assert capsys.readouterr().err == f"error: line widgit has no snapshots under {store.dir.rsplit('/', 1)[0]} (lines with snapshots: a, b)\n"
 
 
 def test_a_line_whose_snapshots_all_have_other_settings_stops_the_job_before_ray_and_is_told_the_ways_on(
         job, tiny_config, tmp_path, capsys):
     config, store, infos = job
-    write_folder(tmp_path / "src", "a", line_frames(1, 0))
+    write_folder(tmp_path / "src", "a", line_frames(1, 10))
     assert job_problems(load_pipeline_config(config)) == []  # same settings: the job resumes from seq 8
     changed = tmp_path / "changed.yaml"
     data = yaml.safe_load(config.read_text())

@@ -70,7 +70,10 @@ class FolderSource:
             raise FileNotFoundError(f"source folder {self.root} does not exist (expected <root>/<line_id>/<images>)")
         self._lines = lines
         if not self.lines():
-            raise FileNotFoundError(f"source folder {self.root} has no line subfolders")
+            files = [p.name for p in self.root.iterdir() if p.is_file() and not p.name.startswith(".")]
+            here = (f"; it holds {len(files)} file(s) itself, as a line's folder does: set root to its parent, "
+                    f"{self.root.absolute().parent}" if files else "")
+            raise FileNotFoundError(f"source folder {self.root} has no line subfolders (expected <root>/<line_id>/<images>){here}")
         self.live = live
         self.settle_s = settle_s if live else 0.0
         self.max_file_age_s = max_file_age_s if live else 0.0
