@@ -167,6 +167,8 @@ class IngestActor:
         if delay_s:
             self.stopped.wait(delay_s)
         lines = list(next_seq)
+        for line in lines:  # another ingestion actor may have fed a line since (it left and rejoined)
+            self.source.forget(line)
         iterators = {line: self.source.frames(line, next_seq[line]) for line in lines}
         listed_at = {line: time.monotonic() for line in lines}
         in_flight: dict[str, list] = {line: [] for line in lines}
@@ -175,9 +177,10 @@ class IngestActor:
             rewinds, drops = self.control.take(feed)
             for line, seq in rewinds.items():
                 self.line_actors.pop(line, None)  # found by name again: a retired line that rejoins has a new actor
-                if line not in in_flight:  # a line added to the job
+                if line not in in_flight:  # a line added to the job, or one that rejoined
                     lines.append(line)
                     in_flight[line] = []
+                    self.source.forget(line)
                 iterators[line] = self.source.frames(line, seq)
                 next_seq[line] = seq
                 listed_at[line] = time.monotonic()
@@ -225,6 +228,8 @@ class IngestActor:
                 time.sleep(min(0.2, self.poll_s))
         for line, seq in self.control.end(feed).items():  # taken too late (a stop): the feed ends there
             next_seq[line] = min(seq, next_seq.get(line, seq))
+        if not self.control.is_current(feed):  # replaced: the newer feed sees to the lines
+            return next_seq
         for ref in [r for refs in in_flight.values() for r in refs]:
             try:
                 ray.get(ref)

@@ -148,3 +148,18 @@ def test_a_ledger_written_as_one_file_per_line_is_read_on(tmp_path, monkeypatch)
     assert ledger.extend(["a", "b", "c", "d", "e"]) == 2
     assert sorted(f.name for f in (tmp_path / "l").iterdir()) == ["000000000000.csv", "000000000002.csv", "000000000004.csv"]
     assert FrameLedger(tmp_path / "l", "l").uris_from(1) == ["b", "c", "d", "e"]
+
+
+def test_a_line_fed_by_another_ingestion_actor_meanwhile_is_read_again_after_forget(tmp_path):
+    # a line that left one ingestion actor and rejoined on another, then came back to the first
+    line = tmp_path / "src" / "a"
+    line.mkdir(parents=True)
+    (line / "1.png").write_bytes(b"x")
+    first, second = (Source(FolderSource(str(tmp_path / "src"), live=True), str(tmp_path / "ledger")) for _ in range(2))
+    assert names(first.frames("a")) == ["1.png"]
+    (line / "0.png").write_bytes(b"x")
+    assert names(second.frames("a")) == ["1.png", "0.png"]  # the other actor recorded 0.png as seq 1
+    (line / "2.png").write_bytes(b"x")
+    first.forget("a")
+    assert [(ref.seq, Path(ref.uri).name) for ref in first.frames("a")] == [(0, "1.png"), (1, "0.png"), (2, "2.png")]
+    assert names(Source(ManifestSource(str(tmp_path / "ledger"))).frames("a")) == ["1.png", "0.png", "2.png"]

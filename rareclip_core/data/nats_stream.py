@@ -245,6 +245,13 @@ class NatsFrameSource:
         self._extend_index(line_id)
         return len(self._ledger(line_id))
 
+    def forget(self, line_id: str) -> None:
+        """Drop the line's ledger from memory: it is read from disk (and the stream looked at)
+        again when next used (another ingestion actor may have recorded messages in it since)."""
+        with self._lock:
+            self.ledgers.pop(line_id, None)
+            self._indexed.discard(line_id)
+
     def frames(self, line_id: str, start_seq: int = 0) -> Iterator[FrameRef]:
         """The line's frames known now from `start_seq` on, read a few at a time, bytes included."""
         self._extend_index(line_id)

@@ -428,6 +428,12 @@ class Source:
         """How many frames the line has now (a finite source: all it has)."""
         return len(self._uris(line_id, 0))
 
+    def forget(self, line_id: str) -> None:
+        """Drop the line's ledger from memory: it is read from disk again when next used (another
+        ingestion actor may have recorded frames in it since: a line that left and rejoined)."""
+        with self._lock:
+            self._ledgers.pop(line_id, None)
+
     def frames(self, line_id: str, start_seq: int = 0) -> Iterator[FrameRef]:
         """The line's frames known now, from `start_seq` on (new ones are recorded first)."""
         for seq, uri in enumerate(self._uris(line_id, start_seq), start=start_seq):
