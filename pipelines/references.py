@@ -101,8 +101,8 @@ def main(args) -> int:
         return 2
     missing = [path for path in args.image if not Path(path).is_file()]
     if missing:
-        print(f"error: --image {missing[0]}: no such file{' (and ' + str(len(missing) - 1) + ' more)' if len(missing) > 1 else ''}",
-              file=sys.stderr)
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        print(f"error: --image {missing[0]}: no such file{more}", file=sys.stderr)
         return 2
     try:
         uris = frames_by_seq(cfg, args.line, args.seq) + [str(Path(p).resolve()) for p in args.image]
